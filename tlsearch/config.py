@@ -15,11 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tlsearch.errors import ConfigError
 
@@ -192,8 +202,17 @@ class ParamRange(_Section):
         return self
 
 
-# A bare number fixes a parameter; a table searches it.
-Param = Union[ParamRange, float]
+
+def _param_kind(value: Any) -> str:
+    return "range" if isinstance(value, (dict, ParamRange)) else "fixed"
+
+
+# A bare number fixes a parameter; a table searches it. The discriminator picks the branch up front,
+# so a bad range reports the range's problem, not also "should be a number".
+Param = Annotated[
+    Union[Annotated[ParamRange, Tag("range")], Annotated[float, Tag("fixed")]],
+    Discriminator(_param_kind),
+]
 
 
 class SearchSpace(_Section):
@@ -320,18 +339,24 @@ class StudyConfig(_Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_BRANCHES = {"range", "fixed", "str", "list[str]"}
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-after", "union"))]
-        # Unions report each alternative; the float branch of a parameter adds noise, not help.
-        if loc and loc[-1] in {"float", "ParamRange", "str", "list[str]"}:
-            loc = loc[:-1]
-        field = ".".join(loc) or "(top level)"
+        # Drop the union branch names pydantic puts in the location; users never wrote them.
+        loc = [str(p) for p in e["loc"] if str(p) not in _BRANCHES]
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        line = f"{source}: {field}: {msg}"
+        elif "fixed" in e["loc"] and e["type"] in {"float_type", "float_parsing"}:
+            msg = f"must be a number (fixed) or a table {{low, high, log, step}} (searched), got {e['input']!r}"
+        # Checks across sections name their field themselves ("search.frozen_blocks: ...").
+        named = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg)
+        if not loc and named:
+            loc, msg = [named.group(1)], named.group(2)
+        line = f"{source}: {'.'.join(loc) or '(top level)'}: {msg}"
         if line not in lines:
             lines.append(line)
     return "\n".join(lines)
