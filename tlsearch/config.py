@@ -52,7 +52,10 @@ __all__ = [
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+    # NaN and ±inf are valid TOML floats, never valid settings.
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class FileSource(_Section):
