@@ -1,14 +1,17 @@
 """``tlsearch`` command line: a thin layer over the library API.
 
 Each subcommand parses its flags, calls one library function and returns an exit code. A
-:class:`~tlsearch.errors.TlsearchError` becomes one line on stderr (exit 2 for config and usage errors);
-Ctrl-C ends a run with every finished trial kept (exit 130).
+:class:`~tlsearch.errors.TlsearchError` or a database error becomes one line on stderr (exit 2 for
+config and usage errors). In ``run`` and ``worker``, SIGINT (Ctrl-C) and SIGTERM fail the running trial,
+queue it again and stop with every finished trial kept: exit 130 after SIGINT, 0 after SIGTERM (a
+clean stop a scheduler asked for).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +23,9 @@ from tlsearch import __version__
 _log = logging.getLogger("tlsearch")
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, prefix: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
     root = logging.getLogger("tlsearch")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -41,49 +44,202 @@ def _add_storage_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--study-name", required=required, help="name of the study in the storage")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from tlsearch.config import load_config
-    from tlsearch.storage import mask_url
-    from tlsearch.study import run_study, summary_table
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
-    cfg = load_config(
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        gpus = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected GPU numbers like 0,1,2, got '{text}'"
+        ) from None
+    if not gpus:
+        raise argparse.ArgumentTypeError("name at least one GPU")
+    return gpus
+
+
+def _add_study_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that create or resume a study from a config file."""
+    p.add_argument(
+        "config", nargs="?", type=Path, help="study file (TOML); omitted: the built-in defaults"
+    )
+    _add_storage_flags(p, required=False)
+    p.add_argument("--n-trials", type=int, help="total trials in the study (finished ones count)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: finetune.device)")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a study even though its search config differs from this one",
+    )
+    g = p.add_argument_group(
+        "dead workers", "stored with the study, so every worker uses the same values"
+    )
+    g.add_argument(
+        "--heartbeat-interval",
+        type=_positive,
+        metavar="S",
+        help="seconds between heartbeats of a running trial (default 10)",
+    )
+    g.add_argument(
+        "--grace-period",
+        type=_positive,
+        metavar="S",
+        help="seconds without a heartbeat before a trial is failed and queued again (default 60)",
+    )
+    g.add_argument(
+        "--max-retry",
+        type=int,
+        metavar="N",
+        help="times one trial is queued again after its worker died or stopped (default 3)",
+    )
+
+
+def _heartbeat(args: argparse.Namespace) -> dict[str, int]:
+    given = {
+        "interval": args.heartbeat_interval,
+        "grace_period": args.grace_period,
+        "max_retry": args.max_retry,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _load_config(args: argparse.Namespace):  # noqa: ANN202 - StudyConfig, imported lazily
+    from tlsearch.config import load_config
+
+    return load_config(
         args.config,
         storage=args.storage,
         name=args.study_name,
         n_trials=args.n_trials,
         timeout=args.timeout,
     )
+
+
+def _stopped(signum: int | None) -> int:
+    print("stopped: finished trials are kept; run the same command to resume", file=sys.stderr)
+    return 0 if signum == signal.SIGTERM else 130
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tlsearch.storage import mask_url
+    from tlsearch.study import open_study, run_study, summary_table
+    from tlsearch.workers import graceful_stop, run_workers
+
+    cfg = _load_config(args)
+    if args.threads:
+        cfg = cfg.model_copy(
+            update={"finetune": cfg.finetune.model_copy(update={"threads": args.threads})}
+        )
     _log.info(
-        "study '%s' in %s: %s trials, %d-fold CV, sampler %s, pruner %s",
+        "study '%s' in %s: %s trials, %d-fold CV, sampler %s, pruner %s%s",
         cfg.name,
         mask_url(cfg.storage),
         cfg.n_trials if cfg.n_trials is not None else "∞",
         cfg.cv.k,
         cfg.sampler.name,
         cfg.pruner.name,
+        f", {args.workers} workers" if args.workers > 1 else "",
     )
-    try:
-        study = run_study(
+    if args.workers > 1:
+        study, exits, signum = run_workers(
             cfg,
+            args.workers,
+            gpus=args.gpus,
             device=args.device,
             allow_config_change=args.allow_config_change,
-            progress=not args.quiet,
+            heartbeat=_heartbeat(args),
+            quiet=args.quiet,
         )
-    except KeyboardInterrupt:
-        from tlsearch.study import open_study
+        print(summary_table(study))
+        failed = [e for e in exits if e.exitcode != 0 and not (signum and e.exitcode == 130)]
+        for e in failed:
+            print(f"tlsearch: error: {e.describe()}", file=sys.stderr)
+        if signum is not None:
+            return _stopped(signum)
+        return 1 if failed else 0
 
-        print("interrupted: finished trials are kept; run the same command to resume", file=sys.stderr)
-        print(summary_table(open_study(cfg.storage, cfg.name)))
-        return 130
+    device = f"cuda:{args.gpus[0]}" if args.gpus else args.device
+    with graceful_stop() as stop:
+        try:
+            study = run_study(
+                cfg,
+                device=device,
+                allow_config_change=args.allow_config_change,
+                progress=not args.quiet,
+                heartbeat=_heartbeat(args),
+                stop=stop,
+            )
+        except KeyboardInterrupt:
+            code = _stopped(stop.signum)
+            print(summary_table(open_study(cfg.storage, cfg.name)))
+            return code
     print(summary_table(study))
+    return _stopped(stop.signum) if stop.signum is not None else 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from tlsearch.storage import mask_url
+    from tlsearch.study import count_budget, setup_study
+
+    cfg = _load_config(args)
+    study, _storage, ctx = setup_study(
+        cfg,
+        device=args.device,
+        allow_config_change=args.allow_config_change,
+        heartbeat=_heartbeat(args),
+    )
+    _log.info(
+        "study '%s' ready in %s: %d of %s trials finished, checkpoint %s",
+        cfg.name,
+        mask_url(cfg.storage),
+        count_budget(study),
+        cfg.n_trials if cfg.n_trials is not None else "∞",
+        ctx.checkpoint.path,
+    )
+    print(f"tlsearch worker --storage '{mask_url(cfg.storage)}' --study-name '{cfg.name}'")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from tlsearch.workers import graceful_stop, run_worker
+
+    with graceful_stop() as stop:
+        try:
+            ran = run_worker(
+                args.storage,
+                args.study_name,
+                device=args.device,
+                n_trials=args.n_trials,
+                timeout=args.timeout,
+                threads=args.threads,
+                cache_dir=args.cache_dir,
+                progress=not args.quiet,
+                prefix=args.log_prefix,
+                stop=stop,
+            )
+        except KeyboardInterrupt:
+            return _stopped(stop.signum)
+    if stop.signum is not None:
+        return _stopped(stop.signum)
+    _log.info("worker done: %d trial(s) run here", ran)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tlsearch.export import write_export
+    from tlsearch.export import write_export, write_trials
     from tlsearch.study import open_study
 
-    data = write_export(open_study(args.storage, args.study_name), args.output)
+    study = open_study(args.storage, args.study_name)
+    if args.trials is not None:
+        df = write_trials(study, args.trials)
+        _log.info("%d trials written to %s", len(df), args.trials)
+    data = write_export(study, args.output)
     _log.info(
         "best trial %d (cv %.4f ± %.4f) written to %s",
         data["trial_number"],
@@ -95,28 +251,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_final(args: argparse.Namespace) -> int:
-    from tlsearch.export import read_export
-    from tlsearch.final import evaluate_on_test, save_outcomes
-    from tlsearch.study import prepare
+    from tlsearch.final import final_paths, run_final
 
-    best = read_export(args.best)
-    ctx = prepare(best.config, args.device)
-    expected = (best.data.get("checkpoint") or {}).get("sha256")
-    if expected and expected != ctx.checkpoint.sha256:
-        _log.warning("the pretrained checkpoint was rebuilt and differs from the one the search used")
-    outcomes = evaluate_on_test(best.config, ctx.task, ctx.checkpoint, best.params, ctx.device)
-    stem = args.best.with_suffix("")
-    json_path = Path(f"{stem}.final.json")
-    weights_path = Path(f"{stem}.final.pt")
-    data = save_outcomes(
-        outcomes,
-        json_path,
-        weights_path,
-        {"study_name": best.data.get("study_name"), "cv_mean": best.data.get("cv_mean")},
-    )
+    data = run_final(args.best, args.device)
     for name in ("tuned", "default_lambda", "scratch"):
-        print(f"{name:>15}: test accuracy {data[name]['test_accuracy']:.4f}  loss {data[name]['test_loss']:.4f}")
-    _log.info("metrics: %s, weights: %s", json_path, weights_path)
+        m = data[name]
+        cv = f"  (CV {m['cv_mean']:.4f})" if m.get("cv_mean") is not None else ""
+        print(f"{name:>15}: test accuracy {m['test_accuracy']:.4f}  loss {m['test_loss']:.4f}{cv}")
+    _log.info("metrics: %s, weights: %s", *final_paths(args.best))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tlsearch.status import study_status
+
+    print(study_status(args.storage, args.study_name))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tlsearch.report import write_report
+    from tlsearch.study import open_study
+
+    path = write_report(open_study(args.storage, args.study_name), args.output, args.final)
+    print(path)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from tlsearch.dashboard import DashboardServer
+
+    server = DashboardServer(args.storage, args.host, args.port)
+    print(f"optuna-dashboard for {server.storage_label} at {server.url} (Ctrl-C to stop)")
+    for name, url in server.study_urls().items():
+        print(f"  study '{name}': {url}")
+    sys.stdout.flush()
+    server.serve_forever()
     return 0
 
 
@@ -134,21 +304,64 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run or resume a study from a config file",
         description="Run a study until its trial budget is used; rerunning resumes it. Flags "
-        "override the config file.",
+        "override the config file. With --workers N, N worker processes share the study.",
+    )
+    _add_study_flags(run)
+    run.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="worker processes on this host (default 1: run in this process)",
     )
     run.add_argument(
-        "config", nargs="?", type=Path, help="study file (TOML); omitted: the built-in defaults"
+        "--gpus",
+        type=_gpu_list,
+        metavar="0,1,...",
+        help="GPUs the workers are pinned to, round-robin (default: every visible GPU, else CPU)",
     )
-    _add_storage_flags(run, required=False)
-    run.add_argument("--n-trials", type=int, help="total trials in the study (finished ones count)")
-    run.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    run.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: finetune.device)")
     run.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="resume a study even though its search config differs from this one",
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="torch CPU threads per worker (default: finetune.threads, else cores / workers)",
     )
     run.set_defaults(func=cmd_run)
+
+    create = sub.add_parser(
+        "create",
+        help="create or resume a study and pretrain its checkpoint, for workers to join",
+        description="Create (or resume) the study, pretrain the source checkpoint and record both "
+        "in the storage, then exit; `tlsearch worker` processes on any host then run its trials.",
+    )
+    _add_study_flags(create)
+    create.set_defaults(func=cmd_create)
+
+    worker = sub.add_parser(
+        "worker",
+        help="join an existing study and run its trials until its budget is used",
+        description="Run trials of a study created by `create` or `run`, reading its config, "
+        "heartbeat settings and pretrained checkpoint from the storage; any number of workers, "
+        "on any host, share the study's budget exactly. SIGINT/SIGTERM stop it cleanly.",
+    )
+    _add_storage_flags(worker, required=True)
+    worker.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: finetune.device)")
+    worker.add_argument(
+        "--n-trials", type=_positive, help="at most this many trials in this worker"
+    )
+    worker.add_argument(
+        "--timeout", type=float, help="stop starting trials after this many seconds"
+    )
+    worker.add_argument(
+        "--threads", type=_positive, metavar="N", help="torch CPU threads (default: torch's)"
+    )
+    worker.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="pretrained checkpoint cache on this host (default: the study's pretrain.cache_dir)",
+    )
+    worker.add_argument("--log-prefix", default="", help=argparse.SUPPRESS)
+    worker.set_defaults(func=cmd_worker)
 
     export = sub.add_parser(
         "export",
@@ -158,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_storage_flags(export, required=True)
     export.add_argument("-o", "--output", type=Path, default=Path("best.json"), help="output file")
+    export.add_argument(
+        "--trials",
+        type=Path,
+        metavar="FILE",
+        help="also write every trial as a table, CSV (.csv) or Parquet (.parquet), with the fold "
+        "scores as columns fold_0 ... fold_{k-1}",
+    )
     export.set_defaults(func=cmd_export)
 
     final = sub.add_parser(
@@ -170,21 +390,66 @@ def build_parser() -> argparse.ArgumentParser:
     final.add_argument("best", type=Path, help="JSON written by `tlsearch export`")
     final.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     final.set_defaults(func=cmd_final)
+
+    status = sub.add_parser(
+        "status",
+        help="show a study's trials by state, best trial, running trials and ETA",
+        description="Print the study's trials by state, the best value and parameters, the "
+        "running trials with their start and last heartbeat, and an ETA from the trial budget "
+        "and the mean trial duration.",
+    )
+    _add_storage_flags(status, required=True)
+    status.set_defaults(func=cmd_status)
+
+    report = sub.add_parser(
+        "report",
+        help="write an HTML report with figures (CV score vs λ and more)",
+        description="Write DIR/report.html, self-contained, and its figures as PNG files: CV "
+        "accuracy vs λ, optimization history, parameter importances, accuracy vs frozen depth, "
+        "lr vs λ, and with --final the held-out test comparison of `tlsearch final`.",
+    )
+    _add_storage_flags(report, required=True)
+    report.add_argument("-o", "--output", type=Path, default=Path("report"), help="directory")
+    report.add_argument(
+        "--final", type=Path, metavar="BEST.final.json", help="written by `tlsearch final`"
+    )
+    report.set_defaults(func=cmd_report)
+
+    dashboard = sub.add_parser(
+        "dashboard",
+        help="serve optuna-dashboard for a storage on this machine",
+        description="Serve optuna-dashboard for every study in the storage until Ctrl-C. It has "
+        "no login: it listens on 127.0.0.1 unless --host widens it.",
+    )
+    dashboard.add_argument("--storage", required=True, help="database URL of the studies")
+    dashboard.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    dashboard.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)",
+    )
+    dashboard.set_defaults(func=cmd_dashboard)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from tlsearch.errors import TlsearchError
 
+    from tlsearch.storage import STORAGE_ERRORS, describe_error
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet, getattr(args, "log_prefix", ""))
     try:
         return args.func(args)
     except TlsearchError as e:
         for line in str(e).splitlines() or [type(e).__name__]:
             print(f"tlsearch: error: {line}", file=sys.stderr)
         return e.exit_code
+    except STORAGE_ERRORS as e:
+        # A database error outside the trial loop (which retries them): the server went away.
+        print(f"tlsearch: error: storage: {describe_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,27 +1,240 @@
-"""Study storage: Optuna's ``RDBStorage`` with settings that suit several processes, and masked URLs.
+"""Study storage: Optuna's ``RDBStorage`` made safe for many workers, and masked URLs.
 
-SQLite gets a long busy timeout so parallel writers wait instead of failing with "database is locked";
-PostgreSQL gets ``pool_pre_ping`` so a connection dropped by a server restart is replaced, not used.
-Passwords never leave this module in clear: use :func:`mask_url` for anything shown to a person.
+What :class:`StudyStorage` adds to ``RDBStorage``, and why:
+
+- **An exact trial budget.** :meth:`StudyStorage.set_budget` makes the storage refuse (with
+  :class:`BudgetExhausted`) to create a trial once the study holds ``n_trials`` trials that are
+  COMPLETE, PRUNED, RUNNING or WAITING. The check runs in the transaction that creates the trial, after
+  Optuna has locked the study row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite runs one write
+  transaction at a time), so no two workers can both take the last slot. A trial that fails frees its
+  slot; a RUNNING trial whose worker died frees it when the heartbeat marks it failed.
+- **Heartbeats from birth.** Optuna starts a trial's heartbeat only when the objective starts, so a
+  worker killed just after creating a trial leaves a RUNNING trial no heartbeat check ever fails. Here a
+  trial gets its first heartbeat in the transaction that creates (or dequeues) it, and a heartbeat that
+  cannot be written (database restarting) is logged and retried at the next beat instead of silently
+  ending the heartbeat thread.
+- **SQLite for several processes on one host.** Write-ahead logging (readers such as optuna-dashboard
+  never block the workers), a 60 s busy timeout, and ``BEGIN IMMEDIATE`` for every transaction: Python's
+  sqlite3 otherwise starts a transaction only at the first write, so a read-then-write (counting the
+  budget, dequeuing a WAITING trial) is not atomic and two workers could take the same slot.
+- **PostgreSQL across hosts.** ``pool_pre_ping`` replaces connections a server restart or
+  ``pg_terminate_backend`` dropped, and a connect timeout makes an unreachable server an error, not a
+  hang.
+
+Passwords come from the URL or ``$TLSEARCH_DB_PASSWORD`` and never leave this module in clear: use
+:func:`mask_url` for anything shown to a person.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
+from optuna.exceptions import ExperimentalWarning, StorageInternalError
+from optuna.storages._rdb import models
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from tlsearch.errors import ConfigError, StorageError
 
-__all__ = ["create_storage", "mask_url"]
+__all__ = [
+    "COUNTED_STATES",
+    "STORAGE_ERRORS",
+    "BudgetExhausted",
+    "Heartbeat",
+    "StudyStorage",
+    "create_storage",
+    "describe_error",
+    "mask_url",
+    "storage_error",
+]
+
+_log = logging.getLogger(__name__)
 
 _KNOWN = ("sqlite", "postgresql", "mysql")
 # Seconds a SQLite writer waits for a lock before giving up.
 SQLITE_BUSY_TIMEOUT = 60
+# Seconds to wait for a PostgreSQL/MySQL server to accept a connection.
+CONNECT_TIMEOUT = 10
+# Trials that hold a slot of the budget: finished ones, and those running or queued to run.
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+# What a dropped connection or a restarting server raises through Optuna.
+STORAGE_ERRORS = (StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
+
+
+class BudgetExhausted(Exception):
+    """Raised by :meth:`StudyStorage.create_new_trial` when the study's budget is taken."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """How a dead worker is noticed, stored with the study so every worker uses the same values."""
+
+    # Seconds between two heartbeats of a running trial.
+    interval: int = 10
+    # Seconds without a heartbeat after which any worker marks the trial failed; several intervals,
+    # so a worker that is busy (a long CUDA call, a slow database) is not declared dead.
+    grace_period: int = 60
+    # How often one trial is queued again after its worker died or was stopped.
+    max_retry: int = 3
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"heartbeat interval: must be at least 1 s, got {self.interval}")
+        if self.grace_period <= self.interval:
+            raise ConfigError(
+                f"grace period: {self.grace_period} s must be longer than the heartbeat interval "
+                f"({self.interval} s), or live trials would be failed"
+            )
+        if self.max_retry < 0:
+            raise ConfigError(f"max retry: must be >= 0, got {self.max_retry}")
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Heartbeat:
+        data = data or {}
+        return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class _Requeue(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry callback, plus a log line, and no retry when the budget's slot is taken."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        tries = len(trial.system_attrs.get("retry_history", [])) + 1
+        if self._max_retry is not None and tries > self._max_retry:
+            _log.warning(
+                "trial %d failed without finishing; not queued again (retried %d times already)",
+                trial.number,
+                tries - 1,
+            )
+            return
+        try:
+            super().__call__(study, trial)
+        except BudgetExhausted:
+            _log.info(
+                "trial %d failed without finishing; its slot is taken by a newer trial",
+                trial.number,
+            )
+            return
+        _log.warning(
+            "trial %d failed without finishing; queued again with its parameters", trial.number
+        )
+
+
+class StudyStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` with an exact per-study trial budget and heartbeats from a trial's birth.
+
+    Invariant: after :meth:`set_budget` ``(study_id, n)``, no trial is created (new, enqueued or
+    retried) while the study holds ``n`` or more trials in :data:`COUNTED_STATES`. Moving a trial
+    between counted states, or from one to FAIL, never adds to that count, so the number of COMPLETE
+    and PRUNED trials never exceeds ``n``, whatever the number of workers.
+    """
+
+    def __init__(
+        self, url: str, engine_kwargs: dict[str, Any], heartbeat: Heartbeat | None
+    ) -> None:
+        with warnings.catch_warnings():
+            # Heartbeats are "experimental" in Optuna 5; the API is stable enough for us.
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            super().__init__(url, engine_kwargs=engine_kwargs)
+        self._budgets: dict[int, int] = {}
+        self._beat_failing = False
+        if heartbeat is not None:
+            self.enable_heartbeat(heartbeat)
+
+    def enable_heartbeat(self, heartbeat: Heartbeat) -> None:
+        """Record heartbeats of running trials; fail and re-queue trials whose worker went silent."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            retry = _Requeue(max_retry=heartbeat.max_retry)
+        self.heartbeat_interval = heartbeat.interval
+        self.grace_period = heartbeat.grace_period
+        self.heartbeat_stale_trial_callback = retry
+        self.failed_trial_callback = retry
+
+    def requeue(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        """The callback that queues a failed trial again (None without heartbeats)."""
+        return self.heartbeat_stale_trial_callback
+
+    def set_budget(self, study_id: int, n_trials: int | None) -> None:
+        """Refuse new trials of ``study_id`` beyond ``n_trials`` counted ones (None: no limit)."""
+        if n_trials is None:
+            self._budgets.pop(study_id, None)
+        else:
+            self._budgets[study_id] = n_trials
+
+    def count_states(self, study_id: int) -> dict[TrialState, int]:
+        """Trials of the study per state, in one query."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sqlalchemy.select(models.TrialModel.state, sqlalchemy.func.count())
+                .where(models.TrialModel.study_id == study_id)
+                .group_by(models.TrialModel.state)
+            ).all()
+        counts = dict.fromkeys(TrialState, 0)
+        counts.update(
+            {TrialState[s.name] if hasattr(s, "name") else TrialState[s]: n for s, n in rows}
+        )
+        return counts
+
+    def _get_prepared_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None, session: Any
+    ) -> models.TrialModel:
+        # Called by RDBStorage.create_new_trial inside its transaction, after the study row lock.
+        budget = self._budgets.get(study_id)
+        counted = template_trial is None or template_trial.state in COUNTED_STATES
+        if budget is not None and counted:
+            taken = (
+                session.query(sqlalchemy.func.count(models.TrialModel.trial_id))
+                .filter(
+                    models.TrialModel.study_id == study_id,
+                    models.TrialModel.state.in_(COUNTED_STATES),
+                )
+                .scalar()
+            )
+            if taken >= budget:
+                raise BudgetExhausted(
+                    f"{taken} of {budget} trials are finished, running or queued"
+                )
+        trial = super()._get_prepared_new_trial(study_id, template_trial, session)
+        if self.heartbeat_interval is not None and trial.state == TrialState.RUNNING:
+            session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
+        return trial
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        changed = super().set_trial_state_values(trial_id, state, values)
+        if changed and state == TrialState.RUNNING and self.heartbeat_interval is not None:
+            # A dequeued trial: beat now, before the objective's heartbeat thread starts.
+            self.record_heartbeat(trial_id)
+        return changed
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except STORAGE_ERRORS as e:
+            # Runs in Optuna's heartbeat thread: an exception would end it for the whole trial.
+            if not self._beat_failing:
+                _log.warning(
+                    "heartbeat of trial id %d not recorded (%s); retrying",
+                    trial_id,
+                    describe_error(e),
+                )
+            self._beat_failing = True
+        else:
+            if self._beat_failing:
+                _log.info("heartbeats recorded again")
+            self._beat_failing = False
 
 
 def mask_url(url: str) -> str:
@@ -32,11 +245,47 @@ def mask_url(url: str) -> str:
         return "<unparseable storage URL>"
 
 
+def describe_error(e: BaseException) -> str:
+    """The first line of the database driver's message (never the SQL or the parameters)."""
+    while isinstance(e, StorageInternalError) and e.__cause__ is not None:
+        e = e.__cause__
+    inner = getattr(e, "orig", None) or e
+    lines = str(inner).strip().splitlines()
+    return lines[0].strip() if lines else type(inner).__name__
+
+
+def storage_error(url: str, e: BaseException, what: str = "failed") -> StorageError:
+    """One line a person can act on, for a database error on ``url`` (password masked)."""
+    return StorageError(f"storage {mask_url(url)}: {what}: {describe_error(e)}")
+
+
 def _engine_kwargs(url: str) -> dict[str, Any]:
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
+    if backend == "postgresql":
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
     return {"pool_pre_ping": True}
+
+
+def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
+    """WAL and ``BEGIN IMMEDIATE`` on every connection (see the module docstring for why)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event start transactions instead of the sqlite3 module.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sqlalchemy.engine.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # Connections made while Optuna created the tables predate the listeners.
+    engine.dispose()
 
 
 def _check_url(url: str) -> str:
@@ -53,7 +302,9 @@ def _check_url(url: str) -> str:
     if backend == "sqlite":
         db = parsed.database
         if not db or db == ":memory:":
-            raise ConfigError("storage: an in-memory SQLite database cannot be shared; name a file")
+            raise ConfigError(
+                "storage: an in-memory SQLite database cannot be shared; name a file"
+            )
         parent = Path(db).expanduser().resolve().parent
         if not parent.is_dir():
             raise ConfigError(f"storage: directory {parent} does not exist")
@@ -66,11 +317,19 @@ def _check_url(url: str) -> str:
     return url
 
 
-def create_storage(url: str) -> optuna.storages.RDBStorage:
-    """Open (and create the tables of) the storage at ``url``; one clear error if it fails."""
+def create_storage(url: str, heartbeat: Heartbeat | None = None) -> StudyStorage:
+    """Open (and create the tables of) the storage at ``url``; one clear error if it fails.
+
+    Args:
+        url: ``sqlite:///FILE`` or ``postgresql+psycopg://USER[:PASSWORD]@HOST[:PORT]/DB``.
+        heartbeat: enable heartbeats (and re-queueing of trials whose worker died) with these
+            settings; None leaves them off until :meth:`StudyStorage.enable_heartbeat`.
+    """
     url = _check_url(url)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-    except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError) as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise StorageError(f"storage {mask_url(url)}: cannot open: {reason}") from e
+        storage = StudyStorage(url, _engine_kwargs(url), heartbeat)
+    except (*STORAGE_ERRORS, OSError, ImportError) as e:
+        raise storage_error(url, e, "cannot open") from e
+    if storage.engine.dialect.name == "sqlite":
+        _tune_sqlite(storage.engine)
+    return storage

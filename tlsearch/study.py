@@ -1,17 +1,32 @@
 """The study driver: create or resume a study, pretrain once, run trials within an exact budget.
 
-The study's resolved config, its search hash and the pretrained checkpoint's path and SHA-256 are stored
-as study user attributes, so a later worker, ``export`` or ``final`` reads them from the storage alone.
+The study's resolved config, its search hash, the pretrained checkpoint's path and SHA-256 and the
+heartbeat settings are stored as study user attributes, so a worker on another host, ``export`` or
+``final`` reads them from the storage alone.
+
+:func:`run_trials` is the trial loop every process runs, alone or as one of many workers:
+
+1. ask the storage for a trial; it refuses once the budget is taken (:class:`~tlsearch.storage.
+   StudyStorage`), so the workers together run exactly ``n_trials``;
+2. run it under ``study.optimize``, which keeps its heartbeat and fails and re-queues trials of dead
+   workers;
+3. when the budget is taken but not finished, wait for the trials other workers still run: one of them
+   may fail and free its slot, or die and come back as a queued retry;
+4. settle a trial that a signal or a storage outage interrupted: a finished result is written again, an
+   unfinished trial is failed and queued again with its parameters; storage errors are retried for
+   ``patience`` seconds, then end the loop with one :class:`~tlsearch.errors.StorageError`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 import optuna
@@ -25,18 +40,35 @@ from tlsearch.device import resolve_device
 from tlsearch.errors import ConfigError, StorageError
 from tlsearch.objective import KFoldObjective, check_folds
 from tlsearch.pretrain import Checkpoint, ensure_pretrained, load_checkpoint
-from tlsearch.storage import create_storage, mask_url
+from tlsearch.storage import (
+    STORAGE_ERRORS,
+    BudgetExhausted,
+    Heartbeat,
+    StudyStorage,
+    create_storage,
+    describe_error,
+    mask_url,
+    storage_error,
+)
+
 
 __all__ = [
     "ATTR_CHECKPOINT",
     "ATTR_CONFIG",
+    "ATTR_HEARTBEAT",
+    "Interrupted",
+    "StopFlag",
     "StudyContext",
+    "load_study",
     "load_study_config",
+    "make_objective",
     "make_pruner",
     "make_sampler",
     "open_study",
     "prepare",
     "run_study",
+    "run_trials",
+    "setup_study",
 ]
 
 _log = logging.getLogger(__name__)
@@ -45,21 +77,38 @@ ATTR_CONFIG = "tlsearch_config"
 ATTR_HASH = "tlsearch_search_hash"
 ATTR_CHECKPOINT = "tlsearch_checkpoint"
 ATTR_VERSION = "tlsearch_version"
+ATTR_HEARTBEAT = "tlsearch_heartbeat"
 # Trials that count toward the budget: those that ran to an end the search can learn from.
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+# Seconds a trial loop keeps retrying a storage that fails (a PostgreSQL restart takes a few).
+STORAGE_PATIENCE = 120.0
 
 
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: StudyConfig, parallel: bool = False) -> optuna.samplers.BaseSampler:
+    """The configured sampler; ``parallel`` for one of several workers of the study.
+
+    A parallel worker's sampler is reseeded from the OS (as ``optimize(n_jobs=...)`` does), or every
+    worker would propose the same points, and TPE assumes the worst value for trials still running
+    (``constant_liar``) so workers do not crowd one region. QMC keeps its seed: its sequence is indexed
+    by trial number and must be the same in every worker.
+    """
     s = cfg.sampler
+    sampler: optuna.samplers.BaseSampler
     if s.name == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.name == "gp":
-        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
-    if s.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
-    if s.name == "qmc":
-        return optuna.samplers.QMCSampler(seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    elif s.name == "gp":
+        sampler = optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    elif s.name == "cmaes":
+        sampler = optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    elif s.name == "qmc":
+        sampler = optuna.samplers.QMCSampler(seed=s.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(
+            seed=s.seed, n_startup_trials=s.n_startup_trials, constant_liar=parallel
+        )
+    if parallel:
+        sampler.reseed_rng()
+    return sampler
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
@@ -67,7 +116,9 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     if p.name == "none":
         return optuna.pruners.NopPruner()
     if p.name == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold, n_startup_steps=p.n_warmup_steps)
+        return optuna.pruners.WilcoxonPruner(
+            p_threshold=p.p_threshold, n_startup_steps=p.n_warmup_steps
+        )
     percentile = 50.0 if p.name == "median" else p.percentile
     return optuna.pruners.PercentilePruner(
         percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
@@ -101,17 +152,29 @@ def load_study_config(study: optuna.Study) -> StudyConfig:
     return config_from_dict(raw, f"study '{study.study_name}'")
 
 
-def open_study(storage_url: str, study_name: str) -> optuna.Study:
-    """Load an existing study; one clear error when it does not exist."""
-    storage = create_storage(storage_url)
+def load_study(
+    storage: StudyStorage,
+    url: str,
+    study_name: str,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
+    """Load an existing study; one clear error naming the studies there when it does not exist."""
     try:
-        return optuna.load_study(study_name=study_name, storage=storage)
+        return optuna.load_study(
+            study_name=study_name, storage=storage, sampler=sampler, pruner=pruner
+        )
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise StorageError(
-            f"no study '{study_name}' in {mask_url(storage_url)}"
+            f"no study '{study_name}' in {mask_url(url)}"
             + (f" (studies there: {', '.join(names)})" if names else " (it holds no study)")
         ) from None
+
+
+def open_study(storage_url: str, study_name: str) -> optuna.Study:
+    """Load an existing study; one clear error when it does not exist."""
+    return load_study(create_storage(storage_url), storage_url, study_name)
 
 
 def _create_or_resume(
@@ -138,15 +201,59 @@ def _create_or_resume(
     )
 
 
-def _record(study: optuna.Study, ctx: StudyContext) -> None:
-    study.set_user_attr(ATTR_CONFIG, ctx.cfg.to_dict())
+def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> None:
+    config = ctx.cfg.to_dict()
+    # The study is visible to anyone who can read it (the dashboard): never store a password.
+    config["storage"] = mask_url(config["storage"])
+    study.set_user_attr(ATTR_CONFIG, config)
     study.set_user_attr(ATTR_HASH, ctx.cfg.search_hash())
     study.set_user_attr(
         ATTR_CHECKPOINT,
-        {"path": str(ctx.checkpoint.path), "sha256": ctx.checkpoint.sha256, "key": ctx.checkpoint.key},
+        {
+            "path": str(ctx.checkpoint.path),
+            "sha256": ctx.checkpoint.sha256,
+            "key": ctx.checkpoint.key,
+        },
     )
+    study.set_user_attr(ATTR_HEARTBEAT, heartbeat.to_dict())
     study.set_user_attr(ATTR_VERSION, __version__)
     study.set_user_attr("task", ctx.task.description)
+
+
+def setup_study(
+    cfg: StudyConfig,
+    *,
+    device: str | None = None,
+    allow_config_change: bool = False,
+    heartbeat: Mapping[str, int] | None = None,
+) -> tuple[optuna.Study, StudyStorage, StudyContext]:
+    """Create or resume the study, pretrain its checkpoint once and record both in the storage.
+
+    After this, workers anywhere need only the storage URL and the study name (``tlsearch worker``).
+
+    Args:
+        heartbeat: overrides of the study's :class:`~tlsearch.storage.Heartbeat` fields (those
+            stored with the study, else the defaults), e.g. ``{"grace_period": 120}``.
+    """
+    ctx = prepare(cfg, device)
+    storage = create_storage(cfg.storage)
+    study = _create_or_resume(cfg, storage, allow_config_change)
+    beat = replace(Heartbeat.from_dict(study.user_attrs.get(ATTR_HEARTBEAT)), **(heartbeat or {}))
+    storage.enable_heartbeat(beat)
+    _record(study, ctx, beat)
+    return study, storage, ctx
+
+
+def make_objective(ctx: StudyContext) -> KFoldObjective:
+    """The k-fold objective of the study, on the context's device."""
+    return KFoldObjective(
+        ctx.cfg,
+        ctx.task.target_train,
+        load_checkpoint(ctx.checkpoint, ctx.device),
+        ctx.task.input_shape,
+        ctx.task.target_classes,
+        ctx.device,
+    )
 
 
 def count_budget(study: optuna.Study) -> int:
@@ -163,9 +270,10 @@ def _fmt_params(params: dict[str, Any]) -> str:
 class ProgressPrinter:
     """One line per finished trial: state, CV score, the best so far and its parameters."""
 
-    def __init__(self, total: int | None, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int | None, stream: TextIO = sys.stderr, prefix: str = "") -> None:
         self.total = total
         self.stream = stream
+        self.prefix = prefix
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         done = count_budget(study)
@@ -178,7 +286,7 @@ class ProgressPrinter:
             what = f"pruned ({reason})" if reason else f"pruned after {folds} fold(s)"
         else:
             what = trial.state.name.lower()
-        line = f"[{done}{of}] trial {trial.number}: {what}"
+        line = f"{self.prefix}[{done}{of}] trial {trial.number}: {what}"
         try:
             best = study.best_trial
             line += f" | best {best.value:.3f} (#{best.number}: {_fmt_params(best.params)})"
@@ -192,8 +300,7 @@ def summary_table(study: optuna.Study, top: int = 5) -> str:
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     lines = [
-        f"study '{study.study_name}': "
-        + ", ".join(f"{n} {k}" for k, n in counts.items() if n),
+        f"study '{study.study_name}': " + ", ".join(f"{n} {k}" for k, n in counts.items() if n),
     ]
     done = sorted(
         (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -(t.value or 0.0)
@@ -224,6 +331,231 @@ def _fmt_value(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+class StopFlag:
+    """A stop asked for from outside (a signal): the trial loop ends at its next safe point.
+
+    ``in_loop`` is true while :func:`run_trials` runs and ``in_trial`` while the objective runs. A
+    signal handler raises :class:`Interrupted` in a trial (which then fails and is queued again) or
+    outside the loop (loading data, pretraining), and otherwise only sets ``signum``, so Optuna's
+    storage bookkeeping between trials is never cut in half.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.in_loop = False
+        self.in_trial = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised inside a running trial when a stop was asked for; the trial fails and is re-queued."""
+
+
+class _Guard:
+    """The objective, plus what the loop needs to settle a trial that did not end normally."""
+
+    def __init__(
+        self, objective: Callable[[optuna.Trial], float], stop: StopFlag, attrs: Mapping[str, Any]
+    ) -> None:
+        self.objective = objective
+        self.stop = stop
+        self.attrs = dict(attrs)
+        self.number: int | None = None
+        self.outcome: tuple[TrialState, float | None] | None = None
+        self.told = True
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.number, self.outcome, self.told = trial.number, None, False
+        for key, value in self.attrs.items():
+            trial.set_user_attr(key, value)
+        if self.stop.requested:
+            raise Interrupted("stop requested before the trial started")
+        self.stop.in_trial = True
+        try:
+            value = self.objective(trial)
+        except optuna.TrialPruned:
+            self.outcome = (TrialState.PRUNED, None)
+            raise
+        finally:
+            self.stop.in_trial = False
+        self.outcome = (TrialState.COMPLETE, value)
+        return value
+
+
+class _QuietFailures(logging.Filter):
+    """Drop Optuna's traceback for trials a signal or the storage ended; the loop logs one line."""
+
+    _optuna_logger = logging.getLogger("optuna.study._optimize")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._quiet: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        trial = " ".join(message.split()[:2])  # "Trial 12"
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (KeyboardInterrupt, *STORAGE_ERRORS)):
+            self._quiet.add(trial)
+            return False
+        return not (trial in self._quiet and "failed with value" in message)
+
+    def attach(self) -> None:
+        self._optuna_logger.addFilter(self)
+
+    def detach(self) -> None:
+        self._optuna_logger.removeFilter(self)
+
+
+def _retried(study: optuna.Study, number: int) -> bool:
+    return any(
+        number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)
+    )
+
+
+def _settle(study: optuna.Study, storage: StudyStorage, guard: _Guard) -> None:
+    """Bring this process's last trial to an end state if Optuna could not (see the module doc)."""
+    if guard.number is None or guard.told:
+        return
+    number = guard.number
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+    if trial.state == TrialState.RUNNING and guard.outcome is not None:
+        state, value = guard.outcome
+        study.tell(number, value, state=state, skip_if_finished=True)
+        _log.info("trial %d: its result is stored now", number)
+    elif trial.state in (TrialState.RUNNING, TrialState.FAIL):
+        if trial.state == TrialState.RUNNING:
+            try:
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+        requeue = storage.requeue()
+        if requeue is not None and not _retried(study, number):
+            requeue(study, storage.get_trial(trial._trial_id))
+    guard.told = True
+
+
+def _settle_or_leave(study: optuna.Study, storage: StudyStorage, guard: _Guard) -> None:
+    try:
+        _settle(study, storage, guard)
+    except STORAGE_ERRORS as e:
+        _log.warning(
+            "trial %s left RUNNING (storage unreachable: %s); another worker fails and retries it "
+            "after the grace period",
+            guard.number,
+            describe_error(e),
+        )
+
+
+def run_trials(
+    study: optuna.Study,
+    storage: StudyStorage,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    n_trials: int | None,
+    max_trials: int | None = None,
+    timeout: float | None = None,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    stop: StopFlag | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    patience: float = STORAGE_PATIENCE,
+) -> int:
+    """Run trials in this process until the study's budget is finished; return how many ran here.
+
+    Args:
+        n_trials: the study's total budget (all workers together); None runs until ``timeout``.
+        max_trials: at most this many trials in this process.
+        timeout: start no trial after this many seconds.
+        stop: set by a signal handler to end the loop (see :class:`StopFlag`); without one, a
+            ``KeyboardInterrupt`` settles the running trial and propagates.
+        attrs: user attributes written on every trial this process runs (worker, device).
+        patience: seconds of failing storage calls before giving up with a ``StorageError``.
+    """
+    stop = stop or StopFlag()
+    guard = _Guard(objective, stop, attrs or {})
+    study_id = storage.get_study_id_from_name(study.study_name)
+    storage.set_budget(study_id, n_trials)
+    ran = 0
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        nonlocal ran
+        ran += 1
+        guard.told = True
+        if stop.requested:
+            study.stop()
+
+    cbs = [*callbacks, after_trial]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failing_since: float | None = None
+    waiting = False
+    quiet = _QuietFailures()
+    quiet.attach()
+    stop.in_loop = True
+    try:
+        while not stop.requested:
+            left = None if max_trials is None else max_trials - ran
+            seconds = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or (seconds is not None and seconds <= 0):
+                break
+            try:
+                _settle(study, storage, guard)  # 4) a trial a signal or the storage interrupted
+                study.optimize(guard, n_trials=left, timeout=seconds, callbacks=cbs)  # 1) 2)
+                break
+            except BudgetExhausted:
+                failing_since = None
+            except KeyboardInterrupt as e:
+                _settle_or_leave(study, storage, guard)
+                if isinstance(e, Interrupted):
+                    break
+                raise
+            except STORAGE_ERRORS as e:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > patience:
+                    _settle_or_leave(study, storage, guard)
+                    raise storage_error(storage.url, e, f"failing for {patience:.0f} s") from e
+                pause = min(10.0, 1.0 + now - failing_since)
+                _log.warning("storage error (%s); retrying in %.0f s", describe_error(e), pause)
+                time.sleep(pause)
+                continue
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                # "Cannot tell a FAIL trial": another worker failed ours, having missed its
+                # heartbeats for longer than the grace period, and queued its retry.
+                if guard.number is None or not _retried(study, guard.number):
+                    raise
+                _log.warning(
+                    "trial %d was failed by another worker (no heartbeat within the grace "
+                    "period); its retry runs instead",
+                    guard.number,
+                )
+                guard.told = True
+                continue
+            # 3) the budget is taken: finished, or held by trials running or queued elsewhere
+            assert n_trials is not None, "only a budget raises BudgetExhausted"
+            counts = storage.count_states(study_id)
+            if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+                break
+            if counts[TrialState.WAITING] or not counts[TrialState.RUNNING]:
+                continue
+            if not waiting:
+                _log.info(
+                    "%d trial(s) still running elsewhere; waiting for them (a dead worker's "
+                    "trial is retried %d s after its last heartbeat)",
+                    counts[TrialState.RUNNING],
+                    storage.grace_period or 0,
+                )
+            waiting = True
+            time.sleep(storage.heartbeat_interval or 1)
+    finally:
+        stop.in_loop = False
+        quiet.detach()
+    return ran
+
+
 def run_study(
     cfg: StudyConfig,
     *,
@@ -231,37 +563,42 @@ def run_study(
     allow_config_change: bool = False,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
     progress: bool = False,
+    heartbeat: Mapping[str, int] | None = None,
+    stop: StopFlag | None = None,
 ) -> optuna.Study:
-    """Run (or resume) the study ``cfg`` describes until its budget is used; return the study.
+    """Run (or resume) the study ``cfg`` describes in this process until its budget is used.
 
-    ``cfg.n_trials`` is the study's total: a resumed study runs only the trials still missing. A
-    ``KeyboardInterrupt`` ends the running trial as FAIL and propagates; finished trials are kept.
+    ``cfg.n_trials`` is the study's total: a resumed study runs only the trials still missing, and
+    workers started beside it (``tlsearch worker``) share the same budget. A ``KeyboardInterrupt``
+    ends the running trial as FAIL, queues it again and propagates; finished trials are kept. With a
+    ``stop`` flag (see :func:`tlsearch.workers.graceful_stop`) a signal ends the loop instead.
     """
-    ctx = prepare(cfg, device)
-    if cfg.finetune.threads:
-        torch.set_num_threads(cfg.finetune.threads)
-    storage = create_storage(cfg.storage)
-    study = _create_or_resume(cfg, storage, allow_config_change)
-    _record(study, ctx)
-
-    remaining = None if cfg.n_trials is None else cfg.n_trials - count_budget(study)
-    if remaining is not None and remaining <= 0:
+    study, storage, ctx = setup_study(
+        cfg, device=device, allow_config_change=allow_config_change, heartbeat=heartbeat
+    )
+    if cfg.n_trials is not None and count_budget(study) >= cfg.n_trials:
         _log.info("study '%s' already has its %d trials", cfg.name, cfg.n_trials)
         return study
-    objective = KFoldObjective(
-        cfg,
-        ctx.task.target_train,
-        load_checkpoint(ctx.checkpoint, ctx.device),
-        ctx.task.input_shape,
-        ctx.task.target_classes,
-        ctx.device,
-    )
+    if cfg.finetune.threads:
+        torch.set_num_threads(cfg.finetune.threads)
     cbs = list(callbacks or [])
     if progress:
         cbs.append(ProgressPrinter(cfg.n_trials))
-    if cfg.n_trials is not None:
-        cbs.append(optuna.study.MaxTrialsCallback(cfg.n_trials, states=BUDGET_STATES))
     started = time.perf_counter()
-    study.optimize(objective, n_trials=remaining, timeout=cfg.timeout, callbacks=cbs)
+    run_trials(
+        study,
+        storage,
+        make_objective(ctx),
+        n_trials=cfg.n_trials,
+        timeout=cfg.timeout,
+        callbacks=cbs,
+        stop=stop,
+        attrs=worker_attrs(ctx.device),
+    )
     _log.info("ran for %.1fs", time.perf_counter() - started)
     return study
+
+
+def worker_attrs(device: torch.device) -> dict[str, str]:
+    """What each trial records about the process that ran it."""
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(device)}

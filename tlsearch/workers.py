@@ -1,0 +1,334 @@
+"""Workers: processes, on one host or many, that share one study through its storage.
+
+A worker needs only the storage URL and the study name: the study's config, its heartbeat settings
+and the reference of its pretrained checkpoint (path, SHA-256, content key) are user attributes of the
+study, written by ``tlsearch create`` or ``tlsearch run``. The checkpoint is found in this order:
+
+1. the recorded path, when this host sees it (same host, or ``pretrain.cache_dir`` on a shared
+   filesystem or volume) and its bytes hash to the recorded SHA-256;
+2. otherwise this host pretrains it into its own cache (same content key, under the cache's file
+   lock, so workers of one host train it once) and checks that it hashes to the recorded SHA-256.
+   Pretraining on the CPU is deterministic, so a CPU host gets the same bytes; when it does not (GPU
+   kernels, another torch), the worker stops with an error that says which file to share, rather than
+   search with a different starting point than the study recorded.
+
+:func:`run_workers` is ``tlsearch run --workers N``: it creates the study and pretrains in this process,
+then starts N ``tlsearch worker`` processes (spawned, never forked: CUDA and database connections do not
+survive a fork), each pinned to its own device with its own share of the CPU threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from tlsearch.config import StudyConfig
+from tlsearch.data import TransferTask, load_task
+from tlsearch.device import resolve_device
+from tlsearch.errors import CheckpointError, ConfigError, StorageError
+from tlsearch.objective import check_folds
+from tlsearch.pretrain import Checkpoint, _file_sha256, checkpoint_key, ensure_pretrained
+from tlsearch.storage import Heartbeat, StudyStorage, create_storage, mask_url
+from tlsearch.study import (
+    ATTR_CHECKPOINT,
+    ATTR_HEARTBEAT,
+    Interrupted,
+    ProgressPrinter,
+    StopFlag,
+    StudyContext,
+    load_study,
+    load_study_config,
+    make_objective,
+    make_pruner,
+    make_sampler,
+    run_trials,
+    setup_study,
+    worker_attrs,
+)
+
+__all__ = [
+    "WorkerExit",
+    "graceful_stop",
+    "join_study",
+    "plan_devices",
+    "run_worker",
+    "run_workers",
+    "shared_checkpoint",
+]
+
+_log = logging.getLogger(__name__)
+
+
+@contextmanager
+def graceful_stop() -> Iterator[StopFlag]:
+    """SIGINT and SIGTERM stop the trial loop cleanly instead of killing the process.
+
+    The running trial is failed and queued again with its parameters (a stop between trials starts
+    no new one); the loop returns and ``flag.signum`` says which signal stopped it. Outside the main
+    thread signals cannot be caught, and the flag is never set.
+    """
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        first = flag.signum is None
+        flag.signum = flag.signum or signum
+        if flag.in_trial or not flag.in_loop:
+            if first and flag.in_trial:
+                _log.warning("%s: stopping; the running trial is failed and queued again", name)
+            flag.in_trial = False
+            raise Interrupted(name)
+        if first:
+            _log.warning("%s: stopping before the next trial", name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def shared_checkpoint(
+    cfg: StudyConfig, task: TransferTask, recorded: Mapping[str, str], device: torch.device
+) -> Checkpoint:
+    """The study's pretrained checkpoint on this host, verified against its recorded SHA-256."""
+    path, sha, key = Path(recorded["path"]), recorded["sha256"], recorded["key"]
+    if path.is_file() and _file_sha256(path) == sha:
+        return Checkpoint(path, sha, key)
+    own_key = checkpoint_key(cfg, task)
+    if own_key != key:
+        raise CheckpointError(
+            f"the study's checkpoint has key {key}, but this host's data and config give {own_key} "
+            "(another tlsearch version, or different data files?)"
+        )
+    _log.info("pretrained checkpoint %s not on this host; pretraining it here", path)
+    ckpt = ensure_pretrained(cfg, task, device)
+    if ckpt.sha256 != sha:
+        raise CheckpointError(
+            f"pretraining on this host gave a checkpoint with SHA-256 {ckpt.sha256[:12]}…, the study "
+            f"used {sha[:12]}…; copy {path.name} and {path.with_suffix('.json').name} from the "
+            f"host that created the study into {ckpt.path.parent}, or put pretrain.cache_dir on a "
+            "filesystem every worker sees"
+        )
+    return ckpt
+
+
+def join_study(
+    storage_url: str,
+    study_name: str,
+    *,
+    device: str | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[optuna.Study, StudyStorage, StudyContext]:
+    """Open an existing study as one of its workers: config, heartbeats and checkpoint from storage.
+
+    Args:
+        device: overrides the study's ``finetune.device`` for this worker.
+        cache_dir: overrides the study's ``pretrain.cache_dir`` on this host.
+    """
+    storage = create_storage(storage_url)
+    cfg = load_study_config(load_study(storage, storage_url, study_name))
+    updates: dict[str, Any] = {"storage": storage_url}
+    if cache_dir is not None:
+        updates["pretrain"] = cfg.pretrain.model_copy(update={"cache_dir": cache_dir})
+    cfg = cfg.model_copy(update=updates)
+    study = load_study(
+        storage,
+        storage_url,
+        study_name,
+        sampler=make_sampler(cfg, parallel=True),
+        pruner=make_pruner(cfg),
+    )
+    recorded = study.user_attrs.get(ATTR_CHECKPOINT)
+    if not recorded:
+        raise StorageError(
+            f"study '{study_name}' has no pretrained checkpoint recorded; "
+            "run `tlsearch create` with its config first"
+        )
+    storage.enable_heartbeat(Heartbeat.from_dict(study.user_attrs.get(ATTR_HEARTBEAT)))
+    dev = resolve_device(device or cfg.finetune.device)
+    if dev.type == "cuda":
+        # Stray allocations (cuDNN workspaces, a bare .cuda()) go to this worker's GPU too.
+        torch.cuda.set_device(dev)
+    task = load_task(cfg.data)
+    check_folds(cfg, task.target_train)
+    return (
+        study,
+        storage,
+        StudyContext(cfg, task, shared_checkpoint(cfg, task, recorded, dev), dev),
+    )
+
+
+def run_worker(
+    storage_url: str,
+    study_name: str,
+    *,
+    device: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    prefix: str = "",
+    stop: StopFlag | None = None,
+) -> int:
+    """Run trials of an existing study until its budget is finished; return how many ran here.
+
+    Args:
+        n_trials: at most this many trials in this worker (the study's budget still holds).
+        timeout: start no trial after this many seconds (default: the study's ``timeout``).
+        threads: torch CPU threads (default: the study's ``finetune.threads``, else torch's).
+        prefix: put in front of each progress line, to tell workers apart in one terminal.
+        stop: from :func:`graceful_stop`; a signal then ends the loop cleanly.
+    """
+    study, storage, ctx = join_study(storage_url, study_name, device=device, cache_dir=cache_dir)
+    threads = threads or ctx.cfg.finetune.threads
+    if threads:
+        torch.set_num_threads(threads)
+    _log.info(
+        "worker %s joined study '%s' in %s on %s, %d thread(s)",
+        worker_attrs(ctx.device)["worker"],
+        study_name,
+        mask_url(storage_url),
+        ctx.device,
+        torch.get_num_threads(),
+    )
+    return run_trials(
+        study,
+        storage,
+        make_objective(ctx),
+        n_trials=ctx.cfg.n_trials,
+        max_trials=n_trials,
+        timeout=timeout if timeout is not None else ctx.cfg.timeout,
+        callbacks=[ProgressPrinter(ctx.cfg.n_trials, prefix=prefix)] if progress else [],
+        stop=stop,
+        attrs=worker_attrs(ctx.device),
+    )
+
+
+def plan_devices(n_workers: int, gpus: Sequence[int] | None, device: str | None) -> list[str]:
+    """The device of each worker: ``--gpus`` round-robin, else ``device`` (``auto``: every visible
+    GPU round-robin, or the CPU when there is none)."""
+    if n_workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {n_workers}")
+    if gpus:
+        visible = torch.cuda.device_count()
+        for g in gpus:
+            if g < 0 or g >= visible:
+                raise ConfigError(
+                    f"--gpus: GPU {g} asked for, but {visible} CUDA device(s) are visible"
+                )
+        return [f"cuda:{gpus[i % len(gpus)]}" for i in range(n_workers)]
+    if device in (None, "auto"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count:
+            return [f"cuda:{i % count}" for i in range(n_workers)]
+        return ["cpu"] * n_workers
+    return [device] * n_workers
+
+
+def default_threads(n_workers: int) -> int:
+    """CPU threads per worker so that the workers together use each core once."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // n_workers)
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How one worker process ended."""
+
+    index: int
+    device: str
+    exitcode: int
+
+    def describe(self) -> str:
+        if self.exitcode < 0:
+            return f"worker {self.index} ({self.device}) was killed by {signal.Signals(-self.exitcode).name}"
+        return f"worker {self.index} ({self.device}) exited with code {self.exitcode}"
+
+
+def _worker_process(argv: list[str]) -> None:
+    # The spawned child runs the `tlsearch worker` command itself: one code path for both.
+    from tlsearch.cli import main
+
+    sys.exit(main(argv))
+
+
+def run_workers(
+    cfg: StudyConfig,
+    n_workers: int,
+    *,
+    gpus: Sequence[int] | None = None,
+    device: str | None = None,
+    allow_config_change: bool = False,
+    heartbeat: Mapping[str, int] | None = None,
+    quiet: bool = False,
+) -> tuple[optuna.Study, list[WorkerExit], int | None]:
+    """Create (or resume) the study, pretrain once, then run it with ``n_workers`` processes.
+
+    Each worker is ``tlsearch worker`` in a spawned process, pinned to its device from
+    :func:`plan_devices`, with ``finetune.threads`` torch threads (0: the cores shared out among the
+    workers). SIGINT and SIGTERM are passed on to the workers, which stop cleanly; this waits for all
+    of them.
+
+    Returns:
+        The study, how each worker ended, and the signal that stopped the run (None if none did).
+    """
+    devices = plan_devices(n_workers, gpus, device)
+    threads = cfg.finetune.threads or default_threads(n_workers)
+    study, _storage, _ctx = setup_study(
+        cfg, device=devices[0], allow_config_change=allow_config_change, heartbeat=heartbeat
+    )
+    spawn = multiprocessing.get_context("spawn")
+    procs = []
+    for i, dev in enumerate(devices):
+        argv = [*(["-q"] if quiet else []), "worker", "--storage", cfg.storage]
+        argv += ["--study-name", cfg.name, "--device", dev, "--threads", str(threads)]
+        argv += ["--log-prefix", f"[w{i}] "]
+        procs.append(spawn.Process(target=_worker_process, args=(argv,), name=f"tlsearch-w{i}"))
+    received: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                os.kill(p.pid, signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = (
+        {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    )
+    try:
+        for p in procs:
+            p.start()
+        if received:  # a signal came while the workers were starting
+            forward(received[0], None)
+        for p in procs:
+            p.join()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    exits = [
+        WorkerExit(i, d, int(p.exitcode))
+        for i, (d, p) in enumerate(zip(devices, procs, strict=True))
+    ]
+    return study, exits, (received[0] if received else None)
