@@ -1,8 +1,13 @@
-"""The best trial as a JSON file that tlsearch (and people) can read back.
+"""The best trial as JSON that tlsearch (and people) can read back; all trials as a table.
 
-The file holds the best trial's parameters (searched and fixed), its CV mean, std and fold scores, the
-trial number, the study name, the full resolved config, the pretrained checkpoint's hash and the versions
-of the packages that produced it. Storage URLs are written with the password masked.
+The JSON holds the best trial's parameters (searched and fixed), its CV mean, std and fold
+scores, the trial number, the study name, the full resolved config, the pretrained checkpoint's
+hash and the versions of the packages that produced it. Storage URLs are written with the
+password masked.
+
+The table (CSV or Parquet, through pandas) is :meth:`optuna.Study.trials_dataframe` with each
+trial's fold scores spread into columns ``fold_0`` … ``fold_{k-1}`` (and ``fold_i_loss``,
+``fold_i_seconds``); it holds no storage URL.
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 from optuna.trial import TrialState
 
 from tlsearch.config import StudyConfig, config_from_dict
@@ -25,7 +32,14 @@ from tlsearch.objective import resolve_params
 from tlsearch.storage import mask_url
 from tlsearch.study import ATTR_CHECKPOINT, load_study_config
 
-__all__ = ["BestConfig", "best_config", "read_export", "write_export"]
+__all__ = [
+    "BestConfig",
+    "best_config",
+    "read_export",
+    "trials_frame",
+    "write_export",
+    "write_trials",
+]
 
 FORMAT = "tlsearch.best/1"
 
@@ -76,18 +90,77 @@ def best_config(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def write_export(study: optuna.Study, path: str | Path) -> dict[str, Any]:
-    """Write :func:`best_config` to ``path`` atomically and return it."""
-    data = best_config(study)
-    path = Path(path)
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise TlsearchError(f"cannot write {path}: {e.strerror}") from None
+
+
+def write_export(study: optuna.Study, path: str | Path) -> dict[str, Any]:
+    """Write :func:`best_config` to ``path`` atomically and return it."""
+    data = best_config(study)
+    _write_atomically(Path(path), lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
     return data
+
+
+# List-valued user attributes of a trial → the column name of each fold's entry.
+_FOLD_COLUMNS = {
+    "fold_scores": "fold_{}",
+    "fold_losses": "fold_{}_loss",
+    "fold_seconds": "fold_{}_seconds",
+}
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """Every trial as a row: :meth:`optuna.Study.trials_dataframe` with one column per fold.
+
+    ``fold_i`` is fold i's validation accuracy (``fold_i_loss``, ``fold_i_seconds`` its loss and
+    time); a fold a pruned or running trial did not reach is empty. ``duration`` is in seconds.
+    """
+    df = study.trials_dataframe(
+        attrs=(
+            "number",
+            "state",
+            "value",
+            "datetime_start",
+            "datetime_complete",
+            "duration",
+            "params",
+            "user_attrs",
+        )
+    )
+    trials = study.get_trials(deepcopy=False)
+    k = max([len(t.user_attrs.get("fold_scores") or []) for t in trials], default=0)
+    try:
+        k = max(k, load_study_config(study).cv.k)
+    except TlsearchError:
+        pass
+    for attr, name in _FOLD_COLUMNS.items():
+        values = [t.user_attrs.get(attr) or [] for t in trials]
+        for i in range(k):
+            df[name.format(i)] = [float(v[i]) if i < len(v) else float("nan") for v in values]
+        df = df.drop(columns=f"user_attrs_{attr}", errors="ignore")
+    if "duration" in df:
+        df["duration"] = df["duration"].dt.total_seconds()
+    return df
+
+
+def write_trials(study: optuna.Study, path: str | Path) -> pd.DataFrame:
+    """Write :func:`trials_frame` as CSV (``.csv``) or Parquet (``.parquet``, ``.pq``)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in {".csv", ".parquet", ".pq"}:
+        raise ConfigError(f"{path}: the trials table must end in .csv or .parquet")
+    df = trials_frame(study)
+    if suffix == ".csv":
+        _write_atomically(path, lambda p: df.to_csv(p, index=False))
+    else:
+        _write_atomically(path, lambda p: df.to_parquet(p, index=False))
+    return df
 
 
 def read_export(path: str | Path) -> BestConfig:
