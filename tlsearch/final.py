@@ -1,15 +1,22 @@
-"""Retrain with a chosen config on the whole target training split and measure the held-out test once.
+"""Retrain with a chosen config on the whole target training split; measure the held-out test once.
 
-Beside the tuned model, two honest baselines are trained on the same split: the model trained from
-scratch (no transfer), and plain fine-tuning with the library's default λ and learning rate. The test split
-is used here and nowhere in the search.
+Beside the tuned model, two honest baselines are trained on the same split: the model trained
+from scratch (no transfer), and plain fine-tuning with the library's default λ and learning rate.
+The test split is used here and nowhere in the search.
+
+:func:`run_final` writes ``BEST.final.json`` next to ``BEST.json``: for each of ``tuned``,
+``default_lambda`` and ``scratch`` its parameters, ``test_accuracy``, ``test_loss`` and the CV
+estimate where there is one (``cv_mean``, ``cv_std``: the search's, for ``tuned`` only; null for
+the baselines, which were never cross-validated). The tuned model's weights go to
+``BEST.final.pt``, a plain state dict that loads with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +24,24 @@ import torch
 
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask
+from tlsearch.export import read_export
 from tlsearch.finetune import FinetuneParams, evaluate, finetune, to_tensors
 from tlsearch.models import create_model
 from tlsearch.pretrain import Checkpoint, load_checkpoint
+from tlsearch.study import prepare
 
-__all__ = ["DEFAULT_PARAMS", "Outcome", "default_params", "evaluate_on_test", "scratch_params"]
+__all__ = [
+    "DEFAULT_PARAMS",
+    "Outcome",
+    "default_params",
+    "evaluate_on_test",
+    "final_paths",
+    "run_final",
+    "save_outcomes",
+    "scratch_params",
+]
+
+_log = logging.getLogger(__name__)
 
 # What a user fine-tunes with before any search: Adam's usual 1e-3, everything trainable, no
 # backbone learning-rate cut, and a small λ.
@@ -35,12 +55,17 @@ class Outcome:
     test_accuracy: float
     test_loss: float
     model: torch.nn.Module
+    # The search's cross-validated accuracy of these params; None for a baseline never searched.
+    cv_mean: float | None = None
+    cv_std: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "params": self.params.to_dict(),
             "test_accuracy": self.test_accuracy,
             "test_loss": self.test_loss,
+            "cv_mean": self.cv_mean,
+            "cv_std": self.cv_std,
         }
 
 
@@ -61,13 +86,11 @@ def evaluate_on_test(
     device: torch.device,
     seed: int = 0,
 ) -> dict[str, Outcome]:
-    """Train tuned, default-λ and scratch models on the target training split; score each on test."""
+    """Train tuned, default-λ and scratch models on the target training split; score on test."""
     pretrained = load_checkpoint(checkpoint, device)
     torch.manual_seed(seed)
-    scratch_init = {
-        k: v.to(device)
-        for k, v in create_model(cfg.model, task.input_shape, task.source_classes).state_dict().items()
-    }
+    scratch = create_model(cfg.model, task.input_shape, task.source_classes)
+    scratch_init = {k: v.to(device) for k, v in scratch.state_dict().items()}
     x, y = to_tensors(task.target_train.x, task.target_train.y, device)
     xt, yt = to_tensors(task.target_test.x, task.target_test.y, device)
     runs = {
@@ -95,3 +118,35 @@ def save_outcomes(
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, json_path)
     return data
+
+
+def final_paths(best_path: str | Path) -> tuple[Path, Path]:
+    """Where :func:`run_final` writes for ``BEST.json``: ``BEST.final.json``, ``BEST.final.pt``."""
+    stem = Path(best_path).with_suffix("")
+    return Path(f"{stem}.final.json"), Path(f"{stem}.final.pt")
+
+
+def run_final(best_path: str | Path, device: str | None = None) -> dict[str, Any]:
+    """Retrain with the export at ``best_path``, score the test split once and write the results.
+
+    Returns what ``BEST.final.json`` holds (see the module docstring).
+    """
+    best = read_export(best_path)
+    ctx = prepare(best.config, device)
+    expected = (best.data.get("checkpoint") or {}).get("sha256")
+    if expected and expected != ctx.checkpoint.sha256:
+        _log.warning(
+            "the pretrained checkpoint was rebuilt and differs from the one the search used"
+        )
+    outcomes = evaluate_on_test(best.config, ctx.task, ctx.checkpoint, best.params, ctx.device)
+    outcomes["tuned"] = replace(
+        outcomes["tuned"], cv_mean=best.data.get("cv_mean"), cv_std=best.data.get("cv_std")
+    )
+    json_path, weights_path = final_paths(best_path)
+    extra = {
+        "study_name": best.data.get("study_name"),
+        "trial_number": best.data.get("trial_number"),
+        "target_test_size": len(ctx.task.target_test),
+        "target_train_size": len(ctx.task.target_train),
+    }
+    return save_outcomes(outcomes, json_path, weights_path, extra)
