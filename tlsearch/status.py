@@ -1,0 +1,185 @@
+"""Where a study stands: trials by state, the best trial, the running trials and an ETA.
+
+The ETA is the study's remaining budget (``n_trials`` of the stored config minus the trials
+already complete or pruned) times the mean duration of the finished trials, less the time the
+running trials have already spent, shared among the running workers. It is a rough guide: pruned
+trials are shorter, and workers come and go.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tlsearch.errors import StorageError
+from tlsearch.storage import create_storage, mask_url
+from tlsearch.study import load_study_config, open_study
+
+__all__ = ["heartbeat_ages", "status_table", "study_status"]
+
+# Trials that used up part of the budget and have a duration the ETA can learn from.
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def heartbeat_ages(storage_url: str, study_name: str) -> dict[int, float]:
+    """Seconds since each trial's last heartbeat, by trial number, on the database's clock.
+
+    Empty when the workers record no heartbeats. Optuna keeps heartbeats in a table of its RDB
+    schema with no public reader, so this reads that table.
+    """
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    storage = create_storage(storage_url)
+    heartbeat, trial = models.TrialHeartbeatModel, models.TrialModel
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+        with sa.orm.Session(storage.engine) as session:
+            now = session.execute(sa.select(sa.type_coerce(sa.func.now(), sa.DateTime))).scalar()
+            rows = session.execute(
+                sa.select(trial.number, heartbeat.heartbeat)
+                .join(heartbeat, heartbeat.trial_id == trial.trial_id)
+                .where(trial.study_id == study_id)
+            ).all()
+    except KeyError:
+        return {}
+    except sa.exc.SQLAlchemyError as e:
+        raise StorageError(f"storage {mask_url(storage_url)}: cannot read heartbeats: {e}") from e
+    finally:
+        storage.engine.dispose()
+    return {number: max(0.0, (now - beat).total_seconds()) for number, beat in rows}
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f}s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+
+
+def _duration(t: FrozenTrial) -> float | None:
+    if t.datetime_start is None or t.datetime_complete is None:
+        return None
+    return (t.datetime_complete - t.datetime_start).total_seconds()
+
+
+def status_table(
+    study: optuna.Study,
+    *,
+    heartbeats: dict[int, float] | None = None,
+    storage_label: str | None = None,
+    now: dt.datetime | None = None,
+) -> str:
+    """The study's status as text: counts, budget, best trial, running trials and the ETA.
+
+    Args:
+        study: the study.
+        heartbeats: seconds since the last heartbeat by trial number (:func:`heartbeat_ages`).
+        storage_label: where the study lives, as shown to a person (password masked).
+        now: the local time trial start times are compared with (Optuna stores local times).
+    """
+    now = now or dt.datetime.now()
+    heartbeats = heartbeats or {}
+    trials = study.get_trials(deepcopy=False)
+    try:
+        n_trials = load_study_config(study).n_trials
+    except StorageError:
+        n_trials = None
+    where = f" in {storage_label}" if storage_label else ""
+    lines = [f"study '{study.study_name}'{where}"]
+
+    order = (*_FINISHED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
+    counts = {s: sum(t.state == s for t in trials) for s in order}
+    lines.append("trials: " + ", ".join(f"{counts[s]} {s.name.lower()}" for s in order))
+    finished = [t for t in trials if t.state in _FINISHED]
+    if n_trials is not None:
+        lines.append(f"budget: {len(finished)} of {n_trials} trials done (complete or pruned)")
+
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        std = best.user_attrs.get("cv_std")
+        spread = f" ± {std:.4f}" if std is not None else ""
+        lines.append(
+            f"best: trial {best.number}, cv {best.value:.4f}{spread}: {_fmt_params(best.params)}"
+        )
+    else:
+        lines.append("best: no completed trial yet")
+
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    elapsed = {
+        t.number: (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+        for t in running
+    }
+    if running:
+        lines.append(f"running ({len(running)}):")
+        rows = []
+        for t in running:
+            beat = heartbeats.get(t.number)
+            rows.append(
+                [
+                    str(t.number),
+                    f"{t.datetime_start:%Y-%m-%d %H:%M:%S}" if t.datetime_start else "-",
+                    _fmt_seconds(elapsed[t.number]),
+                    f"{_fmt_seconds(beat)} ago" if beat is not None else "-",
+                    str(len(t.intermediate_values)),
+                    _fmt_params(t.params),
+                ]
+            )
+        header = ["trial", "started", "running", "heartbeat", "folds done", "params"]
+        lines += ["  " + line for line in _table(header, rows)]
+    else:
+        lines.append("running: none")
+
+    durations = [d for d in map(_duration, finished) if d is not None]
+    if n_trials is None:
+        lines.append("ETA: no trial budget (n_trials unset); workers stop at their timeout")
+    elif len(finished) >= n_trials:
+        lines.append("ETA: the budget is used; the study is done")
+    elif not durations:
+        lines.append("ETA: unknown until a trial finishes")
+    else:
+        mean = statistics.fmean(durations)
+        remaining = n_trials - len(finished)
+        workers = max(1, len(running))
+        spent = sum(min(e, mean) for e in elapsed.values())
+        eta = max(0.0, mean * remaining - spent) / workers
+        if running:
+            done_at = now + dt.timedelta(seconds=eta)
+            at = f"≈ {_fmt_seconds(eta)} at {workers} worker(s), done near {done_at:%H:%M}"
+        else:
+            at = f"≈ {_fmt_seconds(eta)} for one worker (no worker is running now)"
+        lines.append(
+            f"ETA: {remaining} trials left × {_fmt_seconds(mean)} mean trial "
+            f"({len(durations)} finished) {at}"
+        )
+    return "\n".join(lines)
+
+
+def study_status(storage_url: str, study_name: str) -> str:
+    """:func:`status_table` of the named study, with its heartbeats; one clear error if missing."""
+    study = open_study(storage_url, study_name)
+    return status_table(
+        study,
+        heartbeats=heartbeat_ages(storage_url, study_name),
+        storage_label=mask_url(storage_url),
+    )
