@@ -150,6 +150,14 @@ class FinetuneConfig(_Section):
     device: str = "auto"
     # Torch intra-op threads; 0 leaves torch's default.
     threads: int = Field(0, ge=0)
+    # Frozen blocks run in eval mode, so their output on the target data depends only on the
+    # checkpoint, the depth and the data: compute it once per process and depth, train on it.
+    # Same scores up to float rounding; false only to measure the plain path or to save memory.
+    cache_frozen: bool = True
+    # "auto": train the k fold models of a trial at once (torch.func.vmap over stacked parameters)
+    # when the folds are equally large and the trained blocks have no BatchNorm or dropout; same
+    # scores up to float rounding, fewer and larger steps. "off": one fold after the other.
+    fold_batching: Literal["auto", "off"] = "auto"
 
 
 class RegularizerConfig(_Section):

@@ -45,16 +45,17 @@ class BlockNet(nn.Module):
         self.head = head
         self.input_shape = tuple(input_shape)
 
-    def features(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Output of blocks ``start..`` (the input is block ``start``'s input)."""
+    def features(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Output of blocks ``start..stop`` (the input is block ``start``'s input)."""
         if start == 0:
             x = x.reshape(x.shape[0], *self.input_shape)
-        for block in self.blocks[start:]:
+        for block in self.blocks[start:stop]:
             x = block(x)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Logits; with ``start = k`` the input is the output of the first k blocks (cached features)."""
+        return self.head(self.features(x, start))
 
     def replace_head(self, num_classes: int) -> None:
         self.head = nn.Linear(self.head.in_features, num_classes).to(self.head.weight.device)

@@ -4,6 +4,11 @@ After each fold the trial reports to Optuna (step = fold index) so a pruner can 
 its last fold: the running mean of the fold scores for median/percentile pruners, or each fold's own score
 for :class:`optuna.pruners.WilcoxonPruner`, which runs a paired test over folds. Every trial uses the same
 folds and the same per-fold seeds, so trials differ only in their parameters.
+
+Two things make a trial cheap without changing its scores (beyond float rounding): the output of the
+frozen blocks on the target data is computed once per process and depth (``finetune.cache_frozen``),
+and the folds' models train together (``finetune.fold_batching``, see
+:func:`tlsearch.finetune.finetune_folds`).
 """
 
 from __future__ import annotations
@@ -17,11 +22,21 @@ import numpy as np
 import optuna
 import torch
 from sklearn.model_selection import KFold, StratifiedKFold
+from torch import nn
 
 from tlsearch.config import ParamRange, StudyConfig
 from tlsearch.data import Dataset
 from tlsearch.errors import ConfigError, DivergedError
-from tlsearch.finetune import FinetuneParams, evaluate, finetune, to_tensors
+from tlsearch.finetune import (
+    FinetuneParams,
+    channels_last,
+    evaluate,
+    finetune,
+    finetune_folds,
+    fold_batchable,
+    to_tensors,
+)
+from tlsearch.models import BlockNet, create_model
 
 __all__ = ["KFoldObjective", "check_folds", "fixed_params", "resolve_params", "suggest_params"]
 
@@ -84,6 +99,17 @@ def check_folds(cfg: StudyConfig, train: Dataset) -> None:
         raise ConfigError(f"cv.k: {cfg.cv.k} folds but only {len(train)} target training samples")
 
 
+def _first_prunable_fold(cfg: StudyConfig) -> int:
+    """The first fold after which the configured pruner may stop a trial (see make_pruner)."""
+    p = cfg.pruner
+    if p.name == "none":
+        return cfg.cv.k - 1
+    if p.name == "wilcoxon":
+        # WilcoxonPruner tests no fewer than max(2, n_startup_steps) paired fold scores.
+        return max(2, p.n_warmup_steps) - 1
+    return p.n_warmup_steps
+
+
 def _report_folds(cfg: StudyConfig) -> bool:
     if cfg.cv.report == "auto":
         return cfg.pruner.name == "wilcoxon"
@@ -108,6 +134,9 @@ class KFoldObjective:
         device: torch.device,
     ) -> None:
         check_folds(cfg, train)
+        # Each process sets its thread count deliberately: small ops on many cores waste them.
+        if cfg.finetune.threads:
+            torch.set_num_threads(cfg.finetune.threads)
         self.cfg = cfg
         self.input_shape = input_shape
         self.num_classes = num_classes
@@ -120,7 +149,68 @@ class KFoldObjective:
             (torch.from_numpy(tr).to(device), torch.from_numpy(va).to(device))
             for tr, va in splitter.split(train.x.reshape(len(train), -1), train.y)
         ]
+        self.seeds = [cfg.cv.seed * 1000 + fold for fold in range(len(self.folds))]
         self.report_folds = _report_folds(cfg)
+        # The pretrained blocks in eval mode, for the frozen features (no head, no gradients).
+        self._source = _pretrained_blocks(cfg, self.pretrained, input_shape, num_classes)
+        self._frozen_features: dict[int, torch.Tensor] = {}
+
+    def frozen_features(self, depth: int) -> torch.Tensor:
+        """Output of the first ``depth`` pretrained blocks on the target training split.
+
+        Frozen blocks run in eval mode (no dropout, fixed BatchNorm statistics), so this depends only on
+        the checkpoint, the depth and the data: it is computed once per process and depth.
+        """
+        if depth == 0:
+            return self.x
+        if depth not in self._frozen_features:
+            with torch.no_grad():
+                self._frozen_features[depth] = self._source.features(self.x, stop=depth)
+        return self._frozen_features[depth]
+
+    def fold_groups(self, params: FinetuneParams) -> list[list[int]]:
+        """Which folds train together (``finetune.fold_batching``), in fold order.
+
+        Folds are batched when they are equally large and the trained blocks hold no BatchNorm or
+        dropout (:func:`~tlsearch.finetune.fold_batchable`) and no convolution on the CPU: there vmap
+        turns a convolution over stacked weights into a grouped one, which oneDNN runs slower than k
+        plain ones (benchmarks/trial_speed.py). Only the folds the pruner cannot skip are batched; the
+        rest train one at a time, so batching never spends a fold fit that pruning would have saved.
+        """
+        k = len(self.folds)
+        singles = [[fold] for fold in range(k)]
+        if self.cfg.finetune.fold_batching == "off" or len({len(tr) for tr, _ in self.folds}) > 1:
+            return singles
+        if not fold_batchable(self._source, params.frozen_blocks):
+            return singles
+        trained = self._source.blocks[params.frozen_blocks :].modules()
+        conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in trained)
+        if conv and self.x.device.type == "cpu":
+            return singles
+        first = min(_first_prunable_fold(self.cfg), k - 1)
+        return [list(range(first + 1))] + singles[first + 1 :]
+
+    def _fit(
+        self, params: FinetuneParams, x: torch.Tensor, start: int, group: list[int]
+    ) -> dict[int, BlockNet | DivergedError]:
+        """The fine-tuned model of each fold in ``group``, or the divergence that ended it."""
+        if len(group) == 1:
+            (fold,) = group
+            tr = self.folds[fold][0]
+            try:
+                model = finetune(
+                    self.pretrained, self.cfg, params, x[tr], self.y[tr], self.num_classes,
+                    self.input_shape, self.seeds[fold], start=start,
+                )
+            except DivergedError as e:
+                return {fold: e}
+            return {fold: model}
+        train = torch.stack([self.folds[fold][0] for fold in group])
+        models = finetune_folds(
+            self.pretrained, self.cfg, params, x[train], self.y[train], self.num_classes,
+            self.input_shape, [self.seeds[fold] for fold in group], start=start,
+        )
+        return dict(zip(group, models))
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest_params(trial, self.cfg)
@@ -135,28 +225,28 @@ class KFoldObjective:
             trial.set_user_attr("fold_seconds", seconds)
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
 
-        for fold, (tr, va) in enumerate(self.folds):
-            t_fold = time.perf_counter()
-            try:
-                model = finetune(
-                    self.pretrained,
-                    self.cfg,
-                    params,
-                    self.x[tr],
-                    self.y[tr],
-                    self.num_classes,
-                    self.input_shape,
-                    seed=self.cfg.cv.seed * 1000 + fold,
-                )
-            except DivergedError as e:
+        start = params.frozen_blocks if self.cfg.finetune.cache_frozen else 0
+        x = self.frozen_features(start)
+        groups = iter(self.fold_groups(params))
+        fitted: dict[int, BlockNet | DivergedError] = {}
+        for fold, (_, va) in enumerate(self.folds):
+            if fold not in fitted:
+                t_fit = time.perf_counter()
+                group = next(groups)
+                fitted = self._fit(params, x, start, group)
+                # Folds trained together share their training time evenly.
+                share = (time.perf_counter() - t_fit) / len(group)
+            t_eval = time.perf_counter()
+            model = fitted[fold]
+            if isinstance(model, DivergedError):
                 record()
-                reason = f"fold {fold}: {e}"
+                reason = f"fold {fold}: {model}"
                 trial.set_user_attr("fail_reason", reason)
-                raise optuna.TrialPruned(reason) from None
-            acc, loss = evaluate(model, self.x[va], self.y[va])
+                raise optuna.TrialPruned(reason)
+            acc, loss = evaluate(model, x[va], self.y[va], start=start)
             scores.append(acc)
             losses.append(loss)
-            seconds.append(round(time.perf_counter() - t_fold, 3))
+            seconds.append(round(share + time.perf_counter() - t_eval, 3))
             trial.report(acc if self.report_folds else statistics.fmean(scores), fold)
             if fold < len(self.folds) - 1 and trial.should_prune():
                 record()
@@ -168,3 +258,17 @@ class KFoldObjective:
         trial.set_user_attr("cv_mean", mean)
         trial.set_user_attr("cv_std", statistics.pstdev(scores))
         return mean
+
+
+def _pretrained_blocks(
+    cfg: StudyConfig,
+    pretrained: Mapping[str, torch.Tensor],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+) -> BlockNet:
+    """The pretrained blocks in eval mode; built on the meta device, so no random draw is spent."""
+    with torch.device("meta"):
+        model = create_model(cfg.model, input_shape, num_classes)
+    blocks = {k: v for k, v in pretrained.items() if not k.startswith("head.")}
+    model.load_state_dict(blocks, strict=False, assign=True)
+    return channels_last(model).eval().requires_grad_(False)

@@ -9,6 +9,10 @@ over the *trainable* parameters the regularizer covers (frozen ones have no grad
 ``penalize = "weights"`` only weight kernels (tensors of rank ≥ 2) are covered, as in the L2-SP authors'
 code; ``"all"`` adds biases and norm-layer parameters, as tllib does.
 
+With ``stacked=True`` the model's parameters carry a leading fold dimension (k fold models trained
+together, see :func:`tlsearch.finetune.finetune_folds`) and ``forward()`` returns the k penalties, one per
+fold; their sum has, for each fold's slice, that fold's gradient.
+
 Adding a regularizer is one class decorated with :func:`register_regularizer`.
 """
 
@@ -44,20 +48,29 @@ def list_regularizers() -> list[str]:
     return sorted(_regularizers)
 
 
-def _covered(params: Iterable[tuple[str, nn.Parameter]], penalize: str) -> list[tuple[str, nn.Parameter]]:
+def _covered(
+    params: Iterable[tuple[str, nn.Parameter]], penalize: str, stacked: bool
+) -> list[tuple[str, nn.Parameter]]:
+    rank = 3 if stacked else 2
     return [
-        (n, p) for n, p in params if p.requires_grad and (penalize == "all" or p.dim() >= 2)
+        (n, p) for n, p in params if p.requires_grad and (penalize == "all" or p.dim() >= rank)
     ]
 
 
-def _sq_distance(params: list[nn.Parameter], refs: list[torch.Tensor] | None) -> torch.Tensor:
-    """Σ‖p − ref‖² (or Σ‖p‖² when ``refs`` is None) as one scalar."""
+def _sq_distance(
+    params: list[nn.Parameter], refs: list[torch.Tensor] | None, stacked: bool
+) -> torch.Tensor:
+    """Σ‖p − ref‖² (or Σ‖p‖² when ``refs`` is None): a scalar, or one per fold when ``stacked``.
+
+    One fused ``_foreach`` call per step instead of a Python loop over parameters; the references
+    broadcast over the fold dimension of stacked parameters.
+    """
     if not params:
         return torch.zeros(())
-    if refs is None:
-        diffs = params
-    else:
-        diffs = torch._foreach_sub(params, refs)
+    diffs = params if refs is None else torch._foreach_sub(params, refs)
+    if stacked:
+        norms = [torch.linalg.vector_norm(d.flatten(1), dim=1) for d in diffs]
+        return torch.stack(norms).square().sum(0)
     return torch.stack(torch._foreach_norm(diffs)).square().sum()
 
 
@@ -65,7 +78,8 @@ class Regularizer(nn.Module):
     """Base class: holds the covered parameters of ``model`` and returns the penalty as a scalar.
 
     Subclasses set ``name`` and implement :meth:`forward`. ``lam`` is the searched λ, ``head_lam``
-    the fixed β some penalties use for the new head, ``scale`` the factor (1 or 1/m) in front.
+    the fixed β some penalties use for the new head, ``scale`` the factor (1 or 1/m) in front;
+    ``stacked`` says the parameters carry a leading fold dimension (one penalty per fold).
     """
 
     name: str = ""
@@ -78,13 +92,15 @@ class Regularizer(nn.Module):
         head_lam: float = 0.0,
         penalize: str = "weights",
         scale: float = 1.0,
+        stacked: bool = False,
     ) -> None:
         super().__init__()
         self.lam = float(lam)
         self.head_lam = float(head_lam)
         self.scale = float(scale)
-        backbone = _covered(model.blocks.named_parameters(prefix="blocks"), penalize)
-        head = _covered(model.head.named_parameters(prefix="head"), penalize)
+        self.stacked = stacked
+        backbone = _covered(model.blocks.named_parameters(prefix="blocks"), penalize, stacked)
+        head = _covered(model.head.named_parameters(prefix="head"), penalize, stacked)
         self._backbone = [p for _, p in backbone]
         self._head = [p for _, p in head]
         # Copies of the starting point: the pretrained state may be shared by folds and trials.
@@ -117,7 +133,7 @@ class L2(Regularizer):
     name = "l2"
 
     def forward(self) -> torch.Tensor:
-        sq = _sq_distance(self._backbone + self._head, None)
+        sq = _sq_distance(self._backbone + self._head, None, self.stacked)
         return self.scale * self.lam / 2 * sq
 
 
@@ -132,8 +148,8 @@ class L2SP(Regularizer):
     name = "l2sp"
 
     def forward(self) -> torch.Tensor:
-        sp = _sq_distance(self._backbone, self._backbone_refs)
-        head = _sq_distance(self._head, None)
+        sp = _sq_distance(self._backbone, self._backbone_refs, self.stacked)
+        head = _sq_distance(self._head, None, self.stacked)
         return self.scale * (self.lam / 2 * sp + self.head_lam / 2 * head)
 
 
@@ -145,6 +161,7 @@ def create_regularizer(
     head_lam: float = 0.0,
     penalize: str = "weights",
     scale: float = 1.0,
+    stacked: bool = False,
 ) -> Regularizer:
     try:
         cls = _regularizers[name]
@@ -153,4 +170,6 @@ def create_regularizer(
             f"regularizer.name: unknown regularizer '{name}' "
             f"(choose from {', '.join(list_regularizers())})"
         ) from None
-    return cls(model, pretrained, lam, head_lam=head_lam, penalize=penalize, scale=scale)
+    return cls(
+        model, pretrained, lam, head_lam=head_lam, penalize=penalize, scale=scale, stacked=stacked
+    )
