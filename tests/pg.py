@@ -107,8 +107,11 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
 
 
 # A study that runs in well under a second per trial on one CPU thread.
-def tiny_config(tmp_path: Path, storage: str, **sections: Any) -> Path:
-    """Write a tiny study file (digits-noisy, MLP 16-16, 2-fold CV) and return its path."""
+def tiny_config(tmp_path: Path, storage: str, **overrides: Any) -> Path:
+    """Write a tiny study file (digits-noisy, MLP 16-16, 2-fold CV) and return its path.
+
+    ``overrides``: top-level values (``n_trials=100``) or sections (``finetune={"epochs": 60}``).
+    """
     cfg: dict[str, dict[str, Any]] = {
         "": {"name": "tiny", "storage": storage, "n_trials": 4},
         "data": {"task": "digits-noisy"},
@@ -120,8 +123,11 @@ def tiny_config(tmp_path: Path, storage: str, **sections: Any) -> Path:
         "sampler": {"name": "random"},
         "pruner": {"name": "none"},
     }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
+    for name, values in overrides.items():
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:
+            cfg[""][name] = values
     lines = [f"{k} = {_toml(v)}" for k, v in cfg.pop("").items()]
     for name, values in cfg.items():
         lines += [f"\n[{name}]", *(f"{k} = {_toml(v)}" for k, v in values.items())]

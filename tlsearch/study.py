@@ -410,6 +410,19 @@ class _QuietFailures(logging.Filter):
         self._optuna_logger.removeFilter(self)
 
 
+def _storage_cause(e: BaseException) -> BaseException | None:
+    """The storage error behind ``e``, if any: Optuna may raise another one while handling it
+    (an ``AssertionError`` when a trial's final ``tell`` fails on a dropped connection)."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, STORAGE_ERRORS):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _retried(study: optuna.Study, number: int) -> bool:
     return any(
         number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)
@@ -512,17 +525,18 @@ def run_trials(
                 if isinstance(e, Interrupted):
                     break
                 raise
-            except STORAGE_ERRORS as e:
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since > patience:
-                    _settle_or_leave(study, storage, guard)
-                    raise storage_error(storage.url, e, f"failing for {patience:.0f} s") from e
-                pause = min(10.0, 1.0 + now - failing_since)
-                _log.warning("storage error (%s); retrying in %.0f s", describe_error(e), pause)
-                time.sleep(pause)
-                continue
-            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            except Exception as e:
+                cause = _storage_cause(e)
+                if cause is not None:
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    if now - failing_since > patience:
+                        _settle_or_leave(study, storage, guard)
+                        raise storage_error(storage.url, cause, f"failing for {patience:.0f} s") from e
+                    pause = min(10.0, 1.0 + now - failing_since)
+                    _log.warning("storage error (%s); retrying in %.0f s", describe_error(cause), pause)
+                    time.sleep(pause)
+                    continue
                 # "Cannot tell a FAIL trial": another worker failed ours, having missed its
                 # heartbeats for longer than the grace period, and queued its retry.
                 if guard.number is None or not _retried(study, guard.number):

@@ -86,22 +86,37 @@ def graceful_stop() -> Iterator[StopFlag]:
 
     def handler(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        first = flag.signum is None
-        flag.signum = flag.signum or signum
+        if flag.signum is None:
+            flag.signum = signum
+            what = "the running trial is failed and queued again" if flag.in_trial else "no new trial"
+            _log.warning("%s: stopping; %s", name, what)
         if flag.in_trial or not flag.in_loop:
-            if first and flag.in_trial:
-                _log.warning("%s: stopping; the running trial is failed and queued again", name)
-            flag.in_trial = False
+            if flag.in_trial:
+                # Python runs a handler between any two bytecodes, finalizers included, and an
+                # exception raised in a finalizer is dropped: if the trial still runs in a moment,
+                # the exception was lost, so deliver the signal again.
+                again = threading.Timer(0.5, _deliver_again, args=(flag, signum))
+                again.daemon = True
+                again.start()
             raise Interrupted(name)
-        if first:
-            _log.warning("%s: stopping before the next trial", name)
+
+    def unraisable(info: Any) -> None:
+        if not isinstance(info.exc_value, Interrupted):  # a dropped Interrupted is delivered again
+            previous_hook(info)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield flag
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _deliver_again(flag: StopFlag, signum: int) -> None:
+    if flag.in_trial:
+        os.kill(os.getpid(), signum)
 
 
 def shared_checkpoint(

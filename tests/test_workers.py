@@ -1,0 +1,205 @@
+"""Workers sharing one study: exact budget, dead and stopped workers, dropped connections.
+
+Every test runs real processes (``tlsearch run --workers``, ``tlsearch worker``) on real SQLite files
+and real PostgreSQL databases, with a study small enough for a trial to take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from pg import (  # noqa: F401 - pg_url is a fixture
+    finished,
+    pg_url,
+    run_cli,
+    running_trial_of,
+    start_worker,
+    stop,
+    terminate_backends,
+    tiny_config,
+    wait_for_server,
+    wait_until,
+)
+
+from tlsearch.errors import ConfigError
+from tlsearch.study import ATTR_CHECKPOINT
+from tlsearch.workers import default_threads, plan_devices
+
+# Trials of a few seconds, so that a signal sent when one is seen running lands inside it.
+SLOW = {"finetune": {"epochs": 150, "device": "cpu", "threads": 1}}
+# Heartbeats fast enough to notice a dead worker within seconds.
+FAST_BEATS = ("--heartbeat-interval", "1", "--grace-period", "3")
+
+
+def _check_exact(url: str, n: int, output: str) -> list[optuna.trial.FrozenTrial]:
+    trials = optuna.load_study(study_name="tiny", storage=url).get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)), "duplicate trial numbers"
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == n, {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert "database is locked" not in output
+    assert "Traceback" not in output
+    return done
+
+
+def test_four_workers_on_sqlite_run_exactly_the_budget(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    config = tiny_config(tmp_path, url, n_trials=100)
+    result = run_cli("-q", "run", str(config), "--workers", "4", tmp_path=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr
+    done = _check_exact(url, 100, result.stdout + result.stderr)
+    assert all(t.state == TrialState.COMPLETE for t in done)
+    workers = {t.user_attrs["worker"] for t in done}
+    assert len(workers) == 4, "every worker process ran trials"
+    assert {t.user_attrs["device"] for t in done} == {"cpu"}
+
+
+def test_four_workers_on_postgresql_run_exactly_the_budget(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    """The multi-host shape: `create` once, then workers that know only the URL."""
+    config = tiny_config(tmp_path, pg_url, n_trials=100)
+    created = run_cli("create", str(config), tmp_path=tmp_path)
+    assert created.returncode == 0, created.stderr
+    procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(4)]
+    codes = [p.wait(400) for p in procs]
+    output = "".join((tmp_path / f"w{i}.log").read_text() for i in range(4))
+    assert codes == [0, 0, 0, 0], output
+    _check_exact(pg_url, 100, output)
+
+
+def test_killed_worker_trial_fails_and_is_retried(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    config = tiny_config(tmp_path, url, n_trials=2, **SLOW)
+    assert run_cli("create", str(config), *FAST_BEATS, tmp_path=tmp_path).returncode == 0
+    victim = start_worker(url, "tiny", tmp_path, log="victim.log")
+    trial = wait_until(lambda: running_trial_of(url, "tiny", victim.pid), 120, "victim trial")
+    victim.kill()  # SIGKILL: no handler, no goodbye; the trial stays RUNNING
+    assert victim.wait(10) == -signal.SIGKILL
+    survivor = start_worker(url, "tiny", tmp_path, log="survivor.log")
+    assert survivor.wait(300) == 0, (tmp_path / "survivor.log").read_text()
+
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert study.trials[trial.number].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == trial.params
+    assert len(finished(url, "tiny")) == 2
+
+
+def test_sigterm_and_sigint_fail_and_requeue_the_running_trial(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    config = tiny_config(tmp_path, url, n_trials=20, **SLOW)
+    assert run_cli("create", str(config), tmp_path=tmp_path).returncode == 0
+    workers = {
+        sig: start_worker(url, "tiny", tmp_path, log=f"{sig.name}.log")
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    running = {}
+    for sig, p in workers.items():
+        running[sig] = wait_until(lambda p=p: running_trial_of(url, "tiny", p.pid), 120, "trial")
+        p.send_signal(sig)
+    # SIGTERM is a scheduler's "stop now": a clean stop, exit 0. SIGINT is Ctrl-C: exit 130.
+    codes = {sig: p.wait(60) for sig, p in workers.items()}
+    logs = {sig: (tmp_path / f"{sig.name}.log").read_text() for sig in workers}
+    assert codes == {signal.SIGTERM: 0, signal.SIGINT: 130}, logs
+
+    trials = optuna.load_study(study_name="tiny", storage=url).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    for sig, trial in running.items():
+        assert trials[trial.number].state == TrialState.FAIL
+        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+        assert retry.state == TrialState.WAITING and retry.params == trial.params
+        assert f"trial {trial.number} failed without finishing; queued again" in logs[sig]
+        assert "Traceback" not in logs[sig]
+
+
+def test_workers_survive_dropped_connections(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    config = tiny_config(tmp_path, pg_url, n_trials=12)
+    assert run_cli("create", str(config), *FAST_BEATS, tmp_path=tmp_path).returncode == 0
+    procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(2)]
+    wait_until(lambda: len(finished(pg_url, "tiny")) >= 3, 180, "first trials")
+    before = {t.number: t.value for t in finished(pg_url, "tiny")}
+    dropped = 0
+    for _ in range(3):
+        dropped += terminate_backends(pg_url)
+        time.sleep(0.7)
+    assert dropped, "the workers had connections to drop"
+    codes = [p.wait(300) for p in procs]
+    output = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
+    assert codes == [0, 0], output
+    after = {t.number: t.value for t in finished(pg_url, "tiny")}
+    assert before.items() <= after.items(), "a finished trial was lost or changed"
+    assert len(after) == 12
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_workers_survive_a_server_restart(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    config = tiny_config(tmp_path, pg_url, n_trials=24)
+    assert run_cli("create", str(config), *FAST_BEATS, tmp_path=tmp_path).returncode == 0
+    procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(2)]
+    wait_until(lambda: len(finished(pg_url, "tiny")) >= 4, 180, "first trials")
+    before = {t.number: t.value for t in finished(pg_url, "tiny")}
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "restart"],
+        check=True,
+        timeout=120,
+    )
+    wait_for_server()
+    codes = [p.wait(300) for p in procs]
+    output = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
+    assert codes == [0, 0], output
+    after = {t.number: t.value for t in finished(pg_url, "tiny")}
+    assert before.items() <= after.items(), "a finished trial was lost or changed"
+    assert len(after) == 24
+    assert "Traceback" not in output
+
+
+def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
+    """Another host: the recorded checkpoint path is not there, so the worker pretrains its own."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    config = tiny_config(tmp_path, url, n_trials=2)
+    assert run_cli("create", str(config), tmp_path=tmp_path).returncode == 0
+    shutil.rmtree(tmp_path / "cache")  # the creating host's cache is not on this one
+    elsewhere = tmp_path / "other-host-cache"
+    result = run_cli(
+        "worker", "--storage", url, "--study-name", "tiny", "--cache-dir", str(elsewhere),
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "not on this host; pretraining it here" in result.stderr
+    assert len(list(elsewhere.glob("source-*.pt"))) == 1
+    assert len(finished(url, "tiny")) == 2
+
+    # A host whose pretraining gives other bytes refuses to search from another start point.
+    study = optuna.load_study(study_name="tiny", storage=url)
+    study.set_user_attr(ATTR_CHECKPOINT, {**study.user_attrs[ATTR_CHECKPOINT], "sha256": "0" * 64})
+    result = run_cli(
+        "worker", "--storage", url, "--study-name", "tiny", "--cache-dir", str(elsewhere),
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("tlsearch: error: pretraining on this host gave a checkpoint with SHA-256")
+    assert "or put pretrain.cache_dir on a filesystem every worker sees" in line
+
+
+def test_devices_round_robin_and_threads_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert plan_devices(5, [0, 2], None) == ["cuda:0", "cuda:2", "cuda:0", "cuda:2", "cuda:0"]
+    assert plan_devices(3, None, "auto") == ["cuda:0", "cuda:1", "cuda:2"]
+    assert plan_devices(2, None, "cpu") == ["cpu", "cpu"]
+    with pytest.raises(ConfigError, match="--gpus: GPU 7 asked for, but 4 CUDA device"):
+        plan_devices(2, [7], None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert plan_devices(2, None, None) == ["cpu", "cpu"]
+    assert default_threads(64) == 1
