@@ -128,9 +128,11 @@ def tiny_config(tmp_path: Path, storage: str, **overrides: Any) -> Path:
             cfg.setdefault(name, {}).update(values)
         else:
             cfg[""][name] = values
-    lines = [f"{k} = {_toml(v)}" for k, v in cfg.pop("").items()]
+    # None drops a key (its default applies).
+    lines = [f"{k} = {_toml(v)}" for k, v in cfg.pop("").items() if v is not None]
     for name, values in cfg.items():
-        lines += [f"\n[{name}]", *(f"{k} = {_toml(v)}" for k, v in values.items())]
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items() if v is not None]
     path = tmp_path / "tiny.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -31,7 +31,8 @@ from pg import (  # noqa: F401 - pg_url is a fixture
 
 from tlsearch.errors import ConfigError
 from tlsearch.study import ATTR_CHECKPOINT
-from tlsearch.workers import default_threads, plan_devices
+from tlsearch import workers
+from tlsearch.workers import claim_gpu, default_threads, plan_devices
 
 # Trials of a few seconds, so that a signal sent when one is seen running lands inside it.
 SLOW = {"finetune": {"epochs": 150, "device": "cpu", "threads": 1}}
@@ -203,3 +204,17 @@ def test_devices_round_robin_and_threads_shared(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert plan_devices(2, None, None) == ["cpu", "cpu"]
     assert default_threads(64) == 1
+
+
+def test_workers_of_one_host_spread_over_its_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scaled compose replicas all see every GPU; lock files give each the least used one."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(workers, "_claims", [])
+    assert [claim_gpu(tmp_path) for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    for lock in workers._claims[:2]:  # the workers on GPUs 0 and 1 exit
+        lock.release()
+    assert [claim_gpu(tmp_path) for _ in range(2)] == [0, 1]
+    for lock in workers._claims:
+        lock.release()

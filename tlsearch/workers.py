@@ -33,13 +33,20 @@ from typing import Any
 
 import optuna
 import torch
+from filelock import FileLock, Timeout
 
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask, load_task
 from tlsearch.device import resolve_device
 from tlsearch.errors import CheckpointError, ConfigError, StorageError
 from tlsearch.objective import check_folds
-from tlsearch.pretrain import Checkpoint, _file_sha256, checkpoint_key, ensure_pretrained
+from tlsearch.pretrain import (
+    Checkpoint,
+    _file_sha256,
+    cache_dir as cache_dir_of,
+    checkpoint_key,
+    ensure_pretrained,
+)
 from tlsearch.storage import Heartbeat, StudyStorage, create_storage, mask_url
 from tlsearch.study import (
     ATTR_CHECKPOINT,
@@ -60,6 +67,7 @@ from tlsearch.study import (
 
 __all__ = [
     "WorkerExit",
+    "claim_gpu",
     "graceful_stop",
     "join_study",
     "plan_devices",
@@ -177,7 +185,10 @@ def join_study(
             "run `tlsearch create` with its config first"
         )
     storage.enable_heartbeat(Heartbeat.from_dict(study.user_attrs.get(ATTR_HEARTBEAT)))
-    dev = resolve_device(device or cfg.finetune.device)
+    spec = device or cfg.finetune.device
+    if spec == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        spec = f"cuda:{claim_gpu(cache_dir_of(cfg))}"
+    dev = resolve_device(spec)
     if dev.type == "cuda":
         # Stray allocations (cuDNN workspaces, a bare .cuda()) go to this worker's GPU too.
         torch.cuda.set_device(dev)
@@ -188,6 +199,31 @@ def join_study(
         storage,
         StudyContext(cfg, task, shared_checkpoint(cfg, task, recorded, dev), dev),
     )
+
+
+# Lock files this process holds for its lifetime; the OS releases them when it exits or is killed.
+_claims: list[FileLock] = []
+
+
+def claim_gpu(lock_dir: Path) -> int:
+    """A GPU for this worker when it may use any of several: the one fewest other workers hold.
+
+    Workers started side by side (``docker compose up --scale worker=4``, which gives every replica
+    every GPU; or several ``tlsearch worker`` on one host) each take a lock file per GPU in the
+    shared checkpoint cache: first one worker per GPU, then a second per GPU, and so on.
+    """
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    count = torch.cuda.device_count()
+    for layer in range(1024):
+        for gpu in range(count):
+            lock = FileLock(str(lock_dir / f"gpu{gpu}.worker{layer}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            _claims.append(lock)
+            return gpu
+    raise AssertionError(f"no GPU slot free among {count} GPUs x 1024 workers in {lock_dir}")
 
 
 def run_worker(
