@@ -196,3 +196,24 @@ def test_compose_files_interpolate_cleanly(name: str) -> None:
     text = (REPO / name).read_text()
     for m in re.finditer(r"\$\{(\w+)([^}]*)\}", text):
         assert m.group(2).startswith(":-"), f"{m.group(0)} has no default"
+
+
+def test_cluster_examples_are_valid_commands_and_configs() -> None:
+    """The SLURM and Kubernetes examples parse with today's CLI and config schema."""
+    import tomllib
+
+    from tlsearch.cli import build_parser
+    from tlsearch.config import config_from_dict
+
+    manifest = list(yaml.safe_load_all((REPO / "deploy/kubernetes/tlsearch-workers.yaml").read_text()))
+    config_map, job = manifest
+    config_from_dict(tomllib.loads(config_map["data"]["study.toml"]), "study.toml")
+    pod = job["spec"]["template"]["spec"]
+    for container in pod["initContainers"] + pod["containers"]:
+        args = [a.replace("$(TLSEARCH_STORAGE)", "postgresql+psycopg://u@h/db") for a in container["args"]]
+        assert build_parser().parse_args(args).command in {"create", "worker"}
+
+    script = (REPO / "deploy/slurm/tlsearch-workers.sbatch").read_text()
+    command = script[script.index("exec tlsearch ") :].replace("\\\n", " ").split("\n")[0]
+    args = re.sub(r'"\$\{?(\w+)[^"]*"', lambda m: {"SLURM_CPUS_PER_TASK": "4"}.get(m.group(1), "x"), command)
+    assert build_parser().parse_args(args.split()[2:]).command == "worker"

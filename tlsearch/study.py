@@ -202,6 +202,14 @@ def _create_or_resume(
 
 
 def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> None:
+    before = (study.user_attrs.get(ATTR_CHECKPOINT) or {}).get("sha256")
+    if before not in (None, ctx.checkpoint.sha256) and count_budget(study):
+        _log.warning(
+            "the study's finished trials started from checkpoint %s…, this run from %s… "
+            "(pretrained again with other data, torch or device?)",
+            before[:12],
+            ctx.checkpoint.sha256[:12],
+        )
     config = ctx.cfg.to_dict()
     # The study is visible to anyone who can read it (the dashboard): never store a password.
     config["storage"] = mask_url(config["storage"])
