@@ -31,7 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _admin() -> psycopg.Connection:
     return psycopg.connect(
-        host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True,
+        host=PG_HOST,
+        port=PG_PORT,
+        user=PG_USER,
+        dbname="postgres",
+        autocommit=True,
         connect_timeout=5,
     )
 
@@ -85,7 +89,7 @@ def pg_url() -> Iterator[str]:
 
 
 def terminate_backends(url: str) -> int:
-    """``pg_terminate_backend`` every connection to the database of ``url``; how many there were."""
+    """``pg_terminate_backend`` each connection to the database of ``url``; return how many."""
     dbname = url.rsplit("/", 1)[1]
     with _admin() as conn:
         rows = conn.execute(

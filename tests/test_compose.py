@@ -1,9 +1,9 @@
 """docker-compose.yml: its topology, and its launcher, worker and dashboard commands run for real.
 
 Images cannot be pulled or built here, so the smoke test does what Compose would do with the file:
-interpolate ``${VAR:-default}``, mount the shared checkpoint volume (a temporary directory), and run
-each service's command through the image's entrypoint (``tlsearch``, or ``optuna-dashboard``) against a
-real local PostgreSQL database instead of the ``postgres`` service.
+interpolate ``${VAR:-default}``, mount the shared checkpoint volume (a temporary directory), and
+run each service's command through the image's entrypoint (``tlsearch``, or ``optuna-dashboard``)
+against a real local PostgreSQL database instead of the ``postgres`` service.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def _load(path: Path) -> dict[str, Any]:
 def _interpolate(value: Any, env: dict[str, str]) -> Any:
     """Compose's ``${VAR}`` and ``${VAR:-default}``, over strings, lists and mappings."""
     if isinstance(value, str):
+
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(3) or ""
             return env.get(name) or default
@@ -54,7 +55,9 @@ def _interpolate(value: Any, env: dict[str, str]) -> Any:
 
 def _entrypoint() -> list[str]:
     """The Dockerfile's ENTRYPOINT, as the program installed in this environment."""
-    (line,) = [ln for ln in (REPO / "Dockerfile").read_text().splitlines() if ln.startswith("ENTRYPOINT")]
+    (line,) = [
+        ln for ln in (REPO / "Dockerfile").read_text().splitlines() if ln.startswith("ENTRYPOINT")
+    ]
     return json.loads(line.removeprefix("ENTRYPOINT"))
 
 
@@ -65,7 +68,9 @@ def _argv(service: dict[str, Any]) -> list[str]:
     return [str(installed), *args, *service["command"]]
 
 
-def _environment(service: dict[str, Any], volumes: dict[str, Path], base: dict[str, str]) -> dict[str, str]:
+def _environment(
+    service: dict[str, Any], volumes: dict[str, Path], base: dict[str, str]
+) -> dict[str, str]:
     env = dict(base)
     for key, value in service.get("environment", {}).items():
         for container_path, host_path in volumes.items():
@@ -94,8 +99,10 @@ def test_services_and_their_contract() -> None:
     assert dashboard["entrypoint"] == ["optuna-dashboard"]
     assert any(p.endswith(":8080") for p in dashboard["ports"])
     # Shared checkpoints: the launcher pretrains once, every worker finds the file.
-    assert "checkpoints:/cache" in launcher["volumes"] and "checkpoints:/cache" in worker["volumes"]
-    # No password on any command line or in any URL: it reaches the programs through the environment.
+    assert (
+        "checkpoints:/cache" in launcher["volumes"] and "checkpoints:/cache" in worker["volumes"]
+    )
+    # No password on a command line or in a URL: it reaches the programs through the environment.
     for service in (launcher, worker, dashboard):
         assert not re.search(r"://[^@/]*:[^@/]*@", " ".join(service["command"]))
         assert "POSTGRES_PASSWORD" in str(service["environment"])
@@ -107,14 +114,19 @@ def test_cpu_override_removes_only_the_gpu_reservation() -> None:
     assert set(override) <= {"launcher", "dashboard", "worker"}
 
 
-def test_launcher_workers_and_dashboard_run_as_declared(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+def test_launcher_workers_and_dashboard_run_as_declared(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
     services = _interpolate(
         _load(COMPOSE)["services"],
         {
             "TLSEARCH_STORAGE": pg_url,  # instead of the postgres service
             # The tiny study, with its checkpoints where the image puts them ($TLSEARCH_CACHE).
             "TLSEARCH_CONFIG": str(
-                tiny_config(tmp_path, "sqlite:///unused.db", n_trials=6, pretrain={"cache_dir": None})
+                tiny_config(
+                    tmp_path, "sqlite:///unused.db", n_trials=6, pretrain={"cache_dir": None}
+                )
             ),
             "TLSEARCH_STUDY": "compose",
             "TLSEARCH_THREADS": "1",
@@ -205,15 +217,22 @@ def test_cluster_examples_are_valid_commands_and_configs() -> None:
     from tlsearch.cli import build_parser
     from tlsearch.config import config_from_dict
 
-    manifest = list(yaml.safe_load_all((REPO / "deploy/kubernetes/tlsearch-workers.yaml").read_text()))
+    manifest = list(
+        yaml.safe_load_all((REPO / "deploy/kubernetes/tlsearch-workers.yaml").read_text())
+    )
     config_map, job = manifest
     config_from_dict(tomllib.loads(config_map["data"]["study.toml"]), "study.toml")
     pod = job["spec"]["template"]["spec"]
     for container in pod["initContainers"] + pod["containers"]:
-        args = [a.replace("$(TLSEARCH_STORAGE)", "postgresql+psycopg://u@h/db") for a in container["args"]]
+        args = [
+            a.replace("$(TLSEARCH_STORAGE)", "postgresql+psycopg://u@h/db")
+            for a in container["args"]
+        ]
         assert build_parser().parse_args(args).command in {"create", "worker"}
 
     script = (REPO / "deploy/slurm/tlsearch-workers.sbatch").read_text()
     command = script[script.index("exec tlsearch ") :].replace("\\\n", " ").split("\n")[0]
-    args = re.sub(r'"\$\{?(\w+)[^"]*"', lambda m: {"SLURM_CPUS_PER_TASK": "4"}.get(m.group(1), "x"), command)
+    args = re.sub(
+        r'"\$\{?(\w+)[^"]*"', lambda m: {"SLURM_CPUS_PER_TASK": "4"}.get(m.group(1), "x"), command
+    )
     assert build_parser().parse_args(args.split()[2:]).command == "worker"

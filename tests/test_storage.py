@@ -1,4 +1,4 @@
-"""The study storage over SQLite and PostgreSQL: exact budget, heartbeats, tuning, masked secrets."""
+"""The study storage over SQLite and PostgreSQL: exact budget, heartbeats, tuning, secrets."""
 
 from __future__ import annotations
 
@@ -190,5 +190,7 @@ def test_sqlite_in_memory_is_refused() -> None:
 
 def test_storage_error_translation_keeps_the_driver_reason() -> None:
     require_postgres()
-    with pytest.raises(StorageError, match=r"\*\*\*@127\.0\.0\.1:5432/no_such_db_x: cannot open: "):
+    with pytest.raises(
+        StorageError, match=r"\*\*\*@127\.0\.0\.1:5432/no_such_db_x: cannot open: "
+    ):
         create_storage("postgresql+psycopg://postgres:pw@127.0.0.1:5432/no_such_db_x")

@@ -1,7 +1,8 @@
 """Workers sharing one study: exact budget, dead and stopped workers, dropped connections.
 
-Every test runs real processes (``tlsearch run --workers``, ``tlsearch worker``) on real SQLite files
-and real PostgreSQL databases, with a study small enough for a trial to take a fraction of a second.
+Every test runs real processes (``tlsearch run --workers``, ``tlsearch worker``) on real SQLite
+files and real PostgreSQL databases, with a study small enough for a trial to take a fraction of a
+second.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from pg import (  # noqa: F401 - pg_url is a fixture
     wait_until,
 )
 
+from tlsearch import workers
 from tlsearch.errors import ConfigError
 from tlsearch.study import ATTR_CHECKPOINT
-from tlsearch import workers
 from tlsearch.workers import claim_gpu, default_threads, plan_devices
 
 # Trials of a few seconds, so that a signal sent when one is seen running lands inside it.
@@ -64,7 +65,10 @@ def test_four_workers_on_sqlite_run_exactly_the_budget(tmp_path: Path) -> None:
     assert {t.user_attrs["device"] for t in done} == {"cpu"}
 
 
-def test_four_workers_on_postgresql_run_exactly_the_budget(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+def test_four_workers_on_postgresql_run_exactly_the_budget(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
     """The multi-host shape: `create` once, then workers that know only the URL."""
     config = tiny_config(tmp_path, pg_url, n_trials=100)
     created = run_cli("create", str(config), tmp_path=tmp_path)
@@ -171,7 +175,13 @@ def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "cache")  # the creating host's cache is not on this one
     elsewhere = tmp_path / "other-host-cache"
     result = run_cli(
-        "worker", "--storage", url, "--study-name", "tiny", "--cache-dir", str(elsewhere),
+        "worker",
+        "--storage",
+        url,
+        "--study-name",
+        "tiny",
+        "--cache-dir",
+        str(elsewhere),
         tmp_path=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -183,12 +193,20 @@ def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
     study = optuna.load_study(study_name="tiny", storage=url)
     study.set_user_attr(ATTR_CHECKPOINT, {**study.user_attrs[ATTR_CHECKPOINT], "sha256": "0" * 64})
     result = run_cli(
-        "worker", "--storage", url, "--study-name", "tiny", "--cache-dir", str(elsewhere),
+        "worker",
+        "--storage",
+        url,
+        "--study-name",
+        "tiny",
+        "--cache-dir",
+        str(elsewhere),
         tmp_path=tmp_path,
     )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()[-1:]
-    assert line.startswith("tlsearch: error: pretraining on this host gave a checkpoint with SHA-256")
+    assert line.startswith(
+        "tlsearch: error: pretraining on this host gave a checkpoint with SHA-256"
+    )
     assert "or put pretrain.cache_dir on a filesystem every worker sees" in line
 
 

@@ -2,9 +2,9 @@
 
 Each subcommand parses its flags, calls one library function and returns an exit code. A
 :class:`~tlsearch.errors.TlsearchError` or a database error becomes one line on stderr (exit 2 for
-config and usage errors). In ``run`` and ``worker``, SIGINT (Ctrl-C) and SIGTERM fail the running trial,
-queue it again and stop with every finished trial kept: exit 130 after SIGINT, 0 after SIGTERM (a
-clean stop a scheduler asked for).
+config and usage errors). In ``run`` and ``worker``, SIGINT (Ctrl-C) and SIGTERM fail the running
+trial, queue it again and stop with every finished trial kept: exit 130 after SIGINT, 0 after
+SIGTERM (a clean stop a scheduler asked for).
 """
 
 from __future__ import annotations
@@ -293,8 +293,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tlsearch",
-        description="Cross-validated search for the regularization strength (λ), learning rate and "
-        "frozen depth of transfer learning, on Optuna.",
+        description="Cross-validated search for the regularization strength (λ), learning rate "
+        "and frozen depth of transfer learning, on Optuna.",
     )
     parser.add_argument("--version", action="version", version=f"tlsearch {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
@@ -434,7 +434,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from tlsearch.errors import TlsearchError
-
     from tlsearch.storage import STORAGE_ERRORS, describe_error
 
     parser = build_parser()

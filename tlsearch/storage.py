@@ -4,22 +4,23 @@ What :class:`StudyStorage` adds to ``RDBStorage``, and why:
 
 - **An exact trial budget.** :meth:`StudyStorage.set_budget` makes the storage refuse (with
   :class:`BudgetExhausted`) to create a trial once the study holds ``n_trials`` trials that are
-  COMPLETE, PRUNED, RUNNING or WAITING. The check runs in the transaction that creates the trial, after
-  Optuna has locked the study row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite runs one write
-  transaction at a time), so no two workers can both take the last slot. A trial that fails frees its
-  slot; a RUNNING trial whose worker died frees it when the heartbeat marks it failed.
+  COMPLETE, PRUNED, RUNNING or WAITING. The check runs in the transaction that creates the trial,
+  after Optuna has locked the study row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite runs one
+  write transaction at a time), so no two workers can both take the last slot. A trial that fails
+  frees its slot; a RUNNING trial whose worker died frees it when the heartbeat marks it failed.
 - **Heartbeats from birth.** Optuna starts a trial's heartbeat only when the objective starts, so a
-  worker killed just after creating a trial leaves a RUNNING trial no heartbeat check ever fails. Here a
-  trial gets its first heartbeat in the transaction that creates (or dequeues) it, and a heartbeat that
-  cannot be written (database restarting) is logged and retried at the next beat instead of silently
-  ending the heartbeat thread.
-- **SQLite for several processes on one host.** Write-ahead logging (readers such as optuna-dashboard
-  never block the workers), a 60 s busy timeout, and ``BEGIN IMMEDIATE`` for every transaction: Python's
-  sqlite3 otherwise starts a transaction only at the first write, so a read-then-write (counting the
-  budget, dequeuing a WAITING trial) is not atomic and two workers could take the same slot.
+  worker killed just after creating a trial leaves a RUNNING trial no heartbeat check ever fails.
+  Here a trial gets its first heartbeat in the transaction that creates (or dequeues) it, and a
+  heartbeat that cannot be written (database restarting) is logged and retried at the next beat
+  instead of silently ending the heartbeat thread.
+- **SQLite for several processes on one host.** Write-ahead logging (readers such as
+  optuna-dashboard never block the workers; ``synchronous=NORMAL``, durable up to a power loss), a
+  60 s busy timeout, and ``BEGIN IMMEDIATE`` for every transaction: Python's sqlite3 otherwise
+  starts a transaction only at the first write, so a read-then-write (counting the budget,
+  dequeuing a WAITING trial) is not atomic and two workers could take the same slot.
 - **PostgreSQL across hosts.** ``pool_pre_ping`` replaces connections a server restart or
-  ``pg_terminate_backend`` dropped, and a connect timeout makes an unreachable server an error, not a
-  hang.
+  ``pg_terminate_backend`` dropped, and a connect timeout makes an unreachable server an error, not
+  a hang.
 
 Passwords come from the URL or ``$TLSEARCH_DB_PASSWORD`` and never leave this module in clear: use
 :func:`mask_url` for anything shown to a person.
@@ -137,8 +138,8 @@ class StudyStorage(optuna.storages.RDBStorage):
 
     Invariant: after :meth:`set_budget` ``(study_id, n)``, no trial is created (new, enqueued or
     retried) while the study holds ``n`` or more trials in :data:`COUNTED_STATES`. Moving a trial
-    between counted states, or from one to FAIL, never adds to that count, so the number of COMPLETE
-    and PRUNED trials never exceeds ``n``, whatever the number of workers.
+    between counted states, or from one to FAIL, never adds to that count, so the number of
+    COMPLETE and PRUNED trials never exceeds ``n``, whatever the number of workers.
     """
 
     def __init__(
@@ -154,7 +155,7 @@ class StudyStorage(optuna.storages.RDBStorage):
             self.enable_heartbeat(heartbeat)
 
     def enable_heartbeat(self, heartbeat: Heartbeat) -> None:
-        """Record heartbeats of running trials; fail and re-queue trials whose worker went silent."""
+        """Record heartbeats of running trials; fail and re-queue those of silent workers."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             retry = _Requeue(max_retry=heartbeat.max_retry)

@@ -8,13 +8,14 @@ heartbeat settings are stored as study user attributes, so a worker on another h
 
 1. ask the storage for a trial; it refuses once the budget is taken (:class:`~tlsearch.storage.
    StudyStorage`), so the workers together run exactly ``n_trials``;
-2. run it under ``study.optimize``, which keeps its heartbeat and fails and re-queues trials of dead
-   workers;
-3. when the budget is taken but not finished, wait for the trials other workers still run: one of them
-   may fail and free its slot, or die and come back as a queued retry;
-4. settle a trial that a signal or a storage outage interrupted: a finished result is written again, an
-   unfinished trial is failed and queued again with its parameters; storage errors are retried for
-   ``patience`` seconds, then end the loop with one :class:`~tlsearch.errors.StorageError`.
+2. run it under ``study.optimize``, which keeps its heartbeat and fails and re-queues trials of
+   dead workers;
+3. when the budget is taken but not finished, wait for the trials other workers still run: one of
+   them may fail and free its slot, or die and come back as a queued retry;
+4. settle a trial that a signal or a storage outage interrupted: a finished result is written
+   again, an unfinished trial is failed and queued again with its parameters; storage errors are
+   retried for ``patience`` seconds, then end the loop with one
+   :class:`~tlsearch.errors.StorageError`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from tlsearch.storage import (
     storage_error,
 )
 
-
 __all__ = [
     "ATTR_CHECKPOINT",
     "ATTR_CONFIG",
@@ -87,10 +87,10 @@ STORAGE_PATIENCE = 120.0
 def make_sampler(cfg: StudyConfig, parallel: bool = False) -> optuna.samplers.BaseSampler:
     """The configured sampler; ``parallel`` for one of several workers of the study.
 
-    A parallel worker's sampler is reseeded from the OS (as ``optimize(n_jobs=...)`` does), or every
-    worker would propose the same points, and TPE assumes the worst value for trials still running
-    (``constant_liar``) so workers do not crowd one region. QMC keeps its seed: its sequence is indexed
-    by trial number and must be the same in every worker.
+    A parallel worker's sampler is reseeded from the OS (as ``optimize(n_jobs=...)`` does), or
+    every worker would propose the same points, and TPE assumes the worst value for trials still
+    running (``constant_liar``) so workers do not crowd one region. QMC keeps its seed: its
+    sequence is indexed by trial number and must be the same in every worker.
     """
     s = cfg.sampler
     sampler: optuna.samplers.BaseSampler
@@ -136,7 +136,10 @@ class StudyContext:
 
 
 def prepare(cfg: StudyConfig, device: str | None = None) -> StudyContext:
-    """Load the data, check the folds and make sure the pretrained checkpoint exists (no storage)."""
+    """Load the data, check the folds and make sure the pretrained checkpoint exists.
+
+    No storage is touched: this is what ``final`` needs, and the first step of a study.
+    """
     dev = resolve_device(device or cfg.finetune.device)
     task = load_task(cfg.data)
     check_folds(cfg, task.target_train)
@@ -237,7 +240,8 @@ def setup_study(
 ) -> tuple[optuna.Study, StudyStorage, StudyContext]:
     """Create or resume the study, pretrain its checkpoint once and record both in the storage.
 
-    After this, workers anywhere need only the storage URL and the study name (``tlsearch worker``).
+    After this, workers anywhere need only the storage URL and the study name
+    (``tlsearch worker``).
 
     Args:
         heartbeat: overrides of the study's :class:`~tlsearch.storage.Heartbeat` fields (those
@@ -329,7 +333,7 @@ def summary_table(study: optuna.Study, top: int = 5) -> str:
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
     return "\n".join(lines)
 
 
@@ -359,7 +363,7 @@ class StopFlag:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Raised inside a running trial when a stop was asked for; the trial fails and is re-queued."""
+    """Raised in a running trial when a stop was asked for: the trial fails, is queued again."""
 
 
 class _Guard:
@@ -540,9 +544,13 @@ def run_trials(
                     failing_since = failing_since or now
                     if now - failing_since > patience:
                         _settle_or_leave(study, storage, guard)
-                        raise storage_error(storage.url, cause, f"failing for {patience:.0f} s") from e
+                        raise storage_error(
+                            storage.url, cause, f"failing for {patience:.0f} s"
+                        ) from e
                     pause = min(10.0, 1.0 + now - failing_since)
-                    _log.warning("storage error (%s); retrying in %.0f s", describe_error(cause), pause)
+                    _log.warning(
+                        "storage error (%s); retrying in %.0f s", describe_error(cause), pause
+                    )
                     time.sleep(pause)
                     continue
                 # "Cannot tell a FAIL trial": another worker failed ours, having missed its
@@ -592,8 +600,8 @@ def run_study(
 
     ``cfg.n_trials`` is the study's total: a resumed study runs only the trials still missing, and
     workers started beside it (``tlsearch worker``) share the same budget. A ``KeyboardInterrupt``
-    ends the running trial as FAIL, queues it again and propagates; finished trials are kept. With a
-    ``stop`` flag (see :func:`tlsearch.workers.graceful_stop`) a signal ends the loop instead.
+    ends the running trial as FAIL, queues it again and propagates; finished trials are kept. With
+    a ``stop`` flag (see :func:`tlsearch.workers.graceful_stop`) a signal ends the loop instead.
     """
     study, storage, ctx = setup_study(
         cfg, device=device, allow_config_change=allow_config_change, heartbeat=heartbeat

@@ -1,20 +1,22 @@
 """Workers: processes, on one host or many, that share one study through its storage.
 
 A worker needs only the storage URL and the study name: the study's config, its heartbeat settings
-and the reference of its pretrained checkpoint (path, SHA-256, content key) are user attributes of the
-study, written by ``tlsearch create`` or ``tlsearch run``. The checkpoint is found in this order:
+and the reference of its pretrained checkpoint (path, SHA-256, content key) are user attributes of
+the study, written by ``tlsearch create`` or ``tlsearch run``. The checkpoint is found in this
+order:
 
 1. the recorded path, when this host sees it (same host, or ``pretrain.cache_dir`` on a shared
    filesystem or volume) and its bytes hash to the recorded SHA-256;
 2. otherwise this host pretrains it into its own cache (same content key, under the cache's file
    lock, so workers of one host train it once) and checks that it hashes to the recorded SHA-256.
-   Pretraining on the CPU is deterministic, so a CPU host gets the same bytes; when it does not (GPU
-   kernels, another torch), the worker stops with an error that says which file to share, rather than
-   search with a different starting point than the study recorded.
+   Pretraining on the CPU is deterministic, so a CPU host gets the same bytes; when it does not
+   (GPU kernels, another torch), the worker stops with an error that says which file to share,
+   rather than search with a different starting point than the study recorded.
 
-:func:`run_workers` is ``tlsearch run --workers N``: it creates the study and pretrains in this process,
-then starts N ``tlsearch worker`` processes (spawned, never forked: CUDA and database connections do not
-survive a fork), each pinned to its own device with its own share of the CPU threads.
+:func:`run_workers` is ``tlsearch run --workers N``: it creates the study and pretrains in this
+process, then starts N ``tlsearch worker`` processes (spawned, never forked: CUDA and database
+connections do not survive a fork), each pinned to its own device with its own share of the CPU
+threads.
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ from tlsearch.objective import check_folds
 from tlsearch.pretrain import (
     Checkpoint,
     _file_sha256,
-    cache_dir as cache_dir_of,
     checkpoint_key,
     ensure_pretrained,
+)
+from tlsearch.pretrain import (
+    cache_dir as cache_dir_of,
 )
 from tlsearch.storage import Heartbeat, StudyStorage, create_storage, mask_url
 from tlsearch.study import (
@@ -84,8 +88,8 @@ def graceful_stop() -> Iterator[StopFlag]:
     """SIGINT and SIGTERM stop the trial loop cleanly instead of killing the process.
 
     The running trial is failed and queued again with its parameters (a stop between trials starts
-    no new one); the loop returns and ``flag.signum`` says which signal stopped it. Outside the main
-    thread signals cannot be caught, and the flag is never set.
+    no new one); the loop returns and ``flag.signum`` says which signal stopped it. Outside the
+    main thread signals cannot be caught, and the flag is never set.
     """
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
@@ -96,7 +100,9 @@ def graceful_stop() -> Iterator[StopFlag]:
         name = signal.Signals(signum).name
         if flag.signum is None:
             flag.signum = signum
-            what = "the running trial is failed and queued again" if flag.in_trial else "no new trial"
+            what = (
+                "the running trial is failed and queued again" if flag.in_trial else "no new trial"
+            )
             _log.warning("%s: stopping; %s", name, what)
         if flag.in_trial or not flag.in_loop:
             if flag.in_trial:
@@ -137,17 +143,17 @@ def shared_checkpoint(
     own_key = checkpoint_key(cfg, task)
     if own_key != key:
         raise CheckpointError(
-            f"the study's checkpoint has key {key}, but this host's data and config give {own_key} "
-            "(another tlsearch version, or different data files?)"
+            f"the study's checkpoint has key {key}, but this host's data and config give "
+            f"{own_key} (another tlsearch version, or different data files?)"
         )
     _log.info("pretrained checkpoint %s not on this host; pretraining it here", path)
     ckpt = ensure_pretrained(cfg, task, device)
     if ckpt.sha256 != sha:
         raise CheckpointError(
-            f"pretraining on this host gave a checkpoint with SHA-256 {ckpt.sha256[:12]}…, the study "
-            f"used {sha[:12]}…; copy {path.name} and {path.with_suffix('.json').name} from the "
-            f"host that created the study into {ckpt.path.parent}, or put pretrain.cache_dir on a "
-            "filesystem every worker sees"
+            f"pretraining on this host gave a checkpoint with SHA-256 {ckpt.sha256[:12]}…, the "
+            f"study used {sha[:12]}…; copy {path.name} and {path.with_suffix('.json').name} from "
+            f"the host that created the study into {ckpt.path.parent}, or put pretrain.cache_dir "
+            "on a filesystem every worker sees"
         )
     return ckpt
 
@@ -159,7 +165,7 @@ def join_study(
     device: str | None = None,
     cache_dir: Path | None = None,
 ) -> tuple[optuna.Study, StudyStorage, StudyContext]:
-    """Open an existing study as one of its workers: config, heartbeats and checkpoint from storage.
+    """Open an existing study as one of its workers; config, heartbeats, checkpoint from storage.
 
     Args:
         device: overrides the study's ``finetune.device`` for this worker.
@@ -312,9 +318,10 @@ class WorkerExit:
     exitcode: int
 
     def describe(self) -> str:
+        who = f"worker {self.index} ({self.device})"
         if self.exitcode < 0:
-            return f"worker {self.index} ({self.device}) was killed by {signal.Signals(-self.exitcode).name}"
-        return f"worker {self.index} ({self.device}) exited with code {self.exitcode}"
+            return f"{who} was killed by {signal.Signals(-self.exitcode).name}"
+        return f"{who} exited with code {self.exitcode}"
 
 
 def _worker_process(argv: list[str]) -> None:
@@ -337,9 +344,9 @@ def run_workers(
     """Create (or resume) the study, pretrain once, then run it with ``n_workers`` processes.
 
     Each worker is ``tlsearch worker`` in a spawned process, pinned to its device from
-    :func:`plan_devices`, with ``finetune.threads`` torch threads (0: the cores shared out among the
-    workers). SIGINT and SIGTERM are passed on to the workers, which stop cleanly; this waits for all
-    of them.
+    :func:`plan_devices`, with ``finetune.threads`` torch threads (0: the cores shared out among
+    the workers). SIGINT and SIGTERM are passed on to the workers, which stop cleanly; this waits
+    for all of them.
 
     Returns:
         The study, how each worker ended, and the signal that stopped the run (None if none did).
