@@ -1,0 +1,348 @@
+"""The ``tlsearch`` command as a user runs it: a subprocess, its exit code, its exact error lines.
+
+Each command starts a Python that imports torch (seconds), so the quick error cases are launched
+all at once by one module fixture and checked one test each.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import TINY, cli_command, cli_env, merge, run_cli, to_toml
+from optuna.trial import TrialState
+
+from tlsearch.config import load_config
+from tlsearch.export import read_export
+from tlsearch.models import create_model
+from tlsearch.study import load_study_config
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+# The tiny study with the defaults for storage (sqlite:///tlsearch.db in the working directory) and
+# cache ($TLSEARCH_CACHE, which the runner points into the working directory).
+STUDY = dict(TINY)
+
+
+def _toml(overrides: dict) -> Callable[[Path], None]:
+    def setup(d: Path) -> None:
+        (d / "bad.toml").write_text(to_toml(merge(STUDY, overrides)))
+
+    return setup
+
+
+def _raw(content: bytes | None) -> Callable[[Path], None]:
+    def setup(d: Path) -> None:
+        if content is None:
+            (d / "bad.toml").mkdir()
+        else:
+            (d / "bad.toml").write_bytes(content)
+
+    return setup
+
+
+def _nothing(d: Path) -> None:
+    pass
+
+
+def _study_without_completed_trial(d: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{d / 's.db'}", study_name="empty")
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": 0.01},
+            distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1)},
+            state=TrialState.PRUNED,
+        )
+    )
+
+
+RUN = ["run", "bad.toml"]
+QUIET_RUN = ["-q", "run", "bad.toml"]
+
+# id → (setup of the working directory, arguments, exit code, lines stderr must hold exactly).
+# tests/test_config.py checks each field error alone; here one file holds several, as a user's may.
+CASES: dict[str, tuple[Callable[[Path], None], list[str], int, list[str]]] = {
+    "unknown top-level key": (
+        _toml({"n_trails": 5}),
+        RUN,
+        2,
+        ["tlsearch: error: bad.toml: n_trails: unknown key"],
+    ),
+    "several problems, one line each": (
+        _toml(
+            {
+                "nme": "x",
+                "data": {"tsk": "y"},
+                "finetune": {"epochs": "many"},
+                "search": {
+                    "lr": {"low": 0.1, "high": 0.01},
+                    "lambda": {"low": 0.0, "high": 1.0, "log": True},
+                },
+                "cv": {"k": 1},
+                "regularizer": {"name": "l3"},
+            }
+        ),
+        RUN,
+        2,
+        [
+            "tlsearch: error: bad.toml: nme: unknown key",
+            "tlsearch: error: bad.toml: data.tsk: unknown key",
+            "tlsearch: error: bad.toml: finetune.epochs: Input should be a valid integer, "
+            "unable to parse string as an integer",
+            "tlsearch: error: bad.toml: search.lr: empty range: low 0.1 > high 0.01",
+            "tlsearch: error: bad.toml: search.lambda: log scale needs low > 0, got 0.0",
+            "tlsearch: error: bad.toml: cv.k: Input should be greater than or equal to 2",
+            "tlsearch: error: bad.toml: regularizer.name: unknown regularizer 'l3' "
+            "(choose from l2, l2sp, none)",
+        ],
+    ),
+    "unknown model": (
+        _toml({"model": {"name": "resnet"}}),
+        RUN,
+        2,
+        ["tlsearch: error: bad.toml: model.name: unknown model 'resnet' (choose from cnn, mlp)"],
+    ),
+    "frozen_blocks beyond the model": (
+        _toml({"search": {"frozen_blocks": {"low": 0, "high": 3}}}),
+        RUN,
+        2,
+        ["tlsearch: error: bad.toml: search.frozen_blocks: 3 exceeds the 2 blocks of model 'mlp'"],
+    ),
+    "missing file": (_nothing, RUN, 2, ["tlsearch: error: bad.toml: file not found"]),
+    "malformed TOML": (
+        _raw(b'name = "x"\nn_trials = \n'),
+        RUN,
+        2,
+        ["tlsearch: error: bad.toml: invalid TOML: Invalid value (at line 2, column 12)"],
+    ),
+    "unreadable file": (
+        _raw(None),
+        RUN,
+        2,
+        ["tlsearch: error: bad.toml: cannot read: [Errno 21] Is a directory: 'bad.toml'"],
+    ),
+    "cv.k above the rarest class": (
+        _toml({"data": {"shots": 3}, "cv": {"k": 4}}),
+        QUIET_RUN,
+        2,
+        [
+            "tlsearch: error: cv.k: 4 stratified folds need at least 4 target samples per class; "
+            "the rarest class has 3 (lower cv.k or raise data.shots)"
+        ],
+    ),
+    "export without a completed trial": (
+        _study_without_completed_trial,
+        ["export", "--storage", "sqlite:///s.db", "--study-name", "empty", "-o", "best.json"],
+        1,
+        ["tlsearch: error: study 'empty' has no completed trial to export yet"],
+    ),
+    "export of an unknown study": (
+        _study_without_completed_trial,
+        ["export", "--storage", "sqlite:///s.db", "--study-name", "nope", "-o", "best.json"],
+        1,
+        ["tlsearch: error: no study 'nope' in sqlite:///s.db (studies there: empty)"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def quick_runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    root = tmp_path_factory.mktemp("cli")
+    started = {}
+    for i, (case_id, (setup, args, _, _)) in enumerate(CASES.items()):
+        d = root / f"case{i}"
+        d.mkdir()
+        setup(d)
+        proc = subprocess.Popen(
+            cli_command(*args),
+            cwd=d,
+            env=cli_env(d),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started[case_id] = (d, args, proc)
+    done = {}
+    for case_id, (d, args, proc) in started.items():
+        out, err = proc.communicate(timeout=300)
+        done[case_id] = (d, subprocess.CompletedProcess(args, proc.returncode, out, err))
+    return done
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_user_error(quick_runs, case_id: str) -> None:
+    _, _, code, expected = CASES[case_id]
+    d, result = quick_runs[case_id]
+    lines = result.stderr.splitlines()
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines and all(ln.startswith("tlsearch: error: ") for ln in lines), lines
+    for line in expected:
+        assert line in lines, lines
+    if case_id == "unknown top-level key":
+        assert lines == expected
+    # Nothing half-created: no study database, no checkpoint cache, no export.
+    assert not (d / "tlsearch.db").exists()
+    assert not (d / "default-cache").exists()
+    assert not (d / "best.json").exists()
+
+
+def test_zero_shots_is_a_user_error(tmp_path: Path) -> None:
+    # A built-in task with data.shots = 0 has no labelled target sample: a user error, not a
+    # traceback from numpy in check_folds.
+    (tmp_path / "s.toml").write_text(to_toml(merge(STUDY, {"data": {"shots": 0}})))
+    result = run_cli("-q", "run", "s.toml", cwd=tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2
+    assert result.stderr.startswith("tlsearch: error: ") and "data.shots" in result.stderr
+
+
+def _run_until(proc: subprocess.Popen, marker: str) -> list[str]:
+    """Read the command's stderr up to the first line holding ``marker``."""
+    seen = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            return seen
+    raise AssertionError(f"{marker!r} never printed:\n{''.join(seen)}")
+
+
+def test_ctrl_c_while_pretraining(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text(to_toml(merge(STUDY, {"pretrain": {"epochs": 5000}})))
+    proc = subprocess.Popen(
+        cli_command("run", "s.toml"),
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _run_until(proc, "pretraining the source model")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err, err
+    assert "tlsearch: error" not in err, err
+    assert proc.returncode == 130
+
+
+def _finished(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials(states=FINISHED)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_exactly_n_trials(tmp_path: Path) -> None:
+    n = 6
+    study = merge(
+        STUDY,
+        {
+            "name": "resume",
+            "n_trials": n,
+            "storage": "sqlite:///study.db",
+            "finetune": {"epochs": 30},
+        },
+    )
+    (tmp_path / "s.toml").write_text(to_toml(study))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+
+    proc = subprocess.Popen(
+        cli_command("run", "s.toml"),
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _run_until(proc, f"[1/{n}] trial 0:")
+        assert len(_finished(url, "resume")) >= 1  # stored before we interrupt
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "finished trials are kept; run the same command to resume" in err
+    assert out.startswith("study 'resume': ")
+    kept = _finished(url, "resume")
+    assert 1 <= len(kept) < n
+
+    result = run_cli("run", "s.toml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "pretrained checkpoint (cached)" in result.stderr
+    after = optuna.load_study(study_name="resume", storage=url)
+    finished = after.get_trials(states=FINISHED)
+    assert len(finished) == n
+    by_number = {t.number: t for t in finished}
+    for t in kept:
+        assert by_number[t.number].params == t.params and by_number[t.number].value == t.value
+    # Only an interrupted trial may be left over, as FAIL (or RUNNING if cut mid-write).
+    assert len(after.get_trials()) - n <= 1
+
+
+@pytest.mark.slow
+def test_run_export_final(tmp_path: Path) -> None:
+    study = merge(
+        STUDY,
+        {
+            "n_trials": 4,
+            "storage": "sqlite:///study.db",
+            "pretrain": {"cache_dir": "cache"},
+            "pruner": {"name": "median", "n_startup_trials": 2},
+        },
+    )
+    (tmp_path / "tiny.toml").write_text(to_toml(study))
+
+    run = run_cli("run", "tiny.toml", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "[4/4] trial 3: " in run.stderr
+    assert run.stdout.startswith("study 'tiny': ")
+    assert (tmp_path / "cache").is_dir() and not (tmp_path / "default-cache").exists()
+
+    export = run_cli(
+        "export",
+        "--storage",
+        "sqlite:///study.db",
+        "--study-name",
+        "tiny",
+        "-o",
+        "best.json",
+        cwd=tmp_path,
+    )
+    assert export.returncode == 0, export.stderr
+    best = read_export(tmp_path / "best.json")
+    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert best.config == load_study_config(stored)
+    assert best.config.search_hash() == load_config(tmp_path / "tiny.toml").search_hash()
+    trial = stored.best_trial
+    assert best.data["trial_number"] == trial.number
+    assert best.data["searched_params"] == trial.params
+
+    final = run_cli("final", "best.json", cwd=tmp_path)
+    assert final.returncode == 0, final.stderr
+    assert [ln.split(":")[0].strip() for ln in final.stdout.splitlines()] == [
+        "tuned",
+        "default_lambda",
+        "scratch",
+    ]
+    metrics = json.loads((tmp_path / "best.final.json").read_text())
+    assert metrics["study_name"] == "tiny"
+    assert metrics["tuned"]["cv_mean"] == trial.value
+    for name in ("tuned", "default_lambda", "scratch"):
+        assert 0.0 <= metrics[name]["test_accuracy"] <= 1.0, name
+    assert metrics["tuned"]["params"] == best.params.to_dict()
+    state = torch.load(tmp_path / "best.final.pt", weights_only=True)
+    model = create_model(best.config.model, (1, 8, 8), 10)
+    model.load_state_dict(state)

@@ -1,0 +1,248 @@
+"""tlsearch.config: every bad field is a ConfigError that names it; good files load as written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import TINY, merge, write_toml
+
+from tlsearch.config import ParamRange, StudyConfig, config_from_dict, load_config
+from tlsearch.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (overrides of the tiny study, a line the error must hold). The tiny model has 2 blocks.
+BAD = {
+    "unknown top-level key": ({"n_trails": 5}, "cfg.toml: n_trails: unknown key"),
+    "unknown key in a section": (
+        {"data": {"tsk": "digits-noisy"}},
+        "cfg.toml: data.tsk: unknown key",
+    ),
+    "unknown key in search": ({"search": {"lamda": 1.0}}, "cfg.toml: search.lamda: unknown key"),
+    "wrong type": (
+        {"n_trials": "ten"},
+        "cfg.toml: n_trials: Input should be a valid integer, unable to parse string as an "
+        "integer",
+    ),
+    "wrong type in a section": (
+        {"finetune": {"epochs": [5]}},
+        "cfg.toml: finetune.epochs: Input should be a valid integer",
+    ),
+    "negative lambda range": (
+        {"search": {"lambda": {"low": -1.0, "high": 1.0, "log": False}}},
+        "cfg.toml: search.lambda: must be >= 0, got -1.0",
+    ),
+    "negative fixed lambda": (
+        {"search": {"lambda": -0.5}},
+        "cfg.toml: search.lambda: must be >= 0",
+    ),
+    "empty range": (
+        {"search": {"lr": {"low": 0.1, "high": 0.01}}},
+        "cfg.toml: search.lr: empty range: low 0.1 > high 0.01",
+    ),
+    "log scale with low 0": (
+        {"search": {"lambda": {"low": 0.0, "high": 1.0, "log": True}}},
+        "cfg.toml: search.lambda: log scale needs low > 0, got 0.0",
+    ),
+    "log scale with negative low": (
+        {"search": {"lr": {"low": -1.0, "high": 1.0, "log": True}}},
+        "cfg.toml: search.lr: log scale needs low > 0, got -1.0",
+    ),
+    "zero lr": ({"search": {"lr": 0.0}}, "cfg.toml: search.lr: must be > 0, got 0.0"),
+    "fractional frozen_blocks": (
+        {"search": {"frozen_blocks": {"low": 0, "high": 1.5}}},
+        "cfg.toml: search.frozen_blocks: must be whole numbers >= 0",
+    ),
+    "cv.k below 2": (
+        {"cv": {"k": 1}},
+        "cfg.toml: cv.k: Input should be greater than or equal to 2",
+    ),
+    "unknown regularizer": (
+        {"regularizer": {"name": "l3"}},
+        "cfg.toml: regularizer.name: unknown regularizer 'l3' (choose from l2, l2sp, none)",
+    ),
+    "unknown regularizer in a list": (
+        {"regularizer": {"name": ["l2", "delta"]}},
+        "cfg.toml: regularizer.name: unknown regularizer 'delta'",
+    ),
+    "empty regularizer list": (
+        {"regularizer": {"name": []}},
+        "cfg.toml: regularizer.name: must name at least one regularizer",
+    ),
+    "unknown model": (
+        {"model": {"name": "resnet"}},
+        "model.name: unknown model 'resnet' (choose from cnn, mlp)",
+    ),
+    "frozen_blocks beyond the model": (
+        {"search": {"frozen_blocks": {"low": 0, "high": 3}}},
+        "search.frozen_blocks: 3 exceeds the 2 blocks of model 'mlp'",
+    ),
+    "fixed frozen_blocks beyond the model": (
+        {"search": {"frozen_blocks": 5}},
+        "search.frozen_blocks: 5 exceeds the 2 blocks of model 'mlp'",
+    ),
+    "unknown pruner": (
+        {"pruner": {"name": "hyperband"}},
+        "cfg.toml: pruner.name: Input should be 'median', 'percentile', 'wilcoxon' or 'none'",
+    ),
+    "source without target": (
+        {"data": {"source": {"path": "a.npz"}}},
+        "cfg.toml: data: set both 'source' and 'target' files, or neither",
+    ),
+    "data file of unknown kind": (
+        {"data": {"source": {"path": "/d/a.txt"}, "target": {"path": "/d/b.npz"}}},
+        "cfg.toml: data.source.path: '/d/a.txt' must end in .npz, .csv or .parquet",
+    ),
+    "negative shots": ({"data": {"shots": -1}}, "cfg.toml: data.shots: Input should be greater"),
+    "no n_trials and no timeout": (
+        {"n_trials": None},
+        "n_trials: set n_trials or timeout, or the study never ends",
+    ),
+}
+
+
+@pytest.mark.parametrize("overrides, line", BAD.values(), ids=BAD.keys())
+def test_bad_field_is_named(overrides: dict, line: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(merge(TINY, overrides), "cfg.toml")
+    lines = str(info.value).splitlines()
+    assert any(line in ln for ln in lines), lines
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [v for k, v in BAD.items() if k != "no n_trials and no timeout"],
+    ids=[k for k in BAD if k != "no n_trials and no timeout"],
+)
+def test_bad_field_in_a_file(tmp_path: Path, overrides: dict, line: str) -> None:
+    path = write_toml(tmp_path / "cfg.toml", merge(TINY, overrides))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    # The file is named by the path the user gave.
+    expected = line.replace("cfg.toml", str(path))
+    assert any(expected in ln for ln in str(info.value).splitlines()), str(info.value)
+
+
+def test_every_problem_gets_its_own_line() -> None:
+    data = {"nme": "x", "data": {"tsk": 1}, "cv": {"k": 0}, "regularizer": {"name": "l3"}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, "s.toml")
+    lines = str(info.value).splitlines()
+    assert "s.toml: nme: unknown key" in lines
+    assert "s.toml: data.tsk: unknown key" in lines
+    assert "s.toml: cv.k: Input should be greater than or equal to 2" in lines
+    assert any(ln.startswith("s.toml: regularizer.name: unknown regularizer 'l3'") for ln in lines)
+    assert len(lines) == len(set(lines)) == 4
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=r"nope\.toml: file not found$"):
+        load_config(path)
+
+
+def test_malformed_toml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "x"\n[data\ntask = 1\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml: invalid TOML: .*line 2"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("kind", ["directory", "not utf-8"])
+def test_unreadable_file(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "study.toml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b'name = "\xff\xfe"\n')
+    with pytest.raises(ConfigError, match=r"study\.toml: cannot read: "):
+        load_config(path)
+
+
+def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    assert load_config(path) == load_config() == StudyConfig()
+
+
+def test_shipped_study_file_loads() -> None:
+    cfg = load_config(REPO / "studies" / "digits.toml")
+    assert cfg.name == "digits"
+    assert cfg.regularizer.names == ["l2sp"]
+    assert cfg.search.lambda_ == ParamRange(low=1e-4, high=100.0, log=True)
+    assert cfg.cv.k == 5
+
+
+def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "s.toml", {"name": "a", "n_trials": 7})
+    cfg = load_config(path, name="b", n_trials=None, storage="sqlite:///x.db", timeout=None)
+    assert (cfg.name, cfg.n_trials, cfg.storage) == ("b", 7, "sqlite:///x.db")
+    with pytest.raises(ConfigError, match=r"n_trials: Input should be greater than or equal to 1"):
+        load_config(path, n_trials=0)
+
+
+def test_relative_paths_are_relative_to_the_study_file(tmp_path: Path) -> None:
+    sub = tmp_path / "studies"
+    sub.mkdir()
+    path = write_toml(
+        sub / "s.toml",
+        {
+            "data": {"source": {"path": "src.npz"}, "target": {"path": "/abs/tgt.csv"}},
+            "pretrain": {"cache_dir": "cache"},
+        },
+    )
+    cfg = load_config(path)
+    assert cfg.data.source.path == sub / "src.npz"
+    assert cfg.data.target.path == Path("/abs/tgt.csv")
+    assert cfg.data.task is None
+    assert cfg.pretrain.cache_dir == sub / "cache"
+
+
+def test_paths_of_a_study_file_named_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The resolved config is stored with the study and in exports, and read by `tlsearch final`
+    # and by workers in other directories: its paths must not depend on the working directory.
+    write_toml(
+        tmp_path / "s.toml",
+        {
+            "data": {"source": {"path": "src.npz"}, "target": {"path": "t.npz"}},
+            "pretrain": {"cache_dir": "cache"},
+        },
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("s.toml")
+    assert cfg.pretrain.cache_dir == tmp_path / "cache"
+    assert cfg.data.source.path == tmp_path / "src.npz"
+
+
+def test_to_dict_round_trips_with_user_names() -> None:
+    cfg = config_from_dict(TINY)
+    d = cfg.to_dict()
+    assert "lambda" in d["search"] and "lambda_" not in d["search"]
+    assert config_from_dict(d) == cfg
+
+
+def test_search_hash_ignores_budget_and_storage_only() -> None:
+    base = config_from_dict(TINY).search_hash()
+    same = config_from_dict(
+        merge(
+            TINY,
+            {
+                "name": "other",
+                "n_trials": 99,
+                "storage": "sqlite:///o.db",
+                "finetune": {"threads": 2},
+                "pretrain": {"cache_dir": "/elsewhere"},
+            },
+        )
+    )
+    assert same.search_hash() == base
+    for changed in (
+        {"cv": {"k": 3}},
+        {"finetune": {"epochs": 6}},
+        {"regularizer": {"name": "l2"}},
+    ):
+        assert config_from_dict(merge(TINY, changed)).search_hash() != base, changed

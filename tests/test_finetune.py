@@ -1,0 +1,148 @@
+"""tlsearch.finetune: frozen blocks stay bit-identical, the rest trains, runs repeat exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, merge
+
+from tlsearch.config import StudyConfig, config_from_dict
+from tlsearch.errors import DivergedError
+from tlsearch.finetune import FinetuneParams, evaluate, finetune
+from tlsearch.models import create_model
+
+INPUT = (1, 8, 8)
+
+
+def _cfg(model: dict, **overrides: object) -> StudyConfig:
+    return config_from_dict(merge(TINY, {"model": model, **overrides}))
+
+
+def _pretrained(cfg: StudyConfig, source_classes: int = 10) -> dict[str, torch.Tensor]:
+    """A 'pretrained' state whose BatchNorm statistics are not the defaults."""
+    torch.manual_seed(123)
+    model = create_model(cfg.model, INPUT, source_classes)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, *INPUT) * 2 + 0.5)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _target(n: int = 40, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.rand(n, *INPUT, generator=g), torch.arange(n) % classes
+
+
+MODELS = {
+    "mlp": {"name": "mlp", "hidden": [16, 8, 8], "batch_norm": True},
+    "cnn": {"name": "cnn", "channels": [4, 4], "fc": 16, "batch_norm": True},
+}
+
+
+@pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
+@pytest.mark.parametrize("frozen", [1, 2])
+@pytest.mark.parametrize("head_warmup", [0, 2])
+def test_frozen_blocks_stay_bit_identical(model: dict, frozen: int, head_warmup: int) -> None:
+    cfg = _cfg(model, finetune={"epochs": 4, "batch_size": 16, "head_warmup_epochs": head_warmup})
+    pre = _pretrained(cfg)
+    pre_copy = {k: v.clone() for k, v in pre.items()}
+    x, y = _target()
+    params = FinetuneParams(lam=0.01, lr=0.05, frozen_blocks=frozen, backbone_lr_mult=1.0)
+
+    tuned = finetune(pre, cfg, params, x, y, num_classes=4, input_shape=INPUT, seed=0)
+
+    state = tuned.state_dict()
+    n_blocks = len(tuned.blocks)
+    for key, value in state.items():
+        if key.startswith("head."):
+            continue
+        block = int(key.split(".")[1])
+        if block < frozen:
+            # Weights, biases and BatchNorm statistics (running mean/var, batch count) alike.
+            assert torch.equal(value, pre[key]), key
+        elif key.endswith(("weight", "running_mean")):
+            assert not torch.equal(value, pre[key]), f"{key} of an unfrozen block did not train"
+    assert frozen < n_blocks, "the test needs an unfrozen block to watch"
+    assert state["head.weight"].shape == (4, tuned.head.in_features)
+    # The caller's pretrained state is not touched.
+    assert all(torch.equal(pre[k], pre_copy[k]) for k in pre)
+
+
+@pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
+def test_all_blocks_frozen_trains_only_the_head(model: dict) -> None:
+    cfg = _cfg(model, finetune={"epochs": 3})
+    pre = _pretrained(cfg)
+    x, y = _target()
+    n_blocks = len(create_model(cfg.model, INPUT, 4).blocks)
+    params = FinetuneParams(lam=0.01, lr=0.05, frozen_blocks=n_blocks, backbone_lr_mult=1.0)
+    tuned = finetune(pre, cfg, params, x, y, 4, INPUT, seed=0)
+    for key, value in tuned.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(value, pre[key]), key
+
+
+def test_backbone_lr_mult_zero_keeps_backbone_weights() -> None:
+    cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 3})
+    pre = _pretrained(cfg)
+    x, y = _target()
+    params = FinetuneParams(lam=0.01, lr=0.05, frozen_blocks=0, backbone_lr_mult=0.0)
+    tuned = finetune(pre, cfg, params, x, y, 4, INPUT, seed=0)
+    for name, p in tuned.blocks.named_parameters(prefix="blocks"):
+        assert torch.equal(p.detach(), pre[name]), name
+    assert not torch.equal(
+        tuned.head.weight, finetune(pre, cfg, params, x, y, 4, INPUT, 1).head.weight
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_same_seed_same_model(optimizer: str) -> None:
+    cfg = _cfg(
+        {"name": "mlp", "hidden": [16, 8], "dropout": 0.2},
+        finetune={"epochs": 3, "batch_size": 8, "optimizer": optimizer},
+    )
+    pre = _pretrained(cfg)
+    x, y = _target()
+    params = FinetuneParams(lam=0.1, lr=0.01, frozen_blocks=1)
+    a = finetune(pre, cfg, params, x, y, 4, INPUT, seed=3).state_dict()
+    b = finetune(pre, cfg, params, x, y, 4, INPUT, seed=3).state_dict()
+    c = finetune(pre, cfg, params, x, y, 4, INPUT, seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["head.weight"], c["head.weight"])
+
+
+def test_training_lowers_the_loss() -> None:
+    cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 30})
+    pre = _pretrained(cfg)
+    x, y = _target()
+    first = finetune(pre, cfg, FinetuneParams(0.0, 0.03, 0, 1.0, "none"), x, y, 4, INPUT, 0)
+    cfg_short = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 1})
+    short = finetune(pre, cfg_short, FinetuneParams(0.0, 0.03, 0, 1.0, "none"), x, y, 4, INPUT, 0)
+    acc_long, loss_long = evaluate(first, x, y)
+    acc_short, loss_short = evaluate(short, x, y)
+    assert loss_long < loss_short
+    assert 0.0 <= acc_short <= 1.0 and 0.0 <= acc_long <= 1.0
+
+
+def test_non_finite_loss_raises_diverged() -> None:
+    cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 3, "optimizer": "sgd"})
+    pre = _pretrained(cfg)
+    x, y = _target()
+    params = FinetuneParams(
+        lam=1.0, lr=1e6, frozen_blocks=0, backbone_lr_mult=1.0, regularizer="l2"
+    )
+    with pytest.raises(DivergedError, match=r"^training loss became (nan|inf|-inf) in epoch \d+$"):
+        finetune(pre, cfg, params, x, y, 4, INPUT, seed=0)
+
+
+def test_params_round_trip_with_user_names() -> None:
+    p = FinetuneParams(lam=0.5, lr=0.01, frozen_blocks=2, backbone_lr_mult=0.1, regularizer="l2")
+    d = p.to_dict()
+    assert d == {
+        "lambda": 0.5,
+        "lr": 0.01,
+        "frozen_blocks": 2,
+        "backbone_lr_mult": 0.1,
+        "regularizer": "l2",
+    }
+    assert FinetuneParams.from_dict(d) == p

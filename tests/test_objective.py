@@ -1,0 +1,218 @@
+"""tlsearch.objective: folds, searched vs fixed parameters, pruning, diverged trials, seeds."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tlsearch.config import config_from_dict
+from tlsearch.data import Dataset
+from tlsearch.errors import ConfigError
+from tlsearch.finetune import FinetuneParams
+from tlsearch.objective import check_folds, fixed_params, resolve_params, suggest_params
+from tlsearch.study import prepare, run_study
+
+
+def _study(cfg_dict: dict[str, Any], enqueue: list[dict[str, Any]]) -> optuna.Study:
+    """Run the study after queueing ``enqueue`` as its first trials."""
+    cfg = config_from_dict(cfg_dict)
+    queued = optuna.create_study(storage=cfg.storage, study_name=cfg.name, direction="maximize")
+    for params in enqueue:
+        queued.enqueue_trial(params)
+    return run_study(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folds
+
+
+def _labels(*counts: int) -> Dataset:
+    y = np.repeat(np.arange(len(counts)), counts)
+    return Dataset(np.zeros((len(y), 4), np.float32), y)
+
+
+def test_check_folds_needs_k_samples_in_the_rarest_class(tiny) -> None:
+    cfg = config_from_dict(tiny(cv={"k": 3}))
+    check_folds(cfg, _labels(3, 5, 3))
+    with pytest.raises(ConfigError) as info:
+        check_folds(cfg, _labels(3, 2, 5))
+    assert str(info.value) == (
+        "cv.k: 3 stratified folds need at least 3 target samples per class; "
+        "the rarest class has 2 "
+        "(lower cv.k or raise data.shots)"
+    )
+    assert info.value.exit_code == 2
+
+
+def test_check_folds_unstratified(tiny) -> None:
+    cfg = config_from_dict(tiny(cv={"k": 5, "stratified": False}))
+    check_folds(cfg, _labels(1, 4))
+    with pytest.raises(ConfigError, match=r"^cv\.k: 5 folds but only 4 target training samples$"):
+        check_folds(cfg, _labels(1, 3))
+
+
+def test_prepare_rejects_k_above_the_shots_before_training(tiny, tmp_path) -> None:
+    cfg = config_from_dict(tiny(data={"shots": 3}, cv={"k": 4}))
+    with pytest.raises(
+        ConfigError, match=r"^cv\.k: 4 stratified folds .* the rarest class has 3 "
+    ):
+        prepare(cfg)
+    # Nothing was trained or stored.
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "study.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+def test_fixed_and_searched_parameters(tiny) -> None:
+    cfg = config_from_dict(
+        tiny(
+            search={"lambda": 0.5, "frozen_blocks": 1},
+            regularizer={"name": ["l2", "l2sp", "none"]},
+        )
+    )
+    assert fixed_params(cfg) == {"lambda": 0.5, "frozen_blocks": 1, "backbone_lr_mult": 0.1}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    params = suggest_params(trial, cfg)
+    # Only what is searched is asked of the trial (and so shown in the dashboard).
+    assert set(trial.params) == {"lr", "regularizer"}
+    assert params.lam == 0.5 and params.frozen_blocks == 1 and params.backbone_lr_mult == 0.1
+    assert 1e-3 <= params.lr <= 3e-2
+    assert params.regularizer in {"l2", "l2sp", "none"}
+    assert resolve_params(cfg, trial.params) == params
+
+
+def test_searched_frozen_blocks_are_integers(tiny) -> None:
+    cfg = config_from_dict(tiny())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(10):
+        params = suggest_params(study.ask(), cfg)
+        assert isinstance(params.frozen_blocks, int) and 0 <= params.frozen_blocks <= 2
+        assert params.regularizer == "l2sp"
+        assert isinstance(params, FinetuneParams)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials
+
+
+def test_same_seed_same_fold_scores(tiny, tmp_path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        study = run_study(
+            config_from_dict(tiny(name=name, storage=f"sqlite:///{tmp_path / name}.db"))
+        )
+        runs.append(study.get_trials())
+    a, b = runs
+    assert len(a) == len(b) == 3
+    for ta, tb in zip(a, b, strict=True):
+        assert ta.state == tb.state == TrialState.COMPLETE
+        assert ta.params == tb.params
+        assert ta.user_attrs["fold_scores"] == tb.user_attrs["fold_scores"]
+        assert ta.value == tb.value == statistics.fmean(ta.user_attrs["fold_scores"])
+        assert len(ta.user_attrs["fold_scores"]) == 2
+        assert all(0.0 <= s <= 1.0 for s in ta.user_attrs["fold_scores"])
+    # Different parameters really measure differently (the check is not vacuous).
+    assert len({t.value for t in a}) > 1
+
+
+def test_diverged_trial_is_pruned_with_its_reason_and_the_study_goes_on(tiny) -> None:
+    study = _study(
+        tiny(
+            n_trials=3,
+            finetune={"optimizer": "sgd"},
+            regularizer={"name": "l2"},
+            search={"lr": {"low": 1e-3, "high": 1e6, "log": True}, "lambda": 1.0},
+        ),
+        enqueue=[
+            {"lr": 1e6, "frozen_blocks": 0},
+            {"lr": 0.05, "frozen_blocks": 0},
+            {"lr": 0.05, "frozen_blocks": 1},
+        ],
+    )
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [
+        TrialState.PRUNED,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
+    diverged = trials[0]
+    assert re.fullmatch(
+        r"fold 0: training loss became (nan|inf) in epoch \d+", diverged.user_attrs["fail_reason"]
+    )
+    assert diverged.user_attrs["fold_scores"] == []
+    assert "fail_reason" not in trials[1].user_attrs
+    assert study.best_trial.number in (1, 2)
+
+
+GOOD = {"lambda": 1e-3, "lr": 3e-2, "frozen_blocks": 0}
+BAD = {"lambda": 1e-3, "lr": 1e-7, "frozen_blocks": 0}  # stays at chance
+
+
+def _pruning_study(tiny, pruner: dict[str, Any], k: int) -> list[optuna.trial.FrozenTrial]:
+    study = _study(
+        tiny(
+            n_trials=4,
+            data={"shots": 20},
+            finetune={"epochs": 10},
+            search={"lr": {"low": 1e-7, "high": 1e-1, "log": True}, "backbone_lr_mult": 1.0},
+            cv={"k": k},
+            pruner=pruner,
+        ),
+        enqueue=[GOOD, GOOD, GOOD, BAD],
+    )
+    return study.get_trials()
+
+
+def test_median_pruner_stops_a_bad_trial_before_its_last_fold(tiny) -> None:
+    k = 4
+    trials = _pruning_study(
+        tiny, {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0}, k
+    )
+    good, bad = trials[:3], trials[3]
+    assert [t.state for t in good] == [TrialState.COMPLETE] * 3
+    # Same parameters, same folds, same seeds: the good trials measure exactly the same.
+    assert good[0].user_attrs["fold_scores"] == good[2].user_attrs["fold_scores"]
+    assert good[0].value > 0.5
+    # The running mean is what median/percentile pruners see.
+    scores = good[0].user_attrs["fold_scores"]
+    assert [good[0].intermediate_values[i] for i in range(k)] == pytest.approx(
+        [statistics.fmean(scores[: i + 1]) for i in range(k)]
+    )
+
+    assert bad.state == TrialState.PRUNED
+    assert 1 <= len(bad.intermediate_values) < k
+    assert bad.user_attrs["pruned_after_folds"] == len(bad.intermediate_values)
+    assert len(bad.user_attrs["fold_scores"]) == len(bad.intermediate_values)
+    assert "fail_reason" not in bad.user_attrs
+
+
+def test_wilcoxon_pruner_stops_a_bad_trial_before_its_last_fold(tiny) -> None:
+    # A paired test over folds: 4 folds all worse give p = 1/16 < 0.1, so 6 folds leave room.
+    k = 6
+    trials = _pruning_study(tiny, {"name": "wilcoxon", "n_warmup_steps": 0, "p_threshold": 0.1}, k)
+    good, bad = trials[:3], trials[3]
+    assert [t.state for t in good] == [TrialState.COMPLETE] * 3
+    # Wilcoxon sees each fold's own score.
+    assert [good[0].intermediate_values[i] for i in range(k)] == good[0].user_attrs["fold_scores"]
+
+    assert bad.state == TrialState.PRUNED
+    assert 2 <= len(bad.intermediate_values) < k
+    assert bad.user_attrs["pruned_after_folds"] == len(bad.intermediate_values)
+    assert max(bad.user_attrs["fold_scores"]) < min(good[0].user_attrs["fold_scores"])
+
+
+def test_no_pruner_runs_every_fold(tiny) -> None:
+    trials = _pruning_study(tiny, {"name": "none"}, 3)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert all(len(t.user_attrs["fold_scores"]) == 3 for t in trials)
+    assert trials[3].value < trials[0].value

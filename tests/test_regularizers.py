@@ -1,0 +1,197 @@
+"""tlsearch.regularizers: each penalty's value and gradient against a hand computation.
+
+Convention under test: ``scale · λ/2 · Σ‖p − p⁰‖²`` over the trainable parameters covered
+(``penalize="weights"``: tensors of rank ≥ 2; ``"all"``: every parameter), with L2-SP pulling the
+backbone toward the pretrained weights and the new head toward zero with β = ``head_lam``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tlsearch.config import ModelConfig
+from tlsearch.errors import ConfigError
+from tlsearch.models import BlockNet, create_model
+from tlsearch.regularizers import create_regularizer, list_regularizers
+
+
+def _tiny_net(batch_norm: bool = False) -> BlockNet:
+    torch.manual_seed(0)
+    return create_model(ModelConfig(name="mlp", hidden=[3, 2], batch_norm=batch_norm), (4,), 2)
+
+
+def _pretrained(model: BlockNet, shift: float) -> dict[str, torch.Tensor]:
+    """The model's state moved by ``shift`` times fixed noise: a start point distinct from it."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        k: v + shift * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in model.state_dict().items()
+    }
+
+
+def _covered(p: torch.Tensor, penalize: str) -> bool:
+    return p.requires_grad and (penalize == "all" or p.dim() >= 2)
+
+
+def _hand(
+    reg: str, model: BlockNet, pre: dict, lam: float, head_lam: float, penalize: str, scale: float
+) -> tuple[float, dict[str, torch.Tensor | None]]:
+    """The penalty and its gradient, written out parameter by parameter."""
+    value = 0.0
+    grads: dict[str, torch.Tensor | None] = {}
+    for name, param in model.named_parameters():
+        if reg == "none" or not _covered(param, penalize):
+            grads[name] = None
+            continue
+        p = param.detach()
+        is_head = name.startswith("head.")
+        if reg == "l2":
+            value += scale * lam / 2 * float((p.double() ** 2).sum())
+            grads[name] = scale * lam * p
+        elif is_head:  # l2sp: the new head toward zero, with β
+            value += scale * head_lam / 2 * float((p.double() ** 2).sum())
+            grads[name] = scale * head_lam * p
+        else:  # l2sp: the backbone toward its pretrained values, with α = λ
+            d = p - pre[name]
+            value += scale * lam / 2 * float((d.double() ** 2).sum())
+            grads[name] = scale * lam * d
+    return value, grads
+
+
+@pytest.mark.parametrize("reg", ["l2", "l2sp", "none"])
+@pytest.mark.parametrize("penalize", ["weights", "all"])
+@pytest.mark.parametrize("scale", [1.0, 0.125])
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_value_and_gradient_match_hand_computation(
+    reg: str, penalize: str, scale: float, frozen: int
+) -> None:
+    model = _tiny_net()
+    model.freeze(frozen)
+    pre = _pretrained(model, shift=0.3)
+    lam, head_lam = 0.7, 0.05
+    penalty = create_regularizer(
+        reg, model, pre, lam, head_lam=head_lam, penalize=penalize, scale=scale
+    )
+
+    value = penalty()
+    expected_value, expected_grads = _hand(reg, model, pre, lam, head_lam, penalize, scale)
+    assert value.dim() == 0
+    assert value.item() == pytest.approx(expected_value, rel=1e-5, abs=1e-7)
+
+    model.zero_grad(set_to_none=True)
+    if value.requires_grad:
+        value.backward()
+    for name, p in model.named_parameters():
+        want = expected_grads[name]
+        if want is None:
+            # Not covered: frozen, a bias under "weights", or no penalty at all.
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+        else:
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_weights_covers_only_kernels_and_all_adds_biases() -> None:
+    model = _tiny_net()
+    start = model.state_dict()
+    weights = create_regularizer("l2", model, start, lam=2.0, penalize="weights")
+    everything = create_regularizer("l2", model, start, lam=2.0, penalize="all")
+    kernels = sum(
+        float((p.detach() ** 2).sum()) for n, p in model.named_parameters() if n.endswith("weight")
+    )
+    biases = sum(
+        float((p.detach() ** 2).sum()) for n, p in model.named_parameters() if n.endswith("bias")
+    )
+    assert weights().item() == pytest.approx(kernels, rel=1e-5)
+    assert everything().item() == pytest.approx(kernels + biases, rel=1e-5)
+
+
+def test_frozen_blocks_are_not_penalized() -> None:
+    model = _tiny_net()
+    pre = _pretrained(model, shift=0.5)
+    before = create_regularizer("l2sp", model, pre, lam=1.0, head_lam=0.0)().item()
+    model.freeze(2)  # every block: only the head trains
+    after = create_regularizer("l2sp", model, pre, lam=1.0, head_lam=0.0)()
+    assert before > 0
+    assert after.item() == 0.0
+
+
+def test_l2sp_is_zero_at_the_pretrained_start_point_apart_from_the_head() -> None:
+    model = _tiny_net()
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    head_sq = float((model.head.weight.detach() ** 2).sum())
+
+    penalty = create_regularizer("l2sp", model, pre, lam=10.0, head_lam=0.0)()
+    assert penalty.item() == 0.0
+    penalty.backward()
+    for name, p in model.named_parameters():
+        # ‖p − p⁰‖ is not differentiable at 0 in general; the gradient must still be exactly 0.
+        assert p.grad is None or torch.equal(p.grad, torch.zeros_like(p)), name
+
+    with_head = create_regularizer("l2sp", model, pre, lam=10.0, head_lam=0.5)()
+    assert with_head.item() == pytest.approx(0.5 / 2 * head_sq, rel=1e-6)
+
+
+def test_l2sp_reference_is_a_copy_of_the_start_point() -> None:
+    model = _tiny_net()
+    pre = _pretrained(model, shift=0.0)
+    penalty = create_regularizer("l2sp", model, pre, lam=1.0, head_lam=0.0)
+    for v in pre.values():
+        v.add_(1.0)  # the caller's state changing later must not move the reference
+    assert penalty().item() == 0.0
+
+
+def test_head_lambda_only_weighs_the_head() -> None:
+    model = _tiny_net()
+    pre = _pretrained(model, shift=0.2)
+    base = create_regularizer("l2sp", model, pre, lam=1.0, head_lam=0.0)().item()
+    with_head = create_regularizer("l2sp", model, pre, lam=1.0, head_lam=3.0)().item()
+    head_sq = float((model.head.weight.detach() ** 2).sum())
+    assert with_head - base == pytest.approx(3.0 / 2 * head_sq, rel=1e-5)
+    # L2 ignores β: its head is pulled with λ like everything else.
+    l2a = create_regularizer("l2", model, pre, lam=1.0, head_lam=0.0)().item()
+    l2b = create_regularizer("l2", model, pre, lam=1.0, head_lam=3.0)().item()
+    assert l2a == l2b
+
+
+@pytest.mark.parametrize("name", list_regularizers())
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_every_regularizer_is_a_finite_scalar_with_a_gradient(name: str, batch_norm: bool) -> None:
+    torch.manual_seed(0)
+    model = create_model(
+        ModelConfig(name="cnn", channels=[4], fc=8, batch_norm=batch_norm), (1, 8, 8), 3
+    )
+    model.freeze(1)
+    pre = _pretrained(model, shift=0.1)
+    for penalize in ("weights", "all"):
+        penalty = create_regularizer(name, model, pre, lam=0.3, head_lam=0.01, penalize=penalize)
+        value = penalty()
+        assert isinstance(value, torch.Tensor) and value.dim() == 0
+        assert math.isfinite(value.item()) and value.item() >= 0.0
+
+        # It is added to a loss: the sum must backpropagate into the trainable parameters only.
+        x = torch.randn(5, 1, 8, 8)
+        loss = model(x).logsumexp(1).mean() + value
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        for pname, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+            else:
+                assert p.grad is None, pname
+
+        # Linear in the scale factor, and nothing at all when λ = β = 0.
+        scaled = create_regularizer(
+            name, model, pre, 0.3, head_lam=0.01, penalize=penalize, scale=0.25
+        )
+        assert scaled().item() == pytest.approx(0.25 * value.item(), rel=1e-6, abs=1e-12)
+        zero = create_regularizer(name, model, pre, lam=0.0, head_lam=0.0, penalize=penalize)
+        assert zero().item() == 0.0
+
+
+def test_unknown_regularizer_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^regularizer\.name: unknown regularizer 'delta' \("):
+        create_regularizer("delta", _tiny_net(), {}, lam=1.0)

@@ -1,0 +1,143 @@
+"""tlsearch.study: create, resume and finish a study within an exact trial budget."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tlsearch.config import config_from_dict
+from tlsearch.errors import ConfigError, StorageError
+from tlsearch.study import (
+    ATTR_CHECKPOINT,
+    ATTR_CONFIG,
+    ProgressPrinter,
+    load_study_config,
+    make_pruner,
+    make_sampler,
+    open_study,
+    run_study,
+    summary_table,
+)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def test_budget_is_the_study_total(tiny) -> None:
+    first = run_study(config_from_dict(tiny(n_trials=3)))
+    earlier = [(t.number, t.params, t.value) for t in first.get_trials()]
+    assert len(first.get_trials(states=FINISHED)) == 3
+
+    again = run_study(config_from_dict(tiny(n_trials=5)))
+    trials = again.get_trials()
+    assert len(trials) == 5
+    assert all(t.state in FINISHED for t in trials)
+    assert [(t.number, t.params, t.value) for t in trials[:3]] == earlier
+
+    # A study that has its trials runs none.
+    done = run_study(config_from_dict(tiny(n_trials=4)))
+    assert len(done.get_trials()) == 5
+
+
+def test_interrupted_study_resumes_to_exactly_n_trials(tiny) -> None:
+    cfg = config_from_dict(tiny(n_trials=4))
+
+    def stop_after_second(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.number == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg, callbacks=[stop_after_second])
+    kept = open_study(cfg.storage, cfg.name).get_trials()
+    assert [t.state for t in kept] == [TrialState.COMPLETE] * 2
+
+    study = run_study(cfg)
+    trials = study.get_trials()
+    assert len(study.get_trials(states=FINISHED)) == 4
+    assert [(t.params, t.value) for t in trials[:2]] == [(t.params, t.value) for t in kept]
+
+
+def test_second_run_uses_the_cached_checkpoint(tiny, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tlsearch")
+    cfg = config_from_dict(tiny(n_trials=1))
+    study = run_study(cfg)
+    assert "pretraining the source model" in caplog.text
+    path = Path(study.user_attrs[ATTR_CHECKPOINT]["path"])
+    mtime = path.stat().st_mtime_ns
+
+    caplog.clear()
+    run_study(config_from_dict(tiny(n_trials=2)))
+    assert "pretraining the source model" not in caplog.text
+    assert f"pretrained checkpoint (cached): {path}" in caplog.text
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_study_records_its_config_and_checkpoint(tiny) -> None:
+    cfg = config_from_dict(tiny(n_trials=1))
+    study = run_study(cfg)
+    assert study.user_attrs[ATTR_CONFIG] == cfg.to_dict()
+    assert load_study_config(study) == cfg
+    ckpt = study.user_attrs[ATTR_CHECKPOINT]
+    assert Path(ckpt["path"]).parent == cfg.pretrain.cache_dir
+    assert len(ckpt["sha256"]) == 64
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def test_resume_with_another_config_is_refused(tiny) -> None:
+    run_study(config_from_dict(tiny(n_trials=1)))
+    changed = config_from_dict(tiny(n_trials=2, finetune={"epochs": 6}))
+    with pytest.raises(
+        ConfigError, match=r"^name: study 'tiny' already exists with a different config"
+    ):
+        run_study(changed)
+    study = run_study(changed, allow_config_change=True)
+    assert len(study.get_trials(states=FINISHED)) == 2
+
+
+def test_open_study_names_what_is_there(tiny, tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny(n_trials=1))
+    run_study(cfg)
+    with pytest.raises(
+        StorageError, match=r"^no study 'nope' in sqlite:///.*study\.db \(studies there: tiny\)$"
+    ):
+        open_study(cfg.storage, "nope")
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    with pytest.raises(StorageError, match=r"\(it holds no study\)$"):
+        open_study(empty, "tiny")
+
+
+def test_study_not_made_by_tlsearch(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(storage=url, study_name="foreign")
+    with pytest.raises(
+        StorageError, match=r"^study 'foreign' was not created by tlsearch \(no config\)$"
+    ):
+        load_study_config(open_study(url, "foreign"))
+
+
+def test_progress_and_summary(tiny) -> None:
+    stream = io.StringIO()
+    study = run_study(config_from_dict(tiny(n_trials=2)), callbacks=[ProgressPrinter(2, stream)])
+    err = stream.getvalue()
+    assert "[1/2] trial 0: cv " in err and "[2/2] trial 1: " in err
+    table = summary_table(study)
+    assert table.splitlines()[0] == "study 'tiny': 2 complete"
+    assert "cv_mean" in table.splitlines()[1]
+
+
+@pytest.mark.parametrize("name", ["tpe", "random", "gp", "cmaes", "qmc"])
+def test_every_sampler_builds(tiny, name: str) -> None:
+    assert isinstance(
+        make_sampler(config_from_dict(tiny(sampler={"name": name}))), optuna.samplers.BaseSampler
+    )
+
+
+@pytest.mark.parametrize("name", ["median", "percentile", "wilcoxon", "none"])
+def test_every_pruner_builds(tiny, name: str) -> None:
+    assert isinstance(
+        make_pruner(config_from_dict(tiny(pruner={"name": name}))), optuna.pruners.BasePruner
+    )
