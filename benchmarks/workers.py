@@ -1,0 +1,183 @@
+"""Workers benchmark: trials per minute with 1 and 2 worker processes, and the storage's cost per
+trial, for SQLite and PostgreSQL side by side in one run.
+
+    python benchmarks/workers.py                   # PostgreSQL at 127.0.0.1:5432, user postgres
+    python benchmarks/workers.py --pg-admin postgresql://user@host:5432/postgres --trials 60
+
+For each backend and worker count it measures two things:
+
+- **trials/min**: ``tlsearch run --workers N`` (spawned processes, one torch thread each) on a
+  small real study; the rate is taken from the first trial's start to the last trial's end, so
+  process start-up (imports, data, torch warm-up) is reported apart, as ``start s``.
+- **storage ms/trial**: the same worker loop with an objective that does no training but the same
+  storage traffic as a real trial (3 suggested parameters, one report per fold, the trial's user
+  attributes, heartbeats, the budget check): wall time per trial and worker. That is the overhead
+  the storage adds to every trial; with 2 workers it includes their contention for the database.
+
+PostgreSQL runs in a temporary database that is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import psycopg
+import torch
+from psycopg import sql
+
+from tlsearch.config import StudyConfig, config_from_dict
+from tlsearch.storage import Heartbeat, create_storage
+from tlsearch.study import run_trials, setup_study, worker_attrs
+from tlsearch.workers import run_workers
+
+FOLDS = 3
+
+
+def study_config(storage: str, name: str, n_trials: int, cache: Path) -> StudyConfig:
+    """A small real study: clean → noisy 8×8 digits, MLP 64-32, 3 folds of 20 epochs, 1 thread."""
+    return config_from_dict(
+        {
+            "name": name,
+            "storage": storage,
+            "n_trials": n_trials,
+            "data": {"task": "digits-noisy"},
+            "model": {"name": "mlp", "hidden": [64, 32]},
+            "pretrain": {"epochs": 3, "cache_dir": str(cache)},
+            # One thread per worker either way, so 1 vs 2 workers compares processes, not threads.
+            "finetune": {"epochs": 20, "device": "cpu", "threads": 1},
+            "search": {"frozen_blocks": {"low": 0, "high": 2}},
+            "cv": {"k": FOLDS},
+            "sampler": {"name": "tpe"},
+            "pruner": {"name": "none"},
+        }
+    )
+
+
+def trials_per_minute(cfg: StudyConfig, workers: int) -> tuple[float, float]:
+    """(trials/min between the first start and the last end, seconds before the first trial)."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    t0 = time.time()
+    study, exits, _ = run_workers(cfg, workers, device="cpu", quiet=True)
+    assert all(e.exitcode == 0 for e in exits), [e.describe() for e in exits]
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == cfg.n_trials, len(trials)
+    first = min(t.datetime_start for t in trials).timestamp()
+    last = max(t.datetime_complete for t in trials).timestamp()
+    return len(trials) / (last - first) * 60, first - t0
+
+
+def _null_objective(trial: optuna.Trial) -> float:
+    # The storage calls of KFoldObjective, without the training.
+    trial.suggest_float("lambda", 1e-4, 100.0, log=True)
+    trial.suggest_float("lr", 1e-4, 3e-2, log=True)
+    trial.suggest_int("frozen_blocks", 0, 2)
+    scores = [0.5] * FOLDS
+    for fold in range(FOLDS):
+        trial.report(0.5, fold)
+    for key, value in {
+        "fold_scores": scores,
+        "fold_losses": scores,
+        "fold_seconds": scores,
+        "seconds": 1.0,
+        "cv_mean": 0.5,
+        "cv_std": 0.0,
+    }.items():
+        trial.set_user_attr(key, value)
+    return 0.5
+
+
+def _null_worker(url: str, name: str, n_trials: int, out: multiprocessing.Queue) -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    storage = create_storage(url, Heartbeat())
+    study = optuna.load_study(study_name=name, storage=storage)
+    t0 = time.perf_counter()
+    ran = run_trials(
+        study, storage, _null_objective, n_trials=n_trials, attrs=worker_attrs(torch.device("cpu"))
+    )
+    out.put((time.perf_counter() - t0) / max(ran, 1) * 1000)
+
+
+def storage_ms_per_trial(url: str, workers: int, n_trials: int) -> float:
+    """Wall milliseconds per trial and worker of the storage-only loop."""
+    name = f"null-{workers}-{uuid.uuid4().hex[:6]}"
+    optuna.create_study(study_name=name, storage=create_storage(url), direction="maximize")
+    spawn = multiprocessing.get_context("spawn")
+    out = spawn.Queue()
+    procs = [
+        spawn.Process(target=_null_worker, args=(url, name, n_trials, out)) for _ in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    per_worker = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return statistics.fmean(per_worker)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=30, help="real trials per measurement")
+    parser.add_argument(
+        "--storage-trials", type=int, default=100, help="storage-only trials per measurement"
+    )
+    parser.add_argument(
+        "--pg-admin",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="libpq URL of a PostgreSQL database from which a temporary one can be created",
+    )
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="tlsearch-bench-"))
+    pg_db = f"tlsearch_bench_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(args.pg_admin, autocommit=True)
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(pg_db)))
+    pg_url = (
+        "postgresql+psycopg://" + args.pg_admin.split("://", 1)[1].rsplit("/", 1)[0] + f"/{pg_db}"
+    )
+    backends = {"sqlite": f"sqlite:///{tmp / 'bench.db'}", "postgresql": pg_url}
+    rows = []
+    try:
+        # Pretrain the checkpoint once, outside every measurement.
+        setup_study(study_config(backends["sqlite"], "warmup", 1, tmp / "cache"), device="cpu")
+        for backend, url in backends.items():
+            for workers in (1, 2):
+                cfg = study_config(url, f"real-{workers}", args.trials, tmp / "cache")
+                rate, start = trials_per_minute(cfg, workers)
+                ms = storage_ms_per_trial(url, workers, args.storage_trials)
+                rows.append((backend, workers, args.trials, rate, start, ms))
+                print(
+                    f"  {backend} x{workers}: {rate:.0f} trials/min, {ms:.1f} ms", file=sys.stderr
+                )
+    finally:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(pg_db)))
+        admin.close()
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"\nworkers benchmark: {cores} CPU cores (load average {load}), digits-noisy MLP 64-32, "
+        f"{FOLDS}-fold CV, 20 epochs, 1 thread per worker; storage-only loop "
+        f"{args.storage_trials} trials"
+    )
+    header = ("backend", "workers", "trials", "trials/min", "start s", "storage ms/trial")
+    print("  ".join(f"{h:>16}" for h in header))
+    for backend, workers, n, rate, start, ms in rows:
+        cells = (backend, workers, n, f"{rate:.1f}", f"{start:.1f}", f"{ms:.1f}")
+        print("  ".join(f"{c:>16}" for c in cells))
+    for backend in backends:
+        one, two = (r[3] for r in rows if r[0] == backend)
+        print(f"{backend}: 2 workers run {two / one:.2f}x the trials per minute of 1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
