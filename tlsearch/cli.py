@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 
 from tlsearch import __version__
+from tlsearch.errors import TlsearchError
 
 _log = logging.getLogger("tlsearch")
 
@@ -177,10 +178,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         except KeyboardInterrupt:
             code = _stopped(stop.signum)
-            print(summary_table(open_study(cfg.storage, cfg.name)))
+            # Stopped before the study existed (e.g. while pretraining): nothing to summarise, and
+            # opening the storage now would create it.
+            if not _missing_sqlite_file(cfg.storage):
+                try:
+                    print(summary_table(open_study(cfg.storage, cfg.name)))
+                except TlsearchError:
+                    pass
             return code
     print(summary_table(study))
     return _stopped(stop.signum) if stop.signum is not None else 0
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file()
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -433,7 +447,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tlsearch.errors import TlsearchError
     from tlsearch.storage import STORAGE_ERRORS, describe_error
 
     parser = build_parser()

@@ -402,7 +402,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         # Relative data and cache paths are relative to the study file, not the working directory.
-        _resolve_paths(data, path.parent)
+        _resolve_paths(data, path.resolve().parent)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(data, source)
 

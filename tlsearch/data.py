@@ -283,6 +283,10 @@ def load_task(cfg: DataConfig) -> TransferTask:
                 f"data.task: unknown task '{cfg.task}' (choose from {', '.join(list_tasks())})"
             ) from None
         shots = DEFAULT_SHOTS if cfg.shots is None else cfg.shots
+        if shots == 0:
+            raise ConfigError(
+                "data.shots: a built-in task needs at least 1 labelled target sample per class"
+            )
         return build(cfg.seed, shots)
 
     assert cfg.source is not None and cfg.target is not None

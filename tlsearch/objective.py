@@ -90,6 +90,8 @@ def check_folds(cfg: StudyConfig, train: Dataset) -> None:
     """Fail before any training when the folds cannot be made."""
     counts = np.bincount(train.y)
     counts = counts[counts > 0]
+    if not len(counts):
+        raise ConfigError("data: the target training split is empty")
     if cfg.cv.stratified and cfg.cv.k > counts.min():
         raise ConfigError(
             f"cv.k: {cfg.cv.k} stratified folds need at least {cfg.cv.k} target samples per class; "

@@ -125,11 +125,13 @@ def ensure_pretrained(
     meta_path = path.with_suffix(".json")
     with FileLock(str(path) + ".lock"):
         if path.is_file() and meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            ckpt = Checkpoint(path, meta["sha256"], key)
-            if _file_sha256(path) == ckpt.sha256:
+            try:
+                sha = json.loads(meta_path.read_text())["sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                sha = None
+            if sha is not None and _file_sha256(path) == sha:
                 _log.info("pretrained checkpoint (cached): %s", path)
-                return ckpt
+                return Checkpoint(path, sha, key)
             _log.warning("pretrained checkpoint %s does not match its hash; retraining it", path)
         _log.info("pretraining the source model on %d samples ...", len(task.source))
         state, info = _train_source(cfg, task, device)
