@@ -159,7 +159,16 @@ def _lambda_curve(points: list[_Point], best: FrozenTrial | None) -> Figure:
     _log_x(ax, [p.params["lambda"] for p in pts])
     ax.set_xlabel("λ (penalty strength, log scale)")
     ax.set_ylabel("CV accuracy (mean ± std over folds)")
-    ax.legend(fontsize=8, loc="best")
+    # Legend beside the plot, depths in order: the points fill the whole λ range.
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith("pruned"), labels[i]))
+    ax.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
     ax.grid(alpha=0.3)
     return fig
 
@@ -253,7 +262,7 @@ def _frozen_depth(points: list[_Point]) -> Figure:
     ax.set_xlim(min(depths) - 0.6, max(depths) + 0.6)
     ax.set_xlabel("frozen_blocks (leading blocks kept at their pretrained values)")
     ax.set_ylabel("CV accuracy")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3, axis="y")
     return fig
 
@@ -309,12 +318,15 @@ def _lr_vs_lambda(points: list[_Point], best: FrozenTrial | None) -> Figure:
 
 def _test_comparison(final: Mapping[str, Any]) -> Figure:
     fig, ax = _figure()
-    ax.set_title("Held-out test accuracy (tlsearch final)")
+    size = final.get("target_test_size")
+    of = f" on {size} images" if size else ""
+    ax.set_title(f"Held-out test accuracy{of} (tlsearch final)")
     names = list(FINAL_MODELS)
     acc = [final[n]["test_accuracy"] for n in names]
     bars = ax.bar([FINAL_MODELS[n] for n in names], acc, color=["0.6", "C0", "C2"])
     for bar, a in zip(bars, acc, strict=True):
-        ax.text(bar.get_x() + bar.get_width() / 2, a, f"{a:.3f}", ha="center", va="bottom")
+        x = bar.get_x() + bar.get_width() / 2
+        ax.text(x, a - 0.02, f"{a:.3f}", ha="center", va="top", color="white", weight="bold")
     cv = final["tuned"].get("cv_mean")
     if cv is not None:
         ax.scatter(
