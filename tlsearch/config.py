@@ -52,16 +52,21 @@ __all__ = [
 
 
 class _Section(BaseModel):
-    # NaN and ±inf are valid TOML floats, never valid settings.
+    # NaN and ±inf are valid TOML floats, never valid settings; strict: "2" is not the number 2.
     model_config = ConfigDict(
-        extra="forbid", validate_default=True, populate_by_name=True, allow_inf_nan=False
+        extra="forbid",
+        validate_default=True,
+        populate_by_name=True,
+        allow_inf_nan=False,
+        strict=True,
     )
 
 
 class FileSource(_Section):
     """A data set in a file: ``.npz`` with arrays ``x`` and ``y``, or a CSV/Parquet table."""
 
-    path: Path
+    # TOML has no path type: a string is the one conversion strict mode allows here.
+    path: Annotated[Path, Field(strict=False)]
     # Only for tables: the column that holds the integer class label; every other column is a feature.
     label_column: str = "label"
     # Reshape flat features to (channels, height, width) so a CNN can read them, e.g. [1, 28, 28].
@@ -133,7 +138,7 @@ class PretrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
     # Where checkpoints live; default $TLSEARCH_CACHE or ~/.cache/tlsearch.
-    cache_dir: Path | None = None
+    cache_dir: Annotated[Path, Field(strict=False)] | None = None
 
 
 class FinetuneConfig(_Section):
