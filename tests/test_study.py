@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import optuna
+import optuna_dashboard
 import pytest
 from optuna.trial import TrialState
 
@@ -85,6 +86,9 @@ def test_study_records_its_config_and_checkpoint(tiny) -> None:
     assert Path(ckpt["path"]).parent == cfg.pretrain.cache_dir
     assert len(ckpt["sha256"]) == 64
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    # The dashboard's note for the study is written by the run itself.
+    note = optuna_dashboard.get_note(study)
+    assert note.startswith(f"## tlsearch study `{cfg.name}`"), note
 
 
 def test_resume_with_another_config_is_refused(tiny) -> None:

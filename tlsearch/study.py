@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch import __version__
 from tlsearch.config import StudyConfig, config_from_dict
+from tlsearch.dashboard import write_study_note
 from tlsearch.data import TransferTask, load_task
 from tlsearch.device import resolve_device
 from tlsearch.errors import ConfigError, StorageError
@@ -229,6 +230,8 @@ def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> Non
     study.set_user_attr(ATTR_HEARTBEAT, heartbeat.to_dict())
     study.set_user_attr(ATTR_VERSION, __version__)
     study.set_user_attr("task", ctx.task.description)
+    # The markdown note optuna-dashboard shows beside the study: data, model, penalty, space, CV.
+    write_study_note(study, ctx.cfg, ctx.task.description)
 
 
 def setup_study(
