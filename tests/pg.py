@@ -142,6 +142,19 @@ def tiny_config(tmp_path: Path, storage: str, **overrides: Any) -> Path:
     return path
 
 
+def create(config: Path, **heartbeat: int) -> None:
+    """``tlsearch create CONFIG``, in this process (a subprocess would only add start-up time)."""
+    from tlsearch.config import load_config
+    from tlsearch.study import setup_study
+
+    _, storage, _ = setup_study(load_config(config), heartbeat=heartbeat)
+    storage.engine.dispose()
+
+
+# Heartbeats fast enough to notice a dead worker within seconds.
+FAST_BEATS = {"interval": 1, "grace_period": 3}
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()

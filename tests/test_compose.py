@@ -114,6 +114,7 @@ def test_cpu_override_removes_only_the_gpu_reservation() -> None:
     assert set(override) <= {"launcher", "dashboard", "worker"}
 
 
+@pytest.mark.slow  # about 40 s: a launcher, two workers and a dashboard process
 def test_launcher_workers_and_dashboard_run_as_declared(
     tmp_path: Path,
     pg_url: str,  # noqa: F811

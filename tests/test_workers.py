@@ -18,6 +18,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 from pg import (  # noqa: F401 - pg_url is a fixture
+    FAST_BEATS,
+    create,
     finished,
     pg_url,
     run_cli,
@@ -37,8 +39,6 @@ from tlsearch.workers import claim_gpu, default_threads, plan_devices
 
 # Trials of a few seconds, so that a signal sent when one is seen running lands inside it.
 SLOW = {"finetune": {"epochs": 150, "device": "cpu", "threads": 1}}
-# Heartbeats fast enough to notice a dead worker within seconds.
-FAST_BEATS = ("--heartbeat-interval", "1", "--grace-period", "3")
 
 
 def _check_exact(url: str, n: int, output: str) -> list[optuna.trial.FrozenTrial]:
@@ -83,7 +83,7 @@ def test_four_workers_on_postgresql_run_exactly_the_budget(
 def test_killed_worker_trial_fails_and_is_retried(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     config = tiny_config(tmp_path, url, n_trials=2, **SLOW)
-    assert run_cli("create", str(config), *FAST_BEATS, tmp_path=tmp_path).returncode == 0
+    create(config, **FAST_BEATS)
     victim = start_worker(url, "tiny", tmp_path, log="victim.log")
     trial = wait_until(lambda: running_trial_of(url, "tiny", victim.pid), 120, "victim trial")
     victim.kill()  # SIGKILL: no handler, no goodbye; the trial stays RUNNING
@@ -101,7 +101,7 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path: Path) -> None:
 def test_sigterm_and_sigint_fail_and_requeue_the_running_trial(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     config = tiny_config(tmp_path, url, n_trials=20, **SLOW)
-    assert run_cli("create", str(config), tmp_path=tmp_path).returncode == 0
+    create(config)
     workers = {
         sig: start_worker(url, "tiny", tmp_path, log=f"{sig.name}.log")
         for sig in (signal.SIGTERM, signal.SIGINT)
@@ -127,7 +127,7 @@ def test_sigterm_and_sigint_fail_and_requeue_the_running_trial(tmp_path: Path) -
 
 def test_workers_survive_dropped_connections(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
     config = tiny_config(tmp_path, pg_url, n_trials=12)
-    assert run_cli("create", str(config), *FAST_BEATS, tmp_path=tmp_path).returncode == 0
+    create(config, **FAST_BEATS)
     procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(2)]
     wait_until(lambda: len(finished(pg_url, "tiny")) >= 3, 180, "first trials")
     before = {t.number: t.value for t in finished(pg_url, "tiny")}
@@ -148,7 +148,7 @@ def test_workers_survive_dropped_connections(tmp_path: Path, pg_url: str) -> Non
 @pytest.mark.slow
 def test_workers_survive_a_server_restart(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
     config = tiny_config(tmp_path, pg_url, n_trials=24)
-    assert run_cli("create", str(config), *FAST_BEATS, tmp_path=tmp_path).returncode == 0
+    create(config, **FAST_BEATS)
     procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(2)]
     wait_until(lambda: len(finished(pg_url, "tiny")) >= 4, 180, "first trials")
     before = {t.number: t.value for t in finished(pg_url, "tiny")}
@@ -171,7 +171,7 @@ def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
     """Another host: the recorded checkpoint path is not there, so the worker pretrains its own."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     config = tiny_config(tmp_path, url, n_trials=2)
-    assert run_cli("create", str(config), tmp_path=tmp_path).returncode == 0
+    create(config)
     shutil.rmtree(tmp_path / "cache")  # the creating host's cache is not on this one
     elsewhere = tmp_path / "other-host-cache"
     result = run_cli(
