@@ -53,6 +53,12 @@ def _check_exact(url: str, n: int, output: str) -> list[optuna.trial.FrozenTrial
     return done
 
 
+def _retry_of(trials: list[optuna.trial.FrozenTrial], number: int) -> optuna.trial.FrozenTrial:
+    """The trial that retries trial ``number`` (itself perhaps a retry of an earlier one)."""
+    (retry,) = [t for t in trials if t.system_attrs.get("retry_history", [])[-1:] == [number]]
+    return retry
+
+
 def test_four_workers_on_sqlite_run_exactly_the_budget(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     config = tiny_config(tmp_path, url, n_trials=100)
@@ -93,7 +99,7 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path: Path) -> None:
 
     study = optuna.load_study(study_name="tiny", storage=url)
     assert study.trials[trial.number].state == TrialState.FAIL
-    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+    retry = _retry_of(study.trials, trial.number)
     assert retry.state == TrialState.COMPLETE and retry.params == trial.params
     assert len(finished(url, "tiny")) == 2
 
@@ -119,7 +125,7 @@ def test_sigterm_and_sigint_fail_and_requeue_the_running_trial(tmp_path: Path) -
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     for sig, trial in running.items():
         assert trials[trial.number].state == TrialState.FAIL
-        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+        retry = _retry_of(trials, trial.number)
         assert retry.state == TrialState.WAITING and retry.params == trial.params
         assert f"trial {trial.number} failed without finishing; queued again" in logs[sig]
         assert "Traceback" not in logs[sig]
