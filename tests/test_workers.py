@@ -34,7 +34,8 @@ from pg import (  # noqa: F401 - pg_url is a fixture
 
 from tlsearch import workers
 from tlsearch.errors import ConfigError
-from tlsearch.study import ATTR_CHECKPOINT
+from tlsearch.storage import Heartbeat, create_storage
+from tlsearch.study import ATTR_CHECKPOINT, run_trials
 from tlsearch.workers import claim_gpu, default_threads, plan_devices
 
 # Trials of a few seconds, so that a signal sent when one is seen running lands inside it.
@@ -214,6 +215,29 @@ def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
         "tlsearch: error: pretraining on this host gave a checkpoint with SHA-256"
     )
     assert "or put pretrain.cache_dir on a filesystem every worker sees" in line
+
+
+def test_a_trial_failed_by_another_worker_is_retried_not_fatal(tmp_path: Path) -> None:
+    """Optuna #5582 ("Trial#N has already finished"): another worker failed our running trial."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = create_storage(url, Heartbeat(interval=1, grace_period=3))
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    elsewhere = create_storage(url)  # the other worker's view of the same study
+    taken: list[optuna.Trial] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if not taken:
+            taken.append(trial)
+            elsewhere.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        trial.report(x, 0)  # the first trial: "has already finished and can not be updated"
+        return x
+
+    assert run_trials(study, storage, objective, n_trials=3) == 3
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].state == TrialState.FAIL
+    assert _retry_of(trials, 0).params == taken[0].params
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
 
 
 def test_devices_round_robin_and_threads_shared(monkeypatch: pytest.MonkeyPatch) -> None:

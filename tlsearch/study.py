@@ -425,17 +425,29 @@ class _QuietFailures(logging.Filter):
         self._optuna_logger.removeFilter(self)
 
 
-def _storage_cause(e: BaseException) -> BaseException | None:
-    """The storage error behind ``e``, if any: Optuna may raise another one while handling it
-    (an ``AssertionError`` when a trial's final ``tell`` fails on a dropped connection)."""
+def _find_cause(e: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """``e`` or the first exception of its chain that ``match`` accepts.
+
+    Optuna may raise another error while handling the one that matters: an ``AssertionError``
+    ("Should not reach") when a trial's final ``tell`` fails on a dropped connection.
+    """
     seen: BaseException | None = e
     for _ in range(8):
-        if seen is None:
-            return None
-        if isinstance(seen, STORAGE_ERRORS):
+        if seen is None or match(seen):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _is_storage_error(e: BaseException) -> bool:
+    return isinstance(e, STORAGE_ERRORS)
+
+
+def _is_taken_over(e: BaseException) -> bool:
+    """This process's trial was finished by someone else meanwhile."""
+    return isinstance(e, optuna.exceptions.UpdateFinishedTrialError) or (
+        isinstance(e, ValueError) and str(e).startswith("Cannot tell a ")
+    )
 
 
 def _retried(study: optuna.Study, number: int) -> bool:
@@ -541,7 +553,7 @@ def run_trials(
                     break
                 raise
             except Exception as e:
-                cause = _storage_cause(e)
+                cause = _find_cause(e, _is_storage_error)
                 if cause is not None:
                     now = time.monotonic()
                     failing_since = failing_since or now
@@ -556,16 +568,15 @@ def run_trials(
                     )
                     time.sleep(pause)
                     continue
-                # "Cannot tell a FAIL trial": another worker failed ours, having missed its
-                # heartbeats for longer than the grace period, and queued its retry.
-                if guard.number is None or not _retried(study, guard.number):
+                if guard.number is None or _find_cause(e, _is_taken_over) is None:
                     raise
+                # Another worker failed our trial while it ran (it saw no heartbeat within the
+                # grace period); the retry it queued, or the one _settle queues, runs instead.
                 _log.warning(
-                    "trial %d was failed by another worker (no heartbeat within the grace "
-                    "period); its retry runs instead",
+                    "trial %d was failed by another worker while it ran here (no heartbeat "
+                    "within the grace period?); it is retried",
                     guard.number,
                 )
-                guard.told = True
                 continue
             # 3) the budget is taken: finished, or held by trials running or queued elsewhere
             assert n_trials is not None, "only a budget raises BudgetExhausted"
