@@ -401,7 +401,8 @@ class _Guard:
 
 
 class _QuietFailures(logging.Filter):
-    """Drop Optuna's traceback for trials a signal or the storage ended; the loop logs one line."""
+    """Drop Optuna's traceback for trials that a signal, the storage or another worker ended; the
+    loop logs one line for each."""
 
     _optuna_logger = logging.getLogger("optuna.study._optimize")
 
@@ -413,7 +414,7 @@ class _QuietFailures(logging.Filter):
         message = record.getMessage()
         trial = " ".join(message.split()[:2])  # "Trial 12"
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (KeyboardInterrupt, *STORAGE_ERRORS)):
+        if exc is not None and _find_cause(exc, _is_handled) is not None:
             self._quiet.add(trial)
             return False
         return not (trial in self._quiet and "failed with value" in message)
@@ -448,6 +449,11 @@ def _is_taken_over(e: BaseException) -> bool:
     return isinstance(e, optuna.exceptions.UpdateFinishedTrialError) or (
         isinstance(e, ValueError) and str(e).startswith("Cannot tell a ")
     )
+
+
+def _is_handled(e: BaseException) -> bool:
+    """An error :func:`run_trials` handles itself (the trial is settled, the loop goes on)."""
+    return isinstance(e, KeyboardInterrupt) or _is_storage_error(e) or _is_taken_over(e)
 
 
 def _retried(study: optuna.Study, number: int) -> bool:
