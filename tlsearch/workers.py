@@ -195,9 +195,9 @@ def join_study(
     if spec == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         spec = f"cuda:{claim_gpu(cache_dir_of(cfg))}"
     dev = resolve_device(spec)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and dev.index is not None:
         # Stray allocations (cuDNN workspaces, a bare .cuda()) go to this worker's GPU too.
-        torch.cuda.set_device(dev)
+        torch.cuda.set_device(dev.index)
     task = load_task(cfg.data)
     check_folds(cfg, task.target_train)
     return (
