@@ -138,8 +138,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="tlsearch-bench-"))
     pg_db = f"tlsearch_bench_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect(args.pg_admin, autocommit=True)
-    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(pg_db)))
+    with psycopg.connect(args.pg_admin, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(pg_db)))
     pg_url = (
         "postgresql+psycopg://" + args.pg_admin.split("://", 1)[1].rsplit("/", 1)[0] + f"/{pg_db}"
     )
@@ -158,8 +158,9 @@ def main() -> int:
                     f"  {backend} x{workers}: {rate:.0f} trials/min, {ms:.1f} ms", file=sys.stderr
                 )
     finally:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(pg_db)))
-        admin.close()
+        # A new connection: the server may have been restarted meanwhile.
+        with psycopg.connect(args.pg_admin, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(pg_db)))
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
