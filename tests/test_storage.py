@@ -148,6 +148,8 @@ def test_password_never_shown_or_stored(tmp_path: Path) -> None:
         created = run_cli("create", str(tiny_config(tmp_path, secret_url)), tmp_path=tmp_path)
         assert created.returncode == 0, created.stderr
         assert "s3cret" not in created.stdout + created.stderr
+        # The command to start workers with: they take the password from the environment.
+        assert created.stdout.strip() == f"tlsearch worker --storage '{url}' --study-name 'tiny'"
         # The study is readable by anyone with the dashboard: its attributes hold no password.
         study = optuna.load_study(study_name="tiny", storage=url)
         assert study.user_attrs[ATTR_CONFIG]["storage"] == mask_url(secret_url)

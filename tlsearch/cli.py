@@ -198,7 +198,7 @@ def _missing_sqlite_file(url: str) -> bool:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from tlsearch.storage import mask_url
+    from tlsearch.storage import mask_url, without_password
     from tlsearch.study import count_budget, setup_study
 
     cfg = _load_config(args)
@@ -216,7 +216,9 @@ def cmd_create(args: argparse.Namespace) -> int:
         cfg.n_trials if cfg.n_trials is not None else "∞",
         ctx.checkpoint.path,
     )
-    print(f"tlsearch worker --storage '{mask_url(cfg.storage)}' --study-name '{cfg.name}'")
+    # What to run on each worker host; a password is never printed, the worker reads it from
+    # $TLSEARCH_DB_PASSWORD (or libpq's PGPASSWORD, ~/.pgpass).
+    print(f"tlsearch worker --storage '{without_password(cfg.storage)}' --study-name '{cfg.name}'")
     return 0
 
 

@@ -43,7 +43,7 @@ from optuna.exceptions import ExperimentalWarning, StorageInternalError
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from tlsearch.errors import ConfigError, StorageError
 
@@ -57,6 +57,7 @@ __all__ = [
     "describe_error",
     "mask_url",
     "storage_error",
+    "without_password",
 ]
 
 _log = logging.getLogger(__name__)
@@ -244,6 +245,16 @@ def mask_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a URL we cannot parse might still hold a secret
         return "<unparseable storage URL>"
+
+
+def without_password(url: str) -> str:
+    """The URL with no password at all: for a worker that reads it from the environment."""
+    try:
+        u = make_url(url)
+        bare = URL.create(u.drivername, u.username, None, u.host, u.port, u.database, u.query)
+        return bare.render_as_string(hide_password=False)
+    except Exception:  # noqa: BLE001 - as in mask_url
+        return mask_url(url)
 
 
 def describe_error(e: BaseException) -> str:
