@@ -28,11 +28,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TextIO
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
 
 from tlsearch import __version__
 from tlsearch.config import StudyConfig, config_from_dict
@@ -47,6 +49,7 @@ from tlsearch.storage import (
     BudgetExhausted,
     Heartbeat,
     StudyStorage,
+    _check_url,
     create_storage,
     describe_error,
     mask_url,
@@ -177,17 +180,30 @@ def load_study(
 
 
 def open_study(storage_url: str, study_name: str) -> optuna.Study:
-    """Load an existing study; one clear error when it does not exist."""
+    """Load an existing study; one clear error when it does not exist.
+
+    A SQLite file that does not exist is reported, not created: a typo in the path would
+    otherwise leave an empty database behind.
+    """
+    url = make_url(_check_url(storage_url))
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        raise StorageError(
+            f"no study '{study_name}' in {mask_url(storage_url)} (it holds no study)"
+        )
     return load_study(create_storage(storage_url), storage_url, study_name)
 
 
 def _create_or_resume(
-    cfg: StudyConfig, storage: optuna.storages.BaseStorage, allow_config_change: bool
-) -> optuna.Study:
+    cfg: StudyConfig,
+    storage: optuna.storages.BaseStorage,
+    allow_config_change: bool,
+    heartbeat: Mapping[str, int] | None,
+) -> tuple[optuna.Study, Heartbeat]:
     try:
         existing = optuna.load_study(study_name=cfg.name, storage=storage)
     except KeyError:
         existing = None
+    stored = None
     if existing is not None:
         old = existing.user_attrs.get(ATTR_HASH)
         if old is not None and old != cfg.search_hash() and not allow_config_change:
@@ -195,7 +211,10 @@ def _create_or_resume(
                 f"name: study '{cfg.name}' already exists with a different config; "
                 "choose another --study-name, or pass --allow-config-change to mix them"
             )
-    return optuna.create_study(
+        stored = existing.user_attrs.get(ATTR_HEARTBEAT)
+    # Checked before a new study exists: bad heartbeat flags must not leave a study behind.
+    beat = replace(Heartbeat.from_dict(stored), **(heartbeat or {}))
+    study = optuna.create_study(
         storage=storage,
         study_name=cfg.name,
         sampler=make_sampler(cfg),
@@ -203,6 +222,7 @@ def _create_or_resume(
         direction="maximize",
         load_if_exists=True,
     )
+    return study, beat
 
 
 def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> None:
@@ -250,10 +270,10 @@ def setup_study(
         heartbeat: overrides of the study's :class:`~tlsearch.storage.Heartbeat` fields (those
             stored with the study, else the defaults), e.g. ``{"grace_period": 120}``.
     """
+    _check_url(cfg.storage)  # a bad URL or an unwritable directory costs no pretraining
     ctx = prepare(cfg, device)
     storage = create_storage(cfg.storage)
-    study = _create_or_resume(cfg, storage, allow_config_change)
-    beat = replace(Heartbeat.from_dict(study.user_attrs.get(ATTR_HEARTBEAT)), **(heartbeat or {}))
+    study, beat = _create_or_resume(cfg, storage, allow_config_change, heartbeat)
     storage.enable_heartbeat(beat)
     _record(study, ctx, beat)
     return study, storage, ctx
