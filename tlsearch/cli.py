@@ -45,11 +45,22 @@ def _add_storage_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--study-name", required=required, help="name of the study in the storage")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _at_least(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _at_least(text, 0)
 
 
 def _gpu_list(text: str) -> list[int]:
@@ -95,7 +106,7 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-retry",
-        type=int,
+        type=_non_negative,
         metavar="N",
         help="times one trial is queued again after its worker died or stopped (default 3)",
     )
