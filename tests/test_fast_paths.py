@@ -214,3 +214,15 @@ def test_objective_honours_finetune_threads(tiny) -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_new_head_is_not_the_source_models_initial_head() -> None:
+    """Fine-tuning seed 0 must not redraw the head the source model started from under seed 0."""
+    cfg = _cfg(MLP)
+    torch.manual_seed(0)
+    source_init = create_model(cfg.model, INPUT, 4)
+    pre = _pretrained(cfg)
+    x, y = _folds(k=1)
+    params = FinetuneParams(lam=0.0, lr=1e-12, frozen_blocks=2, regularizer="none")
+    model = finetune(pre, _cfg(MLP, finetune={"epochs": 1}), params, x[0], y[0], 4, INPUT, seed=0)
+    assert not torch.allclose(model.head.weight, source_init.head.weight)
