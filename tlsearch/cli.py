@@ -134,7 +134,7 @@ def _load_config(args: argparse.Namespace):  # noqa: ANN202 - StudyConfig, impor
 
 
 def _stopped(signum: int | None) -> int:
-    print("stopped: finished trials are kept; run the same command to resume", file=sys.stderr)
+    _log.warning("stopped: finished trials are kept; run the same command to resume")
     return 0 if signum == signal.SIGTERM else 130
 
 
