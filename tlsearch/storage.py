@@ -53,6 +53,7 @@ __all__ = [
     "BudgetExhausted",
     "Heartbeat",
     "StudyStorage",
+    "check_url",
     "create_storage",
     "describe_error",
     "mask_url",
@@ -300,7 +301,9 @@ def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
     engine.dispose()
 
 
-def _check_url(url: str) -> str:
+def check_url(url: str) -> str:
+    """``url`` checked (scheme, SQLite directory) without connecting, with the password from
+    ``$TLSEARCH_DB_PASSWORD`` added when the URL has none; a :class:`ConfigError` if it is bad."""
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001
@@ -337,7 +340,7 @@ def create_storage(url: str, heartbeat: Heartbeat | None = None) -> StudyStorage
         heartbeat: enable heartbeats (and re-queueing of trials whose worker died) with these
             settings; None leaves them off until :meth:`StudyStorage.enable_heartbeat`.
     """
-    url = _check_url(url)
+    url = check_url(url)
     try:
         storage = StudyStorage(url, _engine_kwargs(url), heartbeat)
     except (*STORAGE_ERRORS, OSError, ImportError) as e:

@@ -49,7 +49,7 @@ from tlsearch.storage import (
     BudgetExhausted,
     Heartbeat,
     StudyStorage,
-    _check_url,
+    check_url,
     create_storage,
     describe_error,
     mask_url,
@@ -63,6 +63,7 @@ __all__ = [
     "Interrupted",
     "StopFlag",
     "StudyContext",
+    "existing_storage",
     "load_study",
     "load_study_config",
     "make_objective",
@@ -179,18 +180,23 @@ def load_study(
         ) from None
 
 
-def open_study(storage_url: str, study_name: str) -> optuna.Study:
-    """Load an existing study; one clear error when it does not exist.
+def existing_storage(storage_url: str, study_name: str) -> StudyStorage:
+    """The storage of an existing study (``open_study``, workers).
 
     A SQLite file that does not exist is reported, not created: a typo in the path would
     otherwise leave an empty database behind.
     """
-    url = make_url(_check_url(storage_url))
+    url = make_url(check_url(storage_url))
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
         raise StorageError(
             f"no study '{study_name}' in {mask_url(storage_url)} (it holds no study)"
         )
-    return load_study(create_storage(storage_url), storage_url, study_name)
+    return create_storage(storage_url)
+
+
+def open_study(storage_url: str, study_name: str) -> optuna.Study:
+    """Load an existing study; one clear error when it does not exist."""
+    return load_study(existing_storage(storage_url, study_name), storage_url, study_name)
 
 
 def _create_or_resume(
@@ -270,7 +276,7 @@ def setup_study(
         heartbeat: overrides of the study's :class:`~tlsearch.storage.Heartbeat` fields (those
             stored with the study, else the defaults), e.g. ``{"grace_period": 120}``.
     """
-    _check_url(cfg.storage)  # a bad URL or an unwritable directory costs no pretraining
+    check_url(cfg.storage)  # a bad URL or an unwritable directory costs no pretraining
     ctx = prepare(cfg, device)
     storage = create_storage(cfg.storage)
     study, beat = _create_or_resume(cfg, storage, allow_config_change, heartbeat)

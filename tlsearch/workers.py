@@ -51,7 +51,7 @@ from tlsearch.pretrain import (
 from tlsearch.pretrain import (
     cache_dir as cache_dir_of,
 )
-from tlsearch.storage import Heartbeat, StudyStorage, create_storage, mask_url
+from tlsearch.storage import Heartbeat, StudyStorage, mask_url
 from tlsearch.study import (
     ATTR_CHECKPOINT,
     ATTR_HEARTBEAT,
@@ -59,6 +59,7 @@ from tlsearch.study import (
     ProgressPrinter,
     StopFlag,
     StudyContext,
+    existing_storage,
     load_study,
     load_study_config,
     make_objective,
@@ -171,7 +172,7 @@ def join_study(
         device: overrides the study's ``finetune.device`` for this worker.
         cache_dir: overrides the study's ``pretrain.cache_dir`` on this host.
     """
-    storage = create_storage(storage_url)
+    storage = existing_storage(storage_url, study_name)
     cfg = load_study_config(load_study(storage, storage_url, study_name))
     updates: dict[str, Any] = {"storage": storage_url}
     if cache_dir is not None:
