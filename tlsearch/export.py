@@ -12,6 +12,7 @@ trial's fold scores spread into columns ``fold_0`` … ``fold_{k-1}`` (and ``fol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -96,7 +97,8 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only filesystem even this fails
+            tmp.unlink(missing_ok=True)
         raise TlsearchError(f"cannot write {path}: {e.strerror}") from None
 
 

@@ -13,9 +13,11 @@ the baselines, which were never cross-validated). The tuned model's weights go t
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,8 @@ import torch
 
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask
-from tlsearch.export import read_export
+from tlsearch.errors import TlsearchError
+from tlsearch.export import _write_atomically, read_export
 from tlsearch.finetune import FinetuneParams, evaluate, finetune, to_tensors
 from tlsearch.models import create_model
 from tlsearch.pretrain import Checkpoint, load_checkpoint
@@ -110,14 +113,23 @@ def save_outcomes(
     outcomes: dict[str, Outcome], json_path: Path, weights_path: Path, extra: dict[str, Any]
 ) -> dict[str, Any]:
     """Write the tuned model's weights and the metrics of all models (atomically)."""
-    weights_tmp = weights_path.with_name(f".{weights_path.name}.tmp{os.getpid()}")
-    torch.save({k: v.cpu() for k, v in outcomes["tuned"].model.state_dict().items()}, weights_tmp)
-    os.replace(weights_tmp, weights_path)
+    buffer = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in outcomes["tuned"].model.state_dict().items()}, buffer)
+    _write_atomically(weights_path, lambda p: p.write_bytes(buffer.getvalue()))
     data = {**extra, "weights": str(weights_path), **{k: o.to_dict() for k, o in outcomes.items()}}
-    tmp = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, json_path)
+    _write_atomically(json_path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
     return data
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail before minutes of training when the results could not be written (full, read-only)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".tlsearch-write-check") as f:
+            f.write(b"\0")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise TlsearchError(f"cannot write in {directory}: {e.strerror}") from None
 
 
 def final_paths(best_path: str | Path) -> tuple[Path, Path]:
@@ -132,6 +144,8 @@ def run_final(best_path: str | Path, device: str | None = None) -> dict[str, Any
     Returns what ``BEST.final.json`` holds (see the module docstring).
     """
     best = read_export(best_path)
+    json_path, weights_path = final_paths(best_path)
+    _check_writable(json_path.parent)
     ctx = prepare(best.config, device)
     expected = (best.data.get("checkpoint") or {}).get("sha256")
     if expected and expected != ctx.checkpoint.sha256:
@@ -142,7 +156,6 @@ def run_final(best_path: str | Path, device: str | None = None) -> dict[str, Any
     outcomes["tuned"] = replace(
         outcomes["tuned"], cv_mean=best.data.get("cv_mean"), cv_std=best.data.get("cv_std")
     )
-    json_path, weights_path = final_paths(best_path)
     extra = {
         "study_name": best.data.get("study_name"),
         "trial_number": best.data.get("trial_number"),

@@ -1,15 +1,18 @@
 """Source pretraining, done once and cached on disk under a content hash.
 
-The key hashes (source data, model, pretraining settings, seed): the same study, a resumed study or any
-worker gets the same key and reuses the file. Checkpoints are written atomically (temporary file, then
-``os.replace``) under a file lock, so processes that need the same checkpoint at once train it once while
-the others wait. Each checkpoint has a sidecar JSON with the SHA-256 of its bytes; a file that does not
-match is never used but rebuilt.
+The key hashes (source data, model, pretraining settings, seed): the same study, a resumed study or
+any worker gets the same key and reuses the file. Checkpoints are written atomically (temporary
+file, then ``os.replace``) under a file lock, so processes that need the same checkpoint at once
+train it once while the others wait. Each checkpoint has a sidecar JSON with the SHA-256 of its
+bytes; a file that does not match is never used but rebuilt. A cache that cannot be written (full
+disk, read-only volume without the checkpoint) is one :class:`CheckpointError` line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -71,16 +74,27 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def load_checkpoint(
+    ckpt: Checkpoint, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """The state dict, after checking the file's hash; ``weights_only=True`` loads no code."""
     if not ckpt.path.is_file():
         raise CheckpointError(f"pretrained checkpoint not found: {ckpt.path}")
     actual = _file_sha256(ckpt.path)
     if actual != ckpt.sha256:
         raise CheckpointError(
-            f"pretrained checkpoint {ckpt.path} has SHA-256 {actual[:12]}…, expected {ckpt.sha256[:12]}…"
+            f"pretrained checkpoint {ckpt.path} has SHA-256 {actual[:12]}…, "
+            f"expected {ckpt.sha256[:12]}…"
         )
-    return torch.load(ckpt.path, map_location=device, weights_only=True)
+    try:
+        return torch.load(ckpt.path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch refuses is one line for the user
+        # weights_only=True unpickles tensors and plain containers only: code or custom classes
+        # in the file are refused here, never run.
+        raise CheckpointError(
+            f"pretrained checkpoint {ckpt.path} is not a plain state dict "
+            f"({type(e).__name__}); delete it and its .json to pretrain again"
+        ) from None
 
 
 def _train_source(cfg: StudyConfig, task: TransferTask, device: torch.device) -> tuple[dict, dict]:
@@ -110,42 +124,86 @@ def _train_source(cfg: StudyConfig, task: TransferTask, device: torch.device) ->
     return state, info
 
 
+def _cached(path: Path, key: str) -> Checkpoint | None:
+    """The checkpoint at ``path`` if it and its sidecar exist and its bytes hash as recorded."""
+    meta_path = path.with_suffix(".json")
+    if not (path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        sha = json.loads(meta_path.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Checkpoint(path, sha, key) if sha == _file_sha256(path) else None
+
+
+def _save(state: dict, info: dict, path: Path, key: str) -> Checkpoint:
+    """Write the checkpoint, then its sidecar, each atomically; a failed write leaves no temp."""
+    meta_path = path.with_suffix(".json")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp{os.getpid()}")
+    # Serialized in memory first: a failed file write is then an OSError that names its reason
+    # (torch.save straight to a full disk reports an internal position mismatch instead).
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        meta_tmp.write_text(json.dumps({"sha256": sha, "key": key, **info}, indent=2))
+        os.replace(meta_tmp, meta_path)
+    except OSError as e:
+        for left in (tmp, meta_tmp):
+            with contextlib.suppress(OSError):  # on a read-only filesystem even this fails
+                left.unlink(missing_ok=True)
+        raise CheckpointError(f"pretrain.cache_dir: cannot write {path}: {e.strerror}") from None
+    return Checkpoint(path, sha, key)
+
+
 def ensure_pretrained(
     cfg: StudyConfig, task: TransferTask, device: torch.device | str = "cpu"
 ) -> Checkpoint:
-    """Return the cached checkpoint for this study, training it first if no valid one exists."""
+    """Return the cached checkpoint for this study, training it first if no valid one exists.
+
+    A valid checkpoint is used without taking the cache's lock, so a read-only cache (a shared
+    volume) serves as well as a writable one.
+    """
     device = torch.device(device)
     root = cache_dir(cfg)
+    key = checkpoint_key(cfg, task)
+    path = root / f"source-{key}.pt"
+    cached = _cached(path, key)
+    if cached is not None:
+        _log.info("pretrained checkpoint (cached): %s", path)
+        return cached
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"pretrain.cache_dir: cannot create {root}: {e.strerror}") from None
-    key = checkpoint_key(cfg, task)
-    path = root / f"source-{key}.pt"
-    meta_path = path.with_suffix(".json")
-    with FileLock(str(path) + ".lock"):
-        if path.is_file() and meta_path.is_file():
-            try:
-                sha = json.loads(meta_path.read_text())["sha256"]
-            except (OSError, ValueError, KeyError, TypeError):
-                sha = None
-            if sha is not None and _file_sha256(path) == sha:
-                _log.info("pretrained checkpoint (cached): %s", path)
-                return Checkpoint(path, sha, key)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise CheckpointError(
+            f"pretrain.cache_dir: cannot write in {root}: {e.strerror}"
+        ) from None
+    try:
+        # Another process may have trained it while this one waited for the lock.
+        cached = _cached(path, key)
+        if cached is not None:
+            _log.info("pretrained checkpoint (cached): %s", path)
+            return cached
+        if path.exists():
             _log.warning("pretrained checkpoint %s does not match its hash; retraining it", path)
         _log.info("pretraining the source model on %d samples ...", len(task.source))
         state, info = _train_source(cfg, task, device)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        sha = _file_sha256(tmp)
-        os.replace(tmp, path)
-        meta_tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
-        meta_tmp.write_text(json.dumps({"sha256": sha, "key": key, **info}, indent=2))
-        os.replace(meta_tmp, meta_path)
-        _log.info(
-            "pretrained checkpoint: %s (source train accuracy %.3f, %.1fs)",
-            path,
-            info["source_train_accuracy"],
-            info["seconds"],
-        )
-        return Checkpoint(path, sha, key)
+        ckpt = _save(state, info, path, key)
+    finally:
+        lock.release()
+    _log.info(
+        "pretrained checkpoint: %s (source train accuracy %.3f, %.1fs)",
+        path,
+        info["source_train_accuracy"],
+        info["seconds"],
+    )
+    return ckpt

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import io
 import json
 import math
 import statistics
@@ -36,7 +37,7 @@ from tlsearch import __version__
 from tlsearch.config import StudyConfig
 from tlsearch.dashboard import describe_study
 from tlsearch.errors import ConfigError, TlsearchError
-from tlsearch.export import trials_frame
+from tlsearch.export import _write_atomically, trials_frame
 from tlsearch.final import DEFAULT_PARAMS
 from tlsearch.objective import fixed_params
 from tlsearch.study import load_study_config
@@ -368,8 +369,10 @@ def read_final(path: str | Path) -> dict[str, Any]:
 
 
 def _png(fig: Figure, path: Path) -> str:
-    fig.savefig(path, format="png")
-    return base64.b64encode(path.read_bytes()).decode("ascii")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _write_atomically(path, lambda p: p.write_bytes(buffer.getvalue()))
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _table(header: list[str] | None, rows: list[list[str]]) -> str:
@@ -414,11 +417,11 @@ def write_report(
         final_path: ``BEST.final.json`` from ``tlsearch final``, for the three-way test comparison.
     """
     out = Path(out_dir)
+    final = read_final(final_path) if final_path is not None else None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TlsearchError(f"cannot create {out}: {e.strerror}") from None
-    final = read_final(final_path) if final_path is not None else None
     try:
         cfg: StudyConfig | None = load_study_config(study)
     except TlsearchError:
@@ -500,7 +503,7 @@ def write_report(
     parts.append(_trials_html(study))
     parts.append("</body></html>")
     path = out / "report.html"
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    _write_atomically(path, lambda p: p.write_text("\n".join(parts) + "\n", encoding="utf-8"))
     return path
 
 

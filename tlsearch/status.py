@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.errors import StorageError
-from tlsearch.storage import create_storage, mask_url
+from tlsearch.storage import create_storage, mask_url, storage_error
 from tlsearch.study import load_study_config, open_study
 
 __all__ = ["heartbeat_ages", "status_table", "study_status"]
@@ -48,7 +48,7 @@ def heartbeat_ages(storage_url: str, study_name: str) -> dict[int, float]:
     except KeyError:
         return {}
     except sa.exc.SQLAlchemyError as e:
-        raise StorageError(f"storage {mask_url(storage_url)}: cannot read heartbeats: {e}") from e
+        raise storage_error(storage_url, e, "cannot read heartbeats") from e
     finally:
         storage.engine.dispose()
     return {number: max(0.0, (now - beat).total_seconds()) for number, beat in rows}

@@ -1,0 +1,192 @@
+"""Helpers for the bad-input, fault and security tests.
+
+A tiny study file, many ``tlsearch`` commands run at once, small and read-only filesystems, and a
+snapshot of a study's trials to prove that nothing finished was lost.
+
+Filesystem faults need root for ``mount -t tmpfs`` (CI runs as root). Without root a read-only
+directory is a ``chmod 555`` one; a full disk cannot be made, and those tests skip, except under
+``CI=true``, where they fail: CI must never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from conftest import cli_command, cli_env, merge, to_toml
+
+# The tiny study of these tests: a relative storage (the working directory of the command) and a
+# cache beside the study file, so a directory copied elsewhere is a study of its own.
+STUDY: dict[str, Any] = {
+    "name": "tiny",
+    "n_trials": 2,
+    "storage": "sqlite:///study.db",
+    "data": {"task": "digits-noisy"},
+    "model": {"name": "mlp", "hidden": [16, 16]},
+    "pretrain": {"epochs": 1, "cache_dir": "cache"},
+    "finetune": {"epochs": 2, "device": "cpu", "threads": 1},
+    "search": {"frozen_blocks": {"low": 0, "high": 2}},
+    "cv": {"k": 2},
+    "sampler": {"name": "random"},
+    "pruner": {"name": "none"},
+}
+
+
+def write_study(path: Path, **overrides: Any) -> Path:
+    """The tiny study with ``overrides`` (sections merge) as a TOML file at ``path``."""
+    path.write_text(to_toml(merge(STUDY, overrides)))
+    return path
+
+
+def make_study(d: Path) -> Path:
+    """In ``d`` (in this process: no start-up cost): study.toml, its cache, study.db holding
+    'tiny' (2 finished trials) and 'empty' (none), and best.json, the export of 'tiny'."""
+    from tlsearch.config import load_config
+    from tlsearch.export import write_export
+    from tlsearch.study import run_study, setup_study
+
+    path = write_study(d / "study.toml")
+    url = f"sqlite:///{d / 'study.db'}"
+    study = run_study(load_config(path, storage=url))
+    setup_study(load_config(path, storage=url, name="empty"))[1].engine.dispose()
+    write_export(study, d / "best.json")
+    return d
+
+
+def run_many(
+    jobs: dict[str, tuple[Path, list[str]]], env: dict[str, str] | None = None, limit: int = 12
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run ``tlsearch ARGS`` in each job's directory, ``limit`` at a time; each imports torch
+    (seconds of CPU), so running them side by side is what keeps a table of them fast."""
+    waiting = list(jobs.items())
+    running: dict[str, subprocess.Popen[str]] = {}
+    done: dict[str, subprocess.CompletedProcess[str]] = {}
+    while waiting or running:
+        while waiting and len(running) < limit:
+            key, (cwd, args) = waiting.pop(0)
+            running[key] = subprocess.Popen(
+                cli_command(*args),
+                cwd=cwd,
+                env={**cli_env(cwd), **(env or {})},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        key = next(iter(running))
+        proc = running.pop(key)
+        out, err = proc.communicate(timeout=300)
+        done[key] = subprocess.CompletedProcess(jobs[key][1], proc.returncode, out, err)
+    return done
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` by relative path, with the SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def trials(url: str, name: str) -> list[tuple[Any, ...]]:
+    """What must survive any fault: each trial's number, state, value, parameters, fold scores."""
+    study = optuna.load_study(study_name=name, storage=url)
+    return [
+        (t.number, t.state.name, t.value, t.params, t.user_attrs.get("fold_scores"))
+        for t in study.get_trials(deepcopy=False)
+    ]
+
+
+def finished(snapshot: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [t for t in snapshot if t[1] in ("COMPLETE", "PRUNED")]
+
+
+_MOUNT_PROBLEM: list[str | None] = []
+
+
+def mount_problem() -> str | None:
+    """Why a tmpfs cannot be mounted here, or None when it can (tried once per session)."""
+    if not _MOUNT_PROBLEM:
+        problem = None
+        if os.geteuid() != 0:
+            problem = "mounting a tmpfs needs root"
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                result = subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", d],
+                    capture_output=True,
+                    text=True,
+                )
+                if result.returncode == 0:
+                    subprocess.run(["umount", d], check=True)
+                else:
+                    problem = f"cannot mount a tmpfs: {result.stderr.strip()}"
+        _MOUNT_PROBLEM.append(problem)
+    return _MOUNT_PROBLEM[0]
+
+
+def require_tmpfs() -> None:
+    """Skip the calling test (fail it under CI=true) when a tmpfs cannot be mounted."""
+    problem = mount_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{problem}; CI=true needs it")
+    pytest.skip(problem)
+
+
+@contextmanager
+def tmpfs(path: Path, size: str = "64k", readonly: bool = False) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (created), unmounted afterwards."""
+    require_tmpfs()
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if readonly else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def remount_read_only(path: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+
+def read_only_reason() -> str:
+    """What writing into :func:`unwritable` fails with."""
+    return "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+
+
+@contextmanager
+def unwritable(path: Path) -> Iterator[Path]:
+    """A directory at ``path`` that this user cannot write (root ignores modes: a read-only
+    tmpfs then)."""
+    if os.geteuid() == 0:
+        with tmpfs(path, readonly=True):
+            yield path
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
+
+
+def fill(directory: Path) -> None:
+    """Write into ``directory`` until its filesystem is full (``filler``)."""
+    with (directory / "filler").open("wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1):  # big blocks, then what is left of the last page
+            try:
+                while f.write(b"\0" * size):
+                    pass
+            except OSError:
+                pass
