@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -62,11 +63,21 @@ class _Section(BaseModel):
     )
 
 
+def _no_nul(path: Path) -> Path:
+    # A NUL byte ends a path for the OS: pathlib would fail on it later, without the field's name.
+    if "\x00" in str(path):
+        raise ValueError("must not contain a NUL character")
+    return path
+
+
+# TOML has no path type: a string is the one conversion strict mode allows here.
+FilePath = Annotated[Path, Field(strict=False), AfterValidator(_no_nul)]
+
+
 class FileSource(_Section):
     """A data set in a file: ``.npz`` with arrays ``x`` and ``y``, or a CSV/Parquet table."""
 
-    # TOML has no path type: a string is the one conversion strict mode allows here.
-    path: Annotated[Path, Field(strict=False)]
+    path: FilePath
     # Only for tables: the column that holds the integer class label; every other column is a feature.
     label_column: str = "label"
     # Reshape flat features to (channels, height, width) so a CNN can read them, e.g. [1, 28, 28].
@@ -138,7 +149,7 @@ class PretrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
     # Where checkpoints live; default $TLSEARCH_CACHE or ~/.cache/tlsearch.
-    cache_dir: Annotated[Path, Field(strict=False)] | None = None
+    cache_dir: FilePath | None = None
 
 
 class FinetuneConfig(_Section):
@@ -322,6 +333,8 @@ class StudyConfig(_Section):
     def _name_ok(cls, name: str) -> str:
         if not name.strip():
             raise ValueError("must not be empty")
+        if not name.isprintable():
+            raise ValueError(f"must be printable (no newline or control character): {name!r}")
         return name
 
     @model_validator(mode="after")
@@ -358,6 +371,12 @@ class StudyConfig(_Section):
 _BRANCHES = {"range", "fixed", "str", "list[str]"}
 
 
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped: a key or value holding a newline (TOML allows
+    it in quoted keys and strings) must not split one problem over two lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -372,7 +391,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         named = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg)
         if not loc and named:
             loc, msg = [named.group(1)], named.group(2)
-        line = f"{source}: {'.'.join(loc) or '(top level)'}: {msg}"
+        line = _one_line(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}")
         if line not in lines:
             lines.append(line)
     return "\n".join(lines)
@@ -407,20 +426,27 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         # Relative data and cache paths are relative to the study file, not the working directory.
-        _resolve_paths(data, path.resolve().parent)
+        _resolve_paths(data, path.resolve().parent, source)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(data, source)
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:
+    def resolve(value: str, field: str) -> str:
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError:  # "~name/..." for a user this machine does not know
+            raise ConfigError(
+                _one_line(f"{source}: {field}: cannot expand '{value}': no such user")
+            ) from None
+        return str(p if p.is_absolute() else base / p)
+
     section = data.get("data")
     if isinstance(section, dict):
         for key in ("source", "target", "target_test"):
             entry = section.get(key)
             if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                p = Path(entry["path"]).expanduser()
-                entry["path"] = str(p if p.is_absolute() else base / p)
+                entry["path"] = resolve(entry["path"], f"data.{key}.path")
     pre = data.get("pretrain")
     if isinstance(pre, dict) and isinstance(pre.get("cache_dir"), str):
-        p = Path(pre["cache_dir"]).expanduser()
-        pre["cache_dir"] = str(p if p.is_absolute() else base / p)
+        pre["cache_dir"] = resolve(pre["cache_dir"], "pretrain.cache_dir")
