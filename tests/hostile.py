@@ -61,21 +61,22 @@ def make_study(d: Path) -> Path:
     return d
 
 
-def run_many(
-    jobs: dict[str, tuple[Path, list[str]]], env: dict[str, str] | None = None, limit: int = 12
-) -> dict[str, subprocess.CompletedProcess[str]]:
-    """Run ``tlsearch ARGS`` in each job's directory, ``limit`` at a time; each imports torch
-    (seconds of CPU), so running them side by side is what keeps a table of them fast."""
+Job = tuple[Path, list[str]] | tuple[Path, list[str], dict[str, str]]
+
+
+def run_many(jobs: dict[str, Job], limit: int = 8) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run ``tlsearch ARGS`` for each job (directory, arguments, optional extra environment),
+    ``limit`` at a time; each imports torch (seconds of CPU), so side by side they are faster."""
     waiting = list(jobs.items())
     running: dict[str, subprocess.Popen[str]] = {}
     done: dict[str, subprocess.CompletedProcess[str]] = {}
     while waiting or running:
         while waiting and len(running) < limit:
-            key, (cwd, args) = waiting.pop(0)
+            key, (cwd, args, *extra) = waiting.pop(0)
             running[key] = subprocess.Popen(
                 cli_command(*args),
                 cwd=cwd,
-                env={**cli_env(cwd), **(env or {})},
+                env={**cli_env(cwd), **(extra[0] if extra else {})},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -83,7 +84,7 @@ def run_many(
         key = next(iter(running))
         proc = running.pop(key)
         out, err = proc.communicate(timeout=300)
-        done[key] = subprocess.CompletedProcess(jobs[key][1], proc.returncode, out, err)
+        done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return done
 
 

@@ -51,6 +51,9 @@ def heartbeat_ages(storage_url: str, study_name: str) -> dict[int, float]:
         raise storage_error(storage_url, e, "cannot read heartbeats") from e
     finally:
         storage.engine.dispose()
+    # PostgreSQL's now() carries the session's time zone; the heartbeat column holds that zone's
+    # wall-clock time without one (SQLite: UTC on both sides).
+    now = now.replace(tzinfo=None)
     return {number: max(0.0, (now - beat).total_seconds()) for number, beat in rows}
 
 
