@@ -40,7 +40,7 @@ from hostile import run_many, write_study
 from pg import _admin, require_postgres
 from psycopg import sql
 
-from tlsearch.config import config_from_dict
+from tlsearch.config import config_from_dict, load_config
 from tlsearch.data import load_task
 from tlsearch.errors import CheckpointError, DataError
 from tlsearch.export import write_export
@@ -197,6 +197,24 @@ def test_a_study_name_never_becomes_a_path(tiny, tmp_path: Path) -> None:
     assert not list(tmp_path.parent.glob("**/escape"))
     html = (work / "report" / "report.html").read_text()
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_paths_in_a_study_file_resolve_from_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "../" is allowed on purpose (a study file beside its data), and means the same from any
+    # working directory: the file's own directory is the base, never the caller's.
+    (tmp_path / "studies").mkdir()
+    path = tmp_path / "studies" / "s.toml"
+    path.write_text(
+        '[data]\nsource = {path = "../data/src.npz"}\ntarget = {path = "../data/t.csv"}\n'
+        '[pretrain]\ncache_dir = "../cache"\n'
+    )
+    monkeypatch.chdir(tmp_path / "studies")
+    cfg = load_config("s.toml")
+    assert cfg.data.source.path.resolve() == tmp_path / "data" / "src.npz"
+    assert cfg.data.target.path.resolve() == tmp_path / "data" / "t.csv"
+    assert cfg.pretrain.cache_dir.resolve() == tmp_path / "cache"
 
 
 # --- passwords --------------------------------------------------------------------------------
