@@ -320,7 +320,10 @@ def check_url(url: str) -> str:
             raise ConfigError(
                 "storage: an in-memory SQLite database cannot be shared; name a file"
             )
-        parent = Path(db).expanduser().resolve().parent
+        try:
+            parent = Path(db).expanduser().resolve().parent
+        except (RuntimeError, ValueError) as e:  # "~user" unknown on this host; a NUL byte
+            raise ConfigError(f"storage: not a usable file path in {mask_url(url)}: {e}") from None
         if not parent.is_dir():
             raise ConfigError(f"storage: directory {parent} does not exist")
         if not os.access(parent, os.W_OK):
