@@ -8,8 +8,10 @@ and attributes exactly as they were.
 
 tests/test_config.py checks every schema error through ``config_from_dict`` and tests/test_cli.py
 a file with several errors at once; the rows here are other mistakes, or the same kind reached
-through a different door (a flag, a data file, an existing study). All commands run side by side
-(each spends seconds importing torch), after one shared study is made in-process.
+through a different door (a flag, a data file, an existing study). Each command is a process of
+its own, forked from one that imported the CLI once (a fresh interpreter spends seconds importing
+torch: 44 of them cost minutes on 2 cores); four rows also run as `python -m tlsearch.cli` and
+must print the same.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ import numpy as np
 import optuna
 import pytest
 from conftest import TINY, merge, to_toml
-from hostile import STUDY, make_study, run_many, tree, trials, unwritable, write_study
+from hostile import (
+    STUDY,
+    make_study,
+    run_forked,
+    run_many,
+    tree,
+    trials,
+    unwritable,
+    write_study,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -36,7 +47,7 @@ from pydantic import BaseModel
 from tlsearch.config import StudyConfig, config_from_dict, load_config
 from tlsearch.errors import ConfigError
 
-pytestmark = pytest.mark.slow  # the table's one fixture runs ~50 commands (a minute on 2 cores)
+pytestmark = pytest.mark.slow  # the table's fixture runs 44 commands and makes a study first
 
 Setup = Callable[[Path, Path, ExitStack], None]
 SECRET = "s3cret-XYZ"
@@ -344,6 +355,13 @@ CASES: dict[str, Case] = {
         2,
         ERR + "storage: directory {d}/nowhere does not exist",
     ),
+    "storage: home of an unknown user": Case(
+        study(),
+        [*RUN, "--storage", "sqlite:///~no-such-user/study.db"],
+        2,
+        ERR + "storage: not a usable file path in sqlite:///~no-such-user/study.db: Could not "
+        "determine home directory.",
+    ),
     "storage: directory not writable": Case(
         _read_only_dir,
         [*RUN, "--storage", "sqlite:///ro/study.db"],
@@ -458,6 +476,16 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_study(tmp_path_factory.mktemp("shared").resolve())
 
 
+# Run both ways, forked from one process that imported the CLI and as `python -m tlsearch.cli`:
+# one command of each kind (config, argparse, data file, existing study).
+BOTH_WAYS = [
+    "typo: key in a section",
+    "flag: misspelt",
+    "CSV without the label column",
+    "study name taken by a different config",
+]
+
+
 @pytest.fixture(scope="module")
 def outcomes(
     shared: Path, tmp_path_factory: pytest.TempPathFactory
@@ -471,8 +499,15 @@ def outcomes(
             case.setup(d, shared, stack)
             jobs[case_id] = (d, case.args)
             before[case_id] = tree(d)
-        results = run_many(jobs)
+        results = run_forked(jobs)
         yield {k: Outcome(jobs[k][0], results[k], before[k], tree(jobs[k][0])) for k in CASES}
+
+
+def test_forked_commands_are_the_real_command(outcomes: dict[str, Outcome]) -> None:
+    by_python = run_many({k: (outcomes[k].d, CASES[k].args) for k in BOTH_WAYS})
+    for key in BOTH_WAYS:
+        a, b = by_python[key], outcomes[key].result
+        assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr), key
 
 
 def test_the_table_is_large_enough() -> None:
