@@ -1,0 +1,587 @@
+"""How fast is one trial? tlsearch's objective against the textbook way, side by side.
+
+Both run the same trials (the same λ, lr and frozen depth, queued in the same order) with the same
+folds and epochs of the digits study (studies/digits.toml: mnist-noisy, CNN, 5 shots, 5 folds, 60
+epochs), each in a real Optuna study in SQLite, so storage is counted. No pruner: every trial runs
+every fold.
+
+* naive: the textbook objective: the source model pretrained inside every trial, a per-sample
+  ``DataLoader`` over a ``TensorDataset``, the penalty summed in a Python loop over parameters.
+* tlsearch: ``KFoldObjective`` as ``tlsearch run`` drives it (``setup_study``, ``run_trials``) with
+  its defaults (frozen-feature cache, folds trained together where that pays); and its plain path
+  (cache and fold batching off) to show what those two buy.
+
+Each runs on torch's default thread count (the machine's cores) and on one thread. The trials of
+all variants alternate (naive trial 1, tlsearch trial 1, ..., naive trial 2, ...), so a machine
+shared with other work slows them alike. Then, on one thread: seconds per trial at each frozen
+depth, folds trained together against one by one, a breakdown of one trial from ``torch.profiler``,
+and one fine-tuning step against the bare forward+backward of the same model on the same batches.
+
+    python benchmarks/trial_speed.py [--per-depth 2] [--config studies/digits.toml]
+
+The last line is ``speedup: <ratio>x``: trials per minute of tlsearch over the naive objective,
+both on torch's default threads (the throughput a search buys; the table has the median ratio too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import StratifiedKFold
+from torch.utils.data import DataLoader, TensorDataset
+
+from tlsearch import regularizers
+from tlsearch.config import StudyConfig, load_config
+from tlsearch.data import TransferTask
+from tlsearch.finetune import FinetuneParams, finetune, finetune_folds
+from tlsearch.models import BlockNet, create_model
+from tlsearch.objective import KFoldObjective
+from tlsearch.study import StudyContext, make_objective, run_trials, setup_study
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# The textbook objective
+
+
+class NaiveObjective:
+    """A k-fold transfer objective written as the tutorials write one (the baseline).
+
+    The same network, folds, seeds, epochs, optimizer and penalty convention as tlsearch, but: the
+    source model is pretrained inside every trial, every batch goes through a per-sample
+    ``DataLoader``, the penalty is a Python loop over ``named_parameters()``, frozen blocks run in
+    every step, and everything is in PyTorch's default layout and optimizer implementation.
+    """
+
+    def __init__(self, cfg: StudyConfig, task: TransferTask) -> None:
+        self.cfg = cfg
+        self.task = task
+
+    def _pretrain(self) -> dict[str, torch.Tensor]:
+        pre, task = self.cfg.pretrain, self.task
+        torch.manual_seed(pre.seed)
+        model = create_model(self.cfg.model, task.input_shape, task.source_classes)
+        source = TensorDataset(torch.from_numpy(task.source.x), torch.from_numpy(task.source.y))
+        loader = DataLoader(source, batch_size=pre.batch_size, shuffle=True)
+        optimizer = torch.optim.Adam(model.parameters(), lr=pre.lr, weight_decay=pre.weight_decay)
+        model.train()
+        for _ in range(pre.epochs):
+            for xb, yb in loader:
+                loss = F.cross_entropy(model(xb), yb)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg, task = self.cfg, self.task
+        lam = trial.suggest_float("lambda", 1e-4, 100.0, log=True)
+        lr = trial.suggest_float("lr", 1e-4, 3e-2, log=True)
+        frozen = trial.suggest_int("frozen_blocks", 0, 3)
+        pretrained = self._pretrain()
+        x, y = task.target_train.x, task.target_train.y
+        folds = StratifiedKFold(cfg.cv.k, shuffle=True, random_state=cfg.cv.seed)
+        scores = []
+        for fold, (tr, va) in enumerate(folds.split(x.reshape(len(x), -1), y)):
+            torch.manual_seed(cfg.cv.seed * 1000 + fold)
+            model = create_model(cfg.model, task.input_shape, task.target_classes)
+            blocks = {k: v for k, v in pretrained.items() if not k.startswith("head.")}
+            model.load_state_dict(blocks, strict=False)
+            model.freeze(frozen)
+            backbone = [p for p in model.blocks.parameters() if p.requires_grad]
+            groups = [{"params": model.head.parameters()}]
+            if backbone:
+                mult = cfg.search.backbone_lr_mult
+                groups.append({"params": backbone, "lr": lr * mult})
+            optimizer = torch.optim.Adam(groups, lr=lr)
+            data = TensorDataset(torch.from_numpy(x[tr]), torch.from_numpy(y[tr]))
+            loader = DataLoader(data, batch_size=cfg.finetune.batch_size, shuffle=True)
+            for _ in range(cfg.finetune.epochs):
+                model.train()
+                for xb, yb in loader:
+                    loss = F.cross_entropy(model(xb), yb)
+                    for name, p in model.named_parameters():
+                        if not p.requires_grad or p.dim() < 2:
+                            continue
+                        if name.startswith("head."):
+                            loss = loss + cfg.regularizer.head_lambda / 2 * (p**2).sum()
+                        else:
+                            loss = loss + lam / 2 * ((p - pretrained[name]) ** 2).sum()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            model.eval()
+            correct = 0
+            val = DataLoader(TensorDataset(torch.from_numpy(x[va]), torch.from_numpy(y[va])))
+            with torch.no_grad():
+                for xb, yb in val:
+                    correct += int((model(xb).argmax(1) == yb).sum())
+            scores.append(correct / len(va))
+            trial.report(statistics.fmean(scores), fold)
+        return statistics.fmean(scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running trials side by side
+
+
+def trial_params(cfg: StudyConfig, per_depth: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``per_depth`` (λ, lr) points at each frozen depth, log-uniform over the searched ranges."""
+    rng = np.random.default_rng(seed)
+    lam, lr = cfg.search.lambda_, cfg.search.lr
+
+    def log_uniform(r: Any) -> float:
+        return float(np.exp(rng.uniform(np.log(r.low), np.log(r.high))))
+
+    depths = range(int(cfg.search.frozen_blocks.low), int(cfg.search.frozen_blocks.high) + 1)
+    return [
+        {"lambda": log_uniform(lam), "lr": log_uniform(lr), "frozen_blocks": depth}
+        for _ in range(per_depth)
+        for depth in depths
+    ]
+
+
+class Variant:
+    """One way of running the trials: its study, what runs its next trial, the timings."""
+
+    def __init__(
+        self, name: str, threads: int, study: optuna.Study, run_one: Callable[[], None]
+    ) -> None:
+        self.name = name
+        self.threads = threads
+        self.study = study
+        self.run_one = run_one
+        self.seconds: list[float] = []
+        self.values: list[float] = []
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.threads}t)"
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def rate(self) -> float:
+        """Trials per minute."""
+        return 60 * len(self.seconds) / sum(self.seconds)
+
+    def step(self) -> None:
+        torch.set_num_threads(self.threads)
+        t0 = time.perf_counter()
+        self.run_one()
+        self.seconds.append(time.perf_counter() - t0)
+        done = [t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()]
+        self.values.append(max(done, key=lambda t: t.datetime_complete).value)
+
+
+def tlsearch_variant(
+    base: StudyConfig, tmp: Path, name: str, threads: int, params: list[dict[str, Any]], **ft: Any
+) -> tuple[Variant, StudyContext, KFoldObjective]:
+    """tlsearch as ``tlsearch run`` drives it, in its own SQLite file, with ``params`` queued."""
+    cfg = base.model_copy(
+        update={
+            "name": name,
+            "storage": f"sqlite:///{tmp / name.replace(' ', '-')}{threads}.db",
+            "pruner": base.pruner.model_copy(update={"name": "none"}),
+            "finetune": base.finetune.model_copy(update={"threads": threads, **ft}),
+        }
+    )
+    study, storage, ctx = setup_study(cfg)
+    for p in params:
+        study.enqueue_trial(p)
+    objective = make_objective(ctx)
+
+    def run_one() -> None:
+        run_trials(study, storage, objective, n_trials=None, max_trials=1)
+
+    return Variant(name, threads, study, run_one), ctx, objective
+
+
+def naive_variant(
+    base: StudyConfig, tmp: Path, task: TransferTask, params: list[dict[str, Any]], threads: int
+) -> Variant:
+    """The textbook objective in a textbook study (a SQLite URL), with ``params`` queued."""
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp / 'naive'}{threads}.db", study_name="naive", direction="maximize"
+    )
+    for p in params:
+        study.enqueue_trial(p)
+    objective = NaiveObjective(base, task)
+    return Variant("naive", threads, study, lambda: study.optimize(objective, n_trials=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the time of one trial goes
+
+
+def _labelled(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _TimedStorage:
+    """Adds up the wall time of this thread's calls into Optuna storages (not the heartbeat's)."""
+
+    def __init__(self, *storages: Any) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+        self._thread = threading.get_ident()
+        self._patched: list[tuple[Any, str]] = []
+        for storage in storages:
+            for name in dir(type(storage)):
+                fn = getattr(storage, name, None)
+                if not name.startswith("_") and callable(fn):
+                    setattr(storage, name, self._timed(fn))
+                    self._patched.append((storage, name))
+
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != self._thread:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - t0
+
+        return wrapper
+
+    def restore(self) -> None:
+        for storage, name in self._patched:
+            delattr(storage, name)
+
+
+def breakdown(run_one: Callable[[], None], *storages: Any) -> dict[str, float]:
+    """Seconds of one trial by kind, from ``torch.profiler`` (storage from its own clock).
+
+    The model's forward, the penalty and ``backward()`` are labelled for the profile only; the
+    optimizer labels itself. Top-level ops outside those (minibatch indices, gathering the batch,
+    the validation slice) are "data"; what no op accounts for is Python.
+    """
+    patches = [
+        (BlockNet, "forward"),
+        (torch.Tensor, "backward"),
+        *((cls, "forward") for cls in regularizers._regularizers.values()),
+    ]
+    labels = {BlockNet: "forward+loss", torch.Tensor: "backward"}
+    originals = [(owner, attr, owner.__dict__[attr]) for owner, attr in patches]
+    timer = _TimedStorage(*storages)
+    for owner, attr, fn in originals:
+        setattr(owner, attr, _labelled(labels.get(owner, "penalty"), fn))
+    try:
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run_one()
+        wall = time.perf_counter() - t0
+    finally:
+        for owner, attr, fn in originals:
+            setattr(owner, attr, fn)
+        timer.restore()
+    out = dict.fromkeys(["data", "forward+loss", "penalty", "backward", "optimizer"], 0.0)
+    for event in prof.events():
+        if event.cpu_parent is not None:
+            continue
+        name = event.name
+        if name.startswith("Optimizer."):
+            kind = "optimizer"
+        elif name in out:
+            kind = name
+        elif name.startswith("autograd::engine"):
+            kind = "backward"
+        elif name in ("aten::cross_entropy_loss", "aten::sum", "aten::add", "aten::mean"):
+            kind = "forward+loss"  # the loss of the batch, outside the model's forward
+        else:
+            kind = "data"
+        out[kind] += event.cpu_time_total / 1e6
+    out["storage"] = timer.seconds
+    out["python and other"] = max(0.0, wall - sum(out.values()))
+    out["total"] = wall
+    return out
+
+
+def step_over_bare(objective: KFoldObjective, depth: int) -> tuple[float, float]:
+    """Seconds of one fine-tuning step and of the bare forward+backward alone.
+
+    The step is the marginal cost: fine-tuning for 2E epochs minus E epochs, over E epochs' steps,
+    so model set-up is not counted. Same model (channels-last, trained blocks only), same batches
+    (fold 0 and its seed).
+    """
+    cfg = objective.cfg
+    params = FinetuneParams(0.1, 1e-3, depth, cfg.search.backbone_lr_mult)
+    tr = objective.folds[0][0]
+    xs, ys = objective.frozen_features(depth)[tr], objective.y[tr]
+    seed = objective.seeds[0]
+    epochs = cfg.finetune.epochs
+    batches_per_epoch = -(-len(tr) // cfg.finetune.batch_size)
+
+    def fit(n_epochs: int) -> tuple[float, BlockNet]:
+        c = cfg.model_copy(
+            update={"finetune": cfg.finetune.model_copy(update={"epochs": n_epochs})}
+        )
+        t0 = time.perf_counter()
+        model = finetune(
+            objective.pretrained,
+            c,
+            params,
+            xs,
+            ys,
+            objective.num_classes,
+            objective.input_shape,
+            seed,
+            start=depth,
+        )
+        return time.perf_counter() - t0, model
+
+    fit(epochs)  # warm-up
+    short = min(fit(epochs)[0] for _ in range(2))
+    long, model = fit(2 * epochs)
+    step = (long - short) / (epochs * batches_per_epoch)
+    g = torch.Generator().manual_seed(seed)
+    batches = [
+        (xs[i], ys[i]) for i in torch.randperm(len(tr), generator=g).split(cfg.finetune.batch_size)
+    ]
+    model.train()
+
+    def bare() -> None:
+        for xb, yb in batches:
+            F.cross_entropy(model(xb, start=depth), yb).backward()
+
+    bare()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        bare()
+    return step, (time.perf_counter() - t0) / (epochs * len(batches))
+
+
+def folds_together(objective: KFoldObjective, depth: int, repeats: int = 2) -> tuple[float, float]:
+    """Seconds to train all folds one by one, and all at once (forced, even where auto is off)."""
+    cfg = objective.cfg
+    params = FinetuneParams(0.1, 1e-3, depth, cfg.search.backbone_lr_mult)
+    x = objective.frozen_features(depth)
+    args = (objective.num_classes, objective.input_shape)
+    train = torch.stack([tr for tr, _ in objective.folds])
+    one, together = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for (tr, _), seed in zip(objective.folds, objective.seeds, strict=True):
+            finetune(
+                objective.pretrained, cfg, params, x[tr], objective.y[tr], *args, seed, start=depth
+            )
+        one.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        finetune_folds(
+            objective.pretrained,
+            cfg,
+            params,
+            x[train],
+            objective.y[train],
+            *args,
+            objective.seeds,
+            start=depth,
+        )
+        together.append(time.perf_counter() - t0)
+    return min(one), min(together)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "studies" / "digits.toml")
+    parser.add_argument("--per-depth", type=int, default=2, help="trials at each frozen depth")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = load_config(args.config)
+    params = trial_params(base, args.per_depth)
+    default_threads = torch.get_num_threads()
+    load0 = os.getloadavg()[0]
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        fast, ctx, objective = tlsearch_variant(base, tmp, "tlsearch", default_threads, params)
+        fast1, _, _ = tlsearch_variant(base, tmp, "tlsearch", 1, params)
+        plain1, _, _ = tlsearch_variant(
+            base, tmp, "plain path", 1, params, cache_frozen=False, fold_batching="off"
+        )
+        naive = naive_variant(base, tmp, ctx.task, params, default_threads)
+        naive1 = naive_variant(base, tmp, ctx.task, params, 1)
+        variants = [naive, fast, naive1, fast1, plain1]
+        for i, p in enumerate(params):
+            for v in variants:
+                v.step()
+            print(
+                f"trial {i} (frozen_blocks={p['frozen_blocks']}): "
+                + "  ".join(f"{v.label} {v.seconds[-1]:.2f}s" for v in variants),
+                flush=True,
+            )
+
+        # The finer measurements on one thread: steadier on a shared machine.
+        torch.set_num_threads(1)
+        depths = sorted({p["frozen_blocks"] for p in params})
+        batching = {d: folds_together(objective, d) for d in depths}
+        steps = {d: step_over_bare(objective, d) for d in depths}
+        # One more trial at two depths, profiled (queued: the same trials as above).
+        profiles = {}
+        for d in (0, 2):
+            fast1.study.enqueue_trial(next(q for q in params if q["frozen_blocks"] == d))
+            storage = fast1.study._storage
+            profiles[d] = breakdown(fast1.run_one, storage, getattr(storage, "_backend", storage))
+    load1 = os.getloadavg()[0]
+
+    print()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"(default threads {default_threads}); load average {load0:.1f} before, {load1:.1f} after"
+    )
+    print(
+        f"study: {base.data.task}, {base.model.name}, {base.data.shots} shots, {base.cv.k} folds, "
+        f"{base.finetune.epochs} epochs; {len(params)} trials ({args.per_depth} per depth), "
+        "the same for every row, SQLite storage, no pruner"
+    )
+    print()
+    rows = []
+    for v in variants:
+        ref = naive if v.threads == default_threads else naive1
+        rows.append(
+            [
+                v.name,
+                str(v.threads),
+                f"{v.median:.2f}",
+                f"{v.rate:.1f}",
+                f"{ref.median / v.median:.1f}x",
+                f"{v.rate / ref.rate:.1f}x",
+                f"{statistics.fmean(v.values):.3f}",
+            ]
+        )
+    print(
+        _table(
+            [
+                "objective",
+                "threads",
+                "median s/trial",
+                "trials/min",
+                "ratio (median)",
+                "ratio (trials/min)",
+                "mean cv",
+            ],
+            rows,
+        )
+    )
+    print("(ratios against the naive objective on the same number of threads)")
+
+    print()
+    print("seconds per trial at each frozen depth (median over its trials):")
+    rows = []
+    for d in depths:
+        idx = [i for i, p in enumerate(params) if p["frozen_blocks"] == d]
+        med = [statistics.median(v.seconds[i] for i in idx) for v in variants]
+        by = dict(zip(variants, med, strict=True))
+        rows.append(
+            [
+                str(d),
+                *(f"{m:.2f}" for m in med),
+                f"{by[plain1] / by[fast1]:.1f}x",
+                f"{by[naive1] / by[fast1]:.1f}x",
+            ]
+        )
+    print(
+        _table(
+            [
+                "frozen",
+                *(v.label for v in variants),
+                "cache+batching (1t)",
+                "tlsearch vs naive (1t)",
+            ],
+            rows,
+        )
+    )
+
+    print()
+    print("folds trained together (torch.func.vmap) vs one by one; all folds, cache on, 1 thread:")
+    rows = []
+    for d in depths:
+        one, together = batching[d]
+        auto = objective.fold_groups(FinetuneParams(0.1, 1e-3, d))
+        rows.append(
+            [
+                str(d),
+                f"{one:.2f}",
+                f"{together:.2f}",
+                f"{one / together:.2f}x",
+                "together" if len(auto[0]) > 1 else "one by one",
+            ]
+        )
+    print(_table(["frozen", "one by one s", "together s", "gain", "auto (no pruner)"], rows))
+
+    print()
+    print("one fine-tuning step (marginal cost) vs the bare forward+backward of the same model on")
+    print("the same batches, 1 thread:")
+    rows = [
+        [str(d), f"{s * 1e3:.3f}", f"{b * 1e3:.3f}", f"{s / b:.2f}"] for d, (s, b) in steps.items()
+    ]
+    print(_table(["frozen", "step ms", "forward+backward ms", "ratio"], rows))
+
+    print()
+    print(
+        "where one trial's time goes (torch.profiler, 1 thread; the profiler's own overhead lands"
+    )
+    print("in 'python and other', see the unprofiled trials of the same depth):")
+    kinds = [k for k in next(iter(profiles.values())) if k != "total"]
+    rows = [
+        [
+            kind,
+            *(
+                f"{prof[kind]:.3f} s ({100 * prof[kind] / prof['total']:.0f}%)"
+                for prof in profiles.values()
+            ),
+        ]
+        for kind in kinds
+    ]
+    rows.append(["total", *(f"{prof['total']:.3f} s" for prof in profiles.values())])
+    unprofiled = [
+        statistics.median(
+            t for t, p in zip(fast1.seconds, params, strict=True) if p["frozen_blocks"] == d
+        )
+        for d in profiles
+    ]
+    rows.append(["unprofiled (median)", *(f"{t:.3f} s" for t in unprofiled)])
+    print(_table(["", *(f"frozen_blocks={d}" for d in profiles)], rows))
+
+    print()
+    print(f"speedup on 1 thread: {fast1.rate / naive1.rate:.1f}x (trials/min)")
+    print(f"speedup: {fast.rate / naive.rate:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
