@@ -196,6 +196,10 @@ def test_fold_groups(tiny) -> None:
     assert groups(MLP_BN, 2) == [[0, 1, 2, 3]]
     # Convolutions that train on the CPU (the tiny study's device): one by one.
     assert groups(CNN, 1) == [[0], [1], [2], [3]]
+    # Large trained blocks on the CPU: one by one (the step is bound by arithmetic, not overhead).
+    wide = {"name": "mlp", "hidden": [2048, 8]}
+    assert groups(wide, 0) == [[0], [1], [2], [3]]
+    assert groups(wide, 1) == [[0, 1, 2, 3]]
     assert groups(CNN, 2) == [[0, 1, 2, 3]]
 
 

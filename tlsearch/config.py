@@ -171,8 +171,9 @@ class FinetuneConfig(_Section):
     # Same scores up to float rounding; false only to measure the plain path or to save memory.
     cache_frozen: bool = True
     # "auto": train the k fold models of a trial at once (torch.func.vmap over stacked parameters)
-    # when the folds are equally large and the trained blocks have no BatchNorm or dropout; same
-    # scores up to float rounding, fewer and larger steps. "off": one fold after the other.
+    # when the folds are equally large, the trained blocks have no BatchNorm or dropout and (on the
+    # CPU) are small enough for it to pay; same scores up to float rounding, fewer and larger
+    # steps. "off": one fold after the other.
     fold_batching: Literal["auto", "off"] = "auto"
 
 

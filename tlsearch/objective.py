@@ -101,6 +101,14 @@ def check_folds(cfg: StudyConfig, train: Dataset) -> None:
         raise ConfigError(f"cv.k: {cfg.cv.k} folds but only {len(train)} target training samples")
 
 
+# On the CPU, training the folds together pays only where a step is bound by per-op overhead, not
+# by arithmetic: it saves k-1 rounds of dispatch, but its batched matmuls and grouped convolutions
+# run slower in oneDNN than k plain ones. Measured on one thread (benchmarks/trial_speed.py):
+# 1.8-2.3x faster with up to 33K trained block parameters or the head alone, 0.6-0.9x with 200K or
+# with convolutions.
+_CPU_BATCH_MAX_PARAMS = 100_000
+
+
 def _first_prunable_fold(cfg: StudyConfig) -> int:
     """The first fold after which the configured pruner may stop a trial (see make_pruner)."""
     p = cfg.pruner
@@ -173,11 +181,11 @@ class KFoldObjective:
     def fold_groups(self, params: FinetuneParams) -> list[list[int]]:
         """Which folds train together (``finetune.fold_batching``), in fold order.
 
-        Folds are batched when they are equally large and the trained blocks hold no BatchNorm or
-        dropout (:func:`~tlsearch.finetune.fold_batchable`) and no convolution on the CPU: there vmap
-        turns a convolution over stacked weights into a grouped one, which oneDNN runs slower than k
-        plain ones (benchmarks/trial_speed.py). Only the folds the pruner cannot skip are batched; the
-        rest train one at a time, so batching never spends a fold fit that pruning would have saved.
+        Folds are batched when they are equally large, the trained blocks hold no BatchNorm or
+        dropout (:func:`~tlsearch.finetune.fold_batchable`) and, on the CPU, a step is cheap enough
+        for batching to pay (see ``_CPU_BATCH_MAX_PARAMS``). Only the folds the pruner cannot skip
+        are batched; the rest train one at a time, so batching never spends a fold fit that pruning
+        would have saved.
         """
         k = len(self.folds)
         singles = [[fold] for fold in range(k)]
@@ -185,9 +193,10 @@ class KFoldObjective:
             return singles
         if not fold_batchable(self._source, params.frozen_blocks):
             return singles
-        trained = self._source.blocks[params.frozen_blocks :].modules()
-        conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in trained)
-        if conv and self.x.device.type == "cpu":
+        trained = self._source.blocks[params.frozen_blocks :]
+        conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in trained.modules())
+        size = sum(p.numel() for p in trained.parameters())
+        if self.x.device.type == "cpu" and (conv or size > _CPU_BATCH_MAX_PARAMS):
             return singles
         first = min(_first_prunable_fold(self.cfg), k - 1)
         return [list(range(first + 1))] + singles[first + 1 :]
