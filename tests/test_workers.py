@@ -127,6 +127,10 @@ def test_sigterm_and_sigint_fail_and_requeue_the_running_trial(tmp_path: Path) -
     for sig, trial in running.items():
         assert trials[trial.number].state == TrialState.FAIL
         retry = _retry_of(trials, trial.number)
+        # The other worker may have dequeued this retry before its own signal came, then failed
+        # and queued it again: follow the chain to its end.
+        while retry.state == TrialState.FAIL:
+            retry = _retry_of(trials, retry.number)
         assert retry.state == TrialState.WAITING and retry.params == trial.params
         assert f"trial {trial.number} failed without finishing; queued again" in logs[sig]
         assert "Traceback" not in logs[sig]
