@@ -54,6 +54,39 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def finished_tiny_study(
+    tmp: Path, pruned_user_attrs: dict[str, Any], pruned_value: float
+) -> tuple[optuna.Study, str]:
+    """A real tiny study (4 trials, 2 folds) plus one trial pruned after its first fold."""
+    from optuna.trial import TrialState, create_trial
+
+    from tlsearch.config import config_from_dict
+    from tlsearch.study import run_study
+
+    url = f"sqlite:///{tmp / 'study.db'}"
+    overrides = {
+        "n_trials": 4,
+        "storage": url,
+        "model": {"hidden": [16, 16]},
+        "pretrain": {"epochs": 1, "cache_dir": str(tmp / "cache")},
+        "finetune": {"epochs": 3},
+    }
+    run_study(config_from_dict(merge(TINY, overrides)))
+    # Opened as any Optuna tool opens it (tlsearch's storage would refuse a trial past the budget).
+    study = optuna.load_study(study_name="tiny", storage=url)
+    first = study.trials[0]
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            params=first.params,
+            distributions=first.distributions,
+            user_attrs=pruned_user_attrs,
+            intermediate_values={0: pruned_value},
+        )
+    )
+    return study, url
+
+
 @pytest.fixture
 def tiny(tmp_path: Path) -> Callable[..., dict[str, Any]]:
     """``tiny(**overrides)``: the tiny study as a dict, storage and cache in ``tmp_path``."""

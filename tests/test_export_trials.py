@@ -8,40 +8,17 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import TINY, merge, run_cli
-from optuna.trial import TrialState, create_trial
+from conftest import finished_tiny_study, run_cli
 
-from tlsearch.config import config_from_dict
 from tlsearch.errors import ConfigError
 from tlsearch.export import trials_frame, write_trials
-from tlsearch.study import run_study
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[optuna.Study, Path, str]:
-    """A real tiny study (4 trials, 2 folds) plus one trial pruned after its first fold."""
     tmp = tmp_path_factory.mktemp("export_trials")
-    url = f"sqlite:///{tmp / 'study.db'}"
-    overrides = {
-        "n_trials": 4,
-        "storage": url,
-        "model": {"hidden": [16, 16]},
-        "pretrain": {"epochs": 1, "cache_dir": str(tmp / "cache")},
-        "finetune": {"epochs": 3},
-    }
-    run_study(config_from_dict(merge(TINY, overrides)))
-    # Opened as any Optuna tool opens it (tlsearch's storage would refuse a trial past the budget).
-    study = optuna.load_study(study_name="tiny", storage=url)
-    first = study.trials[0]
-    study.add_trial(
-        create_trial(
-            state=TrialState.PRUNED,
-            params=first.params,
-            distributions=first.distributions,
-            user_attrs={"fold_scores": [0.25], "fold_losses": [2.0], "fold_seconds": [0.1]},
-            intermediate_values={0: 0.25},
-        )
-    )
+    pruned = {"fold_scores": [0.25], "fold_losses": [2.0], "fold_seconds": [0.1]}
+    study, url = finished_tiny_study(tmp, pruned, 0.25)
     return study, tmp, url
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY, merge, run_cli
-from optuna.trial import TrialState, create_trial
+from conftest import TINY, finished_tiny_study, run_cli
+from optuna.trial import create_trial
 
 from tlsearch.config import config_from_dict
 from tlsearch.errors import ConfigError
 from tlsearch.report import read_final, write_report
-from tlsearch.study import ATTR_CONFIG, run_study
+from tlsearch.study import ATTR_CONFIG
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STUDY_FIGURES = {
@@ -40,29 +40,8 @@ FINAL = {
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[optuna.Study, Path, str]:
-    """A real tiny study (4 trials, 2 folds) plus one trial pruned after its first fold."""
     tmp = tmp_path_factory.mktemp("report")
-    url = f"sqlite:///{tmp / 'study.db'}"
-    overrides = {
-        "n_trials": 4,
-        "storage": url,
-        "model": {"hidden": [16, 16]},
-        "pretrain": {"epochs": 1, "cache_dir": str(tmp / "cache")},
-        "finetune": {"epochs": 3},
-    }
-    run_study(config_from_dict(merge(TINY, overrides)))
-    # Opened as any Optuna tool opens it (tlsearch's storage would refuse a trial past the budget).
-    study = optuna.load_study(study_name="tiny", storage=url)
-    first = study.trials[0]
-    study.add_trial(
-        create_trial(
-            state=TrialState.PRUNED,
-            params=first.params,
-            distributions=first.distributions,
-            user_attrs={"fold_scores": [0.05]},
-            intermediate_values={0: 0.05},
-        )
-    )
+    study, url = finished_tiny_study(tmp, {"fold_scores": [0.05]}, 0.05)
     return study, tmp, url
 
 
