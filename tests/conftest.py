@@ -149,6 +149,20 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tlsearch.cli", *args]
 
 
+def start_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start ``tlsearch ARGS`` in ``cwd`` without waiting; stdout and stderr are pipes."""
+    return subprocess.Popen(
+        cli_command(*args),
+        cwd=cwd,
+        env={**cli_env(cwd), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``tlsearch ARGS`` as a user would, in ``cwd``; capture stdout and stderr."""
     return subprocess.run(

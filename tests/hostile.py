@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import cli_command, cli_env, merge, to_toml
+from conftest import cli_env, merge, start_cli, to_toml
 
 # The tiny study of these tests: a relative storage (the working directory of the command) and a
 # cache beside the study file, so a directory copied elsewhere is a study of its own.
@@ -75,14 +75,7 @@ def run_many(jobs: dict[str, Job], limit: int = 8) -> dict[str, subprocess.Compl
     while waiting or running:
         while waiting and len(running) < limit:
             key, (cwd, args, *extra) = waiting.pop(0)
-            running[key] = subprocess.Popen(
-                cli_command(*args),
-                cwd=cwd,
-                env={**cli_env(cwd), **(extra[0] if extra else {})},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            running[key] = start_cli(*args, cwd=cwd, env=extra[0] if extra else None)
         key = next(iter(running))
         proc = running.pop(key)
         out, err = proc.communicate(timeout=300)

@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import TINY, cli_command, cli_env, merge, run_cli, to_toml
+from conftest import TINY, merge, run_cli, start_cli, to_toml
 from optuna.trial import TrialState
 
 from tlsearch.config import load_config
@@ -160,14 +160,7 @@ def quick_runs(
         d = root / f"case{i}"
         d.mkdir()
         setup(d)
-        proc = subprocess.Popen(
-            cli_command(*args),
-            cwd=d,
-            env=cli_env(d),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_cli(*args, cwd=d)
         started[case_id] = (d, args, proc)
     done = {}
     for case_id, (d, args, proc) in started.items():
@@ -217,14 +210,7 @@ def _run_until(proc: subprocess.Popen, marker: str) -> list[str]:
 
 def test_ctrl_c_while_pretraining(tmp_path: Path) -> None:
     (tmp_path / "s.toml").write_text(to_toml(merge(STUDY, {"pretrain": {"epochs": 5000}})))
-    proc = subprocess.Popen(
-        cli_command("run", "s.toml"),
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli("run", "s.toml", cwd=tmp_path)
     try:
         _run_until(proc, "pretraining the source model")
         proc.send_signal(signal.SIGINT)
@@ -255,14 +241,7 @@ def test_interrupted_run_resumes_to_exactly_n_trials(tmp_path: Path) -> None:
     (tmp_path / "s.toml").write_text(to_toml(study))
     url = f"sqlite:///{tmp_path / 'study.db'}"
 
-    proc = subprocess.Popen(
-        cli_command("run", "s.toml"),
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli("run", "s.toml", cwd=tmp_path)
     try:
         _run_until(proc, f"[1/{n}] trial 0:")
         assert len(_finished(url, "resume")) >= 1  # stored before we interrupt

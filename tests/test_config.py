@@ -21,7 +21,10 @@ BAD = {
     ),
     "unknown key in search": ({"search": {"lamda": 1.0}}, "cfg.toml: search.lamda: unknown key"),
     "wrong type": ({"n_trials": "ten"}, "cfg.toml: n_trials: Input should be a valid integer"),
-    "number written as a string": ({"cv": {"k": "3"}}, "cfg.toml: cv.k: Input should be a valid integer"),
+    "number written as a string": (
+        {"cv": {"k": "3"}},
+        "cfg.toml: cv.k: Input should be a valid integer",
+    ),
     "float where an integer belongs": (
         {"finetune": {"epochs": 2.5}},
         "cfg.toml: finetune.epochs: Input should be a valid integer",

@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
-from conftest import TINY, cli_command, cli_env, merge
+from conftest import TINY, merge, start_cli
 
 from tlsearch.config import config_from_dict
 from tlsearch.dashboard import DashboardServer, write_study_note
@@ -146,14 +146,7 @@ def test_dashboard_page_in_chromium(tmp_path: Path) -> None:
     study = run_study(config_from_dict(merge(TINY, overrides)))
     write_study_note(study, load_study_config(study), study.user_attrs.get("task"))
 
-    server = subprocess.Popen(
-        cli_command("dashboard", "--storage", url, "--port", "0"),
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = start_cli("dashboard", "--storage", url, "--port", "0", cwd=tmp_path)
     try:
         first = server.stdout.readline()
         assert first.startswith(f"optuna-dashboard for {url} at http://127.0.0.1:"), (

@@ -11,8 +11,8 @@ from typing import Any
 import optuna
 import pytest
 import torch
-
 from conftest import TINY, merge
+
 from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import DivergedError
 from tlsearch.finetune import (

@@ -23,7 +23,6 @@ import ast
 import json
 import signal
 import socket
-import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ import optuna_dashboard
 import psycopg
 import pytest
 import torch
-from conftest import cli_command, cli_env
+from conftest import start_cli
 from hostile import run_many, write_study
 from pg import _admin, require_postgres
 from psycopg import sql
@@ -311,14 +310,7 @@ def test_a_password_in_the_storage_url_is_never_shown(pg_role_url: str, tmp_path
     )
 
     # The dashboard: its lines, the study page's data (the note with it), and where it listens.
-    proc = subprocess.Popen(
-        cli_command("dashboard", "--storage", url, "--port", "0"),
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli("dashboard", "--storage", url, "--port", "0", cwd=tmp_path)
     try:
         assert proc.stdout is not None
         first, second = proc.stdout.readline(), proc.stdout.readline()
