@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -102,3 +104,32 @@ def test_count_blocks() -> None:
     assert count_blocks(ModelConfig(name="mlp", hidden=[8, 8, 8])) == 3
     assert count_blocks(ModelConfig(name="cnn", channels=[4, 8])) == 3
     assert count_blocks(ModelConfig()) == 3  # the default CNN: conv16, conv32, fc128
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_cnn_pools_before_relu_with_the_values_and_gradients_of_relu_then_pool(
+    batch_norm: bool,
+) -> None:
+    """The CNN's conv blocks max-pool before the ReLU (cheaper); ReLU-then-pool is the same
+    function with the same gradients, including windows with no positive value and ties."""
+    torch.manual_seed(0)
+    model = create_model(
+        ModelConfig(name="cnn", channels=[4, 6], fc=8, batch_norm=batch_norm), (1, 8, 8), 3
+    ).train()
+    reference = copy.deepcopy(model)
+    for block in reference.blocks[:2]:
+        pool, relu = block[-2], block[-1]
+        assert isinstance(pool, nn.MaxPool2d) and isinstance(relu, nn.ReLU)
+        block[-2], block[-1] = relu, pool
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(16, 1, 8, 8)
+    x[:4] = -x[:4].abs()  # whole windows ≤ 0 in the first layer
+    x[4:8, :, :, 1::2] = x[4:8, :, :, ::2]  # ties inside windows
+    outs = []
+    for net in (model, reference):
+        out = net(x)
+        out.square().sum().backward()
+        outs.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(grad, outs[1][1][name], rtol=1e-6, atol=1e-7, msg=name)

