@@ -146,3 +146,34 @@ def test_params_round_trip_with_user_names() -> None:
         "regularizer": "l2",
     }
     assert FinetuneParams.from_dict(d) == p
+
+
+@pytest.mark.parametrize("regularizer", ["l2", "l2sp", "none"])
+@pytest.mark.parametrize("head_warmup", [0, 2])
+def test_closed_form_penalty_gradient_trains_the_autograd_model(
+    monkeypatch: pytest.MonkeyPatch, regularizer: str, head_warmup: int
+) -> None:
+    """The loop's closed-form penalty gradient gives the model that backpropagating the penalty
+    gives, up to float rounding, and the same divergence."""
+    from tlsearch.regularizers import _regularizers
+
+    cfg = _cfg(
+        {"name": "cnn", "channels": [4, 4], "fc": 16},
+        finetune={"epochs": 5, "batch_size": 16, "head_warmup_epochs": head_warmup},
+    )
+    pre = _pretrained(cfg)
+    x, y = _target()
+    params = FinetuneParams(0.5, 0.01, 1, 0.1, regularizer)
+    fast = finetune(pre, cfg, params, x, y, 4, INPUT, seed=2).state_dict()
+    monkeypatch.setattr(_regularizers[regularizer], "closed_form_grad", False)
+    slow = finetune(pre, cfg, params, x, y, 4, INPUT, seed=2).state_dict()
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-5, msg=k)
+    sgd = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 3, "optimizer": "sgd"})
+    huge = FinetuneParams(1.0, 1e6, 0, 1.0, regularizer)
+    with pytest.raises(DivergedError) as autograd_error:
+        finetune(_pretrained(sgd), sgd, huge, x, y, 4, INPUT, seed=0)
+    monkeypatch.undo()
+    with pytest.raises(DivergedError) as closed_form_error:
+        finetune(_pretrained(sgd), sgd, huge, x, y, 4, INPUT, seed=0)
+    assert str(closed_form_error.value) == str(autograd_error.value)

@@ -195,3 +195,70 @@ def test_every_regularizer_is_a_finite_scalar_with_a_gradient(name: str, batch_n
 def test_unknown_regularizer_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"^regularizer\.name: unknown regularizer 'delta' \("):
         create_regularizer("delta", _tiny_net(), {}, lam=1.0)
+
+
+def _stacked_net(n: int, batch_norm: bool) -> BlockNet:
+    """An MLP whose parameters hold ``n`` different models along a leading fold dimension."""
+    models = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        cfg = ModelConfig(name="mlp", hidden=[3, 2], batch_norm=batch_norm)
+        models.append(create_model(cfg, (4,), 2))
+    stacked = models[0]
+    for name, _ in list(stacked.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        value = torch.stack([m.get_parameter(name).detach() for m in models])
+        setattr(stacked.get_submodule(owner), attr, torch.nn.Parameter(value))
+    return stacked
+
+
+@pytest.mark.parametrize("name", list_regularizers())
+@pytest.mark.parametrize("penalize", ["weights", "all"])
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_closed_form_gradient_is_the_autograd_gradient(
+    name: str, penalize: str, stacked: bool, frozen: int
+) -> None:
+    """What the fine-tuning loop adds to ``.grad`` is the gradient of ``forward()``, on top of the
+    data gradient already there, and it skips parameters that train no longer (head warm-up)."""
+    model = _stacked_net(3, batch_norm=True) if stacked else _tiny_net(batch_norm=True)
+    model.freeze(frozen)
+    pre = _pretrained(_tiny_net(batch_norm=True), shift=0.3)
+    penalty = create_regularizer(
+        name, model, pre, 0.7, head_lam=0.05, penalize=penalize, scale=0.5, stacked=stacked
+    )
+    assert penalty.closed_form_grad
+    trained = [p for p in model.parameters() if p.requires_grad]
+    data_grads = [torch.randn_like(p) for p in trained]
+
+    def autograd() -> list[torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        for p, g in zip(trained, data_grads, strict=True):
+            p.grad = g.clone()
+        value = penalty().sum()
+        if value.requires_grad:
+            value.backward()
+        return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    def closed_form() -> list[torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        for p, g in zip(trained, data_grads, strict=True):
+            p.grad = g.clone()
+        penalty.accumulate_grad_()
+        return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    for want, got in zip(autograd(), closed_form(), strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # Head warm-up: the backbone does not train, so neither path touches its gradient.
+    for p in model.blocks.parameters():
+        p.requires_grad_(False)
+    trained = list(model.head.parameters())
+    data_grads = [torch.randn_like(p) for p in trained]
+    for want, got in zip(autograd(), closed_form(), strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

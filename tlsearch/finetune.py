@@ -31,7 +31,7 @@ from torch import nn
 from tlsearch.config import StudyConfig
 from tlsearch.errors import DivergedError
 from tlsearch.models import BlockNet, create_model
-from tlsearch.regularizers import create_regularizer
+from tlsearch.regularizers import Regularizer, create_regularizer
 
 __all__ = [
     "FinetuneParams",
@@ -118,7 +118,8 @@ _Diverged = list[DivergedError | None]
 def _train_epochs(
     model: BlockNet,
     optimizer: torch.optim.Optimizer,
-    batch_loss: Callable[[tuple[torch.Tensor | None, ...]], torch.Tensor],
+    data_loss: Callable[[tuple[torch.Tensor | None, ...]], torch.Tensor],
+    penalty: Regularizer,
     n: int,
     epochs: int,
     batch_size: int,
@@ -127,18 +128,32 @@ def _train_epochs(
 ) -> None:
     """Train for ``epochs``; one generator per fold draws that fold's minibatch order.
 
-    ``batch_loss`` maps each fold's batch indices to the training loss (one per fold when the folds are
-    stacked). A fold whose loss becomes NaN/inf is noted in ``diverged``; training stops once the first
-    fold diverged, since the folds are scored in order and the trial ends there.
+    ``data_loss`` maps each fold's batch indices to the mean cross-entropy (one per fold when the folds
+    are stacked); the training loss adds ``penalty``. A penalty with a closed-form gradient adds it to
+    ``.grad`` after the backward pass and is evaluated only for the divergence check, on the last batch
+    of each epoch; any other is part of the loss that backpropagates. A fold whose training loss becomes
+    NaN/inf is noted in ``diverged``; training stops once the first fold diverged, since the folds are
+    scored in order and the trial ends there.
     """
+    closed_form = penalty.closed_form_grad
     model.train()
     for epoch in range(epochs):
-        for idx in zip(*(minibatches(n, batch_size, g) for g in generators)):
-            loss = batch_loss(idx)
+        batches = list(zip(*(minibatches(n, batch_size, g) for g in generators), strict=True))
+        for i, idx in enumerate(batches):
+            loss = data_loss(idx)
             optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
+            if closed_form:
+                if i == len(batches) - 1:
+                    with torch.no_grad():
+                        last = loss.detach() + penalty()
+                loss.sum().backward()
+                penalty.accumulate_grad_()
+            else:
+                loss = loss + penalty()
+                last = loss.detach()
+                loss.sum().backward()
             optimizer.step()
-        for fold, value in enumerate(loss.reshape(-1).tolist()):
+        for fold, value in enumerate(last.reshape(-1).tolist()):
             if diverged[fold] is None and not math.isfinite(value):
                 diverged[fold] = DivergedError(f"training loss became {value} in epoch {epoch + 1}")
         if diverged[0] is not None:
@@ -237,9 +252,6 @@ def _fit(
     )
     data_loss = _batch_loss(model, x, y, start, stacked)
 
-    def batch_loss(idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-        return data_loss(idx) + penalty()
-
     # Fused kernels: one optimizer call updates every tensor, instead of a dozen small ops per tensor.
     fused = x.device.type in ("cpu", "cuda")
 
@@ -258,7 +270,15 @@ def _fit(
             p.requires_grad_(False)
         warm = make_optimizer([{"params": head_params}])
         _train_epochs(
-            model, warm, batch_loss, n, ft.head_warmup_epochs, ft.batch_size, generators, diverged
+            model,
+            warm,
+            data_loss,
+            penalty,
+            n,
+            ft.head_warmup_epochs,
+            ft.batch_size,
+            generators,
+            diverged,
         )
         for p in backbone_params:
             p.requires_grad_(True)
@@ -273,7 +293,9 @@ def _fit(
         for p in backbone_params:
             p.requires_grad_(False)
     optimizer = make_optimizer(groups)
-    _train_epochs(model, optimizer, batch_loss, n, ft.epochs, ft.batch_size, generators, diverged)
+    _train_epochs(
+        model, optimizer, data_loss, penalty, n, ft.epochs, ft.batch_size, generators, diverged
+    )
     return diverged
 
 
@@ -346,7 +368,7 @@ def finetune_folds(
         for name, value in stacked.named_parameters():
             for fold, model in enumerate(models):
                 model.get_parameter(name).copy_(value[fold])
-    return [model if error is None else error for model, error in zip(models, diverged)]
+    return [model if error is None else error for model, error in zip(models, diverged, strict=True)]
 
 
 @torch.no_grad()

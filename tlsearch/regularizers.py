@@ -13,7 +13,12 @@ With ``stacked=True`` the model's parameters carry a leading fold dimension (k f
 together, see :func:`tlsearch.finetune.finetune_folds`) and ``forward()`` returns the k penalties, one per
 fold; their sum has, for each fold's slice, that fold's gradient.
 
-Adding a regularizer is one class decorated with :func:`register_regularizer`.
+Adding a regularizer is one class decorated with :func:`register_regularizer`. A penalty whose
+gradient has a closed form may also implement :meth:`Regularizer.accumulate_grad_`: the fine-tuning
+loop then adds that gradient to ``.grad`` after the backward pass of the data loss, with two fused
+``_foreach`` ops, instead of building and backpropagating the penalty's graph in every step (a
+sixth of a fine-tuning step of the default CNN on the CPU). ``forward()`` stays the definition; a
+test checks each closed form against autograd.
 """
 
 from __future__ import annotations
@@ -74,15 +79,33 @@ def _sq_distance(
     return torch.stack(torch._foreach_norm(diffs)).square().sum()
 
 
+def _add_scaled_(params: list[nn.Parameter], coef: float, refs: list[torch.Tensor] | None) -> None:
+    """``p.grad += coef · (p − ref)`` (or ``coef · p``) for the parameters that train right now."""
+    pairs = [(p, r) for p, r in zip(params, refs or params, strict=True) if p.requires_grad]
+    if not pairs or coef == 0.0:
+        return
+    grads = []
+    for p, _ in pairs:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    ps = [p.detach() for p, _ in pairs]
+    diffs = ps if refs is None else torch._foreach_sub(ps, [r for _, r in pairs])
+    torch._foreach_add_(grads, diffs, alpha=coef)
+
+
 class Regularizer(nn.Module):
     """Base class: holds the covered parameters of ``model`` and returns the penalty as a scalar.
 
     Subclasses set ``name`` and implement :meth:`forward`. ``lam`` is the searched λ, ``head_lam``
     the fixed β some penalties use for the new head, ``scale`` the factor (1 or 1/m) in front;
     ``stacked`` says the parameters carry a leading fold dimension (one penalty per fold).
+    Subclasses whose gradient has a closed form set ``closed_form_grad`` and implement
+    :meth:`accumulate_grad_`.
     """
 
     name: str = ""
+    closed_form_grad: bool = False
 
     def __init__(
         self,
@@ -104,12 +127,20 @@ class Regularizer(nn.Module):
         self._backbone = [p for _, p in backbone]
         self._head = [p for _, p in head]
         # Copies of the starting point: the pretrained state may be shared by folds and trials.
+        # Stacked, each fold's slice gets the same reference (materialised: _foreach ops do not
+        # broadcast).
         self._backbone_refs = [
-            pretrained[n].detach().to(p.device, p.dtype).clone() for n, p in backbone
+            pretrained[n].detach().to(p.device, p.dtype).expand_as(p).clone()
+            for n, p in backbone
         ]
 
     def forward(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def accumulate_grad_(self) -> None:
+        """Add the gradient of :meth:`forward` (summed over folds when stacked) to each covered
+        parameter's ``.grad``, for the parameters that have ``requires_grad`` now."""
+        raise NotImplementedError(f"regularizer '{self.name}' has no closed-form gradient")
 
 
 @register_regularizer
@@ -117,9 +148,13 @@ class NoPenalty(Regularizer):
     """No penalty: plain fine-tuning (λ is ignored)."""
 
     name = "none"
+    closed_form_grad = True
 
     def forward(self) -> torch.Tensor:
         return torch.zeros(())
+
+    def accumulate_grad_(self) -> None:
+        pass
 
 
 @register_regularizer
@@ -131,10 +166,14 @@ class L2(Regularizer):
     """
 
     name = "l2"
+    closed_form_grad = True
 
     def forward(self) -> torch.Tensor:
         sq = _sq_distance(self._backbone + self._head, None, self.stacked)
         return self.scale * self.lam / 2 * sq
+
+    def accumulate_grad_(self) -> None:
+        _add_scaled_(self._backbone + self._head, self.scale * self.lam, None)
 
 
 @register_regularizer
@@ -146,11 +185,16 @@ class L2SP(Regularizer):
     """
 
     name = "l2sp"
+    closed_form_grad = True
 
     def forward(self) -> torch.Tensor:
         sp = _sq_distance(self._backbone, self._backbone_refs, self.stacked)
         head = _sq_distance(self._head, None, self.stacked)
         return self.scale * (self.lam / 2 * sp + self.head_lam / 2 * head)
+
+    def accumulate_grad_(self) -> None:
+        _add_scaled_(self._backbone, self.scale * self.lam, self._backbone_refs)
+        _add_scaled_(self._head, self.scale * self.head_lam, None)
 
 
 def create_regularizer(
