@@ -177,3 +177,34 @@ def test_closed_form_penalty_gradient_trains_the_autograd_model(
     with pytest.raises(DivergedError) as closed_form_error:
         finetune(_pretrained(sgd), sgd, huge, x, y, 4, INPUT, seed=0)
     assert str(closed_form_error.value) == str(autograd_error.value)
+
+
+def test_lean_fused_adam_is_torch_fused_adam_bit_for_bit() -> None:
+    """Fine-tuning calls the fused Adam kernel itself; it must update exactly as
+    ``torch.optim.Adam(fused=True)`` does, over two groups with their own learning rates."""
+    from tlsearch.finetune import _FusedAdam
+
+    torch.manual_seed(0)
+    cfg = _cfg({"name": "mlp", "hidden": [16, 8]})
+    models = [create_model(cfg.model, INPUT, 4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = _target()
+
+    def groups(model: torch.nn.Module) -> list[dict]:
+        return [
+            {"params": list(model.head.parameters())},
+            {"params": list(model.blocks.parameters()), "lr": 1e-3},
+        ]
+
+    ours = _FusedAdam(groups(models[0]), lr=0.05)
+    torch_adam = torch.optim.Adam(groups(models[1]), lr=0.05, fused=True)
+    for step in range(5):
+        for model, opt in zip(models, (ours, torch_adam), strict=True):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x[step::5]), y[step::5]).backward()
+            opt.step()
+        for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+            assert torch.equal(a, b), (step, name)
+            assert a.grad is not None
+    ours.zero_grad()
+    assert all(p.grad is None for p in models[0].parameters())
