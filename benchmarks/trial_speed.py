@@ -15,7 +15,10 @@ Each runs on torch's default thread count (the machine's cores) and on one threa
 all variants alternate (naive trial 1, tlsearch trial 1, ..., naive trial 2, ...), so a machine
 shared with other work slows them alike. Then, on one thread: seconds per trial at each frozen
 depth, folds trained together against one by one, a breakdown of one trial from ``torch.profiler``,
-and one fine-tuning step against the bare forward+backward of the same model on the same batches.
+one fine-tuning step against the bare forward+backward of the same model on the same batches, and
+the arithmetic of one trial of each objective (``torch.utils.flop_counter``) against the rate each
+runs it at and this core's float32 matmul peak: how much of the speedup is work removed, how much
+is faster arithmetic, and how close to the limit that is.
 
     python benchmarks/trial_speed.py [--per-depth 2] [--config studies/digits.toml]
 
@@ -44,11 +47,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from tlsearch import regularizers
 from tlsearch.config import ModelConfig, ParamRange, StudyConfig, load_config
 from tlsearch.data import TransferTask
-from tlsearch.finetune import FinetuneParams, finetune, finetune_folds
+from tlsearch.finetune import FinetuneParams, _FusedAdam, finetune, finetune_folds
 from tlsearch.models import BlockNet, create_model
 from tlsearch.objective import KFoldObjective
 from tlsearch.study import StudyContext, make_objective, prepare, run_trials, setup_study
@@ -278,16 +282,23 @@ class _TimedStorage:
 def breakdown(run_one: Callable[[], None], *storages: Any) -> dict[str, float]:
     """Seconds of one trial by kind, from ``torch.profiler`` (storage from its own clock).
 
-    The model's forward, the penalty and ``backward()`` are labelled for the profile only; the
-    optimizer labels itself. Top-level ops outside those (minibatch indices, gathering the batch,
+    The model's forward, the penalty (its value and its closed-form gradient), ``backward()`` and
+    the optimizer step are labelled for the profile only (``torch.optim`` optimizers label
+    themselves). Top-level ops outside those (minibatch indices, gathering the batch,
     the validation slice) are "data"; what no op accounts for is Python.
     """
     patches = [
         (BlockNet, "forward"),
         (torch.Tensor, "backward"),
-        *((cls, "forward") for cls in regularizers._regularizers.values()),
+        (_FusedAdam, "step"),
+        *(
+            (cls, attr)
+            for cls in regularizers._regularizers.values()
+            for attr in ("forward", "accumulate_grad_")
+            if attr in cls.__dict__
+        ),
     ]
-    labels = {BlockNet: "forward+loss", torch.Tensor: "backward"}
+    labels = {BlockNet: "forward+loss", torch.Tensor: "backward", _FusedAdam: "optimizer"}
     originals = [(owner, attr, owner.__dict__[attr]) for owner, attr in patches]
     timer = _TimedStorage(*storages)
     for owner, attr, fn in originals:
@@ -306,7 +317,7 @@ def breakdown(run_one: Callable[[], None], *storages: Any) -> dict[str, float]:
         if event.cpu_parent is not None:
             continue
         name = event.name
-        if name.startswith("Optimizer."):
+        if name.startswith("Optimizer.") or name == "optimizer":
             kind = "optimizer"
         elif name in out:
             kind = name
@@ -407,6 +418,27 @@ def folds_together(objective: KFoldObjective, depth: int, repeats: int = 2) -> t
     return min(one), min(together)
 
 
+def count_flops(run: Callable[[], Any]) -> float:
+    """Floating-point operations of ``run()`` (matmuls and convolutions, forward and backward), by
+    ``torch.utils.flop_counter``: the arithmetic itself, whatever its speed."""
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(size: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of one float32 ``size``² matmul on this thread count: what the core does at best."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -471,6 +503,16 @@ def main() -> None:
             fast1.study.enqueue_trial(next(q for q in params if q["frozen_blocks"] == d))
             storage = fast1.study._storage
             profiles[d] = breakdown(fast1.run_one, storage, getattr(storage, "_backend", storage))
+        # The arithmetic of one trial at each depth, for both objectives (outside any study).
+        naive_objective = NaiveObjective(base, ctx.task)
+        work = {}
+        for d in depths:
+            p = next(q for q in params if q["frozen_blocks"] == d)
+            work[d] = (
+                count_flops(lambda p=p: naive_objective(optuna.trial.FixedTrial(p))),
+                count_flops(lambda p=p: objective(optuna.trial.FixedTrial(p))),
+            )
+        peak = matmul_peak()
     load1 = os.getloadavg()[0]
 
     print()
@@ -599,6 +641,56 @@ def main() -> None:
     ]
     rows.append(["unprofiled (median)", *(f"{t:.3f} s" for t in unprofiled)])
     print(_table(["", *(f"frozen_blocks={d}" for d in profiles)], rows))
+
+    print()
+    print("arithmetic of one trial (matmul and convolution FLOPs, forward and backward) and the")
+    print("rate each objective runs it at, 1 thread (seconds: the medians above):")
+    rows = []
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for d in depths:
+        (naive_flops, fast_flops), idx = (
+            work[d],
+            [i for i, p in enumerate(params) if p["frozen_blocks"] == d],
+        )
+        t_naive = statistics.median(naive1.seconds[i] for i in idx)
+        t_fast = statistics.median(fast1.seconds[i] for i in idx)
+        for j, v in enumerate((naive_flops, fast_flops, t_naive, t_fast)):
+            sums[j] += v
+        rows.append(
+            [
+                str(d),
+                f"{naive_flops / 1e9:.1f}",
+                f"{fast_flops / 1e9:.2f}",
+                f"{naive_flops / fast_flops:.1f}x",
+                f"{naive_flops / t_naive / 1e9:.1f}",
+                f"{fast_flops / t_fast / 1e9:.1f}",
+            ]
+        )
+    naive_flops, fast_flops, t_naive, t_fast = sums
+    rows.append(
+        [
+            "all",
+            f"{naive_flops / 1e9:.1f}",
+            f"{fast_flops / 1e9:.2f}",
+            f"{naive_flops / fast_flops:.1f}x",
+            f"{naive_flops / t_naive / 1e9:.1f}",
+            f"{fast_flops / t_fast / 1e9:.1f}",
+        ]
+    )
+    header = ["frozen", "naive GFLOP", "tlsearch GFLOP", "less work", "naive GFLOP/s"]
+    print(_table([*header, "tlsearch GFLOP/s"], rows))
+    work_ratio = naive_flops / fast_flops
+    rate_ratio = (fast_flops / t_fast) / (naive_flops / t_naive)
+    need = 20 / work_ratio * naive_flops / t_naive
+    print(
+        f"float32 matmul peak of this core (1024x1024, 1 thread): {peak / 1e9:.1f} GFLOP/s\n"
+        f"speedup (medians, the trial mix) = less work x faster arithmetic = {work_ratio:.1f} x "
+        f"{rate_ratio:.2f} = {work_ratio * rate_ratio:.1f}x\n"
+        f"20x over the same mix needs tlsearch at {need / 1e9:.0f} GFLOP/s, "
+        f"{100 * need / peak:.0f}% of the matmul peak, on minibatches of 8-32 images; "
+        f"with no time but arithmetic at the peak, the speedup would be "
+        f"{t_naive / (fast_flops / peak):.0f}x"
+    )
 
     print()
     print(
