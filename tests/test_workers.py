@@ -38,8 +38,10 @@ from tlsearch.storage import Heartbeat, create_storage
 from tlsearch.study import ATTR_CHECKPOINT, run_trials
 from tlsearch.workers import claim_gpu, default_threads, plan_devices
 
-# Trials of a few seconds, so that a signal sent when one is seen running lands inside it.
-SLOW = {"finetune": {"epochs": 150, "device": "cpu", "threads": 1}}
+# Trials of a few seconds (3-6 s on a quiet core), so that a signal sent when one is seen running
+# lands inside it. Sized by measurement: at 150 epochs, once fine-tuning got faster, a tiny trial
+# took 0.3 s and could finish between being seen and the signal.
+SLOW = {"finetune": {"epochs": 2000, "device": "cpu", "threads": 1}}
 
 
 def _check_exact(url: str, n: int, output: str) -> list[optuna.trial.FrozenTrial]:
