@@ -145,3 +145,45 @@ def test_every_pruner_builds(tiny, name: str) -> None:
     assert isinstance(
         make_pruner(config_from_dict(tiny(pruner={"name": name}))), optuna.pruners.BasePruner
     )
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_storage_outage_while_the_budget_is_held_elsewhere_is_retried(
+    tiny, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Near a study's end the last trial runs in another worker: this one waits, counting the
+    trial states. A database outage then (a server restart) is retried like any other storage
+    error in the loop, not an exit."""
+    import threading
+
+    import sqlalchemy
+
+    from tlsearch.study import make_objective, run_trials, setup_study
+
+    cfg = config_from_dict(tiny(n_trials=1))
+    # Heartbeats every second (the waiting loop's pause), a grace period the test never reaches.
+    study, storage, ctx = setup_study(cfg, heartbeat={"interval": 1, "grace_period": 60})
+    elsewhere = study.ask()  # the budget's one trial, RUNNING "in another worker"
+    outages = 2
+    real_count = storage.count_states
+
+    def count_states(study_id: int) -> dict:
+        nonlocal outages
+        if outages:
+            outages -= 1
+            raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server restarting"))
+        return real_count(study_id)
+
+    storage.count_states = count_states  # type: ignore[method-assign]
+    finish = threading.Timer(3.5, lambda: study.tell(elsewhere, 0.5))
+    finish.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="tlsearch"):
+            ran = run_trials(study, storage, make_objective(ctx), n_trials=1, patience=60)
+    finally:
+        finish.cancel()
+    assert ran == 0
+    assert outages == 0
+    assert caplog.text.count("storage error") == 2
+    assert "still running elsewhere; waiting" in caplog.text
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]

@@ -523,6 +523,34 @@ def _settle_or_leave(study: optuna.Study, storage: StudyStorage, guard: _Guard) 
         )
 
 
+class _StillRunning(Exception):
+    """The budget is held by trials running elsewhere; look again after a pause."""
+
+
+def _budget_finished_or_wait(
+    storage: StudyStorage, study_id: int, n_trials: int | None, waiting: bool
+) -> bool:
+    """3) The budget is taken: True when it is finished; when it is held by trials running
+    elsewhere, wait a heartbeat and raise :class:`_StillRunning`; else (a trial is queued, or
+    one failed) False: try to run one. Its storage calls fail like any other in the loop, which
+    retries them (a server restart near the end of a study lands here)."""
+    assert n_trials is not None, "only a budget raises BudgetExhausted"
+    counts = storage.count_states(study_id)
+    if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+        return True
+    if counts[TrialState.WAITING] or not counts[TrialState.RUNNING]:
+        return False
+    if not waiting:
+        _log.info(
+            "%d trial(s) still running elsewhere; waiting for them (a dead worker's "
+            "trial is retried %d s after its last heartbeat)",
+            counts[TrialState.RUNNING],
+            storage.grace_period or 0,
+        )
+    time.sleep(storage.heartbeat_interval or 1)
+    raise _StillRunning
+
+
 def run_trials(
     study: optuna.Study,
     storage: StudyStorage,
@@ -564,6 +592,7 @@ def run_trials(
     deadline = None if timeout is None else time.monotonic() + timeout
     failing_since: float | None = None
     waiting = False
+    exhausted = False
     quiet = _QuietFailures()
     quiet.attach()
     stop.in_loop = True
@@ -574,11 +603,18 @@ def run_trials(
             if (left is not None and left <= 0) or (seconds is not None and seconds <= 0):
                 break
             try:
+                if exhausted and _budget_finished_or_wait(storage, study_id, n_trials, waiting):
+                    break
+                exhausted = False
                 _settle(study, storage, guard)  # 4) a trial a signal or the storage interrupted
                 study.optimize(guard, n_trials=left, timeout=seconds, callbacks=cbs)  # 1) 2)
                 break
+            except _StillRunning:
+                failing_since = None
+                waiting = True
             except BudgetExhausted:
                 failing_since = None
+                exhausted = True
             except KeyboardInterrupt as e:
                 _settle_or_leave(study, storage, guard)
                 if isinstance(e, Interrupted):
@@ -610,22 +646,6 @@ def run_trials(
                     guard.number,
                 )
                 continue
-            # 3) the budget is taken: finished, or held by trials running or queued elsewhere
-            assert n_trials is not None, "only a budget raises BudgetExhausted"
-            counts = storage.count_states(study_id)
-            if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
-                break
-            if counts[TrialState.WAITING] or not counts[TrialState.RUNNING]:
-                continue
-            if not waiting:
-                _log.info(
-                    "%d trial(s) still running elsewhere; waiting for them (a dead worker's "
-                    "trial is retried %d s after its last heartbeat)",
-                    counts[TrialState.RUNNING],
-                    storage.grace_period or 0,
-                )
-            waiting = True
-            time.sleep(storage.heartbeat_interval or 1)
     finally:
         stop.in_loop = False
         quiet.detach()
