@@ -682,7 +682,14 @@ def main() -> None:
     work_ratio = naive_flops / fast_flops
     rate_ratio = (fast_flops / t_fast) / (naive_flops / t_naive)
     need = 20 / work_ratio * naive_flops / t_naive
+    # Every step at the cost of its bare forward+backward (PyTorch's kernels, nothing else):
+    # 5 folds x epochs x minibatches per epoch, one by one.
+    n_train = len(objective.folds[0][0])
+    steps_per_trial = base.cv.k * base.finetune.epochs * -(-n_train // base.finetune.batch_size)
+    bare_trial = sum(steps[d][1] * steps_per_trial for d in depths)
     print(
+        f"if every step cost only its bare forward+backward (the table above): "
+        f"{t_naive / bare_trial:.1f}x\n"
         f"float32 matmul peak of this core (1024x1024, 1 thread): {peak / 1e9:.1f} GFLOP/s\n"
         f"speedup (medians, the trial mix) = less work x faster arithmetic = {work_ratio:.1f} x "
         f"{rate_ratio:.2f} = {work_ratio * rate_ratio:.1f}x\n"
