@@ -285,12 +285,6 @@ CASES: dict[str, Case] = {
     "blank --study-name": Case(
         study(), [*RUN, "--study-name", " "], 2, ERR + "bad.toml: name: must not be empty"
     ),
-    "--timeout nan": Case(
-        study(),
-        [*RUN, "--timeout", "nan"],
-        2,
-        ERR + "bad.toml: timeout: Input should be a finite number",
-    ),
     "--device tpu": Case(
         study(),
         [*RUN, "--device", "tpu"],
@@ -407,7 +401,7 @@ CASES: dict[str, Case] = {
         study(),
         ["run", "bad.toml", "--n-trials", "ten"],
         2,
-        "tlsearch run: error: argument --n-trials: invalid int value: 'ten'",
+        "tlsearch run: error: argument --n-trials: expected a whole number, got 'ten'",
         argparse=True,
     ),
     "flag: negative --max-retry": Case(
@@ -415,6 +409,28 @@ CASES: dict[str, Case] = {
         ["run", "bad.toml", "--max-retry", "-1"],
         2,
         "tlsearch run: error: argument --max-retry: must be at least 0, got -1",
+        argparse=True,
+    ),
+    # A flag's value is the flag's error, not the study file's.
+    "flag: --n-trials 0": Case(
+        study(),
+        ["run", "bad.toml", "--n-trials", "0"],
+        2,
+        "tlsearch run: error: argument --n-trials: must be at least 1, got 0",
+        argparse=True,
+    ),
+    "flag: --timeout nan": Case(
+        study(),
+        ["run", "bad.toml", "--timeout", "nan"],
+        2,
+        "tlsearch run: error: argument --timeout: must be a positive number of seconds, got nan",
+        argparse=True,
+    ),
+    "flag: worker --timeout -5": Case(
+        study(),
+        ["worker", "--storage", "sqlite:///x.db", "--study-name", "s", "--timeout", "-5"],
+        2,
+        "tlsearch worker: error: argument --timeout: must be a positive number of seconds, got -5",
         argparse=True,
     ),
     "flag: misspelt": Case(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -59,6 +60,16 @@ def _positive(text: str) -> int:
     return _at_least(text, 1)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got '{text}'") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     return _at_least(text, 0)
 
@@ -81,8 +92,11 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
         "config", nargs="?", type=Path, help="study file (TOML); omitted: the built-in defaults"
     )
     _add_storage_flags(p, required=False)
-    p.add_argument("--n-trials", type=int, help="total trials in the study (finished ones count)")
-    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    # Checked here, so that a bad flag is reported as the flag, not as the study file.
+    p.add_argument(
+        "--n-trials", type=_positive, help="total trials in the study (finished ones count)"
+    )
+    p.add_argument("--timeout", type=_seconds, help="stop starting trials after this many seconds")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: finetune.device)")
     p.add_argument(
         "--allow-config-change",
@@ -377,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-trials", type=_positive, help="at most this many trials in this worker"
     )
     worker.add_argument(
-        "--timeout", type=float, help="stop starting trials after this many seconds"
+        "--timeout", type=_seconds, help="stop starting trials after this many seconds"
     )
     worker.add_argument(
         "--threads", type=_positive, metavar="N", help="torch CPU threads (default: torch's)"
