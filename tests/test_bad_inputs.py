@@ -460,6 +460,12 @@ CASES: dict[str, Case] = {
         1,
         ERR + "no study 'tiny' in sqlite:///study.db (it holds no study)",
     ),
+    "dashboard: database file does not exist": Case(
+        _nothing,
+        ["dashboard", "--storage", "sqlite:///study.db", "--port", "0"],
+        1,
+        ERR + "sqlite:///study.db: no such SQLite file, so no study to show",
+    ),
     "export: storage that is not a database": Case(
         _text_file,
         ["export", "--storage", "sqlite:///notes.txt", "--study-name", "tiny"],

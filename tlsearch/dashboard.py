@@ -18,9 +18,9 @@ import optuna
 import optuna_dashboard
 
 from tlsearch.config import ParamRange, StudyConfig
-from tlsearch.errors import TlsearchError
+from tlsearch.errors import StorageError, TlsearchError
 from tlsearch.objective import _report_folds
-from tlsearch.storage import create_storage, mask_url
+from tlsearch.storage import create_storage, mask_url, sqlite_file_missing
 
 __all__ = ["DashboardServer", "describe_study", "study_note", "write_study_note"]
 
@@ -148,6 +148,9 @@ class DashboardServer:
     """optuna-dashboard for one storage, bound to ``host:port`` (port 0 picks a free one)."""
 
     def __init__(self, storage_url: str, host: str = "127.0.0.1", port: int = 8080) -> None:
+        # A mistyped SQLite path is reported, not created as an empty database to look at.
+        if sqlite_file_missing(storage_url):
+            raise StorageError(f"{mask_url(storage_url)}: no such SQLite file, so no study to show")
         self.storage = create_storage(storage_url)
         self.storage_label = mask_url(storage_url)
         app = optuna_dashboard.wsgi(self.storage)

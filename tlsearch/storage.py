@@ -57,6 +57,7 @@ __all__ = [
     "create_storage",
     "describe_error",
     "mask_url",
+    "sqlite_file_missing",
     "storage_error",
     "without_password",
 ]
@@ -333,6 +334,13 @@ def check_url(url: str) -> str:
     if password and backend != "sqlite" and parsed.password is None:
         url = parsed.set(password=password).render_as_string(hide_password=False)
     return url
+
+
+def sqlite_file_missing(url: str) -> bool:
+    """Whether ``url`` (checked by :func:`check_url`) names a SQLite file that does not exist:
+    what reads an existing study reports it instead of creating an empty database there."""
+    parsed = make_url(check_url(url))
+    return parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file()
 
 
 def create_storage(url: str, heartbeat: Heartbeat | None = None) -> StudyStorage:

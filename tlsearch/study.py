@@ -28,13 +28,11 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TextIO
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
 
 from tlsearch import __version__
 from tlsearch.config import StudyConfig, config_from_dict
@@ -53,6 +51,7 @@ from tlsearch.storage import (
     create_storage,
     describe_error,
     mask_url,
+    sqlite_file_missing,
     storage_error,
 )
 
@@ -186,8 +185,7 @@ def existing_storage(storage_url: str, study_name: str) -> StudyStorage:
     A SQLite file that does not exist is reported, not created: a typo in the path would
     otherwise leave an empty database behind.
     """
-    url = make_url(check_url(storage_url))
-    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+    if sqlite_file_missing(storage_url):
         raise StorageError(
             f"no study '{study_name}' in {mask_url(storage_url)} (it holds no study)"
         )
