@@ -208,6 +208,16 @@ def start_worker(url: str, name: str, tmp_path: Path, *extra: str, log: str) -> 
     )
 
 
+def wait_joined(tmp_path: Path, logs: list[str], seconds: float = 120) -> None:
+    """Until every worker's log says it joined its study: its storage is open. A database fault
+    before that is a fault at start, which is reported, not retried (README: Failure modes)."""
+    wait_until(
+        lambda: all("joined study" in (tmp_path / log).read_text() for log in logs),
+        seconds,
+        "workers joined",
+    )
+
+
 def wait_until(what: Callable[[], Any], seconds: float, message: str) -> Any:
     deadline = time.monotonic() + seconds
     while True:

@@ -29,6 +29,7 @@ from pg import (  # noqa: F401 - pg_url is a fixture
     terminate_backends,
     tiny_config,
     wait_for_server,
+    wait_joined,
     wait_until,
 )
 
@@ -42,6 +43,10 @@ from tlsearch.workers import claim_gpu, default_threads, plan_devices
 # lands inside it. Sized by measurement: at 150 epochs, once fine-tuning got faster, a tiny trial
 # took 0.3 s and could finish between being seen and the signal.
 SLOW = {"finetune": {"epochs": 2000, "device": "cpu", "threads": 1}}
+# Trials of about half a second, so that a database fault after the first few lands while both
+# workers still have trials to run (at 5 epochs one worker could finish the study while the
+# other was still starting, and the fault then hit that one's start).
+MEDIUM = {"finetune": {"epochs": 300, "device": "cpu", "threads": 1}}
 
 
 def _check_exact(url: str, n: int, output: str) -> list[optuna.trial.FrozenTrial]:
@@ -139,9 +144,10 @@ def test_sigterm_and_sigint_fail_and_requeue_the_running_trial(tmp_path: Path) -
 
 
 def test_workers_survive_dropped_connections(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
-    config = tiny_config(tmp_path, pg_url, n_trials=12)
+    config = tiny_config(tmp_path, pg_url, n_trials=12, **MEDIUM)
     create(config, **FAST_BEATS)
     procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(2)]
+    wait_joined(tmp_path, ["w0.log", "w1.log"])
     wait_until(lambda: len(finished(pg_url, "tiny")) >= 3, 180, "first trials")
     before = {t.number: t.value for t in finished(pg_url, "tiny")}
     dropped = 0
@@ -160,9 +166,10 @@ def test_workers_survive_dropped_connections(tmp_path: Path, pg_url: str) -> Non
 
 @pytest.mark.slow
 def test_workers_survive_a_server_restart(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
-    config = tiny_config(tmp_path, pg_url, n_trials=24)
+    config = tiny_config(tmp_path, pg_url, n_trials=24, **MEDIUM)
     create(config, **FAST_BEATS)
     procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(2)]
+    wait_joined(tmp_path, ["w0.log", "w1.log"])
     wait_until(lambda: len(finished(pg_url, "tiny")) >= 4, 180, "first trials")
     before = {t.number: t.value for t in finished(pg_url, "tiny")}
     subprocess.run(
