@@ -521,34 +521,6 @@ def _settle_or_leave(study: optuna.Study, storage: StudyStorage, guard: _Guard) 
         )
 
 
-class _StillRunning(Exception):
-    """The budget is held by trials running elsewhere; look again after a pause."""
-
-
-def _budget_finished_or_wait(
-    storage: StudyStorage, study_id: int, n_trials: int | None, waiting: bool
-) -> bool:
-    """3) The budget is taken: True when it is finished; when it is held by trials running
-    elsewhere, wait a heartbeat and raise :class:`_StillRunning`; else (a trial is queued, or
-    one failed) False: try to run one. Its storage calls fail like any other in the loop, which
-    retries them (a server restart near the end of a study lands here)."""
-    assert n_trials is not None, "only a budget raises BudgetExhausted"
-    counts = storage.count_states(study_id)
-    if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
-        return True
-    if counts[TrialState.WAITING] or not counts[TrialState.RUNNING]:
-        return False
-    if not waiting:
-        _log.info(
-            "%d trial(s) still running elsewhere; waiting for them (a dead worker's "
-            "trial is retried %d s after its last heartbeat)",
-            counts[TrialState.RUNNING],
-            storage.grace_period or 0,
-        )
-    time.sleep(storage.heartbeat_interval or 1)
-    raise _StillRunning
-
-
 def run_trials(
     study: optuna.Study,
     storage: StudyStorage,
@@ -601,15 +573,30 @@ def run_trials(
             if (left is not None and left <= 0) or (seconds is not None and seconds <= 0):
                 break
             try:
-                if exhausted and _budget_finished_or_wait(storage, study_id, n_trials, waiting):
-                    break
-                exhausted = False
+                if exhausted:
+                    # 3) the budget is taken: finished, or held by trials running or queued
+                    # elsewhere. Counted inside the try: a storage outage here (a server restart
+                    # near a study's end) is retried like any other.
+                    assert n_trials is not None, "only a budget raises BudgetExhausted"
+                    counts = storage.count_states(study_id)
+                    if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+                        break
+                    if counts[TrialState.RUNNING] and not counts[TrialState.WAITING]:
+                        if not waiting:
+                            _log.info(
+                                "%d trial(s) still running elsewhere; waiting for them (a dead "
+                                "worker's trial is retried %d s after its last heartbeat)",
+                                counts[TrialState.RUNNING],
+                                storage.grace_period or 0,
+                            )
+                        waiting = True
+                        failing_since = None
+                        time.sleep(storage.heartbeat_interval or 1)
+                        continue
+                    exhausted = False
                 _settle(study, storage, guard)  # 4) a trial a signal or the storage interrupted
                 study.optimize(guard, n_trials=left, timeout=seconds, callbacks=cbs)  # 1) 2)
                 break
-            except _StillRunning:
-                failing_since = None
-                waiting = True
             except BudgetExhausted:
                 failing_since = None
                 exhausted = True
