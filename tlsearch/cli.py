@@ -203,23 +203,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         except KeyboardInterrupt:
             code = _stopped(stop.signum)
-            # Stopped before the study existed (e.g. while pretraining): nothing to summarise, and
-            # opening the storage now would create it.
-            if not _missing_sqlite_file(cfg.storage):
-                try:
-                    print(summary_table(open_study(cfg.storage, cfg.name)))
-                except TlsearchError:
-                    pass
+            # Stopped before the study existed (e.g. while pretraining): nothing to summarise;
+            # open_study reports a missing SQLite file rather than creating it.
+            try:
+                print(summary_table(open_study(cfg.storage, cfg.name)))
+            except TlsearchError:
+                pass
             return code
     print(summary_table(study))
     return _stopped(stop.signum) if stop.signum is not None else 0
-
-
-def _missing_sqlite_file(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    return parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file()
 
 
 def cmd_create(args: argparse.Namespace) -> int:
