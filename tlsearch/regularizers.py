@@ -67,8 +67,8 @@ def _sq_distance(
 ) -> torch.Tensor:
     """Σ‖p − ref‖² (or Σ‖p‖² when ``refs`` is None): a scalar, or one per fold when ``stacked``.
 
-    One fused ``_foreach`` call per step instead of a Python loop over parameters; the references
-    broadcast over the fold dimension of stacked parameters.
+    One fused ``_foreach`` call per step instead of a Python loop over parameters; stacked, the
+    references hold the fold dimension too (see ``Regularizer.__init__``).
     """
     if not params:
         return torch.zeros(())
