@@ -54,12 +54,8 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def finished_tiny_study(
-    tmp: Path, pruned_user_attrs: dict[str, Any], pruned_value: float
-) -> tuple[optuna.Study, str]:
-    """A real tiny study (4 trials, 2 folds) plus one trial pruned after its first fold."""
-    from optuna.trial import TrialState, create_trial
-
+def tiny_study(tmp: Path) -> tuple[optuna.Study, str]:
+    """A real tiny study run by tlsearch (4 trials, 2 folds) in ``tmp``; the study and its URL."""
     from tlsearch.config import config_from_dict
     from tlsearch.study import run_study
 
@@ -71,7 +67,16 @@ def finished_tiny_study(
         "pretrain": {"epochs": 1, "cache_dir": str(tmp / "cache")},
         "finetune": {"epochs": 3},
     }
-    run_study(config_from_dict(merge(TINY, overrides)))
+    return run_study(config_from_dict(merge(TINY, overrides))), url
+
+
+def finished_tiny_study(
+    tmp: Path, pruned_user_attrs: dict[str, Any], pruned_value: float
+) -> tuple[optuna.Study, str]:
+    """:func:`tiny_study` plus one trial pruned after its first fold."""
+    from optuna.trial import TrialState, create_trial
+
+    _, url = tiny_study(tmp)
     # Opened as any Optuna tool opens it (tlsearch's storage would refuse a trial past the budget).
     study = optuna.load_study(study_name="tiny", storage=url)
     first = study.trials[0]

@@ -19,12 +19,12 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
-from conftest import TINY, merge, start_cli
+from conftest import TINY, start_cli, tiny_study
 
 from tlsearch.config import config_from_dict
 from tlsearch.dashboard import DashboardServer, write_study_note
 from tlsearch.errors import TlsearchError
-from tlsearch.study import load_study_config, run_study
+from tlsearch.study import load_study_config
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -135,15 +135,7 @@ def _dom(chromium: str, url: str, expected: str) -> str:
 @pytest.mark.slow
 def test_dashboard_page_in_chromium(tmp_path: Path) -> None:
     chromium = _chromium()
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    overrides = {
-        "n_trials": 4,
-        "storage": url,
-        "model": {"hidden": [16, 16]},
-        "pretrain": {"epochs": 1, "cache_dir": str(tmp_path / "cache")},
-        "finetune": {"epochs": 3},
-    }
-    study = run_study(config_from_dict(merge(TINY, overrides)))
+    study, url = tiny_study(tmp_path)
     write_study_note(study, load_study_config(study), study.user_attrs.get("task"))
 
     server = start_cli("dashboard", "--storage", url, "--port", "0", cwd=tmp_path)

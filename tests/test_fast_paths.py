@@ -17,6 +17,7 @@ from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import DivergedError
 from tlsearch.finetune import (
     FinetuneParams,
+    _stack,
     evaluate,
     finetune,
     finetune_folds,
@@ -164,11 +165,7 @@ def test_stacked_penalty_is_each_folds_penalty() -> None:
     for seed in range(3):
         torch.manual_seed(seed)
         models.append(create_model(cfg.model, INPUT, 4))
-    stacked = create_model(cfg.model, INPUT, 4)
-    for name, _ in stacked.named_parameters():
-        owner, _, attr = name.rpartition(".")
-        value = torch.stack([m.get_parameter(name).detach() for m in models])
-        setattr(stacked.get_submodule(owner), attr, torch.nn.Parameter(value))
+    stacked = _stack(models)
     for reg in ("l2", "l2sp", "none"):
         for penalize in ("weights", "all"):
             kw = {"head_lam": 0.1, "penalize": penalize, "scale": 0.5}

@@ -14,6 +14,7 @@ import torch
 
 from tlsearch.config import ModelConfig
 from tlsearch.errors import ConfigError
+from tlsearch.finetune import _stack
 from tlsearch.models import BlockNet, create_model
 from tlsearch.regularizers import create_regularizer, list_regularizers
 
@@ -204,12 +205,7 @@ def _stacked_net(n: int, batch_norm: bool) -> BlockNet:
         torch.manual_seed(seed)
         cfg = ModelConfig(name="mlp", hidden=[3, 2], batch_norm=batch_norm)
         models.append(create_model(cfg, (4,), 2))
-    stacked = models[0]
-    for name, _ in list(stacked.named_parameters()):
-        owner, _, attr = name.rpartition(".")
-        value = torch.stack([m.get_parameter(name).detach() for m in models])
-        setattr(stacked.get_submodule(owner), attr, torch.nn.Parameter(value))
-    return stacked
+    return _stack(models)
 
 
 @pytest.mark.parametrize("name", list_regularizers())
