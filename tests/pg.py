@@ -229,10 +229,12 @@ def wait_until(what: Callable[[], Any], seconds: float, message: str) -> Any:
 
 
 def running_trial_of(url: str, name: str, pid: int) -> optuna.trial.FrozenTrial | None:
-    """The RUNNING trial of the worker process ``pid``, if it has one now."""
+    """The RUNNING trial of the worker process ``pid``, if it has one now whose parameters are
+    drawn (a trial is RUNNING, with its worker attribute, a moment before the sampler fills its
+    parameters; a test that compares them with its retry's must not catch it then)."""
     study = optuna.load_study(study_name=name, storage=url)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if str(t.user_attrs.get("worker", "")).endswith(f":{pid}"):
+        if str(t.user_attrs.get("worker", "")).endswith(f":{pid}") and t.params:
             return t
     return None
 
