@@ -6,26 +6,134 @@ The library API the CLI is built on::
     cfg = tlsearch.load_config("studies/digits.toml", n_trials=10)
     study = tlsearch.run_study(cfg)
     tlsearch.write_export(study, "best.json")
+
+Every name below is imported on first use (PEP 562), so ``import tlsearch`` loads neither torch
+nor Optuna. README's "Architecture" section lists what users, plug-ins and benchmarks may import.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from tlsearch.config import StudyConfig, config_from_dict, load_config  # noqa: E402
-from tlsearch.errors import ConfigError, TlsearchError  # noqa: E402
-from tlsearch.export import read_export, write_export  # noqa: E402
-from tlsearch.study import open_study, run_study  # noqa: E402
+from tlsearch._version import __version__
+
+# Public name → the module that defines it.
+_API = {
+    # config and errors
+    "StudyConfig": "tlsearch.config",
+    "config_from_dict": "tlsearch.config",
+    "load_config": "tlsearch.config",
+    "ConfigError": "tlsearch.errors",
+    "TlsearchError": "tlsearch.errors",
+    # the trial's choices
+    "TrialParams": "tlsearch.params",
+    # registries and plug-ins
+    "MODELS": "tlsearch.registry",
+    "REGULARIZERS": "tlsearch.registry",
+    "TASKS": "tlsearch.registry",
+    "SAMPLERS": "tlsearch.registry",
+    "PRUNERS": "tlsearch.registry",
+    "Entry": "tlsearch.registry",
+    "load_plugins": "tlsearch.registry",
+    # studies
+    "open_study": "tlsearch.storage",
+    "load_study_config": "tlsearch.storage",
+    "run_study": "tlsearch.study",
+    "setup_study": "tlsearch.study",
+    "prepare": "tlsearch.study",
+    "run_workers": "tlsearch.workers",
+    "run_worker": "tlsearch.workers",
+    # data, models, fine-tuning
+    "load_task": "tlsearch.data",
+    "create_model": "tlsearch.models",
+    "backbone_state": "tlsearch.models",
+    "finetune": "tlsearch.training",
+    "evaluate": "tlsearch.training",
+    "KFoldObjective": "tlsearch.objective",
+    "load_checkpoint": "tlsearch.pretrain",
+    # results
+    "read_export": "tlsearch.export",
+    "write_export": "tlsearch.export",
+    "trials_frame": "tlsearch.export",
+    "run_final": "tlsearch.final",
+    "write_report": "tlsearch.report",
+    "study_status": "tlsearch.status",
+}
 
 __all__ = [
-    "ConfigError",
-    "StudyConfig",
-    "TlsearchError",
     "__version__",
+    "ConfigError",
+    "Entry",
+    "KFoldObjective",
+    "MODELS",
+    "PRUNERS",
+    "REGULARIZERS",
+    "SAMPLERS",
+    "StudyConfig",
+    "TASKS",
+    "TlsearchError",
+    "TrialParams",
+    "backbone_state",
     "config_from_dict",
+    "create_model",
+    "evaluate",
+    "finetune",
+    "load_checkpoint",
     "load_config",
+    "load_plugins",
+    "load_study_config",
+    "load_task",
     "open_study",
+    "prepare",
     "read_export",
+    "run_final",
     "run_study",
+    "run_worker",
+    "run_workers",
+    "setup_study",
+    "study_status",
+    "trials_frame",
     "write_export",
+    "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tlsearch' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+if TYPE_CHECKING:
+    from tlsearch.config import StudyConfig, config_from_dict, load_config
+    from tlsearch.data import load_task
+    from tlsearch.errors import ConfigError, TlsearchError
+    from tlsearch.export import read_export, trials_frame, write_export
+    from tlsearch.final import run_final
+    from tlsearch.models import backbone_state, create_model
+    from tlsearch.objective import KFoldObjective
+    from tlsearch.params import TrialParams
+    from tlsearch.pretrain import load_checkpoint
+    from tlsearch.registry import (
+        MODELS,
+        PRUNERS,
+        REGULARIZERS,
+        SAMPLERS,
+        TASKS,
+        Entry,
+        load_plugins,
+    )
+    from tlsearch.report import write_report
+    from tlsearch.status import study_status
+    from tlsearch.storage import load_study_config, open_study
+    from tlsearch.study import prepare, run_study, setup_study
+    from tlsearch.training import evaluate, finetune
+    from tlsearch.workers import run_worker, run_workers

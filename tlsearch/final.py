@@ -14,7 +14,6 @@ the baselines, which were never cross-validated). The tuned model's weights go t
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import tempfile
@@ -24,21 +23,21 @@ from typing import Any
 
 import torch
 
+from tlsearch._io import atomic_write, write_json
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask
 from tlsearch.errors import TlsearchError
-from tlsearch.export import _write_atomically, read_export
-from tlsearch.finetune import FinetuneParams, evaluate, finetune, to_tensors
+from tlsearch.export import final_paths, read_export
 from tlsearch.models import create_model
+from tlsearch.params import PLAIN_FINETUNING, TrialParams
 from tlsearch.pretrain import Checkpoint, load_checkpoint
 from tlsearch.study import prepare
+from tlsearch.training import evaluate, finetune, to_tensors
 
 __all__ = [
-    "DEFAULT_PARAMS",
     "Outcome",
     "default_params",
     "evaluate_on_test",
-    "final_paths",
     "run_final",
     "save_outcomes",
     "scratch_params",
@@ -46,15 +45,11 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-# What a user fine-tunes with before any search: Adam's usual 1e-3, everything trainable, no
-# backbone learning-rate cut, and a small λ.
-DEFAULT_PARAMS = {"lambda": 0.01, "lr": 1e-3, "frozen_blocks": 0, "backbone_lr_mult": 1.0}
-
 
 @dataclass(frozen=True)
 class Outcome:
     name: str
-    params: FinetuneParams
+    params: TrialParams
     test_accuracy: float
     test_loss: float
     model: torch.nn.Module
@@ -72,20 +67,20 @@ class Outcome:
         }
 
 
-def default_params(cfg: StudyConfig) -> FinetuneParams:
-    return FinetuneParams.from_dict({**DEFAULT_PARAMS, "regularizer": cfg.regularizer.names[0]})
+def default_params(cfg: StudyConfig) -> TrialParams:
+    return TrialParams.from_dict({**PLAIN_FINETUNING, "regularizer": cfg.regularizer.names[0]})
 
 
-def scratch_params() -> FinetuneParams:
+def scratch_params() -> TrialParams:
     """Training from a random init: nothing to pull toward but zero, so plain L2."""
-    return FinetuneParams.from_dict({**DEFAULT_PARAMS, "regularizer": "l2"})
+    return TrialParams.from_dict({**PLAIN_FINETUNING, "regularizer": "l2"})
 
 
 def evaluate_on_test(
     cfg: StudyConfig,
     task: TransferTask,
     checkpoint: Checkpoint,
-    tuned: FinetuneParams,
+    tuned: TrialParams,
     device: torch.device,
     seed: int = 0,
 ) -> dict[str, Outcome]:
@@ -115,9 +110,9 @@ def save_outcomes(
     """Write the tuned model's weights and the metrics of all models (atomically)."""
     buffer = io.BytesIO()
     torch.save({k: v.cpu() for k, v in outcomes["tuned"].model.state_dict().items()}, buffer)
-    _write_atomically(weights_path, lambda p: p.write_bytes(buffer.getvalue()))
+    atomic_write(weights_path, lambda p: p.write_bytes(buffer.getvalue()))
     data = {**extra, "weights": str(weights_path), **{k: o.to_dict() for k, o in outcomes.items()}}
-    _write_atomically(json_path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    write_json(json_path, data)
     return data
 
 
@@ -130,12 +125,6 @@ def _check_writable(directory: Path) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         raise TlsearchError(f"cannot write in {directory}: {e.strerror}") from None
-
-
-def final_paths(best_path: str | Path) -> tuple[Path, Path]:
-    """Where :func:`run_final` writes for ``BEST.json``: ``BEST.final.json``, ``BEST.final.pt``."""
-    stem = Path(best_path).with_suffix("")
-    return Path(f"{stem}.final.json"), Path(f"{stem}.final.pt")
 
 
 def run_final(best_path: str | Path, device: str | None = None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ folds and the same per-fold seeds, so trials differ only in their parameters.
 Two things make a trial cheap without changing its scores (beyond float rounding): the output of the
 frozen blocks on the target data is computed once per process and depth (``finetune.cache_frozen``),
 and the folds' models train together (``finetune.fold_batching``, see
-:func:`tlsearch.finetune.finetune_folds`).
+:func:`tlsearch.training.finetune_folds`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import optuna
@@ -24,11 +23,14 @@ import torch
 from sklearn.model_selection import KFold, StratifiedKFold
 from torch import nn
 
-from tlsearch.config import ParamRange, StudyConfig
+from tlsearch.config import StudyConfig
 from tlsearch.data import Dataset
+from tlsearch.device import set_threads
 from tlsearch.errors import ConfigError, DivergedError
-from tlsearch.finetune import (
-    FinetuneParams,
+from tlsearch.models import BlockNet, backbone_state, create_model
+from tlsearch.params import TrialParams, suggest_params
+from tlsearch.samplers import first_prunable_fold, reports_fold_scores
+from tlsearch.training import (
     channels_last,
     evaluate,
     finetune,
@@ -36,54 +38,8 @@ from tlsearch.finetune import (
     fold_batchable,
     to_tensors,
 )
-from tlsearch.models import BlockNet, create_model
 
-__all__ = ["KFoldObjective", "check_folds", "fixed_params", "resolve_params", "suggest_params"]
-
-# User-facing parameter name → SearchSpace field.
-_SEARCHED = {
-    "lambda": "lambda_",
-    "lr": "lr",
-    "frozen_blocks": "frozen_blocks",
-    "backbone_lr_mult": "backbone_lr_mult",
-}
-
-
-def fixed_params(cfg: StudyConfig) -> dict[str, Any]:
-    """The parameters the config fixes rather than searches, under their user-facing names."""
-    fixed: dict[str, Any] = {}
-    for name, attr in _SEARCHED.items():
-        value = getattr(cfg.search, attr)
-        if not isinstance(value, ParamRange):
-            fixed[name] = int(value) if name == "frozen_blocks" else float(value)
-    if isinstance(cfg.regularizer.name, str):
-        fixed["regularizer"] = cfg.regularizer.name
-    return fixed
-
-
-def suggest_params(trial: optuna.Trial, cfg: StudyConfig) -> FinetuneParams:
-    """Ask the trial for every searched parameter; fixed ones come from the config."""
-    values = fixed_params(cfg)
-    for name, attr in _SEARCHED.items():
-        space = getattr(cfg.search, attr)
-        if not isinstance(space, ParamRange):
-            continue
-        if name == "frozen_blocks":
-            values[name] = trial.suggest_int(
-                name, int(space.low), int(space.high), step=int(space.step or 1)
-            )
-        else:
-            values[name] = trial.suggest_float(
-                name, space.low, space.high, log=space.log, step=space.step
-            )
-    if not isinstance(cfg.regularizer.name, str):
-        values["regularizer"] = trial.suggest_categorical("regularizer", cfg.regularizer.names)
-    return FinetuneParams.from_dict(values)
-
-
-def resolve_params(cfg: StudyConfig, params: Mapping[str, Any]) -> FinetuneParams:
-    """A trial's ``params`` plus the fixed values: everything needed to fine-tune again."""
-    return FinetuneParams.from_dict({**fixed_params(cfg), **params})
+__all__ = ["KFoldObjective", "check_folds"]
 
 
 def check_folds(cfg: StudyConfig, train: Dataset) -> None:
@@ -109,23 +65,6 @@ def check_folds(cfg: StudyConfig, train: Dataset) -> None:
 _CPU_BATCH_MAX_PARAMS = 100_000
 
 
-def _first_prunable_fold(cfg: StudyConfig) -> int:
-    """The first fold after which the configured pruner may stop a trial (see make_pruner)."""
-    p = cfg.pruner
-    if p.name == "none":
-        return cfg.cv.k - 1
-    if p.name == "wilcoxon":
-        # WilcoxonPruner tests no fewer than max(2, n_startup_steps) paired fold scores.
-        return max(2, p.n_warmup_steps) - 1
-    return p.n_warmup_steps
-
-
-def _report_folds(cfg: StudyConfig) -> bool:
-    if cfg.cv.report == "auto":
-        return cfg.pruner.name == "wilcoxon"
-    return cfg.cv.report == "fold"
-
-
 class KFoldObjective:
     """Callable for :meth:`optuna.Study.optimize`: mean validation accuracy over k folds.
 
@@ -144,9 +83,7 @@ class KFoldObjective:
         device: torch.device,
     ) -> None:
         check_folds(cfg, train)
-        # Each process sets its thread count deliberately: small ops on many cores waste them.
-        if cfg.finetune.threads:
-            torch.set_num_threads(cfg.finetune.threads)
+        set_threads(cfg.finetune.threads)
         self.cfg = cfg
         self.input_shape = input_shape
         self.num_classes = num_classes
@@ -160,7 +97,7 @@ class KFoldObjective:
             for tr, va in splitter.split(train.x.reshape(len(train), -1), train.y)
         ]
         self.seeds = [cfg.cv.seed * 1000 + fold for fold in range(len(self.folds))]
-        self.report_folds = _report_folds(cfg)
+        self.report_folds = reports_fold_scores(cfg)
         # The pretrained blocks in eval mode, for the frozen features (no head, no gradients).
         self._source = _pretrained_blocks(cfg, self.pretrained, input_shape, num_classes)
         self._frozen_features: dict[int, torch.Tensor] = {}
@@ -178,11 +115,11 @@ class KFoldObjective:
                 self._frozen_features[depth] = self._source.features(self.x, stop=depth)
         return self._frozen_features[depth]
 
-    def fold_groups(self, params: FinetuneParams) -> list[list[int]]:
+    def fold_groups(self, params: TrialParams) -> list[list[int]]:
         """Which folds train together (``finetune.fold_batching``), in fold order.
 
         Folds are batched when they are equally large, the trained blocks hold no BatchNorm or
-        dropout (:func:`~tlsearch.finetune.fold_batchable`) and, on the CPU, a step is cheap enough
+        dropout (:func:`~tlsearch.training.fold_batchable`) and, on the CPU, a step is cheap enough
         for batching to pay (see ``_CPU_BATCH_MAX_PARAMS``). Only the folds the pruner cannot skip
         are batched; the rest train one at a time, so batching never spends a fold fit that pruning
         would have saved.
@@ -198,11 +135,11 @@ class KFoldObjective:
         size = sum(p.numel() for p in trained.parameters())
         if self.x.device.type == "cpu" and (conv or size > _CPU_BATCH_MAX_PARAMS):
             return singles
-        first = min(_first_prunable_fold(self.cfg), k - 1)
+        first = min(first_prunable_fold(self.cfg), k - 1)
         return [list(range(first + 1))] + singles[first + 1 :]
 
     def _fit(
-        self, params: FinetuneParams, x: torch.Tensor, start: int, group: list[int]
+        self, params: TrialParams, x: torch.Tensor, start: int, group: list[int]
     ) -> dict[int, BlockNet | DivergedError]:
         """The fine-tuned model of each fold in ``group``, or the divergence that ended it."""
         if len(group) == 1:
@@ -210,18 +147,32 @@ class KFoldObjective:
             tr = self.folds[fold][0]
             try:
                 model = finetune(
-                    self.pretrained, self.cfg, params, x[tr], self.y[tr], self.num_classes,
-                    self.input_shape, self.seeds[fold], start=start,
+                    self.pretrained,
+                    self.cfg,
+                    params,
+                    x[tr],
+                    self.y[tr],
+                    self.num_classes,
+                    self.input_shape,
+                    self.seeds[fold],
+                    start=start,
                 )
             except DivergedError as e:
                 return {fold: e}
             return {fold: model}
         train = torch.stack([self.folds[fold][0] for fold in group])
         models = finetune_folds(
-            self.pretrained, self.cfg, params, x[train], self.y[train], self.num_classes,
-            self.input_shape, [self.seeds[fold] for fold in group], start=start,
+            self.pretrained,
+            self.cfg,
+            params,
+            x[train],
+            self.y[train],
+            self.num_classes,
+            self.input_shape,
+            [self.seeds[fold] for fold in group],
+            start=start,
         )
-        return dict(zip(group, models))
+        return dict(zip(group, models, strict=True))
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest_params(trial, self.cfg)
@@ -280,6 +231,5 @@ def _pretrained_blocks(
     """The pretrained blocks in eval mode; built on the meta device, so no random draw is spent."""
     with torch.device("meta"):
         model = create_model(cfg.model, input_shape, num_classes)
-    blocks = {k: v for k, v in pretrained.items() if not k.startswith("head.")}
-    model.load_state_dict(blocks, strict=False, assign=True)
+    model.load_state_dict(backbone_state(pretrained, cfg.model), strict=False, assign=True)
     return channels_last(model).eval().requires_grad_(False)

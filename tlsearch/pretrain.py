@@ -10,7 +10,6 @@ disk, read-only volume without the checkpoint) is one :class:`CheckpointError` l
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -24,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 
+from tlsearch._io import atomic_write, sha256_file
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask
 from tlsearch.errors import CheckpointError
-from tlsearch.finetune import evaluate, minibatches, to_tensors
 from tlsearch.models import create_model
+from tlsearch.training import evaluate, minibatches, to_tensors
 
 __all__ = ["Checkpoint", "cache_dir", "checkpoint_key", "ensure_pretrained", "load_checkpoint"]
 
@@ -66,21 +66,13 @@ def checkpoint_key(cfg: StudyConfig, task: TransferTask) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_checkpoint(
     ckpt: Checkpoint, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """The state dict, after checking the file's hash; ``weights_only=True`` loads no code."""
     if not ckpt.path.is_file():
         raise CheckpointError(f"pretrained checkpoint not found: {ckpt.path}")
-    actual = _file_sha256(ckpt.path)
+    actual = sha256_file(ckpt.path)
     if actual != ckpt.sha256:
         raise CheckpointError(
             f"pretrained checkpoint {ckpt.path} has SHA-256 {actual[:12]}…, "
@@ -133,30 +125,23 @@ def _cached(path: Path, key: str) -> Checkpoint | None:
         sha = json.loads(meta_path.read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return Checkpoint(path, sha, key) if sha == _file_sha256(path) else None
+    return Checkpoint(path, sha, key) if sha == sha256_file(path) else None
 
 
 def _save(state: dict, info: dict, path: Path, key: str) -> Checkpoint:
     """Write the checkpoint, then its sidecar, each atomically; a failed write leaves no temp."""
-    meta_path = path.with_suffix(".json")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp{os.getpid()}")
     # Serialized in memory first: a failed file write is then an OSError that names its reason
     # (torch.save straight to a full disk reports an internal position mismatch instead).
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
     sha = hashlib.sha256(data).hexdigest()
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        meta_tmp.write_text(json.dumps({"sha256": sha, "key": key, **info}, indent=2))
-        os.replace(meta_tmp, meta_path)
-    except OSError as e:
-        for left in (tmp, meta_tmp):
-            with contextlib.suppress(OSError):  # on a read-only filesystem even this fails
-                left.unlink(missing_ok=True)
-        raise CheckpointError(f"pretrain.cache_dir: cannot write {path}: {e.strerror}") from None
+    where = "pretrain.cache_dir: "
+    atomic_write(path, lambda p: p.write_bytes(data), CheckpointError, where)
+    sidecar = json.dumps({"sha256": sha, "key": key, **info}, indent=2)
+    atomic_write(
+        path.with_suffix(".json"), lambda p: p.write_text(sidecar), CheckpointError, where
+    )
     return Checkpoint(path, sha, key)
 
 

@@ -20,7 +20,6 @@ import base64
 import datetime as dt
 import html
 import io
-import json
 import math
 import statistics
 import warnings
@@ -33,23 +32,18 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from tlsearch import __version__
+from tlsearch._io import atomic_write
+from tlsearch._version import __version__
 from tlsearch.config import StudyConfig
 from tlsearch.dashboard import describe_study
-from tlsearch.errors import ConfigError, TlsearchError
-from tlsearch.export import _write_atomically, trials_frame
-from tlsearch.final import DEFAULT_PARAMS
-from tlsearch.objective import fixed_params
-from tlsearch.study import load_study_config
+from tlsearch.errors import TlsearchError
+from tlsearch.export import FINAL_MODELS, read_final, trials_frame
+from tlsearch.params import PLAIN_FINETUNING, fixed_params
+from tlsearch.storage import load_study_config
 
 __all__ = ["FINAL_MODELS", "read_final", "write_report"]
 
 # The models ``tlsearch final`` compares, in the order the report shows them.
-FINAL_MODELS = {
-    "scratch": "from scratch (no transfer)",
-    "default_lambda": "fine-tuned, default λ",
-    "tuned": "fine-tuned, tuned",
-}
 _SIZE = (7.0, 4.3)
 _DPI = 110
 _MARKERS = {"l2sp": "o", "l2": "s", "none": "^"}
@@ -155,7 +149,7 @@ def _lambda_curve(points: list[_Point], best: FrozenTrial | None) -> Figure:
             label=f"best (trial {best.number})",
         )
     ax.axvline(
-        DEFAULT_PARAMS["lambda"], color="0.4", ls=":", lw=1, label="default λ (final's baseline)"
+        PLAIN_FINETUNING["lambda"], color="0.4", ls=":", lw=1, label="default λ (final's baseline)"
     )
     _log_x(ax, [p.params["lambda"] for p in pts])
     ax.set_xlabel("λ (penalty strength, log scale)")
@@ -345,33 +339,10 @@ def _test_comparison(final: Mapping[str, Any]) -> Figure:
     return fig
 
 
-def read_final(path: str | Path) -> dict[str, Any]:
-    """Read ``BEST.final.json`` (from ``tlsearch final``); one clear error if it is not one."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a readable JSON file: {e}") from None
-    if not isinstance(data, dict):
-        data = {}
-    missing = [
-        n
-        for n in FINAL_MODELS
-        if not isinstance(data.get(n), dict) or "test_accuracy" not in data[n]
-    ]
-    if missing:
-        raise ConfigError(
-            f"{path}: not written by `tlsearch final` (no test_accuracy for {', '.join(missing)})"
-        )
-    return data
-
-
 def _png(fig: Figure, path: Path) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _write_atomically(path, lambda p: p.write_bytes(buffer.getvalue()))
+    atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -503,7 +474,7 @@ def write_report(
     parts.append(_trials_html(study))
     parts.append("</body></html>")
     path = out / "report.html"
-    _write_atomically(path, lambda p: p.write_text("\n".join(parts) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text("\n".join(parts) + "\n", encoding="utf-8"))
     return path
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import statistics
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.errors import StorageError
-from tlsearch.storage import create_storage, mask_url, storage_error
-from tlsearch.study import load_study_config, open_study
+from tlsearch.params import format_params
+from tlsearch.storage import create_storage, load_study_config, mask_url, open_study, storage_error
 
 __all__ = ["heartbeat_ages", "status_table", "study_status"]
 
@@ -55,12 +54,6 @@ def heartbeat_ages(storage_url: str, study_name: str) -> dict[int, float]:
     # wall-clock time without one (SQLite: UTC on both sides).
     now = now.replace(tzinfo=None)
     return {number: max(0.0, (now - beat).total_seconds()) for number, beat in rows}
-
-
-def _fmt_params(params: dict[str, Any]) -> str:
-    return " ".join(
-        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
-    )
 
 
 def _fmt_seconds(s: float) -> str:
@@ -123,7 +116,7 @@ def status_table(
         std = best.user_attrs.get("cv_std")
         spread = f" ± {std:.4f}" if std is not None else ""
         lines.append(
-            f"best: trial {best.number}, cv {best.value:.4f}{spread}: {_fmt_params(best.params)}"
+            f"best: trial {best.number}, cv {best.value:.4f}{spread}: {format_params(best.params)}"
         )
     else:
         lines.append("best: no completed trial yet")
@@ -145,7 +138,7 @@ def status_table(
                     _fmt_seconds(elapsed[t.number]),
                     f"{_fmt_seconds(beat)} ago" if beat is not None else "-",
                     str(len(t.intermediate_values)),
-                    _fmt_params(t.params),
+                    format_params(t.params),
                 ]
             )
         header = ["trial", "started", "running", "heartbeat", "folds done", "params"]

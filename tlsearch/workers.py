@@ -27,8 +27,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,101 +36,51 @@ import optuna
 import torch
 from filelock import FileLock, Timeout
 
+from tlsearch._io import sha256_file
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask, load_task
-from tlsearch.device import resolve_device
+from tlsearch.device import default_threads, resolve_device, set_threads
 from tlsearch.errors import CheckpointError, ConfigError, StorageError
+from tlsearch.logs import guarded, quiet_optuna, setup_logging
 from tlsearch.objective import check_folds
-from tlsearch.pretrain import (
-    Checkpoint,
-    _file_sha256,
-    checkpoint_key,
-    ensure_pretrained,
-)
-from tlsearch.pretrain import (
-    cache_dir as cache_dir_of,
-)
-from tlsearch.storage import Heartbeat, StudyStorage, mask_url
-from tlsearch.study import (
+from tlsearch.pretrain import Checkpoint, checkpoint_key, ensure_pretrained
+from tlsearch.pretrain import cache_dir as cache_dir_of
+from tlsearch.registry import load_plugins, loaded_plugins
+from tlsearch.samplers import make_pruner, make_sampler
+from tlsearch.storage import (
     ATTR_CHECKPOINT,
     ATTR_HEARTBEAT,
-    Interrupted,
-    ProgressPrinter,
-    StopFlag,
-    StudyContext,
+    Heartbeat,
+    StudyStorage,
     existing_storage,
     load_study,
     load_study_config,
+    mask_url,
+)
+from tlsearch.study import (
+    ProgressPrinter,
+    StopFlag,
+    StudyContext,
+    graceful_stop,
     make_objective,
-    make_pruner,
-    make_sampler,
     run_trials,
     setup_study,
+    stopped,
     worker_attrs,
 )
 
 __all__ = [
     "WorkerExit",
     "claim_gpu",
-    "graceful_stop",
     "join_study",
     "plan_devices",
     "run_worker",
     "run_workers",
     "shared_checkpoint",
+    "worker_main",
 ]
 
 _log = logging.getLogger(__name__)
-
-
-@contextmanager
-def graceful_stop() -> Iterator[StopFlag]:
-    """SIGINT and SIGTERM stop the trial loop cleanly instead of killing the process.
-
-    The running trial is failed and queued again with its parameters (a stop between trials starts
-    no new one); the loop returns and ``flag.signum`` says which signal stopped it. Outside the
-    main thread signals cannot be caught, and the flag is never set.
-    """
-    flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if flag.signum is None:
-            flag.signum = signum
-            what = (
-                "the running trial is failed and queued again" if flag.in_trial else "no new trial"
-            )
-            _log.warning("%s: stopping; %s", name, what)
-        if flag.in_trial or not flag.in_loop:
-            if flag.in_trial:
-                # Python runs a handler between any two bytecodes, finalizers included, and an
-                # exception raised in a finalizer is dropped: if the trial still runs in a moment,
-                # the exception was lost, so deliver the signal again.
-                again = threading.Timer(0.5, _deliver_again, args=(flag, signum))
-                again.daemon = True
-                again.start()
-            raise Interrupted(name)
-
-    def unraisable(info: Any) -> None:
-        if not isinstance(info.exc_value, Interrupted):  # a dropped Interrupted is delivered again
-            previous_hook(info)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    try:
-        yield flag
-    finally:
-        sys.unraisablehook = previous_hook
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _deliver_again(flag: StopFlag, signum: int) -> None:
-    if flag.in_trial:
-        os.kill(os.getpid(), signum)
 
 
 def shared_checkpoint(
@@ -139,7 +88,7 @@ def shared_checkpoint(
 ) -> Checkpoint:
     """The study's pretrained checkpoint on this host, verified against its recorded SHA-256."""
     path, sha, key = Path(recorded["path"]), recorded["sha256"], recorded["key"]
-    if path.is_file() and _file_sha256(path) == sha:
+    if path.is_file() and sha256_file(path) == sha:
         return Checkpoint(path, sha, key)
     own_key = checkpoint_key(cfg, task)
     if own_key != key:
@@ -256,16 +205,13 @@ def run_worker(
         stop: from :func:`graceful_stop`; a signal then ends the loop cleanly.
     """
     study, storage, ctx = join_study(storage_url, study_name, device=device, cache_dir=cache_dir)
-    threads = threads or ctx.cfg.finetune.threads
-    if threads:
-        torch.set_num_threads(threads)
     _log.info(
         "worker %s joined study '%s' in %s on %s, %d thread(s)",
         worker_attrs(ctx.device)["worker"],
         study_name,
         mask_url(storage_url),
         ctx.device,
-        torch.get_num_threads(),
+        set_threads(threads or ctx.cfg.finetune.threads),
     )
     return run_trials(
         study,
@@ -301,15 +247,6 @@ def plan_devices(n_workers: int, gpus: Sequence[int] | None, device: str | None)
     return [device] * n_workers
 
 
-def default_threads(n_workers: int) -> int:
-    """CPU threads per worker so that the workers together use each core once."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // n_workers)
-
-
 @dataclass(frozen=True)
 class WorkerExit:
     """How one worker process ended."""
@@ -325,11 +262,39 @@ class WorkerExit:
         return f"{who} exited with code {self.exitcode}"
 
 
-def _worker_process(argv: list[str]) -> None:
-    # The spawned child runs the `tlsearch worker` command itself: one code path for both.
-    from tlsearch.cli import main
+def worker_main(
+    storage_url: str,
+    study_name: str,
+    *,
+    plugins: Sequence[str] = (),
+    **kwargs: Any,
+) -> int:
+    """``tlsearch worker``: run :func:`run_worker` with clean stops, and return the exit code.
 
-    sys.exit(main(argv))
+    SIGINT and SIGTERM stop it cleanly (exit 130 and 0); a user's error is one line on stderr
+    (exit 2 for config errors, 1 for others). ``plugins`` are loaded first (``--plugin``).
+    """
+
+    def work() -> int:
+        load_plugins(plugins)
+        quiet_optuna()
+        with graceful_stop() as stop:
+            try:
+                ran = run_worker(storage_url, study_name, stop=stop, **kwargs)
+            except KeyboardInterrupt:
+                return stopped(stop.signum)
+        if stop.signum is not None:
+            return stopped(stop.signum)
+        _log.info("worker done: %d trial(s) run here", ran)
+        return 0
+
+    return guarded(work)
+
+
+def _worker_process(quiet: bool, prefix: str, kwargs: dict[str, Any]) -> None:
+    # A spawned process starts bare: its logging, then the same code path as `tlsearch worker`.
+    setup_logging(quiet, prefix)
+    sys.exit(worker_main(**kwargs, prefix=prefix, progress=not quiet))
 
 
 def run_workers(
@@ -344,9 +309,10 @@ def run_workers(
 ) -> tuple[optuna.Study, list[WorkerExit], int | None]:
     """Create (or resume) the study, pretrain once, then run it with ``n_workers`` processes.
 
-    Each worker is ``tlsearch worker`` in a spawned process, pinned to its device from
-    :func:`plan_devices`, with ``finetune.threads`` torch threads (0: the cores shared out among
-    the workers). SIGINT and SIGTERM are passed on to the workers, which stop cleanly; this waits
+    Each worker runs :func:`worker_main` (what ``tlsearch worker`` runs) in a spawned process,
+    pinned to its device from :func:`plan_devices`, with ``finetune.threads`` torch threads (0:
+    the cores shared out among the workers). SIGINT and SIGTERM are passed on to the workers,
+    which stop cleanly; this waits
     for all of them.
 
     Returns:
@@ -360,10 +326,19 @@ def run_workers(
     spawn = multiprocessing.get_context("spawn")
     procs = []
     for i, dev in enumerate(devices):
-        argv = [*(["-q"] if quiet else []), "worker", "--storage", cfg.storage]
-        argv += ["--study-name", cfg.name, "--device", dev, "--threads", str(threads)]
-        argv += ["--log-prefix", f"[w{i}] "]
-        procs.append(spawn.Process(target=_worker_process, args=(argv,), name=f"tlsearch-w{i}"))
+        kwargs = {
+            "storage_url": cfg.storage,
+            "study_name": cfg.name,
+            "device": dev,
+            "threads": threads,
+            # The spawned process imports what this one was given on the command line.
+            "plugins": list(loaded_plugins()),
+        }
+        procs.append(
+            spawn.Process(
+                target=_worker_process, args=(quiet, f"[w{i}] ", kwargs), name=f"tlsearch-w{i}"
+            )
+        )
     received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:

@@ -1,35 +1,20 @@
 """Networks as an ordered list of blocks plus a head, so "freeze the first k blocks" is well defined.
 
-A registry in the style of timm's ``_registry.py``: a private dict, a decorator that returns the builder
-unchanged, :func:`list_models` and a factory that fails loudly on an unknown name.
+The built-in ``mlp`` and ``cnn`` are registered by name in :mod:`tlsearch.registry` (with their options
+and block counts), which imports this module only to build one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from tlsearch.errors import ConfigError
 
-if TYPE_CHECKING:
-    from tlsearch.config import ModelConfig
-
-__all__ = ["BlockNet", "count_blocks", "create_model", "list_models", "register_model"]
-
-_model_entrypoints: dict[str, Callable[..., BlockNet]] = {}
-
-
-def register_model(fn: Callable[..., BlockNet]) -> Callable[..., BlockNet]:
-    _model_entrypoints[fn.__name__] = fn
-    return fn
-
-
-def list_models() -> list[str]:
-    return sorted(_model_entrypoints)
+__all__ = ["BlockNet", "cnn", "mlp"]
 
 
 class BlockNet(nn.Module):
@@ -60,17 +45,18 @@ class BlockNet(nn.Module):
     def replace_head(self, num_classes: int) -> None:
         self.head = nn.Linear(self.head.in_features, num_classes).to(self.head.weight.device)
 
-    def freeze(self, n_blocks: int) -> None:
-        """Freeze the first ``n_blocks``: no gradients, and eval mode (BatchNorm statistics fixed)."""
-        assert 0 <= n_blocks <= len(self.blocks), (n_blocks, len(self.blocks))
+    def freeze(self, frozen_blocks: int) -> None:
+        """Freeze the first ``frozen_blocks``: no gradients, and eval mode (BatchNorm statistics
+        fixed)."""
+        assert 0 <= frozen_blocks <= len(self.blocks), (frozen_blocks, len(self.blocks))
         for i, block in enumerate(self.blocks):
             for p in block.parameters():
-                p.requires_grad_(i >= n_blocks)
-        self.n_frozen = n_blocks
+                p.requires_grad_(i >= frozen_blocks)
+        self.frozen_blocks = frozen_blocks
 
     def train(self, mode: bool = True) -> BlockNet:
         super().train(mode)
-        for block in self.blocks[: getattr(self, "n_frozen", 0)]:
+        for block in self.blocks[: getattr(self, "frozen_blocks", 0)]:
             block.eval()
         return self
 
@@ -85,7 +71,6 @@ def _linear_block(n_in: int, n_out: int, batch_norm: bool, dropout: float) -> nn
     return nn.Sequential(*layers)
 
 
-@register_model
 def mlp(
     input_shape: Sequence[int],
     num_classes: int,
@@ -106,7 +91,6 @@ def mlp(
     return BlockNet(blocks, nn.Linear(n_in, num_classes), input_shape)
 
 
-@register_model
 def cnn(
     input_shape: Sequence[int],
     num_classes: int,
@@ -141,27 +125,3 @@ def cnn(
     fc_block.insert(0, nn.Flatten())
     blocks.append(fc_block)
     return BlockNet(blocks, nn.Linear(fc, num_classes), input_shape)
-
-
-def create_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> BlockNet:
-    """Build the model that ``cfg`` names; raise :class:`ConfigError` for an unknown name."""
-    try:
-        builder = _model_entrypoints[cfg.name]
-    except KeyError:
-        raise ConfigError(
-            f"model.name: unknown model '{cfg.name}' (choose from {', '.join(list_models())})"
-        ) from None
-    return builder(input_shape, num_classes, **cfg.model_dump())
-
-
-def count_blocks(cfg: ModelConfig) -> int:
-    """Number of blocks the model has (what ``frozen_blocks`` may reach), without building it."""
-    if cfg.name not in _model_entrypoints:
-        raise ValueError(
-            f"model.name: unknown model '{cfg.name}' (choose from {', '.join(list_models())})"
-        )
-    if cfg.name == "mlp":
-        return len(cfg.hidden)
-    if cfg.name == "cnn":
-        return len(cfg.channels) + 1
-    return len(create_model(cfg, (1, 8, 8), 2).blocks)

@@ -1,8 +1,10 @@
 """The study config: a typed schema with a default for every field.
 
 A study file (TOML) holds only what differs from these defaults, as nanoGPT's config files do. Unknown
-keys and wrong types are errors (``extra="forbid"``); :func:`load_config` turns pydantic's errors into one
-line per problem that names the field path, and raises :class:`~tlsearch.errors.ConfigError`.
+keys and wrong types are errors (``extra="forbid"``); :mod:`tlsearch.config.load` turns pydantic's errors
+into one line per problem that names the field path. The schema looks nothing up: which models,
+regularizers, tasks, samplers and pruners exist, and what options a model takes, is checked after it
+loads, against :mod:`tlsearch.registry`.
 
 The penalty convention, since λ means nothing without it: every regularizer adds
 ``λ/2 · Σ_p ‖p − p⁰‖²`` (``p⁰ = 0`` for ``l2``) over the parameters it covers to the *mean* cross-entropy
@@ -15,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -27,12 +27,9 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    ValidationError,
     field_validator,
     model_validator,
 )
-
-from tlsearch.errors import ConfigError
 
 __all__ = [
     "CVConfig",
@@ -47,8 +44,6 @@ __all__ = [
     "SamplerConfig",
     "SearchSpace",
     "StudyConfig",
-    "config_from_dict",
-    "load_config",
 ]
 
 
@@ -126,18 +121,22 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The network, as an ordered list of blocks plus a head (see ``tlsearch.models``)."""
+    """The network, as an ordered list of blocks plus a head (see ``tlsearch.models``).
+
+    Every key besides ``name`` is an option of that model, validated by its registry entry's
+    options schema once the file has loaded (the built-in ``mlp`` and ``cnn`` take ``hidden``,
+    ``channels``, ``fc``, ``batch_norm`` and ``dropout``: see ``tlsearch.registry``). A loaded
+    config holds every option, defaults filled in.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     # "cnn": conv16-pool-conv32-pool-fc128, three blocks; "mlp": one block per hidden size.
     name: str = "cnn"
-    # MLP hidden sizes; [128] is the classic 784-128-10 network.
-    hidden: list[Annotated[int, Field(gt=0)]] = [256, 128]
-    # CNN channels per conv block, then the width of its fully connected block.
-    channels: list[Annotated[int, Field(gt=0)]] = [16, 32]
-    fc: int = Field(128, gt=0)
-    # BatchNorm after each conv/linear layer; frozen blocks keep theirs in eval mode.
-    batch_norm: bool = False
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class PretrainConfig(_Section):
@@ -195,17 +194,9 @@ class RegularizerConfig(_Section):
 
     @field_validator("name")
     @classmethod
-    def _known(cls, value: str | list[str]) -> str | list[str]:
-        from tlsearch.regularizers import list_regularizers
-
-        names = [value] if isinstance(value, str) else value
-        if not names:
+    def _some(cls, value: str | list[str]) -> str | list[str]:
+        if not isinstance(value, str) and not value:
             raise ValueError("must name at least one regularizer")
-        for name in names:
-            if name not in list_regularizers():
-                raise ValueError(
-                    f"unknown regularizer '{name}' (choose from {', '.join(list_regularizers())})"
-                )
         return value
 
 
@@ -230,7 +221,6 @@ class ParamRange(_Section):
         return self
 
 
-
 def _param_kind(value: Any) -> str:
     return "range" if isinstance(value, (dict, ParamRange)) else "fixed"
 
@@ -238,7 +228,7 @@ def _param_kind(value: Any) -> str:
 # A bare number fixes a parameter; a table searches it. The discriminator picks the branch up front,
 # so a bad range reports the range's problem, not also "should be a number".
 Param = Annotated[
-    Union[Annotated[ParamRange, Tag("range")], Annotated[float, Tag("fixed")]],
+    Annotated[ParamRange, Tag("range")] | Annotated[float, Tag("fixed")],
     Discriminator(_param_kind),
 ]
 
@@ -294,14 +284,16 @@ class CVConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    name: Literal["tpe", "random", "gp", "cmaes", "qmc"] = "tpe"
+    # tpe, random, gp, cmaes or qmc (Optuna's samplers; see tlsearch.samplers).
+    name: str = "tpe"
     seed: int | None = 0
     # Random trials before the model-based sampler takes over (TPE, GP, CMA-ES).
     n_startup_trials: int = Field(10, ge=0)
 
 
 class PrunerConfig(_Section):
-    name: Literal["median", "percentile", "wilcoxon", "none"] = "median"
+    # median, percentile, wilcoxon or none (Optuna's pruners; see tlsearch.samplers).
+    name: str = "median"
     # Median/percentile: trials completed before any pruning, folds before a trial may be pruned.
     n_startup_trials: int = Field(5, ge=0)
     n_warmup_steps: int = Field(1, ge=0)
@@ -339,17 +331,7 @@ class StudyConfig(_Section):
         return name
 
     @model_validator(mode="after")
-    def _depth_fits_model(self) -> StudyConfig:
-        from tlsearch.models import count_blocks
-
-        n_blocks = count_blocks(self.model)
-        fb = self.search.frozen_blocks
-        top = fb.high if isinstance(fb, ParamRange) else fb
-        if top > n_blocks:
-            raise ValueError(
-                f"search.frozen_blocks: {int(top)} exceeds the {n_blocks} blocks of model "
-                f"'{self.model.name}'"
-            )
+    def _ends(self) -> StudyConfig:
         if self.n_trials is None and self.timeout is None:
             raise ValueError("n_trials: set n_trials or timeout, or the study never ends")
         return self
@@ -359,95 +341,67 @@ class StudyConfig(_Section):
         return self.model_dump(mode="json", by_alias=True)
 
     def search_hash(self) -> str:
-        """Hash of everything that changes what a trial measures (not the budget or storage)."""
+        """Versioned hash of everything that changes what a trial measures.
+
+        Not the budget, storage or device, and not the settings that change only speed
+        (``finetune.cache_frozen``, ``finetune.fold_batching``: the same scores up to float
+        rounding). A field added after version 2 is left out while it holds its default, so
+        a study created before the field existed keeps its hash.
+        """
+        d = self._results_dict()
+        for key in _SPEED_ONLY:
+            _pop(d, key)
+        for key, default in _ADDED_SINCE_V2.items():
+            if _get(d, key) == default:
+                _pop(d, key)
+        return f"{HASH_VERSION}:" + _sha(d)
+
+    def hash_matches(self, stored: str) -> bool:
+        """Whether a hash stored with a study is this config's, whichever version wrote it.
+
+        Version 1 (tlsearch 0.1, no ``N:`` prefix) also covered the speed-only settings.
+        """
+        if ":" not in stored:
+            return stored == _sha(self._results_dict())
+        return stored == self.search_hash()
+
+    def _results_dict(self) -> dict[str, Any]:
         d = self.to_dict()
-        for key in ("name", "storage", "n_trials", "timeout"):
-            d.pop(key)
-        d["finetune"].pop("device")
-        d["finetune"].pop("threads")
-        d["pretrain"].pop("cache_dir")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        for key in _NOT_RESULTS:
+            _pop(d, key)
+        return d
 
 
-_BRANCHES = {"range", "fixed", "str", "list[str]"}
+HASH_VERSION = 2
+# What never changes a trial's result: where and how long a study runs, and on which device.
+_NOT_RESULTS = (
+    "name",
+    "storage",
+    "n_trials",
+    "timeout",
+    "finetune.device",
+    "finetune.threads",
+    "pretrain.cache_dir",
+)
+# What changes only speed (left out from version 2 on).
+_SPEED_ONLY = ("finetune.cache_frozen", "finetune.fold_batching")
+# Fields added after version 2, with their defaults: "section.field" → default.
+_ADDED_SINCE_V2: dict[str, Any] = {}
 
 
-def _one_line(text: str) -> str:
-    """``text`` with control characters escaped: a key or value holding a newline (TOML allows
-    it in quoted keys and strings) must not split one problem over two lines."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+def _sha(d: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        # Drop the union branch names pydantic puts in the location; users never wrote them.
-        loc = [str(p) for p in e["loc"] if str(p) not in _BRANCHES]
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif "fixed" in e["loc"] and e["type"] in {"float_type", "float_parsing"}:
-            msg = f"must be a number (fixed) or a table {{low, high, log, step}} (searched), got {e['input']!r}"
-        # Checks across sections name their field themselves ("search.frozen_blocks: ...").
-        named = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg)
-        if not loc and named:
-            loc, msg = [named.group(1)], named.group(2)
-        line = _one_line(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}")
-        if line not in lines:
-            lines.append(line)
-    return "\n".join(lines)
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d.get(p, {})
+    return d.get(last)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> StudyConfig:
-    """Validate a config mapping; raise :class:`ConfigError` naming every bad field."""
-    try:
-        return StudyConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
-
-
-def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
-    """Read a study file (or the defaults when ``path`` is None) and apply top-level overrides.
-
-    Overrides are the CLI flags (``storage``, ``name``, ``n_trials``, ``timeout``); None values are
-    ignored so an unset flag never clears the file's value.
-    """
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read: {e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        # Relative data and cache paths are relative to the study file, not the working directory.
-        _resolve_paths(data, path.resolve().parent, source)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(data, source)
-
-
-def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:
-    def resolve(value: str, field: str) -> str:
-        try:
-            p = Path(value).expanduser()
-        except RuntimeError:  # "~name/..." for a user this machine does not know
-            raise ConfigError(
-                _one_line(f"{source}: {field}: cannot expand '{value}': no such user")
-            ) from None
-        return str(p if p.is_absolute() else base / p)
-
-    section = data.get("data")
-    if isinstance(section, dict):
-        for key in ("source", "target", "target_test"):
-            entry = section.get(key)
-            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                entry["path"] = resolve(entry["path"], f"data.{key}.path")
-    pre = data.get("pretrain")
-    if isinstance(pre, dict) and isinstance(pre.get("cache_dir"), str):
-        pre["cache_dir"] = resolve(pre["cache_dir"], "pretrain.cache_dir")
+def _pop(d: dict[str, Any], dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d.get(p, {})
+    d.pop(last, None)

@@ -13,7 +13,9 @@ With ``stacked=True`` the model's parameters carry a leading fold dimension (k f
 together, see :func:`tlsearch.finetune.finetune_folds`) and ``forward()`` returns the k penalties, one per
 fold; their sum has, for each fold's slice, that fold's gradient.
 
-Adding a regularizer is one class decorated with :func:`register_regularizer`. A penalty whose
+Adding a regularizer is one :class:`Regularizer` subclass and its registry entry
+(``REGULARIZERS.register("name", "module:Class")`` in :mod:`tlsearch.registry`, a plug-in's entry point
+or a ``--plugin`` module); each penalty has a file of its own here. A penalty whose
 gradient has a closed form may also implement :meth:`Regularizer.accumulate_grad_`: the fine-tuning
 loop then adds that gradient to ``.grad`` after the backward pass of the data loss, with two fused
 ``_foreach`` ops, instead of building and backpropagating the penalty's graph in every step (a
@@ -28,32 +30,12 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from tlsearch.errors import ConfigError
 from tlsearch.models import BlockNet
 
-__all__ = [
-    "L2",
-    "L2SP",
-    "NoPenalty",
-    "Regularizer",
-    "create_regularizer",
-    "list_regularizers",
-    "register_regularizer",
-]
-
-_regularizers: dict[str, type[Regularizer]] = {}
+__all__ = ["Regularizer", "add_scaled_", "sq_distance"]
 
 
-def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
-    _regularizers[cls.name] = cls
-    return cls
-
-
-def list_regularizers() -> list[str]:
-    return sorted(_regularizers)
-
-
-def _covered(
+def covered(
     params: Iterable[tuple[str, nn.Parameter]], penalize: str, stacked: bool
 ) -> list[tuple[str, nn.Parameter]]:
     rank = 3 if stacked else 2
@@ -62,7 +44,7 @@ def _covered(
     ]
 
 
-def _sq_distance(
+def sq_distance(
     params: list[nn.Parameter], refs: list[torch.Tensor] | None, stacked: bool
 ) -> torch.Tensor:
     """Σ‖p − ref‖² (or Σ‖p‖² when ``refs`` is None): a scalar, or one per fold when ``stacked``.
@@ -79,7 +61,7 @@ def _sq_distance(
     return torch.stack(torch._foreach_norm(diffs)).square().sum()
 
 
-def _add_scaled_(params: list[nn.Parameter], coef: float, refs: list[torch.Tensor] | None) -> None:
+def add_scaled_(params: list[nn.Parameter], coef: float, refs: list[torch.Tensor] | None) -> None:
     """``p.grad += coef · (p − ref)`` (or ``coef · p``) for the parameters that train right now."""
     pairs = [(p, r) for p, r in zip(params, refs or params, strict=True) if p.requires_grad]
     if not pairs or coef == 0.0:
@@ -97,8 +79,8 @@ def _add_scaled_(params: list[nn.Parameter], coef: float, refs: list[torch.Tenso
 class Regularizer(nn.Module):
     """Base class: holds the covered parameters of ``model`` and returns the penalty as a scalar.
 
-    Subclasses set ``name`` and implement :meth:`forward`. ``lam`` is the searched λ, ``head_lam``
-    the fixed β some penalties use for the new head, ``scale`` the factor (1 or 1/m) in front;
+    Subclasses set ``name`` and implement :meth:`forward`. ``lambda_`` is the searched λ,
+    ``head_lambda`` the fixed β some penalties use for the new head, ``scale`` the factor (1 or 1/m) in front;
     ``stacked`` says the parameters carry a leading fold dimension (one penalty per fold).
     Subclasses whose gradient has a closed form set ``closed_form_grad`` and implement
     :meth:`accumulate_grad_`.
@@ -111,27 +93,26 @@ class Regularizer(nn.Module):
         self,
         model: BlockNet,
         pretrained: Mapping[str, torch.Tensor],
-        lam: float,
-        head_lam: float = 0.0,
+        lambda_: float,
+        head_lambda: float = 0.0,
         penalize: str = "weights",
         scale: float = 1.0,
         stacked: bool = False,
     ) -> None:
         super().__init__()
-        self.lam = float(lam)
-        self.head_lam = float(head_lam)
+        self.lambda_ = float(lambda_)
+        self.head_lambda = float(head_lambda)
         self.scale = float(scale)
         self.stacked = stacked
-        backbone = _covered(model.blocks.named_parameters(prefix="blocks"), penalize, stacked)
-        head = _covered(model.head.named_parameters(prefix="head"), penalize, stacked)
+        backbone = covered(model.blocks.named_parameters(prefix="blocks"), penalize, stacked)
+        head = covered(model.head.named_parameters(prefix="head"), penalize, stacked)
         self._backbone = [p for _, p in backbone]
         self._head = [p for _, p in head]
         # Copies of the starting point: the pretrained state may be shared by folds and trials.
         # Stacked, each fold's slice gets the same reference (materialised: _foreach ops do not
         # broadcast).
         self._backbone_refs = [
-            pretrained[n].detach().to(p.device, p.dtype).expand_as(p).clone()
-            for n, p in backbone
+            pretrained[n].detach().to(p.device, p.dtype).expand_as(p).clone() for n, p in backbone
         ]
 
     def forward(self) -> torch.Tensor:
@@ -141,79 +122,3 @@ class Regularizer(nn.Module):
         """Add the gradient of :meth:`forward` (summed over folds when stacked) to each covered
         parameter's ``.grad``, for the parameters that have ``requires_grad`` now."""
         raise NotImplementedError(f"regularizer '{self.name}' has no closed-form gradient")
-
-
-@register_regularizer
-class NoPenalty(Regularizer):
-    """No penalty: plain fine-tuning (λ is ignored)."""
-
-    name = "none"
-    closed_form_grad = True
-
-    def forward(self) -> torch.Tensor:
-        return torch.zeros(())
-
-    def accumulate_grad_(self) -> None:
-        pass
-
-
-@register_regularizer
-class L2(Regularizer):
-    """Weight decay toward zero over backbone and head: ``λ/2 · Σ‖θ‖²``.
-
-    The classic penalty (with ``scale = "per_sample"`` the textbook ``λ/2m · Σθ²``); added to the loss
-    rather than folded into the optimizer, so it means the same under Adam and SGD.
-    """
-
-    name = "l2"
-    closed_form_grad = True
-
-    def forward(self) -> torch.Tensor:
-        sq = _sq_distance(self._backbone + self._head, None, self.stacked)
-        return self.scale * self.lam / 2 * sq
-
-    def accumulate_grad_(self) -> None:
-        _add_scaled_(self._backbone + self._head, self.scale * self.lam, None)
-
-
-@register_regularizer
-class L2SP(Regularizer):
-    """L2-SP (Li, Grandvalet & Davoine, ICML 2018, "Explicit inductive bias for transfer learning").
-
-    ``α/2 · ‖w_S − w_S⁰‖² + β/2 · ‖w_head‖²``: the transferred weights ``w_S`` are pulled toward their
-    pretrained values ``w_S⁰`` (α = the searched λ), the new head toward zero (β = ``head_lambda``).
-    """
-
-    name = "l2sp"
-    closed_form_grad = True
-
-    def forward(self) -> torch.Tensor:
-        sp = _sq_distance(self._backbone, self._backbone_refs, self.stacked)
-        head = _sq_distance(self._head, None, self.stacked)
-        return self.scale * (self.lam / 2 * sp + self.head_lam / 2 * head)
-
-    def accumulate_grad_(self) -> None:
-        _add_scaled_(self._backbone, self.scale * self.lam, self._backbone_refs)
-        _add_scaled_(self._head, self.scale * self.head_lam, None)
-
-
-def create_regularizer(
-    name: str,
-    model: BlockNet,
-    pretrained: Mapping[str, torch.Tensor],
-    lam: float,
-    head_lam: float = 0.0,
-    penalize: str = "weights",
-    scale: float = 1.0,
-    stacked: bool = False,
-) -> Regularizer:
-    try:
-        cls = _regularizers[name]
-    except KeyError:
-        raise ConfigError(
-            f"regularizer.name: unknown regularizer '{name}' "
-            f"(choose from {', '.join(list_regularizers())})"
-        ) from None
-    return cls(
-        model, pretrained, lam, head_lam=head_lam, penalize=penalize, scale=scale, stacked=stacked
-    )

@@ -1,0 +1,151 @@
+"""Reading a study: TOML in binary mode, paths resolved from the file, one line per problem.
+
+:func:`config_from_dict` validates the schema (:mod:`tlsearch.config.schema`), then checks every
+name against :mod:`tlsearch.registry` and fills in the model's options from its entry's schema.
+The registries hold only what is registered (built-ins, installed plug-ins' entry points, modules
+the user loaded with ``--plugin``): a name in a study file never imports anything.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import tomllib
+from pydantic import ValidationError
+
+from tlsearch.config.schema import ModelConfig, ParamRange, StudyConfig
+from tlsearch.errors import ConfigError
+from tlsearch.registry import MODELS, PRUNERS, REGULARIZERS, SAMPLERS, TASKS
+
+__all__ = ["check_names", "config_from_dict", "load_config"]
+
+_BRANCHES = {"range", "fixed", "str", "list[str]"}
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped: a key or value holding a newline (TOML allows
+    it in quoted keys and strings) must not split one problem over two lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        # Drop the union branch names pydantic puts in the location; users never wrote them.
+        loc = [str(p) for p in e["loc"] if str(p) not in _BRANCHES]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "fixed" in e["loc"] and e["type"] in {"float_type", "float_parsing"}:
+            msg = (
+                "must be a number (fixed) or a table {low, high, log, step} (searched), "
+                f"got {e['input']!r}"
+            )
+        # Checks across sections name their field themselves ("search.frozen_blocks: ...").
+        named = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg)
+        if not loc and named:
+            loc, msg = [named.group(1)], named.group(2)
+        line = _one_line(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}")
+        if line not in lines:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> StudyConfig:
+    """Validate a config mapping; raise :class:`ConfigError` naming every bad field.
+
+    The model's options come back complete (its entry's defaults filled in), so the stored config
+    says exactly which network every trial trained.
+    """
+    try:
+        cfg = StudyConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    return check_names(cfg, source)
+
+
+def check_names(cfg: StudyConfig, source: str = "config") -> StudyConfig:
+    """``cfg`` with its names checked against the registries and the model's options validated.
+
+    Raises :class:`ConfigError` (one line per problem, prefixed by ``source``) for an unknown name,
+    an unknown or invalid model option, or a frozen depth past the model's blocks.
+    """
+    problems: list[str] = []
+
+    def check(what: Any) -> Any:
+        try:
+            return what()
+        except ConfigError as e:
+            problems.extend(str(e).splitlines())
+            return None
+
+    if cfg.data.task is not None:
+        check(lambda: TASKS.get(cfg.data.task))
+    for name in cfg.regularizer.names:
+        check(lambda name=name: REGULARIZERS.get(name))
+    check(lambda: SAMPLERS.get(cfg.sampler.name))
+    check(lambda: PRUNERS.get(cfg.pruner.name))
+    entry = check(lambda: MODELS.get(cfg.model.name))
+    options = entry and check(lambda: entry.validate_options(cfg.model.options, "model"))
+    if options is not None and entry.blocks is not None:
+        n_blocks = entry.blocks(options)
+        fb = cfg.search.frozen_blocks
+        top = fb.high if isinstance(fb, ParamRange) else fb
+        if top > n_blocks:
+            problems.append(
+                f"search.frozen_blocks: {int(top)} exceeds the {n_blocks} blocks of model "
+                f"'{cfg.model.name}'"
+            )
+    if problems:
+        raise ConfigError("\n".join(_one_line(f"{source}: {p}") for p in problems))
+    model = ModelConfig.model_validate({"name": cfg.model.name, **(options or {})})
+    return cfg.model_copy(update={"model": model})
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
+    """Read a study file (or the defaults when ``path`` is None) and apply top-level overrides.
+
+    Overrides are the CLI flags (``storage``, ``name``, ``n_trials``, ``timeout``); None values are
+    ignored so an unset flag never clears the file's value.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        # Relative data and cache paths are relative to the study file, not the working directory.
+        _resolve_paths(data, path.resolve().parent, source)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(data, source)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:
+    def resolve(value: str, field: str) -> str:
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError:  # "~name/..." for a user this machine does not know
+            raise ConfigError(
+                _one_line(f"{source}: {field}: cannot expand '{value}': no such user")
+            ) from None
+        return str(p if p.is_absolute() else base / p)
+
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("source", "target", "target_test"):
+            entry = section.get(key)
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                entry["path"] = resolve(entry["path"], f"data.{key}.path")
+    pre = data.get("pretrain")
+    if isinstance(pre, dict) and isinstance(pre.get("cache_dir"), str):
+        pre["cache_dir"] = resolve(pre["cache_dir"], "pretrain.cache_dir")

@@ -1,0 +1,131 @@
+"""A trial's choices: what the search space says, what a trial suggests, what an export holds.
+
+One name per thing. Files, the dashboard, exports and output say ``lambda``; Python says
+``lambda_`` (``lambda`` is a keyword). The frozen depth is ``frozen_blocks`` everywhere.
+:data:`SEARCHED` is the one table from a user's parameter name to its :class:`SearchSpace` field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tlsearch.config import ParamRange, StudyConfig
+from tlsearch.errors import ConfigError
+
+__all__ = [
+    "PLAIN_FINETUNING",
+    "SEARCHED",
+    "TrialParams",
+    "fixed_params",
+    "format_params",
+    "resolve_params",
+    "suggest_params",
+]
+
+# User-facing parameter name → SearchSpace field.
+SEARCHED = {
+    "lambda": "lambda_",
+    "lr": "lr",
+    "frozen_blocks": "frozen_blocks",
+    "backbone_lr_mult": "backbone_lr_mult",
+}
+
+# What a user fine-tunes with before any search: Adam's usual 1e-3, everything trainable, no
+# backbone learning-rate cut, and a small λ (``tlsearch final``'s baseline).
+PLAIN_FINETUNING = {"lambda": 0.01, "lr": 1e-3, "frozen_blocks": 0, "backbone_lr_mult": 1.0}
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """What one trial fine-tunes with; :meth:`to_dict` gives the names files and output use."""
+
+    lambda_: float
+    lr: float
+    frozen_blocks: int
+    backbone_lr_mult: float
+    regularizer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lambda": self.lambda_,
+            "lr": self.lr,
+            "frozen_blocks": self.frozen_blocks,
+            "backbone_lr_mult": self.backbone_lr_mult,
+            "regularizer": self.regularizer,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrialParams:
+        """From the names :meth:`to_dict` writes; every one is required."""
+        missing = [n for n in (*SEARCHED, "regularizer") if n not in d]
+        if missing:
+            raise ConfigError(f"params: missing {', '.join(missing)}")
+        try:
+            return cls(
+                lambda_=float(d["lambda"]),
+                lr=float(d["lr"]),
+                frozen_blocks=int(d["frozen_blocks"]),
+                backbone_lr_mult=float(d["backbone_lr_mult"]),
+                regularizer=str(d["regularizer"]),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"params: invalid value: {e}") from None
+
+
+class Suggester(Protocol):
+    """The part of :class:`optuna.Trial` that :func:`suggest_params` uses."""
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = ..., log: bool = ...
+    ) -> float: ...
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = ...) -> int: ...
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+def fixed_params(cfg: StudyConfig) -> dict[str, Any]:
+    """The parameters the config fixes rather than searches, under their user-facing names."""
+    fixed: dict[str, Any] = {}
+    for name, attr in SEARCHED.items():
+        value = getattr(cfg.search, attr)
+        if not isinstance(value, ParamRange):
+            fixed[name] = int(value) if name == "frozen_blocks" else float(value)
+    if isinstance(cfg.regularizer.name, str):
+        fixed["regularizer"] = cfg.regularizer.name
+    return fixed
+
+
+def suggest_params(trial: Suggester, cfg: StudyConfig) -> TrialParams:
+    """Ask the trial for every searched parameter; fixed ones come from the config."""
+    values = fixed_params(cfg)
+    for name, attr in SEARCHED.items():
+        space = getattr(cfg.search, attr)
+        if not isinstance(space, ParamRange):
+            continue
+        if name == "frozen_blocks":
+            values[name] = trial.suggest_int(
+                name, int(space.low), int(space.high), step=int(space.step or 1)
+            )
+        else:
+            values[name] = trial.suggest_float(
+                name, space.low, space.high, log=space.log, step=space.step
+            )
+    if not isinstance(cfg.regularizer.name, str):
+        values["regularizer"] = trial.suggest_categorical("regularizer", cfg.regularizer.names)
+    return TrialParams.from_dict(values)
+
+
+def resolve_params(cfg: StudyConfig, params: Mapping[str, Any]) -> TrialParams:
+    """A trial's ``params`` plus the fixed values: everything needed to fine-tune again."""
+    return TrialParams.from_dict({**fixed_params(cfg), **params})
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    """``lambda=1.005 lr=0.00379 frozen_blocks=2``: four significant digits, so two trials'
+    values that differ show differently."""
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )

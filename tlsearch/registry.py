@@ -1,0 +1,316 @@
+"""One registry for every extension point: models, regularizers, tasks, samplers and pruners.
+
+A registry maps a name to an :class:`Entry`, in the style of timm's ``_registry.py``: register,
+list the names, create by name, and fail loudly (:class:`~tlsearch.errors.ConfigError`, naming the
+choices) on an unknown one. An entry says what a name *is* without importing the code that builds
+it: its options schema (a pydantic model, validated after the study file loads), its block count for
+given options (models), a key adapter for checkpoints saved under another naming (models), and its
+builder as ``"module:attribute"``, imported only by :meth:`Registry.create`. So checking a study file,
+listing names or counting blocks never imports torch.
+
+Where code comes from — one rule: the built-in entries below, installed distributions' entry points
+(groups ``tlsearch.models``, ``tlsearch.regularizers``, ``tlsearch.tasks``), and modules the user
+names on the command line (``--plugin``) or in ``$TLSEARCH_PLUGINS`` (:func:`load_plugins`). Never a
+name read from a study file or a database: those only select among what is already registered.
+
+An entry point's object is an :class:`Entry` (registered under its own name) or a module whose
+import registers its entries itself::
+
+    [project.entry-points."tlsearch.models"]
+    resnet = "tlsearch_resnet:ENTRY"
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tlsearch.errors import ConfigError
+
+__all__ = [
+    "MODELS",
+    "PLUGINS_ENV",
+    "PRUNERS",
+    "REGULARIZERS",
+    "SAMPLERS",
+    "TASKS",
+    "BlockNetOptions",
+    "Entry",
+    "Registry",
+    "load_plugins",
+    "loaded_plugins",
+]
+
+# Named in every "unknown name" error: where more names come from.
+_HOW_TO_ADD = "a plug-in adds more: install its package, or pass --plugin MODULE"
+PLUGINS_ENV = "TLSEARCH_PLUGINS"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a registered name is.
+
+    Attributes:
+        name: the name a study file uses (``model.name = "cnn"``).
+        target: the builder, as ``"module:attribute"`` (imported by :meth:`load`) or the object.
+        options: the pydantic model of the entry's options (``[model]`` keys besides ``name``);
+            None: it takes none.
+        blocks: for models, the number of blocks given the validated options (a dict; what
+            ``frozen_blocks`` may reach), computed without building the model.
+        key_adapter: for models, ``"module:attribute"`` or a function mapping a checkpoint's state
+            dict saved under another naming to the model's own parameter names.
+        origin: who registered it ("tlsearch", a distribution "name version", or a module path).
+    """
+
+    name: str
+    target: str | Callable[..., Any]
+    options: type[BaseModel] | None = None
+    blocks: Callable[[Any], int] | None = None
+    key_adapter: str | Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    origin: str = "tlsearch"
+    _loaded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def load(self) -> Callable[..., Any]:
+        """The builder, importing its module on first use."""
+        if "target" not in self._loaded:
+            self._loaded["target"] = _resolve(self.target, f"{self.name} ({self.origin})")
+        return self._loaded["target"]
+
+    def adapt_keys(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` under the model's own parameter names (unchanged without a key adapter)."""
+        if self.key_adapter is None:
+            return state
+        return _resolve(self.key_adapter, f"{self.name} key adapter")(state)
+
+    def validate_options(self, options: Mapping[str, Any], section: str) -> dict[str, Any]:
+        """The options with defaults filled in; one line per bad option, naming it."""
+        if self.options is None:
+            if options:
+                raise ConfigError(
+                    f"{section}.{next(iter(options))}: unknown option ('{self.name}' takes none)"
+                )
+            return {}
+        try:
+            return self.options.model_validate(dict(options)).model_dump(mode="json")
+        except ValidationError as err:
+            lines = []
+            for e in err.errors():
+                loc = ".".join(str(p) for p in e["loc"])
+                msg = e["msg"].removeprefix("Value error, ")
+                if e["type"] == "extra_forbidden":
+                    msg = f"unknown option for {section.split('.')[-1]} '{self.name}'"
+                lines.append(f"{section}.{loc}: {msg}")
+            raise ConfigError("\n".join(lines)) from None
+
+
+def _resolve(target: str | Callable[..., Any], what: str) -> Any:
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split(".") if attr else []:
+            obj = getattr(obj, part)
+    except Exception as e:  # noqa: BLE001 - a plug-in's failure is one line for the user
+        raise ConfigError(f"{what}: cannot load {target}: {type(e).__name__}: {e}") from None
+    return obj
+
+
+class Registry:
+    """Names → :class:`Entry`, with entry points of ``group`` loaded on first look-up.
+
+    Args:
+        kind: what the entries are, in messages ("model").
+        field: the study-file field that names one ("model.name").
+        group: the entry-point group plug-in distributions register under, if any.
+    """
+
+    def __init__(self, kind: str, field: str, group: str | None = None) -> None:
+        self.kind = kind
+        self.field = field
+        self.group = group
+        self._entries: dict[str, Entry] = {}
+        self._scanned = group is None
+
+    def register(
+        self,
+        name: str,
+        target: str | Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Register ``target`` under ``name``; without a target, a decorator that registers the
+        decorated object and returns it unchanged. Other keywords are :class:`Entry` fields."""
+        if target is None:
+
+            def deco(obj: Any) -> Any:
+                self.add(Entry(name, obj, **kwargs))
+                return obj
+
+            return deco
+        self.add(Entry(name, target, **kwargs))
+        return target
+
+    def add(self, entry: Entry) -> Entry:
+        """Register ``entry``; a name taken by another origin is an error, never a silent swap."""
+        old = self._entries.get(entry.name)
+        if old is not None and old.origin != entry.origin:
+            raise ConfigError(
+                f"{self.kind} '{entry.name}' is registered twice ({old.origin}; {entry.origin})"
+            )
+        self._entries[entry.name] = entry
+        return entry
+
+    def names(self) -> list[str]:
+        self._scan()
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        self._scan()
+        return name in self._entries
+
+    def get(self, name: str) -> Entry:
+        self._scan()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.field}: unknown {self.kind} '{name}' (choose from "
+                f"{', '.join(self.names())}; {_HOW_TO_ADD})"
+            ) from None
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the builder of ``name`` (importing it now) with the given arguments."""
+        return self.get(name).load()(*args, **kwargs)
+
+    def _scan(self) -> None:
+        if self._scanned:
+            return
+        self._scanned = True
+        for ep in metadata.entry_points(group=self.group):
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else ep.value
+            try:
+                obj = ep.load()
+            except Exception as e:  # noqa: BLE001 - a broken plug-in is one line for the user
+                self._scanned = False
+                raise ConfigError(
+                    f"plug-in {dist}: entry point '{ep.name}' in group {self.group} failed to "
+                    f"import: {type(e).__name__}: {e}"
+                ) from None
+            if isinstance(obj, Entry):
+                self.add(obj if obj.origin != "tlsearch" else _with_origin(obj, dist))
+
+
+def _with_origin(entry: Entry, origin: str) -> Entry:
+    return Entry(
+        entry.name, entry.target, entry.options, entry.blocks, entry.key_adapter, origin=origin
+    )
+
+
+_plugins: dict[str, str] = {}
+
+
+def loaded_plugins() -> dict[str, str]:
+    """The ``--plugin`` / ``$TLSEARCH_PLUGINS`` modules loaded in this process: spec → module."""
+    return dict(_plugins)
+
+
+def load_plugins(specs: Iterable[str] = (), *, environ: Mapping[str, str] = os.environ) -> None:
+    """Import the plug-in modules the user named: each of ``specs`` and of ``$TLSEARCH_PLUGINS``
+    (separated by ``os.pathsep`` or commas).
+
+    A spec is a dotted module name (the current directory is on the path) or the path of a
+    ``.py`` file. Importing it registers its entries (``MODELS.register(...)``). A plug-in that
+    fails to import is one :class:`~tlsearch.errors.ConfigError` naming it.
+    """
+    env = environ.get(PLUGINS_ENV, "")
+    extra = [s for part in env.split(os.pathsep) for s in part.split(",")]
+    for spec in [*specs, *extra]:
+        spec = spec.strip()
+        if spec and spec not in _plugins:
+            _plugins[spec] = _import_plugin(spec).__name__
+
+
+def _import_plugin(spec: str) -> ModuleType:
+    try:
+        if spec.endswith(".py"):
+            path = Path(spec).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"--plugin: {spec}: file not found")
+            name = f"tlsearch_plugin_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            assert module_spec is not None and module_spec.loader is not None, spec
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+            return module
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(spec)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken plug-in is one line for the user
+        raise ConfigError(f"--plugin: {spec}: failed to import: {type(e).__name__}: {e}") from None
+
+
+# --- the built-in entries ------------------------------------------------------------------------
+
+
+class BlockNetOptions(BaseModel):
+    """Options of the built-in ``mlp`` and ``cnn`` (``[model]`` in a study file).
+
+    Both accept every field, as tlsearch 0.1 did, so a study stored by it still validates.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    # MLP hidden sizes; [128] is the classic 784-128-10 network.
+    hidden: list[Annotated[int, Field(gt=0)]] = [256, 128]
+    # CNN channels per conv block, then the width of its fully connected block.
+    channels: list[Annotated[int, Field(gt=0)]] = [16, 32]
+    fc: int = Field(128, gt=0)
+    # BatchNorm after each conv/linear layer; frozen blocks keep theirs in eval mode.
+    batch_norm: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+MODELS = Registry("model", "model.name", group="tlsearch.models")
+# "mlp": one block per hidden size. "cnn": conv16-pool-conv32-pool-fc128, three blocks.
+MODELS.register(
+    "mlp",
+    "tlsearch.models.blocknet:mlp",
+    options=BlockNetOptions,
+    blocks=lambda o: len(o["hidden"]),
+)
+MODELS.register(
+    "cnn",
+    "tlsearch.models.blocknet:cnn",
+    options=BlockNetOptions,
+    blocks=lambda o: len(o["channels"]) + 1,
+)
+
+REGULARIZERS = Registry("regularizer", "regularizer.name", group="tlsearch.regularizers")
+REGULARIZERS.register("none", "tlsearch.regularizers.none:NoPenalty")
+REGULARIZERS.register("l2", "tlsearch.regularizers.l2:L2")
+REGULARIZERS.register("l2sp", "tlsearch.regularizers.l2sp:L2SP")
+
+TASKS = Registry("task", "data.task", group="tlsearch.tasks")
+for _name in ("mnist-noisy", "mnist-rotated", "mnist-split", "digits-noisy", "digits-split"):
+    TASKS.register(_name, f"tlsearch.data:{_name.replace('-', '_')}")
+
+SAMPLERS = Registry("sampler", "sampler.name")
+for _name in ("tpe", "random", "gp", "cmaes", "qmc"):
+    SAMPLERS.register(_name, f"tlsearch.samplers:{_name}")
+
+PRUNERS = Registry("pruner", "pruner.name")
+for _name in ("median", "percentile", "wilcoxon", "none"):
+    PRUNERS.register(_name, f"tlsearch.samplers:{_name}_pruner")

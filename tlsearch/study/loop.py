@@ -1,0 +1,330 @@
+"""The trial loop every process runs, alone or as one of many workers (:func:`run_trials`).
+
+1. ask the storage for a trial; it refuses once the budget is taken (:class:`~tlsearch.storage.
+   StudyStorage`), so the workers together run exactly ``n_trials``;
+2. run it under ``study.optimize``, which keeps its heartbeat and fails and re-queues trials of
+   dead workers;
+3. when the budget is taken but not finished, wait for the trials other workers still run: one of
+   them may fail and free its slot, or die and come back as a queued retry;
+4. settle a trial that a signal or a storage outage interrupted: a finished result is written
+   again, an unfinished trial is failed and queued again with its parameters; storage errors are
+   retried for ``patience`` seconds, then end the loop with one
+   :class:`~tlsearch.errors.StorageError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tlsearch.config import StudyConfig
+from tlsearch.device import set_threads
+from tlsearch.storage import (
+    STORAGE_ERRORS,
+    BudgetExhausted,
+    StudyStorage,
+    count_budget,
+    describe_error,
+    storage_error,
+)
+from tlsearch.study.progress import ProgressPrinter
+from tlsearch.study.setup import make_objective, setup_study, worker_attrs
+from tlsearch.study.stop import Interrupted, StopFlag
+
+__all__ = ["STORAGE_PATIENCE", "run_study", "run_trials"]
+
+_log = logging.getLogger(__name__)
+
+# Seconds a trial loop keeps retrying a storage that fails (a PostgreSQL restart takes a few).
+STORAGE_PATIENCE = 120.0
+
+
+class _Guard:
+    """The objective, plus what the loop needs to settle a trial that did not end normally."""
+
+    def __init__(
+        self, objective: Callable[[optuna.Trial], float], stop: StopFlag, attrs: Mapping[str, Any]
+    ) -> None:
+        self.objective = objective
+        self.stop = stop
+        self.attrs = dict(attrs)
+        self.number: int | None = None
+        self.outcome: tuple[TrialState, float | None] | None = None
+        self.told = True
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.number, self.outcome, self.told = trial.number, None, False
+        for key, value in self.attrs.items():
+            trial.set_user_attr(key, value)
+        if self.stop.requested:
+            raise Interrupted("stop requested before the trial started")
+        self.stop.in_trial = True
+        try:
+            value = self.objective(trial)
+        except optuna.TrialPruned:
+            self.outcome = (TrialState.PRUNED, None)
+            raise
+        finally:
+            self.stop.in_trial = False
+        self.outcome = (TrialState.COMPLETE, value)
+        return value
+
+
+class _QuietFailures(logging.Filter):
+    """Drop Optuna's traceback for trials that a signal, the storage or another worker ended; the
+    loop logs one line for each."""
+
+    _optuna_logger = logging.getLogger("optuna.study._optimize")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._quiet: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        trial = " ".join(message.split()[:2])  # "Trial 12"
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _find_cause(exc, _is_handled) is not None:
+            self._quiet.add(trial)
+            return False
+        return not (trial in self._quiet and "failed with value" in message)
+
+    def attach(self) -> None:
+        self._optuna_logger.addFilter(self)
+
+    def detach(self) -> None:
+        self._optuna_logger.removeFilter(self)
+
+
+def _find_cause(e: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """``e`` or the first exception of its chain that ``match`` accepts.
+
+    Optuna may raise another error while handling the one that matters: an ``AssertionError``
+    ("Should not reach") when a trial's final ``tell`` fails on a dropped connection.
+    """
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None or match(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _is_storage_error(e: BaseException) -> bool:
+    return isinstance(e, STORAGE_ERRORS)
+
+
+def _is_taken_over(e: BaseException) -> bool:
+    """This process's trial was finished by someone else meanwhile."""
+    return isinstance(e, optuna.exceptions.UpdateFinishedTrialError) or (
+        isinstance(e, ValueError) and str(e).startswith("Cannot tell a ")
+    )
+
+
+def _is_handled(e: BaseException) -> bool:
+    """An error :func:`run_trials` handles itself (the trial is settled, the loop goes on)."""
+    return isinstance(e, KeyboardInterrupt) or _is_storage_error(e) or _is_taken_over(e)
+
+
+def _retried(study: optuna.Study, number: int) -> bool:
+    return any(
+        number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)
+    )
+
+
+def _settle(study: optuna.Study, storage: StudyStorage, guard: _Guard) -> None:
+    """Bring this process's last trial to an end state if Optuna could not (see the module doc)."""
+    if guard.number is None or guard.told:
+        return
+    number = guard.number
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+    if trial.state == TrialState.RUNNING and guard.outcome is not None:
+        state, value = guard.outcome
+        study.tell(number, value, state=state, skip_if_finished=True)
+        _log.info("trial %d: its result is stored now", number)
+    elif trial.state in (TrialState.RUNNING, TrialState.FAIL):
+        if trial.state == TrialState.RUNNING:
+            try:
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+        requeue = storage.requeue()
+        if requeue is not None and not _retried(study, number):
+            requeue(study, storage.get_trial(trial._trial_id))
+    guard.told = True
+
+
+def _settle_or_leave(study: optuna.Study, storage: StudyStorage, guard: _Guard) -> None:
+    try:
+        _settle(study, storage, guard)
+    except STORAGE_ERRORS as e:
+        _log.warning(
+            "trial %s left RUNNING (storage unreachable: %s); another worker fails and retries it "
+            "after the grace period",
+            guard.number,
+            describe_error(e),
+        )
+
+
+def run_trials(
+    study: optuna.Study,
+    storage: StudyStorage,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    n_trials: int | None,
+    max_trials: int | None = None,
+    timeout: float | None = None,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    stop: StopFlag | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    patience: float = STORAGE_PATIENCE,
+) -> int:
+    """Run trials in this process until the study's budget is finished; return how many ran here.
+
+    Args:
+        n_trials: the study's total budget (all workers together); None runs until ``timeout``.
+        max_trials: at most this many trials in this process.
+        timeout: start no trial after this many seconds.
+        stop: set by a signal handler to end the loop (see :class:`StopFlag`); without one, a
+            ``KeyboardInterrupt`` settles the running trial and propagates.
+        attrs: user attributes written on every trial this process runs (worker, device).
+        patience: seconds of failing storage calls before giving up with a ``StorageError``.
+    """
+    stop = stop or StopFlag()
+    guard = _Guard(objective, stop, attrs or {})
+    study_id = storage.get_study_id_from_name(study.study_name)
+    storage.set_budget(study_id, n_trials)
+    ran = 0
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        nonlocal ran
+        ran += 1
+        guard.told = True
+        if stop.requested:
+            study.stop()
+
+    cbs = [*callbacks, after_trial]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failing_since: float | None = None
+    waiting = False
+    exhausted = False
+    quiet = _QuietFailures()
+    quiet.attach()
+    stop.in_loop = True
+    try:
+        while not stop.requested:
+            left = None if max_trials is None else max_trials - ran
+            seconds = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or (seconds is not None and seconds <= 0):
+                break
+            try:
+                if exhausted:
+                    # 3) the budget is taken: finished, or held by trials running or queued
+                    # elsewhere. Counted inside the try: a storage outage here (a server restart
+                    # near a study's end) is retried like any other.
+                    assert n_trials is not None, "only a budget raises BudgetExhausted"
+                    counts = storage.count_states(study_id)
+                    if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+                        break
+                    if counts[TrialState.RUNNING] and not counts[TrialState.WAITING]:
+                        if not waiting:
+                            _log.info(
+                                "%d trial(s) still running elsewhere; waiting for them (a dead "
+                                "worker's trial is retried %d s after its last heartbeat)",
+                                counts[TrialState.RUNNING],
+                                storage.grace_period or 0,
+                            )
+                        waiting = True
+                        failing_since = None
+                        time.sleep(storage.heartbeat_interval or 1)
+                        continue
+                    exhausted = False
+                _settle(study, storage, guard)  # 4) a trial a signal or the storage interrupted
+                study.optimize(guard, n_trials=left, timeout=seconds, callbacks=cbs)  # 1) 2)
+                break
+            except BudgetExhausted:
+                failing_since = None
+                exhausted = True
+            except KeyboardInterrupt as e:
+                _settle_or_leave(study, storage, guard)
+                if isinstance(e, Interrupted):
+                    break
+                raise
+            except Exception as e:
+                cause = _find_cause(e, _is_storage_error)
+                if cause is not None:
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    if now - failing_since > patience:
+                        _settle_or_leave(study, storage, guard)
+                        raise storage_error(
+                            storage.url, cause, f"failing for {patience:.0f} s"
+                        ) from e
+                    pause = min(10.0, 1.0 + now - failing_since)
+                    _log.warning(
+                        "storage error (%s); retrying in %.0f s", describe_error(cause), pause
+                    )
+                    time.sleep(pause)
+                    continue
+                if guard.number is None or _find_cause(e, _is_taken_over) is None:
+                    raise
+                # Another worker failed our trial while it ran (it saw no heartbeat within the
+                # grace period); the retry it queued, or the one _settle queues, runs instead.
+                _log.warning(
+                    "trial %d was failed by another worker while it ran here (no heartbeat "
+                    "within the grace period?); it is retried",
+                    guard.number,
+                )
+                continue
+    finally:
+        stop.in_loop = False
+        quiet.detach()
+    return ran
+
+
+def run_study(
+    cfg: StudyConfig,
+    *,
+    device: str | None = None,
+    allow_config_change: bool = False,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+    progress: bool = False,
+    heartbeat: Mapping[str, int] | None = None,
+    stop: StopFlag | None = None,
+) -> optuna.Study:
+    """Run (or resume) the study ``cfg`` describes in this process until its budget is used.
+
+    ``cfg.n_trials`` is the study's total: a resumed study runs only the trials still missing, and
+    workers started beside it (``tlsearch worker``) share the same budget. A ``KeyboardInterrupt``
+    ends the running trial as FAIL, queues it again and propagates; finished trials are kept. With
+    a ``stop`` flag (see :func:`tlsearch.study.stop.graceful_stop`) a signal ends the loop instead.
+    """
+    study, storage, ctx = setup_study(
+        cfg, device=device, allow_config_change=allow_config_change, heartbeat=heartbeat
+    )
+    if cfg.n_trials is not None and count_budget(study) >= cfg.n_trials:
+        _log.info("study '%s' already has its %d trials", cfg.name, cfg.n_trials)
+        return study
+    set_threads(cfg.finetune.threads)
+    cbs = list(callbacks or [])
+    if progress:
+        cbs.append(ProgressPrinter(cfg.n_trials))
+    started = time.perf_counter()
+    run_trials(
+        study,
+        storage,
+        make_objective(ctx),
+        n_trials=cfg.n_trials,
+        timeout=cfg.timeout,
+        callbacks=cbs,
+        stop=stop,
+        attrs=worker_attrs(ctx.device),
+    )
+    _log.info("ran for %.1fs", time.perf_counter() - started)
+    return study

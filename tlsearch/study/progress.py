@@ -1,0 +1,79 @@
+"""What a person watching a study sees: one line per finished trial, and a summary table."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, TextIO
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tlsearch.params import format_params
+from tlsearch.storage import count_budget
+
+__all__ = ["ProgressPrinter", "summary_table"]
+
+
+class ProgressPrinter:
+    """One line per finished trial: state, CV score, the best so far and its parameters."""
+
+    def __init__(self, total: int | None, stream: TextIO = sys.stderr, prefix: str = "") -> None:
+        self.total = total
+        self.stream = stream
+        self.prefix = prefix
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        done = count_budget(study)
+        of = f"/{self.total}" if self.total else ""
+        if trial.state == TrialState.COMPLETE:
+            what = f"cv {trial.value:.3f}±{trial.user_attrs.get('cv_std', 0.0):.3f}"
+        elif trial.state == TrialState.PRUNED:
+            reason = trial.user_attrs.get("fail_reason")
+            folds = trial.user_attrs.get("pruned_after_folds")
+            what = f"pruned ({reason})" if reason else f"pruned after {folds} fold(s)"
+        else:
+            what = trial.state.name.lower()
+        line = f"{self.prefix}[{done}{of}] trial {trial.number}: {what}"
+        try:
+            best = study.best_trial
+            line += f" | best {best.value:.3f} (#{best.number}: {format_params(best.params)})"
+        except ValueError:
+            pass
+        print(line, file=self.stream, flush=True)
+
+
+def summary_table(study: optuna.Study, top: int = 5) -> str:
+    """A short text table: trial counts by state and the best trials."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    lines = [
+        f"study '{study.study_name}': " + ", ".join(f"{n} {k}" for k, n in counts.items() if n),
+    ]
+    done = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -(t.value or 0.0)
+    )[:top]
+    if not done:
+        return "\n".join(lines + ["no completed trial yet"])
+    names = sorted({k for t in done for k in t.params})
+    header = ["trial", "cv_mean", "cv_std", *names, "seconds"]
+    rows = [
+        [
+            str(t.number),
+            f"{t.value:.4f}",
+            f"{t.user_attrs.get('cv_std', math.nan):.4f}",
+            *(_fmt_value(t.params.get(n)) for n in names),
+            f"{t.user_attrs.get('seconds', math.nan):.1f}",
+        ]
+        for t in done
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def _fmt_value(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

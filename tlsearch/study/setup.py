@@ -1,0 +1,169 @@
+"""Setting a study up: load the data, pretrain once, create or resume the study, record it.
+
+After :func:`setup_study`, workers anywhere need only the storage URL and the study name: the
+config, its search hash, the checkpoint and the heartbeat settings are recorded with the study
+(:mod:`tlsearch.storage.records`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import optuna
+import torch
+
+from tlsearch._version import __version__
+from tlsearch.config import StudyConfig
+from tlsearch.dashboard import write_study_note
+from tlsearch.data import TransferTask, load_task
+from tlsearch.device import resolve_device
+from tlsearch.errors import ConfigError
+from tlsearch.objective import KFoldObjective, check_folds
+from tlsearch.pretrain import Checkpoint, ensure_pretrained, load_checkpoint
+from tlsearch.samplers import make_pruner, make_sampler
+from tlsearch.storage import (
+    ATTR_CHECKPOINT,
+    ATTR_CONFIG,
+    ATTR_HASH,
+    ATTR_HEARTBEAT,
+    ATTR_VERSION,
+    Heartbeat,
+    StudyStorage,
+    check_url,
+    count_budget,
+    create_storage,
+    mask_url,
+)
+
+__all__ = ["StudyContext", "make_objective", "prepare", "setup_study", "worker_attrs"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyContext:
+    """Everything a process needs to run trials of one study."""
+
+    cfg: StudyConfig
+    task: TransferTask
+    checkpoint: Checkpoint
+    device: torch.device
+
+
+def prepare(cfg: StudyConfig, device: str | None = None) -> StudyContext:
+    """Load the data, check the folds and make sure the pretrained checkpoint exists.
+
+    No storage is touched: this is what ``final`` needs, and the first step of a study.
+    """
+    dev = resolve_device(device or cfg.finetune.device)
+    task = load_task(cfg.data)
+    check_folds(cfg, task.target_train)
+    checkpoint = ensure_pretrained(cfg, task, dev)
+    return StudyContext(cfg, task, checkpoint, dev)
+
+
+def _create_or_resume(
+    cfg: StudyConfig,
+    storage: optuna.storages.BaseStorage,
+    allow_config_change: bool,
+    heartbeat: Mapping[str, int] | None,
+) -> tuple[optuna.Study, Heartbeat]:
+    try:
+        existing = optuna.load_study(study_name=cfg.name, storage=storage)
+    except KeyError:
+        existing = None
+    stored = None
+    if existing is not None:
+        old = existing.user_attrs.get(ATTR_HASH)
+        if old is not None and not cfg.hash_matches(old) and not allow_config_change:
+            raise ConfigError(
+                f"name: study '{cfg.name}' already exists with a different config; "
+                "choose another --study-name, or pass --allow-config-change to mix them"
+            )
+        stored = existing.user_attrs.get(ATTR_HEARTBEAT)
+    # Checked before a new study exists: bad heartbeat flags must not leave a study behind.
+    beat = replace(Heartbeat.from_dict(stored), **(heartbeat or {}))
+    study = optuna.create_study(
+        storage=storage,
+        study_name=cfg.name,
+        sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg),
+        direction="maximize",
+        load_if_exists=True,
+    )
+    return study, beat
+
+
+def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> None:
+    before = (study.user_attrs.get(ATTR_CHECKPOINT) or {}).get("sha256")
+    if before not in (None, ctx.checkpoint.sha256) and count_budget(study):
+        _log.warning(
+            "the study's finished trials started from checkpoint %s…, this run from %s… "
+            "(pretrained again with other data, torch or device?)",
+            before[:12],
+            ctx.checkpoint.sha256[:12],
+        )
+    config = ctx.cfg.to_dict()
+    # The study is visible to anyone who can read it (the dashboard): never store a password.
+    config["storage"] = mask_url(config["storage"])
+    study.set_user_attr(ATTR_CONFIG, config)
+    study.set_user_attr(ATTR_HASH, ctx.cfg.search_hash())
+    study.set_user_attr(
+        ATTR_CHECKPOINT,
+        {
+            "path": str(ctx.checkpoint.path),
+            "sha256": ctx.checkpoint.sha256,
+            "key": ctx.checkpoint.key,
+        },
+    )
+    study.set_user_attr(ATTR_HEARTBEAT, heartbeat.to_dict())
+    study.set_user_attr(ATTR_VERSION, __version__)
+    study.set_user_attr("task", ctx.task.description)
+    # The markdown note optuna-dashboard shows beside the study: data, model, penalty, space, CV.
+    write_study_note(study, ctx.cfg, ctx.task.description)
+
+
+def setup_study(
+    cfg: StudyConfig,
+    *,
+    device: str | None = None,
+    allow_config_change: bool = False,
+    heartbeat: Mapping[str, int] | None = None,
+) -> tuple[optuna.Study, StudyStorage, StudyContext]:
+    """Create or resume the study, pretrain its checkpoint once and record both in the storage.
+
+    After this, workers anywhere need only the storage URL and the study name
+    (``tlsearch worker``).
+
+    Args:
+        heartbeat: overrides of the study's :class:`~tlsearch.storage.Heartbeat` fields (those
+            stored with the study, else the defaults), e.g. ``{"grace_period": 120}``.
+    """
+    check_url(cfg.storage)  # a bad URL or an unwritable directory costs no pretraining
+    ctx = prepare(cfg, device)
+    storage = create_storage(cfg.storage)
+    study, beat = _create_or_resume(cfg, storage, allow_config_change, heartbeat)
+    storage.enable_heartbeat(beat)
+    _record(study, ctx, beat)
+    return study, storage, ctx
+
+
+def make_objective(ctx: StudyContext) -> KFoldObjective:
+    """The k-fold objective of the study, on the context's device."""
+    return KFoldObjective(
+        ctx.cfg,
+        ctx.task.target_train,
+        load_checkpoint(ctx.checkpoint, ctx.device),
+        ctx.task.input_shape,
+        ctx.task.target_classes,
+        ctx.device,
+    )
+
+
+def worker_attrs(device: torch.device) -> dict[str, str]:
+    """What each trial records about the process that ran it."""
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(device)}

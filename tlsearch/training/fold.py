@@ -1,0 +1,275 @@
+"""Fine-tuning of one fold, read top to bottom (:func:`finetune`, steps 1-6).
+
+Data stays in device tensors: a few-label target set fits many times over, and slicing a tensor costs
+far less than a per-sample ``DataLoader``.
+
+Two fast paths give the plain path's models, up to float rounding:
+
+* ``start = k``: the input is the output of the first k blocks, computed once (frozen blocks run in eval
+  mode, so that output depends only on the checkpoint, k and the data); training never runs them again.
+* :func:`tlsearch.training.together.finetune_folds` trains the models of several folds at once, through
+  the same steps (:func:`start_model`, :func:`fit`).
+
+The penalty sees the model, not only the loss: :func:`fit` hands it the model whose parameters it
+covers, so a penalty that needs the blocks' activations (DELTA) can run the blocks itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tlsearch.config import StudyConfig
+from tlsearch.errors import DivergedError
+from tlsearch.models import BlockNet, backbone_state, create_model
+from tlsearch.params import TrialParams
+from tlsearch.regularizers import Regularizer, create_regularizer
+from tlsearch.training.adam import FusedAdam
+
+__all__ = [
+    "BatchLoss",
+    "channels_last",
+    "evaluate",
+    "finetune",
+    "fit",
+    "minibatches",
+    "start_model",
+    "to_tensors",
+]
+
+# Maps each fold's minibatch indices (None: the whole set) to its mean cross-entropy, one value per
+# fold when the folds are stacked.
+BatchLoss = Callable[[tuple[torch.Tensor | None, ...]], torch.Tensor]
+# Per fold: the divergence that ended its training, or None.
+Diverged = list[DivergedError | None]
+
+
+def finetune(
+    pretrained: Mapping[str, torch.Tensor],
+    cfg: StudyConfig,
+    params: TrialParams,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    seed: int,
+    *,
+    start: int = 0,
+) -> BlockNet:
+    """Fine-tune a copy of the pretrained model on ``(x, y)``; the pretrained state is not changed.
+
+    With ``start = k`` (at most ``params.frozen_blocks``), ``x`` holds the output of the first k blocks
+    (``BlockNet.features(x, stop=k)`` of the pretrained model in eval mode), which are then never run.
+    Raises :class:`DivergedError` when the training loss becomes NaN or infinite. Step 6, the score,
+    is :func:`evaluate` on the held-out samples.
+    """
+    assert 0 <= start <= params.frozen_blocks, (start, params.frozen_blocks)
+    # 1-3) load the pretrained blocks, a new head for the target's classes, freeze the first k
+    model = start_model(pretrained, cfg, params, num_classes, input_shape, seed, x.device)
+
+    def batch_loss(idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        (i,) = idx
+        xb, yb = (x, y) if i is None else (x[i.to(x.device)], y[i.to(y.device)])
+        return F.cross_entropy(model(xb, start=start), yb)
+
+    # 4-5) warm up the head, then train with the penalty
+    generator = torch.Generator().manual_seed(seed)
+    (error,) = fit(model, cfg, params, pretrained, batch_loss, len(y), [generator], stacked=False)
+    if error is not None:
+        raise error
+    return model
+
+
+def start_model(
+    pretrained: Mapping[str, torch.Tensor],
+    cfg: StudyConfig,
+    params: TrialParams,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    seed: int,
+    device: torch.device,
+) -> BlockNet:
+    """Steps 1-3: the pretrained blocks, a new head, the first ``frozen_blocks`` frozen."""
+    # The new head (and dropout) draw from a stream of their own. Seeded with the bare seed, fold 0
+    # (seed 0) would draw the very head the source model started from under pretrain.seed = 0, which
+    # the pretrained blocks learned to fit: untrained, that "new" head scored 75 % on mnist-noisy.
+    torch.manual_seed(_finetune_seed(seed))
+    # 1) the pretrained blocks (keys mapped by the model's registry entry, the head dropped) ...
+    model = channels_last(create_model(cfg.model, input_shape, num_classes).to(device))
+    missing, unexpected = model.load_state_dict(
+        backbone_state(pretrained, cfg.model), strict=False
+    )
+    # 2) ... and a new head sized for the target's classes, the only parameters left unloaded
+    assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+    # 3) freeze the first k blocks (their BatchNorm stays in eval mode, see BlockNet.train)
+    model.freeze(params.frozen_blocks)
+    return model
+
+
+def fit(
+    model: BlockNet,
+    cfg: StudyConfig,
+    params: TrialParams,
+    pretrained: Mapping[str, torch.Tensor],
+    batch_loss: BatchLoss,
+    n: int,
+    generators: Sequence[torch.Generator],
+    stacked: bool,
+) -> Diverged:
+    """Steps 4-5 for one model, or for the stacked models of several folds (one generator each)."""
+    ft = cfg.finetune
+    # The penalty, over the parameters that will train; λ enters here.
+    scale = 1.0 / n if cfg.regularizer.scale == "per_sample" else 1.0
+    penalty = create_regularizer(
+        params.regularizer,
+        model,
+        pretrained,
+        params.lambda_,
+        head_lambda=cfg.regularizer.head_lambda,
+        penalize=cfg.regularizer.penalize,
+        scale=scale,
+        stacked=stacked,
+    )
+    head = list(model.head.parameters())
+    backbone = [p for p in model.blocks.parameters() if p.requires_grad]
+    diverged: Diverged = [None] * len(generators)
+
+    def train(groups: list[dict[str, Any]], epochs: int) -> None:
+        optimizer = _optimizer(groups, ft.optimizer, params.lr, ft.momentum, model)
+        _train_epochs(
+            model, optimizer, batch_loss, penalty, n, epochs, ft.batch_size, generators, diverged
+        )
+
+    # 4) optionally warm up the new head alone, so random head gradients do not wreck the backbone
+    if ft.head_warmup_epochs and backbone:
+        for p in backbone:
+            p.requires_grad_(False)
+        train([{"params": head}], ft.head_warmup_epochs)
+        for p in backbone:
+            p.requires_grad_(True)
+        if diverged[0] is not None:
+            return diverged
+
+    # 5) fine-tune head and unfrozen blocks with the penalty, the blocks at lr × backbone_lr_mult
+    groups = [{"params": head}]
+    if backbone and params.backbone_lr_mult > 0:
+        groups.append({"params": backbone, "lr": params.lr * params.backbone_lr_mult})
+    elif backbone:
+        for p in backbone:
+            p.requires_grad_(False)
+    train(groups, ft.epochs)
+    return diverged
+
+
+@torch.no_grad()
+def evaluate(
+    model: BlockNet, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096, *, start: int = 0
+) -> tuple[float, float]:
+    """Step 6: accuracy and mean cross-entropy of ``model`` on ``(x, y)`` (``x`` enters block
+    ``start``)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for first in range(0, len(y), batch_size):
+        logits = model(x[first : first + batch_size], start=start)
+        yb = y[first : first + batch_size]
+        correct += int((logits.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+    return correct / len(y), loss / len(y)
+
+
+def _optimizer(
+    groups: list[dict[str, Any]], name: str, lr: float, momentum: float, model: BlockNet
+) -> torch.optim.Optimizer | FusedAdam:
+    # Fused kernels: one optimizer call updates every tensor, instead of a dozen small ops per tensor.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
+    if fused:
+        return FusedAdam(groups, lr=lr)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def _train_epochs(
+    model: BlockNet,
+    optimizer: torch.optim.Optimizer | FusedAdam,
+    batch_loss: BatchLoss,
+    penalty: Regularizer,
+    n: int,
+    epochs: int,
+    batch_size: int,
+    generators: Sequence[torch.Generator],
+    diverged: Diverged,
+) -> None:
+    """Train for ``epochs``; one generator per fold draws that fold's minibatch order.
+
+    The training loss is ``batch_loss`` plus ``penalty``. A penalty with a closed-form gradient adds
+    it to ``.grad`` after the backward pass and is evaluated only for the divergence check, on the
+    last batch of each epoch; any other is part of the loss that backpropagates. A fold whose
+    training loss becomes NaN/inf is noted in ``diverged``; training stops once the first fold
+    diverged, since the folds are scored in order and the trial ends there.
+    """
+    closed_form = penalty.closed_form_grad
+    model.train()
+    for epoch in range(epochs):
+        batches = list(zip(*(minibatches(n, batch_size, g) for g in generators), strict=True))
+        for i, idx in enumerate(batches):
+            loss = batch_loss(idx)
+            optimizer.zero_grad(set_to_none=True)
+            if closed_form:
+                if i == len(batches) - 1:
+                    with torch.no_grad():
+                        last = loss.detach() + penalty()
+                loss.sum().backward()
+                penalty.accumulate_grad_()
+            else:
+                loss = loss + penalty()
+                last = loss.detach()
+                loss.sum().backward()
+            optimizer.step()
+        for fold, value in enumerate(last.reshape(-1).tolist()):
+            if diverged[fold] is None and not math.isfinite(value):
+                diverged[fold] = DivergedError(
+                    f"training loss became {value} in epoch {epoch + 1}"
+                )
+        if diverged[0] is not None:
+            return
+
+
+def to_tensors(
+    x: np.ndarray, y: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+
+
+def minibatches(
+    n: int, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor | None]:
+    """Index tensors of one shuffled epoch; ``None`` once when one batch holds everything."""
+    if n <= batch_size:
+        yield None
+        return
+    perm = torch.randperm(n, generator=generator)
+    yield from perm.split(batch_size)
+
+
+def channels_last(model: BlockNet) -> BlockNet:
+    """On the CPU, convolution weights (and so activations) in channels-last layout; returns ``model``.
+
+    oneDNN's max-pooling and convolutions run several times faster in that layout than in NCHW; other
+    devices keep their default. Values are the same, rounding may differ.
+    """
+    if next(model.parameters()).device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _finetune_seed(seed: int) -> int:
+    """The global seed of a fine-tuning run: ``seed`` hashed, far from the small pretraining seeds."""
+    digest = hashlib.sha256(f"tlsearch.finetune:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -1,0 +1,113 @@
+"""Folds trained together: the models of several folds in one, one ``vmap`` step for all.
+
+Their parameters are stacked along a leading fold dimension and one ``torch.func.vmap`` over
+``functional_call`` runs every fold in each step. Adam and SGD update each element on its own, so one
+optimizer over the stacked tensors is k independent ones; each fold keeps its seed, hence its head
+initialisation and its minibatch order. The result is what :func:`~tlsearch.training.fold.finetune`
+gives for each fold, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tlsearch.config import StudyConfig
+from tlsearch.errors import DivergedError
+from tlsearch.models import BlockNet
+from tlsearch.params import TrialParams
+from tlsearch.training.fold import BatchLoss, fit, start_model
+
+__all__ = ["finetune_folds", "fold_batchable", "stack_models"]
+
+
+def fold_batchable(model: BlockNet, frozen_blocks: int) -> bool:
+    """Whether the blocks after the first ``frozen_blocks`` are free of BatchNorm and dropout.
+
+    Those are what :func:`finetune_folds` cannot batch: BatchNorm updates running statistics in place
+    and dropout draws from the global random stream, which a vmap over folds does not reproduce.
+    Frozen blocks run in eval mode and do not count.
+    """
+    for block in model.blocks[frozen_blocks:]:
+        for m in block.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                return False
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                return False
+    return True
+
+
+def finetune_folds(
+    pretrained: Mapping[str, torch.Tensor],
+    cfg: StudyConfig,
+    params: TrialParams,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    seeds: Sequence[int],
+    *,
+    start: int = 0,
+) -> list[BlockNet | DivergedError]:
+    """Fine-tune one model per fold at once: what :func:`finetune` gives for each, up to rounding.
+
+    ``x`` is ``(folds, n, ...)`` and ``y`` is ``(folds, n)``: every fold trains on the same number of
+    samples, so all take the same steps. ``seeds[f]`` is fold f's seed. The models must be
+    :func:`fold_batchable`. Returns each fold's model, or the :class:`DivergedError` that ended it.
+    """
+    assert len(x) == len(y) == len(seeds), (len(x), len(y), len(seeds))
+    assert 0 <= start <= params.frozen_blocks, (start, params.frozen_blocks)
+    # 1-3) each fold's model, as finetune starts it; then one model holding them all
+    models = [
+        start_model(pretrained, cfg, params, num_classes, input_shape, seed, x.device)
+        for seed in seeds
+    ]
+    assert fold_batchable(models[0], params.frozen_blocks), "BatchNorm/dropout in trained blocks"
+    stacked = stack_models(models)
+    # 4-5) the same steps, every fold in each
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    loss = _stacked_loss(stacked, x, y, start)
+    diverged = fit(stacked, cfg, params, pretrained, loss, y.shape[-1], generators, stacked=True)
+    with torch.no_grad():
+        for name, value in stacked.named_parameters():
+            for fold, model in enumerate(models):
+                model.get_parameter(name).copy_(value[fold])
+    return [
+        model if error is None else error for model, error in zip(models, diverged, strict=True)
+    ]
+
+
+def stack_models(models: Sequence[BlockNet]) -> BlockNet:
+    """A copy of ``models[0]`` whose parameters hold every model's, along a new leading dimension."""
+    stacked = copy.deepcopy(models[0])
+    for name, p in models[0].named_parameters():
+        owner, _, attr = name.rpartition(".")
+        value = torch.stack([m.get_parameter(name).detach() for m in models])
+        setattr(stacked.get_submodule(owner), attr, nn.Parameter(value, p.requires_grad))
+    return stacked
+
+
+def _stacked_loss(model: BlockNet, x: torch.Tensor, y: torch.Tensor, start: int) -> BatchLoss:
+    """Each fold's mean cross-entropy on its minibatch; ``x`` is ``(folds, n, ...)``."""
+    # The stacked leaves themselves: the optimizer updates them in place, vmap hands each fold its slice.
+    params = dict(model.named_parameters())
+    logits = torch.func.vmap(
+        lambda p, xb: torch.func.functional_call(model, p, (xb,), {"start": start})
+    )
+    rows = torch.arange(len(x), device=x.device)[:, None]
+
+    def loss(idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        if idx[0] is None:
+            xb, yb = x, y
+        else:
+            i = torch.stack(idx).to(x.device)
+            xb, yb = x[rows, i], y[rows, i]
+        out = logits(params, xb)
+        ce = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
+        return ce.view(yb.shape).mean(1)
+
+    return loss
