@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +23,22 @@ from tlsearch.registry import PLUGINS_ENV, load_plugins
 _log = logging.getLogger("tlsearch")
 
 
-def _add_storage_flags(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_storage_flags(
+    p: argparse.ArgumentParser, required: bool, name_required: bool | None = None
+) -> None:
     p.add_argument(
         "--storage",
         required=required,
         help="database URL of the study, e.g. sqlite:///tlsearch.db or "
         "postgresql+psycopg://user@host/db (password from the URL or $TLSEARCH_DB_PASSWORD)",
     )
-    p.add_argument("--study-name", required=required, help="name of the study in the storage")
+    name_required = required if name_required is None else name_required
+    p.add_argument(
+        "--study-name",
+        required=name_required,
+        help="name of the study in the storage"
+        + ("" if name_required else " (default: the storage's only study)"),
+    )
 
 
 def _at_least(text: str, low: int) -> int:
@@ -49,13 +56,12 @@ def _positive(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
+    from tlsearch.config import parse_duration
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got '{text}'") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _non_negative(text: str) -> int:
@@ -84,7 +90,9 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--n-trials", type=_positive, help="total trials in the study (finished ones count)"
     )
-    p.add_argument("--timeout", type=_seconds, help="stop starting trials after this many seconds")
+    p.add_argument(
+        "--timeout", type=_seconds, help="start no trial after this long: seconds, or 90s, 10m, 2h"
+    )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: finetune.device)")
     p.add_argument(
         "--allow-config-change",
@@ -244,7 +252,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         args.study_name,
         plugins=args.plugin,
         device=args.device,
-        n_trials=args.n_trials,
+        n_trials=args.max_trials,
         timeout=args.timeout,
         threads=args.threads,
         cache_dir=args.cache_dir,
@@ -327,10 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tlsearch {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    # -q after the subcommand too ("tlsearch run -q ..."); SUPPRESS keeps the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
         "run",
+        parents=[common],
         help="run or resume a study from a config file",
         description="Run a study until its trial budget is used; rerunning resumes it. Flags "
         "override the config file. With --workers N, N worker processes share the study.",
@@ -360,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = sub.add_parser(
         "create",
+        parents=[common],
         help="create or resume a study and pretrain its checkpoint, for workers to join",
         description="Create (or resume) the study, pretrain the source checkpoint and record both "
         "in the storage, then exit; `tlsearch worker` processes on any host then run its trials.",
@@ -370,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser(
         "worker",
+        parents=[common],
         help="join an existing study and run its trials until its budget is used",
         description="Run trials of a study created by `create` or `run`, reading its config, "
         "heartbeat settings and pretrained checkpoint from the storage; any number of workers, "
@@ -378,10 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_flags(worker, required=True)
     worker.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: finetune.device)")
     worker.add_argument(
-        "--n-trials", type=_positive, help="at most this many trials in this worker"
+        "--max-trials",
+        "--n-trials",
+        dest="max_trials",
+        type=_positive,
+        metavar="N",
+        help="at most N trials in this worker (the study's n_trials still holds for all workers; "
+        "--n-trials is the old spelling)",
     )
     worker.add_argument(
-        "--timeout", type=_seconds, help="stop starting trials after this many seconds"
+        "--timeout", type=_seconds, help="start no trial after this long: seconds, or 90s, 10m, 2h"
     )
     worker.add_argument(
         "--threads", type=_positive, metavar="N", help="torch CPU threads (default: torch's)"
@@ -396,11 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         "export",
+        parents=[common],
         help="write the best trial's config as JSON",
         description="Write the best trial (params, CV scores, resolved config, checkpoint hash, "
         "versions) as JSON that `tlsearch final` reads.",
     )
-    _add_storage_flags(export, required=True)
+    _add_storage_flags(export, required=True, name_required=False)
     export.add_argument("-o", "--output", type=Path, default=Path("best.json"), help="output file")
     export.add_argument(
         "--trials",
@@ -413,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     final = sub.add_parser(
         "final",
+        parents=[common],
         help="retrain with an exported config and measure the held-out test once",
         description="Retrain on the whole target training split with the exported config, beside "
         "training from scratch and default-λ fine-tuning, and score all three on the held-out "
@@ -425,22 +449,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
+        parents=[common],
         help="show a study's trials by state, best trial, running trials and ETA",
         description="Print the study's trials by state, the best value and parameters, the "
         "running trials with their start and last heartbeat, and an ETA from the trial budget "
         "and the mean trial duration.",
     )
-    _add_storage_flags(status, required=True)
+    _add_storage_flags(status, required=True, name_required=False)
     status.set_defaults(func=cmd_status)
 
     report = sub.add_parser(
         "report",
+        parents=[common],
         help="write an HTML report with figures (CV score vs λ and more)",
         description="Write DIR/report.html, self-contained, and its figures as PNG files: CV "
         "accuracy vs λ, optimization history, parameter importances, accuracy vs frozen depth, "
         "lr vs λ, and with --final the held-out test comparison of `tlsearch final`.",
     )
-    _add_storage_flags(report, required=True)
+    _add_storage_flags(report, required=True, name_required=False)
     report.add_argument("-o", "--output", type=Path, default=Path("report"), help="directory")
     report.add_argument(
         "--final", type=Path, metavar="BEST.final.json", help="written by `tlsearch final`"
@@ -450,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dashboard = sub.add_parser(
         "dashboard",
+        parents=[common],
         help="serve optuna-dashboard for a storage on this machine",
         description="Serve optuna-dashboard for every study in the storage until Ctrl-C. It has "
         "no login: it listens on 127.0.0.1 unless --host widens it.",

@@ -9,7 +9,7 @@ import torch
 
 from tlsearch.errors import ConfigError
 
-__all__ = ["default_threads", "resolve_device", "set_threads"]
+__all__ = ["available_cores", "default_threads", "resolve_device", "set_threads"]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -46,10 +46,14 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_threads(n_workers: int) -> int:
     """CPU threads per worker so that the workers together use each core once."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // n_workers)
+    return max(1, available_cores() // n_workers)

@@ -209,13 +209,14 @@ class KFoldObjective:
             scores.append(acc)
             losses.append(loss)
             seconds.append(round(share + time.perf_counter() - t_eval, 3))
-            trial.report(acc if self.report_folds else statistics.fmean(scores), fold)
+            # Rounded to 12 digits, as the returned value: 0.92 reads 0.92, not 0.9199999999999999.
+            trial.report(round(acc if self.report_folds else statistics.fmean(scores), 12), fold)
             if fold < len(self.folds) - 1 and trial.should_prune():
                 record()
                 trial.set_user_attr("pruned_after_folds", fold + 1)
                 raise optuna.TrialPruned(f"pruned after fold {fold}")
 
-        mean = statistics.fmean(scores)
+        mean = round(statistics.fmean(scores), 12)
         record()
         trial.set_user_attr("cv_mean", mean)
         trial.set_user_attr("cv_std", statistics.pstdev(scores))

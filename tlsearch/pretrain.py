@@ -165,7 +165,16 @@ def ensure_pretrained(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"pretrain.cache_dir: cannot create {root}: {e.strerror}") from None
-    lock = FileLock(str(path) + ".lock")
+    # Under <cache>/.locks, never deleted (a lock file removed while held lets a second process
+    # take the same lock).
+    locks = root / ".locks"
+    try:
+        locks.mkdir(exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"pretrain.cache_dir: cannot write in {root}: {e.strerror}"
+        ) from None
+    lock = FileLock(str(locks / f"{path.name}.lock"))
     try:
         lock.acquire()
     except OSError as e:

@@ -159,23 +159,25 @@ def status_table(
         workers = max(1, len(running))
         spent = sum(min(e, mean) for e in elapsed.values())
         eta = max(0.0, mean * remaining - spent) / workers
+        # Every term of the estimate, so a reader can check it: (mean × left − spent) ÷ workers.
+        terms = (
+            f"({_fmt_seconds(mean)} mean of {len(durations)} finished × {remaining} left"
+            f" − {_fmt_seconds(spent)} spent by running trials) ÷ {workers} worker(s)"
+        )
         if running:
             done_at = now + dt.timedelta(seconds=eta)
-            at = f"≈ {_fmt_seconds(eta)} at {workers} worker(s), done near {done_at:%H:%M}"
+            lines.append(f"ETA: {terms} ≈ {_fmt_seconds(eta)}, done near {done_at:%H:%M}")
         else:
-            at = f"≈ {_fmt_seconds(eta)} for one worker (no worker is running now)"
-        lines.append(
-            f"ETA: {remaining} trials left × {_fmt_seconds(mean)} mean trial "
-            f"({len(durations)} finished) {at}"
-        )
+            lines.append(f"ETA: {terms} ≈ {_fmt_seconds(eta)} (no worker is running now)")
     return "\n".join(lines)
 
 
-def study_status(storage_url: str, study_name: str) -> str:
-    """:func:`status_table` of the named study, with its heartbeats; one clear error if missing."""
+def study_status(storage_url: str, study_name: str | None = None) -> str:
+    """:func:`status_table` of the named study (or the storage's only one), with its heartbeats;
+    one clear error if missing."""
     study = open_study(storage_url, study_name)
     return status_table(
         study,
-        heartbeats=heartbeat_ages(storage_url, study_name),
+        heartbeats=heartbeat_ages(storage_url, study.study_name),
         storage_label=mask_url(storage_url),
     )

@@ -21,10 +21,12 @@ threads.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -39,7 +41,7 @@ from filelock import FileLock, Timeout
 from tlsearch._io import sha256_file
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask, load_task
-from tlsearch.device import default_threads, resolve_device, set_threads
+from tlsearch.device import available_cores, default_threads, resolve_device, set_threads
 from tlsearch.errors import CheckpointError, ConfigError, StorageError
 from tlsearch.logs import guarded, quiet_optuna, setup_logging
 from tlsearch.objective import check_folds
@@ -143,7 +145,7 @@ def join_study(
     storage.enable_heartbeat(Heartbeat.from_dict(study.user_attrs.get(ATTR_HEARTBEAT)))
     spec = device or cfg.finetune.device
     if spec == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        spec = f"cuda:{claim_gpu(cache_dir_of(cfg))}"
+        spec = f"cuda:{claim_gpu(lock_dir(cfg))}"
     dev = resolve_device(spec)
     if dev.type == "cuda" and dev.index is not None:
         # Stray allocations (cuDNN workspaces, a bare .cuda()) go to this worker's GPU too.
@@ -159,6 +161,51 @@ def join_study(
 
 # Lock files this process holds for its lifetime; the OS releases them when it exits or is killed.
 _claims: list[FileLock] = []
+
+
+def lock_dir(cfg: StudyConfig) -> Path:
+    """Where this host's lock files live: ``<cache>/.locks``. They are never deleted: a lock file
+    removed while held would let a second process take the same lock."""
+    return cache_dir_of(cfg) / ".locks"
+
+
+class HostWorkers:
+    """The workers of one study on this host, counted by a lock file each holds for its lifetime.
+
+    The OS releases a process's locks when it exits or is killed, so the count never includes a
+    dead worker. A lock taken momentarily by :meth:`count` to probe a slot makes a worker that
+    starts at that instant take the next slot instead; nothing else changes.
+    """
+
+    def __init__(self, locks: Path, study_name: str) -> None:
+        locks.mkdir(parents=True, exist_ok=True)
+        tag = hashlib.sha256(f"{socket.gethostname()}\0{study_name}".encode()).hexdigest()[:16]
+        self._paths = [locks / f"workers-{tag}.{slot}.lock" for slot in range(1024)]
+        for path in self._paths:
+            lock = FileLock(str(path))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            _claims.append(lock)
+            self.own = path
+            return
+        raise AssertionError(f"no worker slot free among 1024 in {locks}")
+
+    def count(self) -> int:
+        """Workers of the study alive on this host now, this one included."""
+        alive = 1
+        for path in self._paths:
+            if path == self.own or not path.exists():
+                continue
+            probe = FileLock(str(path))
+            try:
+                probe.acquire(timeout=0)
+            except Timeout:
+                alive += 1
+            else:
+                probe.release()
+        return alive
 
 
 def claim_gpu(lock_dir: Path) -> int:
@@ -200,23 +247,60 @@ def run_worker(
     Args:
         n_trials: at most this many trials in this worker (the study's budget still holds).
         timeout: start no trial after this many seconds (default: the study's ``timeout``).
-        threads: torch CPU threads (default: the study's ``finetune.threads``, else torch's).
+        threads: torch CPU threads (default: the study's ``finetune.threads``, else the cores
+            shared among this study's workers on this host, checked before each trial).
         prefix: put in front of each progress line, to tell workers apart in one terminal.
         stop: from :func:`graceful_stop`; a signal then ends the loop cleanly.
     """
     study, storage, ctx = join_study(storage_url, study_name, device=device, cache_dir=cache_dir)
+    who = worker_attrs(ctx.device)["worker"]
     _log.info(
-        "worker %s joined study '%s' in %s on %s, %d thread(s)",
-        worker_attrs(ctx.device)["worker"],
+        "worker %s joined study '%s' in %s on %s",
+        who,
         study_name,
         mask_url(storage_url),
         ctx.device,
-        set_threads(threads or ctx.cfg.finetune.threads),
     )
+    objective = make_objective(ctx)
+    fixed = threads or ctx.cfg.finetune.threads
+    if fixed:
+        _log.info("worker %s: %d thread(s) (set by --threads or finetune.threads)", who, fixed)
+        set_threads(fixed)
+        run = objective
+    else:
+        # CPU threads from the cores and this study's workers on this host, checked again
+        # before each trial as workers come and go: two workers on 2 cores use 1 thread each.
+        try:
+            host: HostWorkers | None = HostWorkers(lock_dir(ctx.cfg), study_name)
+        except OSError as e:  # a read-only cache serves checkpoints, but holds no locks
+            _log.warning(
+                "worker %s: cannot count this host's workers (%s: %s); using every core",
+                who,
+                lock_dir(ctx.cfg),
+                e.strerror,
+            )
+            host = None
+        current = 0
+
+        def run(trial: optuna.Trial) -> float:
+            nonlocal current
+            workers = host.count() if host is not None else 1
+            wanted = default_threads(workers)
+            if wanted != current:
+                current = set_threads(wanted)
+                _log.info(
+                    "worker %s: %d thread(s) (%d cores, %d worker(s) of this study on this host)",
+                    who,
+                    current,
+                    available_cores(),
+                    workers,
+                )
+            return objective(trial)
+
     return run_trials(
         study,
         storage,
-        make_objective(ctx),
+        run,
         n_trials=ctx.cfg.n_trials,
         max_trials=n_trials,
         timeout=timeout if timeout is not None else ctx.cfg.timeout,

@@ -15,6 +15,7 @@ from tlsearch.config.schema import (
     SamplerConfig,
     SearchSpace,
     StudyConfig,
+    parse_duration,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "check_names",
     "config_from_dict",
     "load_config",
+    "parse_duration",
 ]

@@ -8,6 +8,7 @@ the user loaded with ``--plugin``): a name in a study file never imports anythin
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from tlsearch.errors import ConfigError
 from tlsearch.registry import MODELS, PRUNERS, REGULARIZERS, SAMPLERS, TASKS
 
 __all__ = ["check_names", "config_from_dict", "load_config"]
+
+_log = logging.getLogger(__name__)
 
 _BRANCHES = {"range", "fixed", "str", "list[str]"}
 
@@ -126,8 +129,34 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         # Relative data and cache paths are relative to the study file, not the working directory.
         _resolve_paths(data, path.resolve().parent, source)
+        if overrides.get("storage") is None:
+            _warn_relative_sqlite(data.get("storage"), path.resolve().parent, source)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(data, source)
+
+
+def _warn_relative_sqlite(url: Any, study_dir: Path, source: str) -> None:
+    """A relative SQLite URL means the current directory (as in SQLAlchemy, and README's commands
+    rely on it); when the study file sits elsewhere and a database of that name sits beside it,
+    the user probably meant that one: say so, naming both."""
+    prefix = "sqlite:///"
+    if not isinstance(url, str) or not url.startswith(prefix):
+        return
+    name = url[len(prefix) :].split("?")[0]
+    if not name or Path(name).is_absolute() or name.startswith("~"):
+        return
+    here, beside = Path.cwd() / name, study_dir / name
+    if study_dir != Path.cwd().resolve() and beside.is_file():
+        _log.warning(
+            "%s: storage '%s' is relative to the current directory, so the study lives in %s; "
+            "a database of that name is beside the study file: %s (run from there, or give "
+            "--storage sqlite:///%s)",
+            source,
+            url,
+            here.resolve(),
+            beside,
+            beside,
+        )
 
 
 def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:

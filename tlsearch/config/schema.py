@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -44,6 +45,7 @@ __all__ = [
     "SamplerConfig",
     "SearchSpace",
     "StudyConfig",
+    "parse_duration",
 ]
 
 
@@ -67,6 +69,29 @@ def _no_nul(path: Path) -> Path:
 
 # TOML has no path type: a string is the one conversion strict mode allows here.
 FilePath = Annotated[Path, Field(strict=False), AfterValidator(_no_nul)]
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90"``, ``"90s"``, ``"10m"``, ``"2h"`` or ``"1.5d"``; ValueError otherwise."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:]) if value else None
+    number = value[:-1] if unit is not None else value
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(
+            f"expected seconds or a duration such as 90s, 10m, 2h; got {text!r}"
+        ) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be a positive duration, got {text!r}")
+    return seconds
+
+
+def _duration(value: Any) -> Any:
+    return parse_duration(value) if isinstance(value, str) else value
 
 
 class FileSource(_Section):
@@ -310,7 +335,8 @@ class StudyConfig(_Section):
     storage: str = "sqlite:///tlsearch.db"
     # Total trials in the study (a resumed study runs only what is missing); None means until timeout.
     n_trials: int | None = Field(30, ge=1)
-    timeout: float | None = Field(None, gt=0.0)
+    # Seconds after which no new trial starts: a number, or a string such as "90s", "10m", "2h".
+    timeout: Annotated[float | None, BeforeValidator(_duration)] = Field(None, gt=0.0)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()

@@ -13,6 +13,7 @@ from tlsearch.storage.rdb import (
     mask_url,
     sqlite_file_missing,
     storage_error,
+    storage_location,
     without_password,
 )
 from tlsearch.storage.records import (
@@ -52,5 +53,6 @@ __all__ = [
     "open_study",
     "sqlite_file_missing",
     "storage_error",
+    "storage_location",
     "without_password",
 ]

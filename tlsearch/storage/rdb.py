@@ -59,6 +59,7 @@ __all__ = [
     "mask_url",
     "sqlite_file_missing",
     "storage_error",
+    "storage_location",
     "without_password",
 ]
 
@@ -341,6 +342,15 @@ def sqlite_file_missing(url: str) -> bool:
     what reads an existing study reports it instead of creating an empty database there."""
     parsed = make_url(check_url(url))
     return parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file()
+
+
+def storage_location(url: str) -> str:
+    """Where a study lives, for a person: a SQLite file's absolute path (a relative URL is relative
+    to the current directory, as in SQLAlchemy), else the URL with its password masked."""
+    parsed = make_url(check_url(url))
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return str(Path(parsed.database).expanduser().resolve())
+    return mask_url(url)
 
 
 def create_storage(url: str, heartbeat: Heartbeat | None = None) -> StudyStorage:

@@ -78,9 +78,22 @@ def existing_storage(storage_url: str, study_name: str) -> StudyStorage:
     return create_storage(storage_url)
 
 
-def open_study(storage_url: str, study_name: str) -> optuna.Study:
-    """Load an existing study; one clear error when it does not exist."""
-    return load_study(existing_storage(storage_url, study_name), storage_url, study_name)
+def open_study(storage_url: str, study_name: str | None = None) -> optuna.Study:
+    """Load an existing study; one clear error when it does not exist.
+
+    Without a name, the storage must hold exactly one study, which is the one opened.
+    """
+    storage = existing_storage(storage_url, study_name or "")
+    if study_name is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        if len(names) != 1:
+            raise StorageError(
+                f"{mask_url(storage_url)} holds "
+                + (f"{len(names)} studies ({', '.join(names)})" if names else "no study")
+                + ": pass --study-name"
+            )
+        study_name = names[0]
+    return load_study(storage, storage_url, study_name)
 
 
 def count_budget(study: optuna.Study) -> int:

@@ -37,11 +37,15 @@ from tlsearch.storage import (
     count_budget,
     create_storage,
     mask_url,
+    sqlite_file_missing,
+    storage_location,
 )
 
 __all__ = ["StudyContext", "make_objective", "prepare", "setup_study", "worker_attrs"]
 
 _log = logging.getLogger(__name__)
+
+METRIC_NAME = "cv_accuracy"
 
 
 @dataclass
@@ -66,16 +70,20 @@ def prepare(cfg: StudyConfig, device: str | None = None) -> StudyContext:
     return StudyContext(cfg, task, checkpoint, dev)
 
 
-def _create_or_resume(
-    cfg: StudyConfig,
-    storage: optuna.storages.BaseStorage,
-    allow_config_change: bool,
-    heartbeat: Mapping[str, int] | None,
-) -> tuple[optuna.Study, Heartbeat]:
-    try:
-        existing = optuna.load_study(study_name=cfg.name, storage=storage)
-    except KeyError:
-        existing = None
+def _existing(
+    cfg: StudyConfig, allow_config_change: bool, heartbeat: Mapping[str, int] | None
+) -> tuple[optuna.Study | None, Heartbeat]:
+    """The study of that name if the storage holds one (checked against ``cfg``), and the heartbeat
+    settings to use; all before any data is loaded or pretrained, so a refused resume or a bad
+    flag costs nothing and prints nothing about pretraining. A SQLite file that does not exist
+    holds no study and is not created here."""
+    existing = None
+    if not sqlite_file_missing(cfg.storage):
+        storage = create_storage(cfg.storage)
+        try:
+            existing = optuna.load_study(study_name=cfg.name, storage=storage)
+        except KeyError:
+            existing = None
     stored = None
     if existing is not None:
         old = existing.user_attrs.get(ATTR_HASH)
@@ -86,16 +94,7 @@ def _create_or_resume(
             )
         stored = existing.user_attrs.get(ATTR_HEARTBEAT)
     # Checked before a new study exists: bad heartbeat flags must not leave a study behind.
-    beat = replace(Heartbeat.from_dict(stored), **(heartbeat or {}))
-    study = optuna.create_study(
-        storage=storage,
-        study_name=cfg.name,
-        sampler=make_sampler(cfg),
-        pruner=make_pruner(cfg),
-        direction="maximize",
-        load_if_exists=True,
-    )
-    return study, beat
+    return existing, replace(Heartbeat.from_dict(stored), **(heartbeat or {}))
 
 
 def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> None:
@@ -122,6 +121,8 @@ def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> Non
     )
     study.set_user_attr(ATTR_HEARTBEAT, heartbeat.to_dict())
     study.set_user_attr(ATTR_VERSION, __version__)
+    # What optuna-dashboard and optuna.visualization call the objective (not "Objective 0").
+    study.set_metric_names([METRIC_NAME])
     study.set_user_attr("task", ctx.task.description)
     # The markdown note optuna-dashboard shows beside the study: data, model, penalty, space, CV.
     write_study_note(study, ctx.cfg, ctx.task.description)
@@ -144,11 +145,31 @@ def setup_study(
             stored with the study, else the defaults), e.g. ``{"grace_period": 120}``.
     """
     check_url(cfg.storage)  # a bad URL or an unwritable directory costs no pretraining
+    existing, beat = _existing(cfg, allow_config_change, heartbeat)
     ctx = prepare(cfg, device)
     storage = create_storage(cfg.storage)
-    study, beat = _create_or_resume(cfg, storage, allow_config_change, heartbeat)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=cfg.name,
+        sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg),
+        direction="maximize",
+        load_if_exists=True,
+    )
     storage.enable_heartbeat(beat)
     _record(study, ctx, beat)
+    where = storage_location(cfg.storage)
+    if existing is None:
+        _log.info("created study '%s' in %s", cfg.name, where)
+    else:
+        total = cfg.n_trials if cfg.n_trials is not None else "∞"
+        _log.info(
+            "resuming study '%s' in %s: %d of %s trials done",
+            cfg.name,
+            where,
+            count_budget(study),
+            total,
+        )
     return study, storage, ctx
 
 
