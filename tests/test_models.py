@@ -8,28 +8,39 @@ import pytest
 import torch
 from torch import nn
 
-from tlsearch.config import ModelConfig
+from tlsearch.config import ModelConfig, config_from_dict
 from tlsearch.errors import ConfigError
-from tlsearch.models import count_blocks, create_model, list_models
+from tlsearch.models import create_model
+from tlsearch.registry import MODELS
+
+
+def _model(name: str, **options: object) -> ModelConfig:
+    """A model section as a loaded study file holds it: the entry's defaults filled in."""
+    return ModelConfig(name=name, **MODELS.get(name).validate_options(options, "model"))
 
 
 def _cfg(name: str, batch_norm: bool = False, dropout: float = 0.0) -> ModelConfig:
-    return ModelConfig(
-        name=name, hidden=[16, 8], channels=[4], fc=16, batch_norm=batch_norm, dropout=dropout
+    return _model(
+        name, hidden=[16, 8], channels=[4], fc=16, batch_norm=batch_norm, dropout=dropout
     )
 
 
+def _entry_blocks(cfg: ModelConfig) -> int:
+    """The block count the registry entry gives, without building the model."""
+    return MODELS.get(cfg.name).blocks(cfg.options)
+
+
 def test_registry_lists_the_builtin_models() -> None:
-    assert {"cnn", "mlp"} <= set(list_models())
+    assert {"cnn", "mlp"} <= set(MODELS.names())
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", MODELS.names())
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("input_shape", [(1, 8, 8), (2, 12, 12)])
 def test_builds_and_forward_shape(name: str, batch_norm: bool, input_shape: tuple) -> None:
     cfg = _cfg(name, batch_norm)
     model = create_model(cfg, input_shape, 7)
-    assert len(model.blocks) == count_blocks(cfg)
+    assert len(model.blocks) == _entry_blocks(cfg)
     model.train()
     x = torch.randn(5, *input_shape)
     assert model(x).shape == (5, 7)
@@ -39,7 +50,7 @@ def test_builds_and_forward_shape(name: str, batch_norm: bool, input_shape: tupl
     assert model.features(x).shape == (5, model.head.in_features)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", MODELS.names())
 def test_replace_head(name: str) -> None:
     model = create_model(_cfg(name), (1, 8, 8), 10)
     features = model.head.in_features
@@ -48,10 +59,10 @@ def test_replace_head(name: str) -> None:
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", MODELS.names())
 def test_freeze_sets_requires_grad_and_keeps_frozen_batchnorm_in_eval(name: str) -> None:
     cfg = _cfg(name, batch_norm=True, dropout=0.5)
-    n_blocks = count_blocks(cfg)
+    n_blocks = _entry_blocks(cfg)
     for k in range(n_blocks + 1):
         model = create_model(cfg, (1, 8, 8), 4)
         model.freeze(k)
@@ -80,7 +91,7 @@ def test_freeze_sets_requires_grad_and_keeps_frozen_batchnorm_in_eval(name: str)
         assert [b.training for b in model.blocks] == [i >= k for i in range(n_blocks)]
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", MODELS.names())
 def test_freeze_beyond_the_blocks_fails(name: str) -> None:
     model = create_model(_cfg(name), (1, 8, 8), 4)
     with pytest.raises(AssertionError):
@@ -90,7 +101,9 @@ def test_freeze_beyond_the_blocks_fails(name: str) -> None:
 def test_unknown_model_is_a_config_error() -> None:
     cfg = ModelConfig(name="resnet")
     with pytest.raises(
-        ConfigError, match=r"^model\.name: unknown model 'resnet' \(choose from cnn, mlp\)$"
+        ConfigError,
+        match=r"^model\.name: unknown model 'resnet' \(choose from cnn, mlp; a plug-in adds more: "
+        r"install its package, or pass --plugin MODULE\)$",
     ):
         create_model(cfg, (1, 8, 8), 10)
 
@@ -100,10 +113,10 @@ def test_cnn_needs_image_inputs() -> None:
         create_model(_cfg("cnn"), (64,), 10)
 
 
-def test_count_blocks() -> None:
-    assert count_blocks(ModelConfig(name="mlp", hidden=[8, 8, 8])) == 3
-    assert count_blocks(ModelConfig(name="cnn", channels=[4, 8])) == 3
-    assert count_blocks(ModelConfig()) == 3  # the default CNN: conv16, conv32, fc128
+def test_block_count_of_the_entry() -> None:
+    assert _entry_blocks(_model("mlp", hidden=[8, 8, 8])) == 3
+    assert _entry_blocks(_model("cnn", channels=[4, 8])) == 3
+    assert _entry_blocks(config_from_dict({}).model) == 3  # the default CNN: conv16, conv32, fc128
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -114,7 +127,7 @@ def test_cnn_pools_before_relu_with_the_values_and_gradients_of_relu_then_pool(
     function with the same gradients, including windows with no positive value and ties."""
     torch.manual_seed(0)
     model = create_model(
-        ModelConfig(name="cnn", channels=[4, 6], fc=8, batch_norm=batch_norm), (1, 8, 8), 3
+        _model("cnn", channels=[4, 6], fc=8, batch_norm=batch_norm), (1, 8, 8), 3
     ).train()
     reference = copy.deepcopy(model)
     for block in reference.blocks[:2]:

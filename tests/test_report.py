@@ -14,8 +14,9 @@ from optuna.trial import create_trial
 
 from tlsearch.config import config_from_dict
 from tlsearch.errors import ConfigError
-from tlsearch.report import read_final, write_report
-from tlsearch.study import ATTR_CONFIG
+from tlsearch.export import read_final
+from tlsearch.report import write_report
+from tlsearch.storage import ATTR_CONFIG
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STUDY_FIGURES = {

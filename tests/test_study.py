@@ -13,17 +13,10 @@ from optuna.trial import TrialState
 
 from tlsearch.config import config_from_dict
 from tlsearch.errors import ConfigError, StorageError
-from tlsearch.study import (
-    ATTR_CHECKPOINT,
-    ATTR_CONFIG,
-    ProgressPrinter,
-    load_study_config,
-    make_pruner,
-    make_sampler,
-    open_study,
-    run_study,
-    summary_table,
-)
+from tlsearch.registry import PRUNERS, SAMPLERS
+from tlsearch.samplers import make_pruner, make_sampler
+from tlsearch.storage import ATTR_CHECKPOINT, ATTR_CONFIG, load_study_config, open_study
+from tlsearch.study import ProgressPrinter, run_study, summary_table
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -133,14 +126,19 @@ def test_progress_and_summary(tiny) -> None:
     assert "cv_mean" in table.splitlines()[1]
 
 
-@pytest.mark.parametrize("name", ["tpe", "random", "gp", "cmaes", "qmc"])
+def test_builtin_samplers_and_pruners_are_registered() -> None:
+    assert set(SAMPLERS.names()) >= {"tpe", "random", "gp", "cmaes", "qmc"}
+    assert set(PRUNERS.names()) >= {"median", "percentile", "wilcoxon", "none"}
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
 def test_every_sampler_builds(tiny, name: str) -> None:
     assert isinstance(
         make_sampler(config_from_dict(tiny(sampler={"name": name}))), optuna.samplers.BaseSampler
     )
 
 
-@pytest.mark.parametrize("name", ["median", "percentile", "wilcoxon", "none"])
+@pytest.mark.parametrize("name", PRUNERS.names())
 def test_every_pruner_builds(tiny, name: str) -> None:
     assert isinstance(
         make_pruner(config_from_dict(tiny(pruner={"name": name}))), optuna.pruners.BasePruner

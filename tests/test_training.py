@@ -1,4 +1,4 @@
-"""tlsearch.finetune: frozen blocks stay bit-identical, the rest trains, runs repeat exactly."""
+"""tlsearch.training: frozen blocks stay bit-identical, the rest trains, runs repeat exactly."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from conftest import TINY, merge
 
 from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import DivergedError
-from tlsearch.finetune import FinetuneParams, evaluate, finetune
 from tlsearch.models import create_model
+from tlsearch.params import TrialParams
+from tlsearch.registry import REGULARIZERS
+from tlsearch.training import evaluate, finetune
+from tlsearch.training.adam import FusedAdam
 
 INPUT = (1, 8, 8)
 
@@ -48,7 +51,9 @@ def test_frozen_blocks_stay_bit_identical(model: dict, frozen: int, head_warmup:
     pre = _pretrained(cfg)
     pre_copy = {k: v.clone() for k, v in pre.items()}
     x, y = _target()
-    params = FinetuneParams(lam=0.01, lr=0.05, frozen_blocks=frozen, backbone_lr_mult=1.0)
+    params = TrialParams(
+        lambda_=0.01, lr=0.05, frozen_blocks=frozen, backbone_lr_mult=1.0, regularizer="l2sp"
+    )
 
     tuned = finetune(pre, cfg, params, x, y, num_classes=4, input_shape=INPUT, seed=0)
 
@@ -75,7 +80,9 @@ def test_all_blocks_frozen_trains_only_the_head(model: dict) -> None:
     pre = _pretrained(cfg)
     x, y = _target()
     n_blocks = len(create_model(cfg.model, INPUT, 4).blocks)
-    params = FinetuneParams(lam=0.01, lr=0.05, frozen_blocks=n_blocks, backbone_lr_mult=1.0)
+    params = TrialParams(
+        lambda_=0.01, lr=0.05, frozen_blocks=n_blocks, backbone_lr_mult=1.0, regularizer="l2sp"
+    )
     tuned = finetune(pre, cfg, params, x, y, 4, INPUT, seed=0)
     for key, value in tuned.state_dict().items():
         if not key.startswith("head."):
@@ -86,7 +93,9 @@ def test_backbone_lr_mult_zero_keeps_backbone_weights() -> None:
     cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 3})
     pre = _pretrained(cfg)
     x, y = _target()
-    params = FinetuneParams(lam=0.01, lr=0.05, frozen_blocks=0, backbone_lr_mult=0.0)
+    params = TrialParams(
+        lambda_=0.01, lr=0.05, frozen_blocks=0, backbone_lr_mult=0.0, regularizer="l2sp"
+    )
     tuned = finetune(pre, cfg, params, x, y, 4, INPUT, seed=0)
     for name, p in tuned.blocks.named_parameters(prefix="blocks"):
         assert torch.equal(p.detach(), pre[name]), name
@@ -103,7 +112,9 @@ def test_same_seed_same_model(optimizer: str) -> None:
     )
     pre = _pretrained(cfg)
     x, y = _target()
-    params = FinetuneParams(lam=0.1, lr=0.01, frozen_blocks=1)
+    params = TrialParams(
+        lambda_=0.1, lr=0.01, frozen_blocks=1, backbone_lr_mult=1.0, regularizer="l2sp"
+    )
     a = finetune(pre, cfg, params, x, y, 4, INPUT, seed=3).state_dict()
     b = finetune(pre, cfg, params, x, y, 4, INPUT, seed=3).state_dict()
     c = finetune(pre, cfg, params, x, y, 4, INPUT, seed=4).state_dict()
@@ -115,9 +126,9 @@ def test_training_lowers_the_loss() -> None:
     cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 30})
     pre = _pretrained(cfg)
     x, y = _target()
-    first = finetune(pre, cfg, FinetuneParams(0.0, 0.03, 0, 1.0, "none"), x, y, 4, INPUT, 0)
+    first = finetune(pre, cfg, TrialParams(0.0, 0.03, 0, 1.0, "none"), x, y, 4, INPUT, 0)
     cfg_short = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 1})
-    short = finetune(pre, cfg_short, FinetuneParams(0.0, 0.03, 0, 1.0, "none"), x, y, 4, INPUT, 0)
+    short = finetune(pre, cfg_short, TrialParams(0.0, 0.03, 0, 1.0, "none"), x, y, 4, INPUT, 0)
     acc_long, loss_long = evaluate(first, x, y)
     acc_short, loss_short = evaluate(short, x, y)
     assert loss_long < loss_short
@@ -128,24 +139,11 @@ def test_non_finite_loss_raises_diverged() -> None:
     cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 3, "optimizer": "sgd"})
     pre = _pretrained(cfg)
     x, y = _target()
-    params = FinetuneParams(
-        lam=1.0, lr=1e6, frozen_blocks=0, backbone_lr_mult=1.0, regularizer="l2"
+    params = TrialParams(
+        lambda_=1.0, lr=1e6, frozen_blocks=0, backbone_lr_mult=1.0, regularizer="l2"
     )
     with pytest.raises(DivergedError, match=r"^training loss became (nan|inf|-inf) in epoch \d+$"):
         finetune(pre, cfg, params, x, y, 4, INPUT, seed=0)
-
-
-def test_params_round_trip_with_user_names() -> None:
-    p = FinetuneParams(lam=0.5, lr=0.01, frozen_blocks=2, backbone_lr_mult=0.1, regularizer="l2")
-    d = p.to_dict()
-    assert d == {
-        "lambda": 0.5,
-        "lr": 0.01,
-        "frozen_blocks": 2,
-        "backbone_lr_mult": 0.1,
-        "regularizer": "l2",
-    }
-    assert FinetuneParams.from_dict(d) == p
 
 
 @pytest.mark.parametrize("regularizer", ["l2", "l2sp", "none"])
@@ -155,22 +153,20 @@ def test_closed_form_penalty_gradient_trains_the_autograd_model(
 ) -> None:
     """The loop's closed-form penalty gradient gives the model that backpropagating the penalty
     gives, up to float rounding, and the same divergence."""
-    from tlsearch.regularizers import _regularizers
-
     cfg = _cfg(
         {"name": "cnn", "channels": [4, 4], "fc": 16},
         finetune={"epochs": 5, "batch_size": 16, "head_warmup_epochs": head_warmup},
     )
     pre = _pretrained(cfg)
     x, y = _target()
-    params = FinetuneParams(0.5, 0.01, 1, 0.1, regularizer)
+    params = TrialParams(0.5, 0.01, 1, 0.1, regularizer)
     fast = finetune(pre, cfg, params, x, y, 4, INPUT, seed=2).state_dict()
-    monkeypatch.setattr(_regularizers[regularizer], "closed_form_grad", False)
+    monkeypatch.setattr(REGULARIZERS.get(regularizer).load(), "closed_form_grad", False)
     slow = finetune(pre, cfg, params, x, y, 4, INPUT, seed=2).state_dict()
     for k in fast:
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-5, msg=k)
     sgd = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 3, "optimizer": "sgd"})
-    huge = FinetuneParams(1.0, 1e6, 0, 1.0, regularizer)
+    huge = TrialParams(1.0, 1e6, 0, 1.0, regularizer)
     with pytest.raises(DivergedError) as autograd_error:
         finetune(_pretrained(sgd), sgd, huge, x, y, 4, INPUT, seed=0)
     monkeypatch.undo()
@@ -182,8 +178,6 @@ def test_closed_form_penalty_gradient_trains_the_autograd_model(
 def test_lean_fused_adam_is_torch_fused_adam_bit_for_bit() -> None:
     """Fine-tuning calls the fused Adam kernel itself; it must update exactly as
     ``torch.optim.Adam(fused=True)`` does, over two groups with their own learning rates."""
-    from tlsearch.finetune import _FusedAdam
-
     torch.manual_seed(0)
     cfg = _cfg({"name": "mlp", "hidden": [16, 8]})
     models = [create_model(cfg.model, INPUT, 4) for _ in range(2)]
@@ -196,7 +190,7 @@ def test_lean_fused_adam_is_torch_fused_adam_bit_for_bit() -> None:
             {"params": list(model.blocks.parameters()), "lr": 1e-3},
         ]
 
-    ours = _FusedAdam(groups(models[0]), lr=0.05)
+    ours = FusedAdam(groups(models[0]), lr=0.05)
     torch_adam = torch.optim.Adam(groups(models[1]), lr=0.05, fused=True)
     for step in range(5):
         for model, opt in zip(models, (ours, torch_adam), strict=True):

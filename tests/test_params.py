@@ -1,0 +1,184 @@
+"""tlsearch.params: a trial's choices under the user's names, searched or fixed, and as printed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from tlsearch.config import config_from_dict
+from tlsearch.errors import ConfigError
+from tlsearch.params import (
+    PLAIN_FINETUNING,
+    SEARCHED,
+    TrialParams,
+    fixed_params,
+    format_params,
+    resolve_params,
+    suggest_params,
+)
+
+USER_NAMES = ["lambda", "lr", "frozen_blocks", "backbone_lr_mult", "regularizer"]
+
+
+def test_round_trip_with_user_names() -> None:
+    p = TrialParams(lambda_=0.5, lr=0.01, frozen_blocks=2, backbone_lr_mult=0.1, regularizer="l2")
+    d = p.to_dict()
+    assert d == {
+        "lambda": 0.5,
+        "lr": 0.01,
+        "frozen_blocks": 2,
+        "backbone_lr_mult": 0.1,
+        "regularizer": "l2",
+    }
+    assert list(d) == USER_NAMES
+    assert TrialParams.from_dict(d) == p
+    # Values as JSON or a database hand them back: types are restored.
+    back = TrialParams.from_dict({**d, "frozen_blocks": 2.0, "lambda": 1})
+    assert back == dataclasses.replace(p, lambda_=1.0)
+    assert isinstance(back.frozen_blocks, int) and isinstance(back.lambda_, float)
+
+
+@pytest.mark.parametrize("missing", USER_NAMES)
+def test_from_dict_names_a_missing_parameter(missing: str) -> None:
+    d = {
+        "lambda": 0.5,
+        "lr": 0.01,
+        "frozen_blocks": 2,
+        "backbone_lr_mult": 0.1,
+        "regularizer": "l2",
+    }
+    del d[missing]
+    with pytest.raises(ConfigError, match=rf"^params: missing {missing}$"):
+        TrialParams.from_dict(d)
+
+
+def test_from_dict_names_every_missing_parameter_and_bad_values() -> None:
+    with pytest.raises(ConfigError, match=r"^params: missing lr, backbone_lr_mult, regularizer$"):
+        TrialParams.from_dict({"lambda": 0.5, "frozen_blocks": 1})
+    with pytest.raises(ConfigError, match=r"^params: invalid value: "):
+        TrialParams.from_dict({**PLAIN_FINETUNING, "lr": "fast", "regularizer": "l2"})
+    with pytest.raises(ConfigError, match=r"^params: invalid value: "):
+        TrialParams.from_dict({**PLAIN_FINETUNING, "frozen_blocks": None, "regularizer": "l2"})
+
+
+def test_searched_names_are_the_search_space_fields() -> None:
+    space = config_from_dict({}).search
+    for name, field in SEARCHED.items():
+        assert hasattr(space, field), field
+        assert name in USER_NAMES
+    assert list(SEARCHED) + ["regularizer"] == USER_NAMES
+
+
+def test_plain_finetuning_is_a_complete_trial_without_its_regularizer() -> None:
+    params = TrialParams.from_dict({**PLAIN_FINETUNING, "regularizer": "l2sp"})
+    assert params == TrialParams(0.01, 1e-3, 0, 1.0, "l2sp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed and searched
+
+
+def test_fixed_params_are_what_the_config_does_not_search(tiny) -> None:
+    cfg = config_from_dict(tiny())
+    # The tiny study searches λ, lr and the frozen depth; the rest is fixed.
+    assert fixed_params(cfg) == {"backbone_lr_mult": 0.1, "regularizer": "l2sp"}
+    fixed = config_from_dict(
+        tiny(search={"lambda": 0.5, "lr": 0.01, "frozen_blocks": 1, "backbone_lr_mult": 1})
+    )
+    assert fixed_params(fixed) == {
+        "lambda": 0.5,
+        "lr": 0.01,
+        "frozen_blocks": 1,
+        "backbone_lr_mult": 1.0,
+        "regularizer": "l2sp",
+    }
+    assert isinstance(fixed_params(fixed)["frozen_blocks"], int)
+
+
+def test_fixed_and_searched_parameters(tiny) -> None:
+    cfg = config_from_dict(
+        tiny(
+            search={"lambda": 0.5, "frozen_blocks": 1},
+            regularizer={"name": ["l2", "l2sp", "none"]},
+        )
+    )
+    assert fixed_params(cfg) == {"lambda": 0.5, "frozen_blocks": 1, "backbone_lr_mult": 0.1}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    params = suggest_params(trial, cfg)
+    # Only what is searched is asked of the trial (and so shown in the dashboard).
+    assert set(trial.params) == {"lr", "regularizer"}
+    assert params.lambda_ == 0.5 and params.frozen_blocks == 1 and params.backbone_lr_mult == 0.1
+    assert 1e-3 <= params.lr <= 3e-2
+    assert params.regularizer in {"l2", "l2sp", "none"}
+    assert resolve_params(cfg, trial.params) == params
+
+
+def test_searched_parameters_have_the_configs_distributions(tiny) -> None:
+    cfg = config_from_dict(
+        tiny(
+            search={"backbone_lr_mult": {"low": 0.0, "high": 1.0, "step": 0.25}},
+            regularizer={"name": ["l2", "l2sp"]},
+        )
+    )
+    study = optuna.create_study()
+    trial = study.ask()
+    suggest_params(trial, cfg)
+    assert trial.distributions == {
+        "lambda": FloatDistribution(1e-4, 1.0, log=True),
+        "lr": FloatDistribution(1e-3, 3e-2, log=True),
+        "frozen_blocks": IntDistribution(0, 2, step=1),
+        "backbone_lr_mult": FloatDistribution(0.0, 1.0, step=0.25),
+        "regularizer": CategoricalDistribution(["l2", "l2sp"]),
+    }
+
+
+def test_searched_frozen_blocks_are_integers(tiny) -> None:
+    cfg = config_from_dict(tiny())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(10):
+        params = suggest_params(study.ask(), cfg)
+        assert isinstance(params.frozen_blocks, int) and 0 <= params.frozen_blocks <= 2
+        assert params.regularizer == "l2sp"
+        assert isinstance(params, TrialParams)
+
+
+def test_suggest_from_a_fixed_trial(tiny) -> None:
+    # What `tlsearch final` and the fast-path tests do: replay chosen values through the objective.
+    cfg = config_from_dict(tiny())
+    trial = optuna.trial.FixedTrial({"lambda": 0.3, "lr": 0.02, "frozen_blocks": 1})
+    params = suggest_params(trial, cfg)
+    assert params == TrialParams(0.3, 0.02, 1, 0.1, "l2sp")
+    assert resolve_params(cfg, trial.params) == params
+    # A searched parameter the trial lacks is Optuna's error, not a silent default.
+    with pytest.raises(ValueError, match="frozen_blocks"):
+        suggest_params(optuna.trial.FixedTrial({"lambda": 0.3, "lr": 0.02}), cfg)
+
+
+def test_resolve_params_names_what_a_stored_trial_lacks(tiny) -> None:
+    cfg = config_from_dict(tiny(regularizer={"name": ["l2", "l2sp"]}))
+    with pytest.raises(ConfigError, match=r"^params: missing regularizer$"):
+        resolve_params(cfg, {"lambda": 0.3, "lr": 0.02, "frozen_blocks": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# As printed
+
+
+def test_format_params_four_significant_digits() -> None:
+    assert format_params({"lambda": 1.00495}) == "lambda=1.005"
+    # Two trials whose values differ in the fourth digit print differently.
+    assert format_params({"lambda": 1.004}) != format_params({"lambda": 1.005})
+    assert (
+        format_params(
+            {"lambda": 12345.6, "lr": 0.00379, "frozen_blocks": 2, "regularizer": "l2sp"}
+        )
+        == "lambda=1.235e+04 lr=0.00379 frozen_blocks=2 regularizer=l2sp"
+    )
+    assert format_params(TrialParams(3e-05, 0.001, 0, 1.0, "none").to_dict()) == (
+        "lambda=3e-05 lr=0.001 frozen_blocks=0 backbone_lr_mult=1 regularizer=none"
+    )
+    assert format_params({}) == ""
