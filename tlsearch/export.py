@@ -122,6 +122,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "user_attrs",
         )
     )
+    # One "value" column whatever the objective is named (Optuna writes value_<metric name> once
+    # a study has metric names, as studies set up since the metric was named cv_accuracy do).
+    df = df.rename(columns={f"value_{n}": "value" for n in study.metric_names or []})
     trials = study.get_trials(deepcopy=False)
     k = max([len(t.user_attrs.get("fold_scores") or []) for t in trials], default=0)
     try:

@@ -65,8 +65,37 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> StudyConfi
     try:
         cfg = StudyConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        # The names are checked too, so that every problem of the file shows at once.
+        lines = _format_errors(err, source).splitlines()
+        lines += [ln for ln in _unknown_names(data, source) if ln not in lines]
+        raise ConfigError("\n".join(lines)) from None
     return check_names(cfg, source)
+
+
+# Fields naming a registry entry: (section, key, registry).
+_NAMED = (
+    ("data", "task", TASKS),
+    ("regularizer", "name", REGULARIZERS),
+    ("sampler", "name", SAMPLERS),
+    ("pruner", "name", PRUNERS),
+    ("model", "name", MODELS),
+)
+
+
+def _unknown_names(data: Any, source: str) -> list[str]:
+    """One line per name in a raw (invalid) config mapping that no registry holds."""
+    lines = []
+    for section, key, registry in _NAMED:
+        table = data.get(section) if isinstance(data, dict) else None
+        value = table.get(key) if isinstance(table, dict) else None
+        names = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for name in names:
+            if isinstance(name, str) and name not in registry:
+                try:
+                    registry.get(name)
+                except ConfigError as e:
+                    lines.append(_one_line(f"{source}: {e}"))
+    return lines
 
 
 def check_names(cfg: StudyConfig, source: str = "config") -> StudyConfig:

@@ -84,6 +84,10 @@ class Regularizer(nn.Module):
     ``stacked`` says the parameters carry a leading fold dimension (one penalty per fold).
     Subclasses whose gradient has a closed form set ``closed_form_grad`` and implement
     :meth:`accumulate_grad_`.
+
+    Attributes a subclass reads: ``backbone`` and ``head``, the covered trainable parameters of
+    the blocks and of the new head; ``backbone_refs``, their pretrained starting points (in the
+    same order).
     """
 
     name: str = ""
@@ -106,12 +110,12 @@ class Regularizer(nn.Module):
         self.stacked = stacked
         backbone = covered(model.blocks.named_parameters(prefix="blocks"), penalize, stacked)
         head = covered(model.head.named_parameters(prefix="head"), penalize, stacked)
-        self._backbone = [p for _, p in backbone]
-        self._head = [p for _, p in head]
+        self.backbone = [p for _, p in backbone]
+        self.head = [p for _, p in head]
         # Copies of the starting point: the pretrained state may be shared by folds and trials.
         # Stacked, each fold's slice gets the same reference (materialised: _foreach ops do not
         # broadcast).
-        self._backbone_refs = [
+        self.backbone_refs = [
             pretrained[n].detach().to(p.device, p.dtype).expand_as(p).clone() for n, p in backbone
         ]
 

@@ -20,8 +20,8 @@ class L2(Regularizer):
     closed_form_grad = True
 
     def forward(self) -> torch.Tensor:
-        sq = sq_distance(self._backbone + self._head, None, self.stacked)
+        sq = sq_distance(self.backbone + self.head, None, self.stacked)
         return self.scale * self.lambda_ / 2 * sq
 
     def accumulate_grad_(self) -> None:
-        add_scaled_(self._backbone + self._head, self.scale * self.lambda_, None)
+        add_scaled_(self.backbone + self.head, self.scale * self.lambda_, None)

@@ -20,10 +20,10 @@ class L2SP(Regularizer):
     closed_form_grad = True
 
     def forward(self) -> torch.Tensor:
-        sp = sq_distance(self._backbone, self._backbone_refs, self.stacked)
-        head = sq_distance(self._head, None, self.stacked)
+        sp = sq_distance(self.backbone, self.backbone_refs, self.stacked)
+        head = sq_distance(self.head, None, self.stacked)
         return self.scale * (self.lambda_ / 2 * sp + self.head_lambda / 2 * head)
 
     def accumulate_grad_(self) -> None:
-        add_scaled_(self._backbone, self.scale * self.lambda_, self._backbone_refs)
-        add_scaled_(self._head, self.scale * self.head_lambda, None)
+        add_scaled_(self.backbone, self.scale * self.lambda_, self.backbone_refs)
+        add_scaled_(self.head, self.scale * self.head_lambda, None)

@@ -1,0 +1,164 @@
+"""What the report reads from a study and from ``tlsearch final``'s results.
+
+Everything here is plain data; the figures (:mod:`~tlsearch.report.figures`) and the HTML
+(:mod:`~tlsearch.report.html`) only draw and lay it out. Table cells come back as unescaped text.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tlsearch.config import StudyConfig
+from tlsearch.dashboard import describe_study
+from tlsearch.errors import TlsearchError
+from tlsearch.export import FINAL_MODELS, trials_frame
+from tlsearch.params import fixed_params
+from tlsearch.storage import load_study_config
+
+FINAL_HEADER = ["model", "test accuracy", "test loss", "CV estimate", "parameters"]
+
+
+@dataclass
+class Point:
+    """One trial as the figures see it: parameters (fixed ones included) and its fold scores."""
+
+    number: int
+    pruned: bool
+    params: dict[str, Any]
+    folds: list[float]
+    value: float
+    std: float
+
+
+@dataclass
+class Importances:
+    """Parameter importances (empty when there are none) and a note on how they came out."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+def study_config(study: optuna.Study) -> StudyConfig | None:
+    """The study's stored config, or None for a study tlsearch did not create (or cannot read)."""
+    try:
+        return load_study_config(study)
+    except TlsearchError:
+        return None
+
+
+def points(study: optuna.Study, cfg: StudyConfig | None) -> list[Point]:
+    """The finished trials: complete ones, and pruned ones that scored at least one fold."""
+    fixed = fixed_params(cfg) if cfg is not None else {}
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        folds = [float(s) for s in t.user_attrs.get("fold_scores") or []]
+        if t.state == TrialState.COMPLETE:
+            value = float(t.value)
+        elif folds:  # a pruned trial: the mean of the folds it ran
+            value = statistics.fmean(folds)
+        else:
+            continue
+        std = statistics.pstdev(folds) if len(folds) > 1 else 0.0
+        out.append(
+            Point(t.number, t.state == TrialState.PRUNED, {**fixed, **t.params}, folds, value, std)
+        )
+    return out
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best complete trial, or None before the first one."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def importances(study: optuna.Study) -> Importances:
+    """:func:`optuna.importance.get_param_importances` over the completed trials, or why not."""
+    n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if n < 2:
+        return Importances(note=f"Importances need at least 2 completed trials ({n} so far).")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            values = optuna.importance.get_param_importances(study)
+        except (ValueError, RuntimeError) as e:
+            return Importances(note=f"Importances could not be computed: {e}")
+    if not values:
+        return Importances(note="No searched parameter to rank.")
+    return Importances(dict(values), " ".join(str(w.message) for w in caught))
+
+
+def fmt(v: Any) -> str:
+    """A table cell: floats to 4 significant digits, a dash for a missing value."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _params(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} = {fmt(v)}" for k, v in params.items())
+
+
+def summary_rows(
+    study: optuna.Study, cfg: StudyConfig | None, best: FrozenTrial | None
+) -> list[list[str]]:
+    """(topic, text) rows: trial counts by state, the best trial, and what the study measures."""
+    trials = study.get_trials(deepcopy=False)
+    counts = ", ".join(
+        f"{n} {s.name.lower()}" for s in TrialState if (n := sum(t.state == s for t in trials))
+    )
+    rows = [["trials", counts or "none"]]
+    if best is not None:
+        std = best.user_attrs.get("cv_std")
+        rows.append(
+            [
+                "best trial",
+                f"#{best.number}: CV accuracy {best.value:.4f}"
+                + (f" ± {std:.4f}" if std is not None else "")
+                + " — "
+                + _params(best.params),
+            ]
+        )
+    if cfg is not None:
+        described = describe_study(cfg, study.user_attrs.get("task"))
+        rows += [[k, v.replace("`", "")] for k, v in described.items()]
+    return rows
+
+
+def final_rows(final: Mapping[str, Any]) -> list[list[str]]:
+    """One row per model of ``tlsearch final`` (columns :data:`FINAL_HEADER`), in report order."""
+    rows = []
+    for name, label in FINAL_MODELS.items():
+        m = final[name]
+        rows.append(
+            [
+                label,
+                f"{m['test_accuracy']:.4f}",
+                f"{m['test_loss']:.4f}",
+                fmt(m.get("cv_mean")),
+                _params(m.get("params") or {}),
+            ]
+        )
+    return rows
+
+
+def trial_rows(study: optuna.Study) -> tuple[list[str], list[list[str]]]:
+    """The trials table: header and one row per trial (no rows for a study without trials)."""
+    df = trials_frame(study)
+    if df.empty:
+        return [], []
+    cols = [c for c in df.columns if c in ("number", "state", "value", "duration")]
+    cols += [c for c in df.columns if c.startswith("params_")]
+    cols += [c for c in ("user_attrs_cv_std", "user_attrs_fail_reason") if c in df.columns]
+    header = [c.removeprefix("params_").removeprefix("user_attrs_") for c in cols]
+    header = ["cv_mean" if h == "value" else "seconds" if h == "duration" else h for h in header]
+    return header, [[fmt(v) for v in r] for r in df[cols].itertuples(index=False)]

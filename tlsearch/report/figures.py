@@ -1,0 +1,310 @@
+"""The report's figures, drawn with matplotlib's object API (no pyplot state, no display needed).
+
+- ``lambda_curve``: CV accuracy against λ on a log axis, one point per trial with its fold
+  spread (± one standard deviation as an error bar, each fold's score as a faint dot);
+- ``history``: the optimization history, every trial's value and the best so far;
+- ``importances``: parameter importances from :func:`optuna.importance.get_param_importances`;
+- ``frozen_depth`` (saved as ``frozen_blocks.png``): CV accuracy against the number of frozen blocks;
+- ``lr_vs_lambda``: the learning rate against λ, coloured by CV accuracy;
+- ``test_comparison`` (given ``BEST.final.json`` from ``tlsearch final``): held-out test
+  accuracy of the tuned model, default-λ fine-tuning and training from scratch.
+
+Each function returns a new :class:`~matplotlib.figure.Figure`; a figure without data says why.
+Legends sit beside the axes, never over a data point.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from typing import Any
+
+from matplotlib.figure import Figure
+from optuna.trial import FrozenTrial
+
+from tlsearch.export import FINAL_MODELS
+from tlsearch.params import PLAIN_FINETUNING
+from tlsearch.report.data import Importances, Point
+
+_SIZE = (7.0, 4.3)
+_DPI = 110
+_MARKERS = {"l2sp": "o", "l2": "s", "none": "^"}
+
+
+def _figure() -> tuple[Figure, Any]:
+    fig = Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _empty(ax: Any, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _log_x(ax: Any, values: list[float]) -> None:
+    """Log scale, or symlog when a λ of 0 was tried (a linear search range may include it)."""
+    positive = [v for v in values if v > 0]
+    if positive and len(positive) == len(values):
+        ax.set_xscale("log")
+    elif positive:
+        ax.set_xscale("symlog", linthresh=min(positive))
+
+
+def lambda_curve(points: list[Point], best: FrozenTrial | None) -> Figure:
+    """CV accuracy against λ: each trial with its folds, the best starred, the default λ dotted."""
+    fig, ax = _figure()
+    ax.set_title("Cross-validated accuracy vs λ")
+    pts = [p for p in points if "lambda" in p.params]
+    if not pts:
+        _empty(ax, "no finished trial yet")
+        return fig
+    depths = sorted({p.params.get("frozen_blocks", 0) for p in pts})
+    colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
+    labelled: set[Any] = set()
+    for p in pts:
+        x, depth = p.params["lambda"], p.params.get("frozen_blocks", 0)
+        colour = "0.6" if p.pruned else colours[depth]
+        marker = _MARKERS.get(p.params.get("regularizer"), "o")
+        label = "pruned (mean of its folds)" if p.pruned else f"frozen_blocks = {depth}"
+        ax.scatter([x] * len(p.folds), p.folds, s=12, color=colour, alpha=0.35, linewidths=0)
+        ax.errorbar(
+            x,
+            p.value,
+            yerr=p.std,
+            fmt=marker,
+            color=colour,
+            mfc="none" if p.pruned else colour,
+            ms=5,
+            capsize=2,
+            elinewidth=0.8,
+            label=None if label in labelled else label,
+        )
+        labelled.add(label)
+    if best is not None and "lambda" in best.params:
+        ax.scatter(
+            best.params["lambda"],
+            best.value,
+            marker="*",
+            s=220,
+            color="gold",
+            edgecolors="black",
+            zorder=5,
+            label=f"best (trial {best.number})",
+        )
+    ax.axvline(
+        PLAIN_FINETUNING["lambda"], color="0.4", ls=":", lw=1, label="default λ (final's baseline)"
+    )
+    _log_x(ax, [p.params["lambda"] for p in pts])
+    _clip_to_complete(ax, pts)
+    ax.set_xlabel("λ (penalty strength, log scale)")
+    ax.set_ylabel("CV accuracy (mean ± std over folds)")
+    # Legend beside the plot, depths in order: the points fill the whole λ range.
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith("pruned"), labels[i]))
+    ax.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _clip_to_complete(ax: Any, pts: list[Point]) -> None:
+    """The y-limits of the complete trials (their folds and error bars), so a pruned trial's low
+    mean does not squeeze them; pruned points outside are marked on the edge they cross."""
+    done = [p for p in pts if not p.pruned]
+    if not done or len(done) == len(pts):
+        return
+    lows = [min([p.value - p.std, *p.folds]) for p in done]
+    highs = [max([p.value + p.std, *p.folds]) for p in done]
+    pad = max(0.02, 0.05 * (max(highs) - min(lows)))
+    low, high = min(lows) - pad, max(highs) + pad
+    ax.set_ylim(low, high)
+    below = [p for p in pts if p.pruned and p.value < low]
+    above = [p for p in pts if p.pruned and p.value > high]
+    for clipped, y, marker in ((below, low, "v"), (above, high, "^")):
+        if clipped:
+            ax.scatter(
+                [p.params["lambda"] for p in clipped],
+                [y] * len(clipped),
+                marker=marker,
+                s=40,
+                color="0.4",
+                clip_on=False,
+                zorder=4,
+                label=f"pruned, off the axis ({len(clipped)})",
+            )
+
+
+def history(points: list[Point]) -> Figure:
+    """Each trial's CV accuracy in trial order, and the best so far."""
+    fig, ax = _figure()
+    ax.set_title("Optimization history")
+    if not points:
+        _empty(ax, "no finished trial yet")
+        return fig
+    done = [p for p in points if not p.pruned]
+    pruned = [p for p in points if p.pruned]
+    ax.scatter([p.number for p in done], [p.value for p in done], s=18, label="complete")
+    if pruned:
+        ax.scatter(
+            [p.number for p in pruned],
+            [p.value for p in pruned],
+            s=18,
+            marker="x",
+            color="0.6",
+            label="pruned (mean of its folds)",
+        )
+    running, xs, ys = -math.inf, [], []
+    for p in sorted(done, key=lambda p: p.number):
+        running = max(running, p.value)
+        xs.append(p.number)
+        ys.append(running)
+    if xs:
+        ax.step(xs, ys, where="post", color="C3", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("CV accuracy")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def importances(imp: Importances) -> Figure:
+    """The importances as horizontal bars, or the note saying why there are none."""
+    fig, ax = _figure()
+    ax.set_title("Parameter importances")
+    if not imp.values:
+        _empty(ax, imp.note)
+        return fig
+    values = imp.values
+    names = list(values)[::-1]
+    ax.barh(names, [values[k] for k in names], color="C0")
+    for i, k in enumerate(names):
+        ax.text(values[k], i, f" {values[k]:.2f}", va="center", fontsize=8)
+    ax.set_xlabel("importance (normalized to sum 1)")
+    ax.set_xlim(0, max(values.values()) * 1.15 or 1)
+    return fig
+
+
+def frozen_depth(points: list[Point]) -> Figure:
+    """CV accuracy of the completed trials by frozen depth, with the mean at each depth."""
+    fig, ax = _figure()
+    ax.set_title("Cross-validated accuracy vs frozen depth")
+    pts = [p for p in points if not p.pruned and "frozen_blocks" in p.params]
+    if not pts:
+        _empty(ax, "no completed trial yet")
+        return fig
+    pruned = sum(p.pruned for p in points)
+    by_depth: dict[int, list[float]] = {}
+    for p in pts:
+        by_depth.setdefault(int(p.params["frozen_blocks"]), []).append(p.value)
+    for i, p in enumerate(pts):
+        jitter = ((i * 0.618) % 1 - 0.5) * 0.3  # spread points of one depth without randomness
+        ax.scatter(int(p.params["frozen_blocks"]) + jitter, p.value, s=16, color="C0", alpha=0.7)
+    depths = sorted(by_depth)
+    ax.scatter(
+        depths,
+        [statistics.fmean(by_depth[d]) for d in depths],
+        marker="_",
+        s=900,
+        color="C3",
+        linewidths=2,
+        label="mean of the trials",
+    )
+    ax.set_xticks(depths, [f"{d}\n({len(by_depth[d])} trials)" for d in depths])
+    ax.set_xlim(min(depths) - 0.6, max(depths) + 0.6)
+    # Said on the figure, under the axis where it covers nothing: a pruned trial's mean covers
+    # only its first folds, so it is not drawn here.
+    note = f"\n{pruned} pruned trial(s) not shown: their means cover only the first folds"
+    ax.set_xlabel(
+        "frozen_blocks (leading blocks kept at their pretrained values)" + (note if pruned else "")
+    )
+    ax.set_ylabel("CV accuracy")
+    # Beside the axes, so the legend never covers a point.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def lr_vs_lambda(points: list[Point], best: FrozenTrial | None) -> Figure:
+    """Learning rate against λ, the completed trials coloured by CV accuracy."""
+    fig, ax = _figure()
+    ax.set_title("Learning rate vs λ, coloured by CV accuracy")
+    pts = [p for p in points if "lambda" in p.params and "lr" in p.params]
+    if not pts:
+        _empty(ax, "no finished trial yet")
+        return fig
+    done = [p for p in pts if not p.pruned]
+    pruned = [p for p in pts if p.pruned]
+    if done:
+        sc = ax.scatter(
+            [p.params["lambda"] for p in done],
+            [p.params["lr"] for p in done],
+            c=[p.value for p in done],
+            cmap="viridis",
+            s=40,
+            edgecolors="0.2",
+            linewidths=0.5,
+        )
+        fig.colorbar(sc, ax=ax, label="CV accuracy")
+    if pruned:
+        ax.scatter(
+            [p.params["lambda"] for p in pruned],
+            [p.params["lr"] for p in pruned],
+            marker="x",
+            color="0.6",
+            s=30,
+            label="pruned",
+        )
+    if best is not None and "lambda" in best.params and "lr" in best.params:
+        ax.scatter(
+            best.params["lambda"],
+            best.params["lr"],
+            marker="*",
+            s=260,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.5,
+            label=f"best (trial {best.number})",
+        )
+    _log_x(ax, [p.params["lambda"] for p in pts])
+    ax.set_yscale("log")
+    ax.set_xlabel("λ (log scale)")
+    ax.set_ylabel("learning rate (log scale)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def test_comparison(final: Mapping[str, Any]) -> Figure:
+    """Held-out test accuracy of the models of ``tlsearch final``, with the tuned CV estimate."""
+    fig, ax = _figure()
+    size = final.get("target_test_size")
+    of = f" on {size} images" if size else ""
+    ax.set_title(f"Held-out test accuracy{of} (tlsearch final)")
+    names = list(FINAL_MODELS)
+    acc = [final[n]["test_accuracy"] for n in names]
+    bars = ax.bar([FINAL_MODELS[n] for n in names], acc, color=["0.6", "C0", "C2"])
+    for bar, a in zip(bars, acc, strict=True):
+        x = bar.get_x() + bar.get_width() / 2
+        ax.text(x, a - 0.02, f"{a:.3f}", ha="center", va="top", color="white", weight="bold")
+    cv = final["tuned"].get("cv_mean")
+    if cv is not None:
+        ax.scatter(
+            [bars[-1].get_x() + bars[-1].get_width() / 2],
+            [cv],
+            marker="D",
+            color="C3",
+            zorder=5,
+            label=f"tuned: CV estimate of the search ({cv:.3f})",
+        )
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    return fig
