@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import tomllib
 from conftest import TINY, merge, write_toml
 
-from tlsearch.config import ParamRange, StudyConfig, config_from_dict, load_config
+from tlsearch.config import ParamRange, StudyConfig, config_from_dict, load_config, parse_duration
 from tlsearch.errors import ConfigError
 from tlsearch.registry import BlockNetOptions
 
@@ -369,3 +370,41 @@ def test_changed_config_does_not_match_the_0_1_hash(tmp_path: Path, changed: dic
     path = write_toml(tmp_path / "study.toml", merge(data, changed))
     assert load_config(V0_1).hash_matches(V0_1_HASH)  # the unchanged file does
     assert not load_config(path).hash_matches(V0_1_HASH)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90.0), ("10m", 600.0), ("2h", 7200.0), ("45", 45.0)]
+)
+def test_timeout_takes_a_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+    assert config_from_dict({"timeout": text}).timeout == seconds
+
+
+def test_timeout_that_is_no_duration_is_one_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"timeout": "ten minutes"})
+    assert str(err.value) == (
+        "config: timeout: expected seconds or a duration such as 90s, 10m, 2h; got 'ten minutes'"
+    )
+
+
+def test_relative_sqlite_beside_the_study_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "own").mkdir()
+    study_file = tmp_path / "own" / "own.toml"
+    study_file.write_text('storage = "sqlite:///own.db"\n')
+    (tmp_path / "own" / "own.db").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.WARNING, logger="tlsearch")
+    cfg = load_config("own/own.toml")
+    assert cfg.storage == "sqlite:///own.db"  # SQLAlchemy's meaning is kept
+    (message,) = caplog.messages
+    assert str(tmp_path / "own.db") in message and str(tmp_path / "own" / "own.db") in message
+    # From the study's own folder, or with --storage, nothing to say.
+    caplog.clear()
+    monkeypatch.chdir(tmp_path / "own")
+    load_config("own.toml")
+    monkeypatch.chdir(tmp_path)
+    load_config("own/own.toml", storage="sqlite:///other.db")
+    assert not caplog.messages

@@ -140,3 +140,13 @@ def test_pretrained_model_learned_the_source(cfg: StudyConfig) -> None:
     assert meta["source_samples"] == len(task.source)
     state = load_checkpoint(ensure_pretrained(cfg, task))
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_lock_files_live_under_locks_and_stay(cfg: StudyConfig) -> None:
+    """Deleting a lock file while another process holds it lets a third take the same lock: they
+    live in <cache>/.locks, apart from the checkpoints, and are never removed."""
+    task = load_task(cfg.data)
+    ckpt = ensure_pretrained(cfg, task)
+    root = cfg.pretrain.cache_dir
+    assert not list(root.glob("*.lock"))
+    assert (root / ".locks" / f"{ckpt.path.name}.lock").is_file()

@@ -10,12 +10,14 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import TINY, finished_tiny_study, run_cli
+from matplotlib.figure import Figure
 from optuna.trial import create_trial
 
 from tlsearch.config import config_from_dict
 from tlsearch.errors import ConfigError
 from tlsearch.export import read_final
-from tlsearch.report import write_report
+from tlsearch.report import figures, write_report
+from tlsearch.report.data import Point
 from tlsearch.storage import ATTR_CONFIG
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -129,3 +131,58 @@ def test_report_command(study: tuple[optuna.Study, Path, str]) -> None:
     for name in STUDY_FIGURES:
         assert (tmp / "cli-report" / f"{name}.png").read_bytes().startswith(PNG)
     assert not (tmp / "cli-report" / "test_comparison.png").exists()
+
+
+def _point(number: int, lam: float, value: float, depth: int = 0, pruned: bool = False) -> Point:
+    folds = [value] if pruned else [value - 0.01, value + 0.01]
+    params = {"lambda": lam, "lr": 1e-3, "frozen_blocks": depth}
+    return Point(number, pruned, params, folds, value, 0.0 if pruned else 0.01)
+
+
+def _data_points_in_display(fig: Figure) -> list[tuple[float, float]]:
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    found = []
+    for coll in ax.collections:
+        offsets = coll.get_offsets()
+        if len(offsets):
+            found += [tuple(p) for p in coll.get_offset_transform().transform(offsets)]
+    for line in ax.lines:
+        found += [tuple(p) for p in line.get_transform().transform(line.get_xydata())]
+    return found
+
+
+def test_pruned_trials_do_not_squeeze_the_lambda_curve() -> None:
+    # Complete trials near 0.85-0.90, one pruned trial at 0.1: the axis shows the complete ones.
+    pts = [_point(i, 10.0 ** (i - 3), 0.85 + 0.01 * i, depth=i % 2) for i in range(5)]
+    pts.append(_point(5, 0.5, 0.1, pruned=True))
+    fig = figures.lambda_curve(pts, None)
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert 0.8 < low < 0.84 and 0.9 < high < 0.95, (low, high)
+    # The clipped pruned trial is marked on the lower edge and named in the legend.
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "pruned, off the axis (1)" in labels
+
+
+@pytest.mark.parametrize("draw", ["lambda_curve", "history", "frozen_depth", "lr_vs_lambda"])
+def test_no_legend_covers_a_data_point(draw: str) -> None:
+    pts = [_point(i, 10.0 ** (i / 2 - 3), 0.5 + 0.04 * i, depth=i % 3) for i in range(12)]
+    pts.append(_point(12, 0.3, 0.2, pruned=True))
+    fig = (
+        getattr(figures, draw)(pts)
+        if draw in ("history", "frozen_depth")
+        else getattr(figures, draw)(pts, None)
+    )
+    points = _data_points_in_display(fig)
+    box = fig.axes[0].get_legend().get_window_extent()
+    assert points
+    inside = [p for p in points if box.x0 <= p[0] <= box.x1 and box.y0 <= p[1] <= box.y1]
+    assert not inside, (draw, inside)
+
+
+def test_depth_figure_says_it_leaves_out_pruned_trials() -> None:
+    pts = [_point(i, 0.1, 0.6, depth=i % 2) for i in range(4)]
+    pts += [_point(4, 0.1, 0.2, pruned=True), _point(5, 0.1, 0.3, pruned=True)]
+    label = figures.frozen_depth(pts).axes[0].get_xlabel()
+    assert "2 pruned trial(s) not shown" in label

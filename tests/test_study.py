@@ -185,3 +185,43 @@ def test_storage_outage_while_the_budget_is_held_elsewhere_is_retried(
     assert caplog.text.count("storage error") == 2
     assert "still running elsewhere; waiting" in caplog.text
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_start_names_the_database_and_whether_it_resumed(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tlsearch")
+    # A relative SQLite URL is the current directory's file, named by its absolute path.
+    monkeypatch.chdir(tmp_path)
+    run_study(config_from_dict(tiny(n_trials=2, storage="sqlite:///rel.db")))
+    assert f"created study 'tiny' in {tmp_path / 'rel.db'}" in caplog.messages
+    caplog.clear()
+    run_study(config_from_dict(tiny(n_trials=3, storage="sqlite:///rel.db")))
+    assert f"resuming study 'tiny' in {tmp_path / 'rel.db'}: 2 of 3 trials done" in caplog.messages
+
+
+def test_a_refused_resume_costs_no_pretraining(
+    tiny, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tlsearch")
+    run_study(config_from_dict(tiny(n_trials=1)))
+    caplog.clear()
+    # Another source model (so its checkpoint is not cached) and a changed search: refused first.
+    changed = tiny(n_trials=2, pretrain={"epochs": 2}, finetune={"epochs": 6})
+    with pytest.raises(ConfigError, match="already exists with a different config"):
+        run_study(config_from_dict(changed))
+    assert not [m for m in caplog.messages if "pretrain" in m], caplog.messages
+
+
+def test_values_are_named_and_rounded(tiny) -> None:
+    study = run_study(config_from_dict(tiny(n_trials=2)))
+    # optuna-dashboard and optuna.visualization show this name instead of "Objective 0".
+    assert study.metric_names == ["cv_accuracy"]
+    for t in study.trials:
+        assert t.value == round(t.value, 12)
+        assert all(v == round(v, 12) for v in t.intermediate_values.values())
+    # Optuna's own plotting works in the installed environment (plotly is a dependency).
+    import optuna.visualization
+
+    fig = optuna.visualization.plot_optimization_history(study)
+    assert len(fig.data[0].y) == 2
