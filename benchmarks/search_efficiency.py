@@ -39,13 +39,10 @@ import optuna
 import torch
 from scipy.stats import spearmanr
 
-from tlsearch.config import StudyConfig, load_config
-from tlsearch.errors import DivergedError
-from tlsearch.finetune import FinetuneParams, channels_last, evaluate, finetune, to_tensors
-from tlsearch.models import create_model
-from tlsearch.objective import KFoldObjective
-from tlsearch.pretrain import load_checkpoint
-from tlsearch.study import make_pruner, make_sampler, prepare
+import tlsearch
+
+# Not in tlsearch's public API (README, Architecture), needed here: the error `finetune` raises when
+# a loss diverges, and the sampler exactly as a study builds it (seeded per trial number).
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID_FILE = ROOT / "benchmarks" / "grid_digits.json"
@@ -59,7 +56,7 @@ DEFAULT_BUDGET = 30  # trials: studies/digits.toml's n_trials
 GRID_FORMAT = 2
 
 
-def grid_axes(cfg: StudyConfig) -> dict[str, list[float]]:
+def grid_axes(cfg: tlsearch.StudyConfig) -> dict[str, list[float]]:
     lam, lr, depth = cfg.search.lambda_, cfg.search.lr, cfg.search.frozen_blocks
     return {
         "lambda": np.geomspace(lam.low, lam.high, N_LAMBDA).tolist(),
@@ -68,22 +65,18 @@ def grid_axes(cfg: StudyConfig) -> dict[str, list[float]]:
     }
 
 
-def identity(cfg: StudyConfig) -> dict[str, Any]:
-    """Everything that changes a grid point's scores; a cached grid must match it."""
+def identity(cfg: tlsearch.StudyConfig) -> dict[str, Any]:
+    """Everything that changes a grid point's scores; a cached grid must match it.
+
+    That is the study's ``search_hash`` with the sampler, the pruner and ``cv.report`` at their
+    defaults (the replays choose the first two; the grid's trials report to nobody), and the axes.
+    """
     d = cfg.to_dict()
-    finetune = {k: v for k, v in d["finetune"].items() if k not in ("device", "threads")}
-    finetune.pop("cache_frozen", None)
-    finetune.pop("fold_batching", None)
-    pretrain = {k: v for k, v in d["pretrain"].items() if k != "cache_dir"}
+    d.update(sampler={}, pruner={}, cv={k: v for k, v in d["cv"].items() if k != "report"})
     return {
         "format": GRID_FORMAT,
-        "data": d["data"],
-        "model": d["model"],
-        "pretrain": pretrain,
-        "finetune": finetune,
-        "regularizer": d["regularizer"],
-        "cv": {k: v for k, v in d["cv"].items() if k != "report"},
-        "backbone_lr_mult": d["search"]["backbone_lr_mult"],
+        "search_hash": tlsearch.config_from_dict(d).search_hash(),
+        "folds": cfg.cv.k,
         "axes": grid_axes(cfg),
     }
 
@@ -96,19 +89,19 @@ _worker: dict[str, Any] = {}
 
 def _init_worker(config: str) -> None:
     torch.set_num_threads(1)
-    cfg = load_config(config)
-    ctx = prepare(cfg, "cpu")
-    pretrained = load_checkpoint(ctx.checkpoint)
+    cfg = tlsearch.load_config(config)
+    ctx = tlsearch.prepare(cfg, "cpu")
+    pretrained = tlsearch.load_checkpoint(ctx.checkpoint)
     task = ctx.task
-    objective = KFoldObjective(
+    objective = tlsearch.KFoldObjective(
         cfg, task.target_train, pretrained, task.input_shape, task.target_classes, ctx.device
     )
     # The test split's frozen features, as the objective caches the training split's.
-    source = create_model(cfg.model, task.input_shape, task.target_classes)
-    blocks = {k: v for k, v in pretrained.items() if not k.startswith("head.")}
-    source.load_state_dict(blocks, strict=False)
-    source = channels_last(source).eval()
-    xt, yt = to_tensors(task.target_test.x, task.target_test.y, ctx.device)
+    source = tlsearch.create_model(cfg.model, task.input_shape, task.target_classes)
+    source.load_state_dict(tlsearch.backbone_state(pretrained, cfg.model), strict=False)
+    source.eval()
+    xt = torch.from_numpy(task.target_test.x).to(ctx.device)
+    yt = torch.from_numpy(task.target_test.y).to(ctx.device)
     with torch.no_grad():
         test = {d: source.features(xt, stop=d) for d in grid_axes(cfg)["frozen_blocks"]}
     _worker.update(cfg=cfg, objective=objective, test=test, yt=yt)
@@ -116,8 +109,8 @@ def _init_worker(config: str) -> None:
 
 def _evaluate_point(point: tuple[int, int, int]) -> dict[str, Any]:
     i, j, depth = point
-    cfg: StudyConfig = _worker["cfg"]
-    objective: KFoldObjective = _worker["objective"]
+    cfg: tlsearch.StudyConfig = _worker["cfg"]
+    objective: tlsearch.KFoldObjective = _worker["objective"]
     axes = grid_axes(cfg)
     params = {"lambda": axes["lambda"][i], "lr": axes["lr"][j], "frozen_blocks": depth}
     t0 = time.perf_counter()
@@ -135,16 +128,16 @@ def _evaluate_point(point: tuple[int, int, int]) -> dict[str, Any]:
         "fail_reason": trial.user_attrs.get("fail_reason"),
     }
     # What `tlsearch final` trains with these parameters: the whole training split, seed 0.
-    fp = FinetuneParams(
-        params["lambda"],
-        params["lr"],
-        depth,
-        cfg.search.backbone_lr_mult,
-        cfg.regularizer.names[0],
+    fp = tlsearch.TrialParams(
+        lambda_=params["lambda"],
+        lr=params["lr"],
+        frozen_blocks=depth,
+        backbone_lr_mult=cfg.search.backbone_lr_mult,
+        regularizer=cfg.regularizer.names[0],
     )
     x = objective.frozen_features(depth)
     try:
-        model = finetune(
+        model = tlsearch.finetune(
             objective.pretrained,
             cfg,
             fp,
@@ -155,10 +148,9 @@ def _evaluate_point(point: tuple[int, int, int]) -> dict[str, Any]:
             seed=0,
             start=depth,
         )
-        out["test_accuracy"] = evaluate(model, _worker["test"][depth], _worker["yt"], start=depth)[
-            0
-        ]
-    except DivergedError:
+        test = tlsearch.evaluate(model, _worker["test"][depth], _worker["yt"], start=depth)
+        out["test_accuracy"] = test[0]
+    except tlsearch.DivergedError:
         out["test_accuracy"] = None
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
@@ -172,7 +164,7 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 def evaluate_grid(config: Path, path: Path, workers: int, recompute: bool) -> dict[str, Any]:
     """The cached grid; missing points (all of them with ``recompute``) are evaluated first."""
-    cfg = load_config(config)
+    cfg = tlsearch.load_config(config)
     ident = identity(cfg)
     data: dict[str, Any] = {"identity": ident, "points": []}
     if path.is_file() and not recompute:
@@ -192,7 +184,7 @@ def evaluate_grid(config: Path, path: Path, workers: int, recompute: bool) -> di
     if not todo:
         return data
     print(f"evaluating {len(todo)} grid points in {workers} processes ...", flush=True)
-    task = prepare(cfg, "cpu").task  # pretrain (once, cached) before the workers need it
+    task = tlsearch.prepare(cfg, "cpu").task  # pretrain (once, cached) before the workers need it
     data["target_train"] = len(task.target_train)
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
@@ -216,7 +208,7 @@ class Grid:
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
         self.axes = data["identity"]["axes"]
-        self.k = data["identity"]["cv"]["k"]
+        self.k = data["identity"]["folds"]
         self.points = {
             (p["lambda_index"], p["lr_index"], p["frozen_blocks"]): p for p in data["points"]
         }
@@ -253,7 +245,7 @@ def replay(
     """
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     grid = Grid(data)
-    cfg = load_config(config)
+    cfg = tlsearch.load_config(config)
     cfg = cfg.model_copy(
         update={
             "sampler": cfg.sampler.model_copy(update={"name": sampler, "seed": seed}),
@@ -291,7 +283,9 @@ def replay(
         history.append({**state, "seconds": time.perf_counter() - t0})
 
     study = optuna.create_study(
-        direction="maximize", sampler=make_sampler(cfg), pruner=make_pruner(cfg)
+        direction="maximize",
+        sampler=tlsearch.make_sampler(cfg),
+        pruner=tlsearch.PRUNERS.create(cfg.pruner.name, cfg),
     )
     study.optimize(objective, n_trials=n_trials, callbacks=[after])
     return history

@@ -1,9 +1,10 @@
 """Does the search pay on the default task? Held-out test accuracy over several target-split seeds.
 
 For each seed of the target split (which images are the few labelled ones, and the noise), run the
-default study (studies/digits.toml) to its budget, then retrain with the selected config on the whole
-target training split and score it once on the held-out test split, beside training from scratch and
-plain fine-tuning with the default λ (tlsearch.final.DEFAULT_PARAMS). Prints a table.
+default study (studies/digits.toml) to its budget, export its best trial and run ``tlsearch final``
+on it (:func:`tlsearch.run_final`): retrain with the selected config on the whole target training
+split and score it once on the held-out test split, beside training from scratch and plain
+fine-tuning with the default λ. Prints a table.
 
     python benchmarks/transfer_pays.py [--seeds 0 1 2] [--n-trials 30] [--config studies/digits.toml]
 """
@@ -17,12 +18,8 @@ import time
 from pathlib import Path
 
 import optuna
-import torch
 
-from tlsearch.config import load_config
-from tlsearch.final import evaluate_on_test
-from tlsearch.objective import resolve_params
-from tlsearch.study import prepare, run_study
+import tlsearch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,34 +29,40 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "studies" / "digits.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-trials", type=int, default=None, help="default: the config's")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            base = load_config(
-                args.config, storage=f"sqlite:///{tmp}/bench.db", name=f"seed{seed}",
+            base = tlsearch.load_config(
+                args.config,
+                storage=f"sqlite:///{tmp}/bench.db",
+                name=f"seed{seed}",
                 n_trials=args.n_trials,
             )
-            cfg = base.model_copy(update={"data": base.data.model_copy(update={"seed": seed})})
+            cfg = base.model_copy(
+                update={
+                    "data": base.data.model_copy(update={"seed": seed}),
+                    "finetune": base.finetune.model_copy(update={"threads": args.threads}),
+                }
+            )
             t0 = time.perf_counter()
-            study = run_study(cfg)
+            study = tlsearch.run_study(cfg)
             search_s = time.perf_counter() - t0
-            best = study.best_trial
-            ctx = prepare(cfg)
-            out = evaluate_on_test(cfg, ctx.task, ctx.checkpoint, resolve_params(cfg, best.params), ctx.device)
+            best = Path(tmp) / f"best-seed{seed}.json"
+            tlsearch.write_export(study, best)
+            out = tlsearch.run_final(best)
             rows.append(
                 {
                     "seed": seed,
-                    "scratch": out["scratch"].test_accuracy,
-                    "default_lambda": out["default_lambda"].test_accuracy,
-                    "tuned": out["tuned"].test_accuracy,
-                    "tuned_cv": best.value,
+                    "scratch": out["scratch"]["test_accuracy"],
+                    "default_lambda": out["default_lambda"]["test_accuracy"],
+                    "tuned": out["tuned"]["test_accuracy"],
+                    "tuned_cv": study.best_value,
                     "search_s": search_s,
-                    "params": best.params,
+                    "params": study.best_params,
+                    "sizes": (out["target_train_size"], out["target_test_size"]),
                 }
             )
             r = rows[-1]
@@ -69,18 +72,31 @@ def main() -> None:
                 flush=True,
             )
 
+    task = tlsearch.load_task(cfg.data).description
+    train, test = rows[-1]["sizes"]
     print()
-    print(f"task: {ctx.task.description}; {len(ctx.task.target_train)} labelled target images, "
-          f"{len(ctx.task.target_test)} held-out test images; {cfg.n_trials} trials, {cfg.cv.k}-fold CV")
-    print(f"{'seed':>4}  {'scratch':>8}  {'default λ':>9}  {'tuned':>6}  {'tuned CV':>8}  {'search s':>8}  selected")
+    print(
+        f"task: {task}; {train} labelled target images, {test} held-out test images; "
+        f"{cfg.n_trials} trials, {cfg.cv.k}-fold CV"
+    )
+    print(
+        f"{'seed':>4}  {'scratch':>8}  {'default λ':>9}  {'tuned':>6}  {'tuned CV':>8}  "
+        f"{'search s':>8}  selected"
+    )
     for r in rows:
-        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        params = " ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items()
+        )
         print(
             f"{r['seed']:>4}  {r['scratch']:8.3f}  {r['default_lambda']:9.3f}  {r['tuned']:6.3f}  "
             f"{r['tuned_cv']:8.3f}  {r['search_s']:8.0f}  {params}"
         )
-    mean = {k: statistics.fmean(r[k] for r in rows) for k in ("scratch", "default_lambda", "tuned")}
-    print(f"{'mean':>4}  {mean['scratch']:8.3f}  {mean['default_lambda']:9.3f}  {mean['tuned']:6.3f}")
+    mean = {
+        k: statistics.fmean(r[k] for r in rows) for k in ("scratch", "default_lambda", "tuned")
+    }
+    print(
+        f"{'mean':>4}  {mean['scratch']:8.3f}  {mean['default_lambda']:9.3f}  {mean['tuned']:6.3f}"
+    )
     wins = sum(r["tuned"] > max(r["scratch"], r["default_lambda"]) for r in rows)
     print(f"tuned beats both baselines on {wins}/{len(rows)} seeds")
 

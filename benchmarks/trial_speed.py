@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
@@ -49,13 +49,17 @@ from sklearn.model_selection import StratifiedKFold
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from tlsearch import regularizers
-from tlsearch.config import ModelConfig, ParamRange, StudyConfig, load_config
-from tlsearch.data import TransferTask
-from tlsearch.finetune import FinetuneParams, _FusedAdam, finetune, finetune_folds
-from tlsearch.models import BlockNet, create_model
-from tlsearch.objective import KFoldObjective
-from tlsearch.study import StudyContext, make_objective, prepare, run_trials, setup_study
+import tlsearch
+from tlsearch import KFoldObjective, StudyConfig, TrialParams
+
+# Not in tlsearch's public API (README, Architecture), needed here: the trial loop `tlsearch run`
+# drives (storage, heartbeats, budget), the folds trained together, and the optimizer whose step
+# the profile labels.
+from tlsearch.training.adam import FusedAdam
+
+if TYPE_CHECKING:
+    # What tlsearch.prepare and tlsearch.load_task return.
+    from tlsearch import StudyContext, TransferTask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +84,7 @@ class NaiveObjective:
     def _pretrain(self) -> dict[str, torch.Tensor]:
         pre, task = self.cfg.pretrain, self.task
         torch.manual_seed(pre.seed)
-        model = create_model(self.cfg.model, task.input_shape, task.source_classes)
+        model = tlsearch.create_model(self.cfg.model, task.input_shape, task.source_classes)
         source = TensorDataset(torch.from_numpy(task.source.x), torch.from_numpy(task.source.y))
         loader = DataLoader(source, batch_size=pre.batch_size, shuffle=True)
         optimizer = torch.optim.Adam(model.parameters(), lr=pre.lr, weight_decay=pre.weight_decay)
@@ -104,9 +108,8 @@ class NaiveObjective:
         scores = []
         for fold, (tr, va) in enumerate(folds.split(x.reshape(len(x), -1), y)):
             torch.manual_seed(cfg.cv.seed * 1000 + fold)
-            model = create_model(cfg.model, task.input_shape, task.target_classes)
-            blocks = {k: v for k, v in pretrained.items() if not k.startswith("head.")}
-            model.load_state_dict(blocks, strict=False)
+            model = tlsearch.create_model(cfg.model, task.input_shape, task.target_classes)
+            model.load_state_dict(tlsearch.backbone_state(pretrained, cfg.model), strict=False)
             model.freeze(frozen)
             backbone = [p for p in model.blocks.parameters() if p.requires_grad]
             groups = [{"params": model.head.parameters()}]
@@ -165,12 +168,18 @@ class Variant:
     """One way of running the trials: its study, what runs its next trial, the timings."""
 
     def __init__(
-        self, name: str, threads: int, study: optuna.Study, run_one: Callable[[], None]
+        self,
+        name: str,
+        threads: int,
+        study: optuna.Study,
+        run_one: Callable[[], None],
+        storage: Any = None,
     ) -> None:
         self.name = name
         self.threads = threads
         self.study = study
         self.run_one = run_one
+        self.storage = storage  # tlsearch's storage of the study, if it has one
         self.seconds: list[float] = []
         self.values: list[float] = []
 
@@ -208,15 +217,24 @@ def tlsearch_variant(
             "finetune": base.finetune.model_copy(update={"threads": threads, **ft}),
         }
     )
-    study, storage, ctx = setup_study(cfg)
+    study, storage, ctx = tlsearch.setup_study(cfg)
     for p in params:
         study.enqueue_trial(p)
-    objective = make_objective(ctx)
+    objective = kfold_objective(ctx)
 
     def run_one() -> None:
-        run_trials(study, storage, objective, n_trials=None, max_trials=1)
+        tlsearch.run_trials(study, storage, objective, n_trials=None, max_trials=1)
 
-    return Variant(name, threads, study, run_one), ctx, objective
+    return Variant(name, threads, study, run_one, storage), ctx, objective
+
+
+def kfold_objective(ctx: StudyContext) -> KFoldObjective:
+    """The study's objective, as a worker of it builds one."""
+    task = ctx.task
+    pretrained = tlsearch.load_checkpoint(ctx.checkpoint, ctx.device)
+    return KFoldObjective(
+        ctx.cfg, task.target_train, pretrained, task.input_shape, task.target_classes, ctx.device
+    )
 
 
 def naive_variant(
@@ -279,28 +297,32 @@ class _TimedStorage:
             delattr(storage, name)
 
 
-def breakdown(run_one: Callable[[], None], *storages: Any) -> dict[str, float]:
+def breakdown(run_one: Callable[[], None], model_type: type, storage: Any) -> dict[str, float]:
     """Seconds of one trial by kind, from ``torch.profiler`` (storage from its own clock).
 
-    The model's forward, the penalty (its value and its closed-form gradient), ``backward()`` and
-    the optimizer step are labelled for the profile only (``torch.optim`` optimizers label
-    themselves). Top-level ops outside those (minibatch indices, gathering the batch,
-    the validation slice) are "data"; what no op accounts for is Python.
+    The forward of ``model_type`` (the study's model), the penalty (its value and its
+    closed-form gradient), ``backward()`` and the optimizer step are labelled for the profile only
+    (``torch.optim`` optimizers label themselves). Top-level ops outside those (minibatch indices,
+    gathering the batch, the validation slice) are "data"; what no op accounts for is Python.
+    Storage is the calls this thread makes into tlsearch's storage of the study (Optuna's cache in
+    front of it answers some calls from memory, which are not counted).
     """
+    penalties = {tlsearch.REGULARIZERS.get(n).load() for n in tlsearch.REGULARIZERS.names()}
     patches = [
-        (BlockNet, "forward"),
+        (model_type, "forward"),
         (torch.Tensor, "backward"),
-        (_FusedAdam, "step"),
+        (FusedAdam, "step"),
         *(
             (cls, attr)
-            for cls in regularizers._regularizers.values()
+            for cls in penalties
+            if isinstance(cls, type)
             for attr in ("forward", "accumulate_grad_")
             if attr in cls.__dict__
         ),
     ]
-    labels = {BlockNet: "forward+loss", torch.Tensor: "backward", _FusedAdam: "optimizer"}
+    labels = {model_type: "forward+loss", torch.Tensor: "backward", FusedAdam: "optimizer"}
     originals = [(owner, attr, owner.__dict__[attr]) for owner, attr in patches]
-    timer = _TimedStorage(*storages)
+    timer = _TimedStorage(storage)
     for owner, attr, fn in originals:
         setattr(owner, attr, _labelled(labels.get(owner, "penalty"), fn))
     try:
@@ -342,19 +364,19 @@ def step_over_bare(objective: KFoldObjective, depth: int) -> tuple[float, float]
     (fold 0 and its seed).
     """
     cfg = objective.cfg
-    params = FinetuneParams(0.1, 1e-3, depth, cfg.search.backbone_lr_mult)
+    params = probe_params(cfg, depth)
     tr = objective.folds[0][0]
     xs, ys = objective.frozen_features(depth)[tr], objective.y[tr]
     seed = objective.seeds[0]
     epochs = cfg.finetune.epochs
     batches_per_epoch = -(-len(tr) // cfg.finetune.batch_size)
 
-    def fit(n_epochs: int) -> tuple[float, BlockNet]:
+    def fit(n_epochs: int) -> tuple[float, torch.nn.Module]:
         c = cfg.model_copy(
             update={"finetune": cfg.finetune.model_copy(update={"epochs": n_epochs})}
         )
         t0 = time.perf_counter()
-        model = finetune(
+        model = tlsearch.finetune(
             objective.pretrained,
             c,
             params,
@@ -391,7 +413,7 @@ def step_over_bare(objective: KFoldObjective, depth: int) -> tuple[float, float]
 def folds_together(objective: KFoldObjective, depth: int, repeats: int = 2) -> tuple[float, float]:
     """Seconds to train all folds one by one, and all at once (forced, even where auto is off)."""
     cfg = objective.cfg
-    params = FinetuneParams(0.1, 1e-3, depth, cfg.search.backbone_lr_mult)
+    params = probe_params(cfg, depth)
     x = objective.frozen_features(depth)
     args = (objective.num_classes, objective.input_shape)
     train = torch.stack([tr for tr, _ in objective.folds])
@@ -399,12 +421,12 @@ def folds_together(objective: KFoldObjective, depth: int, repeats: int = 2) -> t
     for _ in range(repeats):
         t0 = time.perf_counter()
         for (tr, _), seed in zip(objective.folds, objective.seeds, strict=True):
-            finetune(
+            tlsearch.finetune(
                 objective.pretrained, cfg, params, x[tr], objective.y[tr], *args, seed, start=depth
             )
         one.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        finetune_folds(
+        tlsearch.finetune_folds(
             objective.pretrained,
             cfg,
             params,
@@ -416,6 +438,17 @@ def folds_together(objective: KFoldObjective, depth: int, repeats: int = 2) -> t
         )
         together.append(time.perf_counter() - t0)
     return min(one), min(together)
+
+
+def probe_params(cfg: StudyConfig, depth: int) -> TrialParams:
+    """Fixed parameters for the measurements below (λ 0.1, lr 1e-3) at frozen depth ``depth``."""
+    return TrialParams(
+        lambda_=0.1,
+        lr=1e-3,
+        frozen_blocks=depth,
+        backbone_lr_mult=cfg.search.backbone_lr_mult,
+        regularizer=cfg.regularizer.names[0],
+    )
 
 
 def count_flops(run: Callable[[], Any]) -> float:
@@ -456,7 +489,7 @@ def main() -> None:
     parser.add_argument("--per-depth", type=int, default=2, help="trials at each frozen depth")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base = load_config(args.config)
+    base = tlsearch.load_config(args.config)
     params = trial_params(base, args.per_depth)
     default_threads = torch.get_num_threads()
     load0 = os.getloadavg()[0]
@@ -483,26 +516,23 @@ def main() -> None:
         # The finer measurements on one thread: steadier on a shared machine.
         torch.set_num_threads(1)
         depths = sorted({p["frozen_blocks"] for p in params})
-        batching = [("cnn", d, objective, folds_together(objective, d)) for d in depths]
+        batching = [(base.model.name, d, objective, folds_together(objective, d)) for d in depths]
         # The same for the MLP (784-256-128-10), whose blocks are matmuls of several sizes.
-        mlp_cfg = objective.cfg.model_copy(
-            update={
-                "model": ModelConfig(name="mlp", hidden=[256, 128]),
-                "finetune": objective.cfg.finetune.model_copy(update={"threads": 1}),
-                "search": objective.cfg.search.model_copy(
-                    update={"frozen_blocks": ParamRange(low=0, high=2, step=1)}
-                ),
-            }
-        )
-        mlp = make_objective(prepare(mlp_cfg))
+        mlp_dict = objective.cfg.to_dict()
+        mlp_dict["model"] = {"name": "mlp", "hidden": [256, 128]}
+        mlp_dict["finetune"]["threads"] = 1
+        mlp_dict["search"]["frozen_blocks"] = {"low": 0, "high": 2, "step": 1}
+        mlp = kfold_objective(tlsearch.prepare(tlsearch.config_from_dict(mlp_dict)))
         batching += [("mlp", d, mlp, folds_together(mlp, d)) for d in range(3)]
         steps = {d: step_over_bare(objective, d) for d in depths}
         # One more trial at two depths, profiled (queued: the same trials as above).
         profiles = {}
+        model_type = type(
+            tlsearch.create_model(base.model, ctx.task.input_shape, ctx.task.target_classes)
+        )
         for d in (0, 2):
             fast1.study.enqueue_trial(next(q for q in params if q["frozen_blocks"] == d))
-            storage = fast1.study._storage
-            profiles[d] = breakdown(fast1.run_one, storage, getattr(storage, "_backend", storage))
+            profiles[d] = breakdown(fast1.run_one, model_type, fast1.storage)
         # The arithmetic of one trial at each depth, for both objectives (outside any study).
         naive_objective = NaiveObjective(base, ctx.task)
         work = {}
@@ -592,8 +622,9 @@ def main() -> None:
     print("folds trained together (torch.func.vmap) vs one by one; all folds, cache on, 1 thread:")
     rows = []
     for name, d, obj, (one, together) in batching:
-        trained = sum(p.numel() for p in obj._source.blocks[d:].parameters())
-        auto = obj.fold_groups(FinetuneParams(0.1, 1e-3, d))
+        model = tlsearch.create_model(obj.cfg.model, obj.input_shape, obj.num_classes)
+        trained = sum(p.numel() for p in model.blocks[d:].parameters())
+        auto = obj.fold_groups(probe_params(obj.cfg, d))
         rows.append(
             [
                 name,

@@ -35,17 +35,17 @@ import psycopg
 import torch
 from psycopg import sql
 
-from tlsearch.config import StudyConfig, config_from_dict
-from tlsearch.storage import Heartbeat, create_storage
-from tlsearch.study import run_trials, setup_study, worker_attrs
-from tlsearch.workers import run_workers
+import tlsearch
+
+# Not in tlsearch's public API (README, Architecture), needed here: the trial loop a worker runs
+# (storage, heartbeats, budget), its storage, and the attributes it records on each trial.
 
 FOLDS = 3
 
 
-def study_config(storage: str, name: str, n_trials: int, cache: Path) -> StudyConfig:
+def study_config(storage: str, name: str, n_trials: int, cache: Path) -> tlsearch.StudyConfig:
     """A small real study: clean → noisy 8×8 digits, MLP 64-32, 3 folds of 100 epochs, 1 thread."""
-    return config_from_dict(
+    return tlsearch.config_from_dict(
         {
             "name": name,
             "storage": storage,
@@ -63,7 +63,7 @@ def study_config(storage: str, name: str, n_trials: int, cache: Path) -> StudyCo
     )
 
 
-def trials_per_minute(cfg: StudyConfig, workers: int) -> tuple[float, float]:
+def trials_per_minute(cfg: tlsearch.StudyConfig, workers: int) -> tuple[float, float]:
     """(steady trials/min of all workers together, seconds until every worker ran its first trial).
 
     Each worker's rate runs from the end of its first trial (which pays for torch's lazy imports)
@@ -71,7 +71,7 @@ def trials_per_minute(cfg: StudyConfig, workers: int) -> tuple[float, float]:
     """
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     t0 = time.time()
-    study, exits, _ = run_workers(cfg, workers, device="cpu", quiet=True)
+    study, exits, _ = tlsearch.run_workers(cfg, workers, device="cpu", quiet=True)
     assert all(e.exitcode == 0 for e in exits), [e.describe() for e in exits]
     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == cfg.n_trials, len(trials)
@@ -105,11 +105,15 @@ def _null_objective(trial: optuna.Trial) -> float:
 
 def _null_worker(url: str, name: str, n_trials: int, out: multiprocessing.Queue) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    storage = create_storage(url, Heartbeat())
+    storage = tlsearch.create_storage(url, tlsearch.Heartbeat())
     study = optuna.load_study(study_name=name, storage=storage)
     t0 = time.perf_counter()
-    ran = run_trials(
-        study, storage, _null_objective, n_trials=n_trials, attrs=worker_attrs(torch.device("cpu"))
+    ran = tlsearch.run_trials(
+        study,
+        storage,
+        _null_objective,
+        n_trials=n_trials,
+        attrs=tlsearch.worker_attrs(torch.device("cpu")),
     )
     out.put((time.perf_counter() - t0) / max(ran, 1) * 1000)
 
@@ -117,7 +121,9 @@ def _null_worker(url: str, name: str, n_trials: int, out: multiprocessing.Queue)
 def storage_ms_per_trial(url: str, workers: int, n_trials: int) -> float:
     """Wall milliseconds per trial and worker of the storage-only loop."""
     name = f"null-{workers}-{uuid.uuid4().hex[:6]}"
-    optuna.create_study(study_name=name, storage=create_storage(url), direction="maximize")
+    optuna.create_study(
+        study_name=name, storage=tlsearch.create_storage(url), direction="maximize"
+    )
     spawn = multiprocessing.get_context("spawn")
     out = spawn.Queue()
     procs = [
@@ -155,7 +161,9 @@ def main() -> int:
     rows = []
     try:
         # Pretrain the checkpoint once, outside every measurement.
-        setup_study(study_config(backends["sqlite"], "warmup", 1, tmp / "cache"), device="cpu")
+        tlsearch.setup_study(
+            study_config(backends["sqlite"], "warmup", 1, tmp / "cache"), device="cpu"
+        )
         for backend, url in backends.items():
             for workers in (1, 2):
                 cfg = study_config(url, f"real-{workers}", args.trials, tmp / "cache")

@@ -52,6 +52,18 @@ _API = {
     "evaluate": "tlsearch.training",
     "KFoldObjective": "tlsearch.objective",
     "load_checkpoint": "tlsearch.pretrain",
+    # building blocks the benchmarks use too
+    "DivergedError": "tlsearch.errors",
+    "TransferTask": "tlsearch.data",
+    "Dataset": "tlsearch.data",
+    "make_sampler": "tlsearch.samplers",
+    "make_pruner": "tlsearch.samplers",
+    "run_trials": "tlsearch.study",
+    "StudyContext": "tlsearch.study",
+    "worker_attrs": "tlsearch.study",
+    "finetune_folds": "tlsearch.training",
+    "create_storage": "tlsearch.storage",
+    "Heartbeat": "tlsearch.storage",
     # results
     "read_export": "tlsearch.export",
     "write_export": "tlsearch.export",
@@ -64,36 +76,47 @@ _API = {
 __all__ = [
     "__version__",
     "ConfigError",
+    "Dataset",
+    "DivergedError",
     "Entry",
+    "Heartbeat",
     "KFoldObjective",
     "MODELS",
     "PRUNERS",
     "REGULARIZERS",
     "SAMPLERS",
     "StudyConfig",
+    "StudyContext",
     "TASKS",
     "TlsearchError",
+    "TransferTask",
     "TrialParams",
     "backbone_state",
     "config_from_dict",
     "create_model",
+    "create_storage",
     "evaluate",
     "finetune",
+    "finetune_folds",
     "load_checkpoint",
     "load_config",
     "load_plugins",
     "load_study_config",
     "load_task",
+    "make_pruner",
+    "make_sampler",
     "open_study",
     "prepare",
     "read_export",
     "run_final",
     "run_study",
+    "run_trials",
     "run_worker",
     "run_workers",
     "setup_study",
     "study_status",
     "trials_frame",
+    "worker_attrs",
     "write_export",
     "write_report",
 ]
@@ -114,8 +137,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from tlsearch.config import StudyConfig, config_from_dict, load_config
-    from tlsearch.data import load_task
-    from tlsearch.errors import ConfigError, TlsearchError
+    from tlsearch.data import Dataset, TransferTask, load_task
+    from tlsearch.errors import ConfigError, DivergedError, TlsearchError
     from tlsearch.export import read_export, trials_frame, write_export
     from tlsearch.final import run_final
     from tlsearch.models import backbone_state, create_model
@@ -132,8 +155,16 @@ if TYPE_CHECKING:
         load_plugins,
     )
     from tlsearch.report import write_report
+    from tlsearch.samplers import make_pruner, make_sampler
     from tlsearch.status import study_status
-    from tlsearch.storage import load_study_config, open_study
-    from tlsearch.study import prepare, run_study, setup_study
-    from tlsearch.training import evaluate, finetune
+    from tlsearch.storage import Heartbeat, create_storage, load_study_config, open_study
+    from tlsearch.study import (
+        StudyContext,
+        prepare,
+        run_study,
+        run_trials,
+        setup_study,
+        worker_attrs,
+    )
+    from tlsearch.training import evaluate, finetune, finetune_folds
     from tlsearch.workers import run_worker, run_workers

@@ -158,11 +158,11 @@ def _load_config(args: argparse.Namespace):  # noqa: ANN202 - StudyConfig, impor
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)  # first: a study file's mistake is one line before torch loads
     from tlsearch.storage import mask_url, open_study
     from tlsearch.study import graceful_stop, run_study, stopped, summary_table
     from tlsearch.workers import run_workers
 
-    cfg = _load_config(args)
     if args.threads:
         cfg = cfg.model_copy(
             update={"finetune": cfg.finetune.model_copy(update={"threads": args.threads})}
@@ -220,10 +220,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)  # first: a study file's mistake is one line before torch loads
     from tlsearch.storage import count_budget, mask_url, without_password
     from tlsearch.study import setup_study
 
-    cfg = _load_config(args)
     study, _storage, ctx = setup_study(
         cfg,
         device=args.device,
