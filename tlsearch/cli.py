@@ -269,12 +269,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.trials is not None:
         df = write_trials(study, args.trials)
         _log.info("%d trials written to %s", len(df), args.trials)
-    data = write_export(study, args.output)
+    data = write_export(study, args.output, args.select)
+    sel = data["selection"]
+    se = data["cv_se"]
     _log.info(
-        "best trial %d (cv %.4f ± %.4f) written to %s",
+        "%s trial %d (CV accuracy %.4f%s, rule %s; Optuna's best: trial %d) written to %s",
+        "selected" if args.select != "best" else "best",
         data["trial_number"],
         data["cv_mean"],
-        data["cv_std"] or 0.0,
+        f" ± {se:.4f} SE" if se is not None else "",
+        sel["rule"],
+        sel["best"]["trial_number"],
         args.output,
     )
     return 0
@@ -284,13 +289,11 @@ def cmd_final(args: argparse.Namespace) -> int:
     load_plugins(args.plugin)
     quiet_optuna()
     from tlsearch.export import final_paths
-    from tlsearch.final import run_final
+    from tlsearch.final import format_final, run_final
 
-    data = run_final(args.best, args.device)
-    for name in ("tuned", "default_lambda", "scratch"):
-        m = data[name]
-        cv = f"  (CV {m['cv_mean']:.4f})" if m.get("cv_mean") is not None else ""
-        print(f"{name:>15}: test accuracy {m['test_accuracy']:.4f}  loss {m['test_loss']:.4f}{cv}")
+    data = run_final(args.best, args.device, args.seeds)
+    for line in format_final(data):
+        print(line)
     _log.info("metrics: %s, weights: %s", *final_paths(args.best))
     return 0
 
@@ -426,6 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_flags(export, required=True, name_required=False)
     export.add_argument("-o", "--output", type=Path, default=Path("best.json"), help="output file")
     export.add_argument(
+        "--select",
+        choices=("best", "one_se"),
+        default="best",
+        help="which trial to export: Optuna's best (default), or one_se: among the trials within "
+        "one standard error of the best, the most frozen blocks, then the largest λ (README, "
+        "Why CV on a few labels is noisy)",
+    )
+    export.add_argument(
         "--trials",
         type=Path,
         metavar="FILE",
@@ -439,11 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="retrain with an exported config and measure the held-out test once",
         description="Retrain on the whole target training split with the exported config, beside "
-        "training from scratch and default-λ fine-tuning, and score all three on the held-out "
-        "target test split. Writes BEST.final.json and BEST.final.pt next to BEST.json.",
+        "plain fine-tuning and training from scratch, and score all three on the held-out "
+        "target test split: each accuracy with a 95 % interval, the paired differences with "
+        "McNemar's test, and whether the search and transfer paid beyond the noise. Writes "
+        "BEST.final.json and BEST.final.pt (the tuned model of seed 0) next to BEST.json.",
     )
     final.add_argument("best", type=Path, help="JSON written by `tlsearch export`")
     final.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    final.add_argument(
+        "--seeds",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="train each model on seeds 0 ... N-1 and report the mean and each seed's "
+        "(default: 1)",
+    )
     _add_plugin_flag(final)
     final.set_defaults(func=cmd_final)
 

@@ -25,7 +25,15 @@ from optuna.trial import TrialState
 from tlsearch._io import atomic_write, read_json, write_json
 from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import ConfigError, TlsearchError
-from tlsearch.params import TrialParams, resolve_params
+from tlsearch.params import TrialParams
+from tlsearch.selection import (
+    ATTR_SELECTED,
+    accuracy,
+    baseline_of,
+    resolved_params,
+    select,
+    standard_error,
+)
 from tlsearch.storage import ATTR_CHECKPOINT, load_study_config, mask_url
 
 __all__ = [
@@ -62,23 +70,47 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def best_config(study: optuna.Study) -> dict[str, Any]:
-    """The export as a dict; raises when the study has no completed trial."""
+def best_config(study: optuna.Study, rule: str = "best") -> dict[str, Any]:
+    """The export as a dict, for the trial ``rule`` selects (see :mod:`tlsearch.selection`);
+    raises when the study has no completed trial.
+
+    The top-level ``trial_number``, ``params`` and CV fields describe the selected trial (what
+    ``tlsearch final`` retrains); ``selection`` says how it was chosen, beside Optuna's best and the
+    runners-up; ``baselines`` holds the study's reference trials (plain fine-tuning, scratch).
+    """
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise TlsearchError(f"study '{study.study_name}' has no completed trial to export yet")
     cfg = load_study_config(study)
-    best = study.best_trial
+    chosen = select(study, cfg, rule)
+    trial = chosen.trial
     config = cfg.to_dict()
     config["storage"] = mask_url(config["storage"])
+    baselines = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        name = baseline_of(t)
+        if name is not None and name not in baselines:
+            baselines[name] = {
+                "trial_number": t.number,
+                "value": t.value,
+                "cv_mean": accuracy(t),
+                "cv_se": standard_error(t),
+                "params": resolved_params(t, cfg),
+            }
     return {
         "format": FORMAT,
         "study_name": study.study_name,
-        "trial_number": best.number,
-        "params": resolve_params(cfg, best.params).to_dict(),
-        "searched_params": best.params,
-        "cv_mean": best.value,
-        "cv_std": best.user_attrs.get("cv_std"),
-        "fold_scores": best.user_attrs.get("fold_scores"),
+        "trial_number": trial.number,
+        "params": resolved_params(trial, cfg),
+        "searched_params": trial.params,
+        "metric": cfg.cv.metric,
+        "value": trial.value,
+        "cv_mean": accuracy(trial),
+        "cv_std": trial.user_attrs.get("cv_std"),
+        "cv_se": standard_error(trial),
+        "cv_loss": trial.user_attrs.get("cv_loss"),
+        "fold_scores": trial.user_attrs.get("fold_scores"),
+        "selection": chosen.to_dict(cfg),
+        "baselines": baselines,
         "n_trials": {
             s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
             for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -89,10 +121,12 @@ def best_config(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def write_export(study: optuna.Study, path: str | Path) -> dict[str, Any]:
-    """Write :func:`best_config` to ``path`` atomically and return it."""
-    data = best_config(study)
+def write_export(study: optuna.Study, path: str | Path, rule: str = "best") -> dict[str, Any]:
+    """Write :func:`best_config` to ``path`` atomically, store the selection with the study
+    (``tlsearch_selected``) and return the export."""
+    data = best_config(study, rule)
     write_json(Path(path), data)
+    study.set_user_attr(ATTR_SELECTED, data["selection"])
     return data
 
 
@@ -172,12 +206,14 @@ def read_export(path: str | Path) -> BestConfig:
     return BestConfig(cfg, params, data)
 
 
-# The models `tlsearch final` trains and scores, as keys of BEST.final.json.
+# The models `tlsearch final` trains and scores, as keys of BEST.final.json, in report order.
 FINAL_MODELS = {
     "scratch": "from scratch (no transfer)",
-    "default_lambda": "fine-tuned, default λ",
-    "tuned": "fine-tuned, tuned",
+    "plain_finetuning": "plain fine-tuning",
+    "tuned": "tuned fine-tuning",
 }
+# Keys of older BEST.final.json files → today's (tlsearch 0.1 named plain fine-tuning after its λ).
+_OLD_FINAL_KEYS = {"default_lambda": "plain_finetuning"}
 
 
 def final_paths(best_path: str | Path) -> tuple[Path, Path]:
@@ -187,11 +223,18 @@ def final_paths(best_path: str | Path) -> tuple[Path, Path]:
 
 
 def read_final(path: str | Path) -> dict[str, Any]:
-    """Read ``BEST.final.json`` (from ``tlsearch final``); one clear error if it is not one."""
+    """Read ``BEST.final.json`` (from ``tlsearch final``); one clear error if it is not one.
+
+    A file from before the baseline's rename (``default_lambda``) reads with the key
+    ``plain_finetuning``; one from before ``--seeds`` simply lacks the intervals and comparisons.
+    """
     path = Path(path)
     data = read_json(path, "a readable JSON file")
     if not isinstance(data, dict):
         data = {}
+    for old, new in _OLD_FINAL_KEYS.items():
+        if old in data and new not in data:
+            data[new] = data.pop(old)
     missing = [
         n
         for n in FINAL_MODELS

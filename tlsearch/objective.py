@@ -13,9 +13,11 @@ and the folds' models train together (``finetune.fold_batching``, see
 
 from __future__ import annotations
 
+import hashlib
+import math
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -28,7 +30,7 @@ from tlsearch.data import Dataset
 from tlsearch.device import set_threads
 from tlsearch.errors import ConfigError, DivergedError
 from tlsearch.models import BlockNet, backbone_state, create_model
-from tlsearch.params import TrialParams, suggest_params
+from tlsearch.params import TrialParams, baseline_enqueue, baseline_params, suggest_params
 from tlsearch.samplers import first_prunable_fold, reports_fold_scores
 from tlsearch.training import (
     channels_last,
@@ -39,7 +41,7 @@ from tlsearch.training import (
     to_tensors,
 )
 
-__all__ = ["KFoldObjective", "check_folds"]
+__all__ = ["CVMetric", "KFoldObjective", "check_folds", "enqueue_baselines", "split_seed"]
 
 
 def check_folds(cfg: StudyConfig, train: Dataset) -> None:
@@ -89,14 +91,21 @@ class KFoldObjective:
         self.num_classes = num_classes
         self.pretrained = {k: v.to(device) for k, v in pretrained.items()}
         self.x, self.y = to_tensors(train.x, train.y, device)
-        splitter = (StratifiedKFold if cfg.cv.stratified else KFold)(
-            n_splits=cfg.cv.k, shuffle=True, random_state=cfg.cv.seed
-        )
-        self.folds = [
-            (torch.from_numpy(tr).to(device), torch.from_numpy(va).to(device))
-            for tr, va in splitter.split(train.x.reshape(len(train), -1), train.y)
-        ]
+        # Repeated k-fold: repeat 0 splits as cv.seed alone did before repeats; each further
+        # repeat splits anew. Every trial gets these same folds, and fold f its seed.
+        features = train.x.reshape(len(train), -1)
+        self.folds = []
+        for repeat in range(cfg.cv.repeats):
+            splitter = (StratifiedKFold if cfg.cv.stratified else KFold)(
+                n_splits=cfg.cv.k, shuffle=True, random_state=split_seed(cfg.cv.seed, repeat)
+            )
+            self.folds += [
+                (torch.from_numpy(tr).to(device), torch.from_numpy(va).to(device))
+                for tr, va in splitter.split(features, train.y)
+            ]
         self.seeds = [cfg.cv.seed * 1000 + fold for fold in range(len(self.folds))]
+        self.metric = CVMetric(cfg.cv.metric, [len(va) for _, va in self.folds])
+        self._scratch: dict[str, torch.Tensor] | None = None
         self.report_folds = reports_fold_scores(cfg)
         # The pretrained blocks in eval mode, for the frozen features (no head, no gradients).
         self._source = _pretrained_blocks(cfg, self.pretrained, input_shape, num_classes)
@@ -139,7 +148,12 @@ class KFoldObjective:
         return [list(range(first + 1))] + singles[first + 1 :]
 
     def _fit(
-        self, params: TrialParams, x: torch.Tensor, start: int, group: list[int]
+        self,
+        init: Mapping[str, torch.Tensor],
+        params: TrialParams,
+        x: torch.Tensor,
+        start: int,
+        group: list[int],
     ) -> dict[int, BlockNet | DivergedError]:
         """The fine-tuned model of each fold in ``group``, or the divergence that ended it."""
         if len(group) == 1:
@@ -147,7 +161,7 @@ class KFoldObjective:
             tr = self.folds[fold][0]
             try:
                 model = finetune(
-                    self.pretrained,
+                    init,
                     self.cfg,
                     params,
                     x[tr],
@@ -162,7 +176,7 @@ class KFoldObjective:
             return {fold: model}
         train = torch.stack([self.folds[fold][0] for fold in group])
         models = finetune_folds(
-            self.pretrained,
+            init,
             self.cfg,
             params,
             x[train],
@@ -174,8 +188,34 @@ class KFoldObjective:
         )
         return dict(zip(group, models, strict=True))
 
+    def scratch_init(self) -> dict[str, torch.Tensor]:
+        """A random init of the model (seeded by ``pretrain.seed``), for the ``scratch`` baseline:
+        what fine-tuning starts from when nothing is transferred."""
+        if self._scratch is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.pretrain.seed)
+                model = create_model(self.cfg.model, self.input_shape, self.num_classes)
+            device = self.x.device
+            self._scratch = {k: v.to(device) for k, v in model.state_dict().items()}
+        return self._scratch
+
+    def trial_params(self, trial: optuna.Trial) -> tuple[TrialParams, str | None]:
+        """The trial's parameters, and the baseline it is (None for a searched trial).
+
+        A baseline trial (enqueued by :func:`enqueue_baselines`) asks the trial only for the
+        parameters it was enqueued with, so the sampler records where it really is; it trains
+        with exactly the baseline's settings.
+        """
+        baseline = trial.user_attrs.get("baseline")
+        if baseline is None:
+            return suggest_params(trial, self.cfg), None
+        suggest_params(trial, self.cfg, only=baseline_enqueue(self.cfg, baseline))
+        return baseline_params(self.cfg, baseline), baseline
+
     def __call__(self, trial: optuna.Trial) -> float:
-        params = suggest_params(trial, self.cfg)
+        params, baseline = self.trial_params(trial)
+        init = self.scratch_init() if baseline == "scratch" else self.pretrained
+        trial.set_user_attr("resolved_params", params.to_dict())
         scores: list[float] = []
         losses: list[float] = []
         seconds: list[float] = []
@@ -187,7 +227,9 @@ class KFoldObjective:
             trial.set_user_attr("fold_seconds", seconds)
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
 
-        start = params.frozen_blocks if self.cfg.finetune.cache_frozen else 0
+        # From a random init nothing is frozen-and-cached: the baseline freezes nothing.
+        cached = self.cfg.finetune.cache_frozen and baseline != "scratch"
+        start = params.frozen_blocks if cached else 0
         x = self.frozen_features(start)
         groups = iter(self.fold_groups(params))
         fitted: dict[int, BlockNet | DivergedError] = {}
@@ -195,7 +237,7 @@ class KFoldObjective:
             if fold not in fitted:
                 t_fit = time.perf_counter()
                 group = next(groups)
-                fitted = self._fit(params, x, start, group)
+                fitted = self._fit(init, params, x, start, group)
                 # Folds trained together share their training time evenly.
                 share = (time.perf_counter() - t_fit) / len(group)
             t_eval = time.perf_counter()
@@ -209,18 +251,82 @@ class KFoldObjective:
             scores.append(acc)
             losses.append(loss)
             seconds.append(round(share + time.perf_counter() - t_eval, 3))
-            # Rounded to 12 digits, as the returned value: 0.92 reads 0.92, not 0.9199999999999999.
-            trial.report(round(acc if self.report_folds else statistics.fmean(scores), 12), fold)
+            # What the pruner compares: this fold's value (Wilcoxon) or the running mean.
+            step = self.metric.value([acc], [loss]) if self.report_folds else None
+            trial.report(step if step is not None else self.metric.value(scores, losses), fold)
             if fold < len(self.folds) - 1 and trial.should_prune():
                 record()
                 trial.set_user_attr("pruned_after_folds", fold + 1)
                 raise optuna.TrialPruned(f"pruned after fold {fold}")
 
-        mean = round(statistics.fmean(scores), 12)
         record()
-        trial.set_user_attr("cv_mean", mean)
+        trial.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
         trial.set_user_attr("cv_std", statistics.pstdev(scores))
-        return mean
+        trial.set_user_attr("cv_loss", round(statistics.fmean(losses), 12))
+        trial.set_user_attr("cv_se", self.metric.standard_error(scores, losses))
+        return self.metric.value(scores, losses)
+
+
+def split_seed(seed: int, repeat: int) -> int:
+    """The fold-split seed of repeat ``repeat``: ``seed`` itself for the first (as before repeats
+    existed), a hash of both for the others."""
+    if repeat == 0:
+        return seed
+    digest = hashlib.sha256(f"tlsearch.cv:{seed}:{repeat}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class CVMetric:
+    """A trial's value from its fold accuracies and losses, as one float Optuna maximizes.
+
+    - ``accuracy``: the mean fold accuracy.
+    - ``loss``: minus the mean fold cross-entropy.
+    - ``accuracy_then_loss``: ``mean accuracy + ε / (1 + mean loss)``. Fold f scores ``n_f``
+      images, so a mean over up to K folds is a multiple of ``1 / (K·L)``, with L the least common
+      multiple of the ``n_f``: two different mean accuracies differ by at least ``1/(K·L) = 2ε``,
+      more than the loss term (between 0 and ε) can bridge. The accuracy order is kept exactly
+      and ties are broken by the lower loss. The pruner sees the same encoding of the running mean
+      (m folds: a multiple of ``1/(m·L)``, coarser still). Values are rounded to 12 digits, far
+      below ε for any data set that fits in memory (ε < 1e-12 would need K·L > 5e11).
+
+    The standard error is that of the mean of the fold values: ``std(ddof=1) / √K`` over the
+    fold accuracies (``loss``: the fold losses).
+    """
+
+    def __init__(self, name: str, fold_sizes: Sequence[int]) -> None:
+        self.name = name
+        self.eps = 0.5 / (len(fold_sizes) * math.lcm(*fold_sizes))
+
+    def value(self, scores: Sequence[float], losses: Sequence[float]) -> float:
+        acc, loss = statistics.fmean(scores), statistics.fmean(losses)
+        if self.name == "accuracy":
+            value = acc
+        elif self.name == "loss":
+            value = -loss
+        else:
+            value = acc + self.eps / (1.0 + loss)
+        # 12 digits: 0.92 reads 0.92, not 0.9199999999999999.
+        return round(value, 12)
+
+    def standard_error(self, scores: Sequence[float], losses: Sequence[float]) -> float | None:
+        folds = losses if self.name == "loss" else scores
+        if len(folds) < 2:
+            return None
+        return statistics.stdev(folds) / math.sqrt(len(folds))
+
+
+def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Enqueue the study's reference trials (``search.baselines``) as its first trials.
+
+    Each is marked with the user attribute ``baseline`` and enqueued with the searched parameters
+    it has (see :func:`tlsearch.params.baseline_enqueue`); it counts toward the budget like any
+    trial and is scored on the same folds. A budget smaller than the baselines keeps the first.
+    """
+    budget = cfg.n_trials if cfg.n_trials is not None else len(cfg.search.baselines)
+    for name in cfg.search.baselines[:budget]:
+        study.enqueue_trial(
+            baseline_enqueue(cfg, name), user_attrs={"baseline": name}, skip_if_exists=False
+        )
 
 
 def _pretrained_blocks(

@@ -7,7 +7,7 @@ One name per thing. Files, the dashboard, exports and output say ``lambda``; Pyt
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,9 +15,12 @@ from tlsearch.config import ParamRange, StudyConfig
 from tlsearch.errors import ConfigError
 
 __all__ = [
+    "BASELINES",
     "PLAIN_FINETUNING",
     "SEARCHED",
     "TrialParams",
+    "baseline_enqueue",
+    "baseline_params",
     "fixed_params",
     "format_params",
     "resolve_params",
@@ -35,6 +38,11 @@ SEARCHED = {
 # What a user fine-tunes with before any search: Adam's usual 1e-3, everything trainable, no
 # backbone learning-rate cut, and a small λ (``tlsearch final``'s baseline).
 PLAIN_FINETUNING = {"lambda": 0.01, "lr": 1e-3, "frozen_blocks": 0, "backbone_lr_mult": 1.0}
+
+# The reference trials a study may enqueue (``search.baselines``): plain fine-tuning from the
+# pretrained model, and the same settings from a random init (nothing to pull toward but zero, so
+# L2) — ``tlsearch final``'s two baselines.
+BASELINES = ("plain_finetuning", "scratch")
 
 
 @dataclass(frozen=True)
@@ -98,12 +106,19 @@ def fixed_params(cfg: StudyConfig) -> dict[str, Any]:
     return fixed
 
 
-def suggest_params(trial: Suggester, cfg: StudyConfig) -> TrialParams:
-    """Ask the trial for every searched parameter; fixed ones come from the config."""
+def suggest_params(
+    trial: Suggester, cfg: StudyConfig, only: Collection[str] | None = None
+) -> TrialParams:
+    """Ask the trial for every searched parameter (or those in ``only``); the others come from
+    the config (fixed ones; a parameter left out of ``only`` takes its range's low end, which
+    the caller replaces)."""
     values = fixed_params(cfg)
     for name, attr in SEARCHED.items():
         space = getattr(cfg.search, attr)
         if not isinstance(space, ParamRange):
+            continue
+        if only is not None and name not in only:
+            values[name] = int(space.low) if name == "frozen_blocks" else space.low
             continue
         if name == "frozen_blocks":
             values[name] = trial.suggest_int(
@@ -114,8 +129,35 @@ def suggest_params(trial: Suggester, cfg: StudyConfig) -> TrialParams:
                 name, space.low, space.high, log=space.log, step=space.step
             )
     if not isinstance(cfg.regularizer.name, str):
-        values["regularizer"] = trial.suggest_categorical("regularizer", cfg.regularizer.names)
+        if only is None or "regularizer" in only:
+            values["regularizer"] = trial.suggest_categorical("regularizer", cfg.regularizer.names)
+        else:
+            values["regularizer"] = cfg.regularizer.names[0]
     return TrialParams.from_dict(values)
+
+
+def baseline_params(cfg: StudyConfig, name: str) -> TrialParams:
+    """Exactly what the baseline ``name`` (one of :data:`BASELINES`) fine-tunes with."""
+    assert name in BASELINES, name
+    regularizer = cfg.regularizer.names[0] if name == "plain_finetuning" else "l2"
+    return TrialParams.from_dict({**PLAIN_FINETUNING, "regularizer": regularizer})
+
+
+def baseline_enqueue(cfg: StudyConfig, name: str) -> dict[str, Any]:
+    """The searched parameters a baseline trial is enqueued with: those of its settings the search
+    space holds, so the sampler learns the point where the baseline really is. Nothing for
+    ``scratch``, which is not a point of the pretrained space."""
+    if name == "scratch":
+        return {}
+    values = baseline_params(cfg, name).to_dict()
+    out: dict[str, Any] = {}
+    for user, attr in SEARCHED.items():
+        space = getattr(cfg.search, attr)
+        if isinstance(space, ParamRange) and space.low <= values[user] <= space.high:
+            out[user] = values[user]
+    if not isinstance(cfg.regularizer.name, str):
+        out["regularizer"] = values["regularizer"]
+    return out
 
 
 def resolve_params(cfg: StudyConfig, params: Mapping[str, Any]) -> TrialParams:

@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.errors import StorageError
 from tlsearch.params import format_params
+from tlsearch.selection import accuracy, baseline_of, standard_error, stored_selection
 from tlsearch.storage import create_storage, load_study_config, mask_url, open_study, storage_error
 
 __all__ = ["heartbeat_ages", "status_table", "study_status"]
@@ -54,6 +55,17 @@ def heartbeat_ages(storage_url: str, study_name: str) -> dict[int, float]:
     # wall-clock time without one (SQLite: UTC on both sides).
     now = now.replace(tzinfo=None)
     return {number: max(0.0, (now - beat).total_seconds()) for number, beat in rows}
+
+
+def _trial_line(t: FrozenTrial) -> str:
+    se = standard_error(t)
+    loss = t.user_attrs.get("cv_loss")
+    return (
+        f"trial {t.number}, cv {accuracy(t):.4f}"
+        + (f" ± {se:.4f} SE" if se is not None else "")
+        + (f", loss {loss:.4f}" if loss is not None else "")
+        + (f": {format_params(t.params)}" if t.params else "")
+    )
 
 
 def _fmt_seconds(s: float) -> str:
@@ -113,11 +125,21 @@ def status_table(
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial
-        std = best.user_attrs.get("cv_std")
-        spread = f" ± {std:.4f}" if std is not None else ""
-        lines.append(
-            f"best: trial {best.number}, cv {best.value:.4f}{spread}: {format_params(best.params)}"
-        )
+        lines.append(f"best: {_trial_line(best)}")
+        # Plain fine-tuning and scratch, scored on the same folds: what the search must beat.
+        for t in complete:
+            if baseline_of(t) is not None:
+                lines.append(f"baseline {baseline_of(t)}: {_trial_line(t)}")
+        selected = stored_selection(study)
+        if selected is not None:
+            chosen = selected["selected"]
+            se = chosen.get("cv_se")
+            lines.append(
+                f"selected ({selected['rule']}, by the last export): trial "
+                f"{chosen['trial_number']}, cv {chosen['cv_mean']:.4f}"
+                + (f" ± {se:.4f} SE" if se is not None else "")
+                + f"; runners-up: {', '.join(str(r['trial_number']) for r in selected['runners_up'])}"
+            )
     else:
         lines.append("best: no completed trial yet")
 

@@ -1,8 +1,15 @@
 """The study config: its schema (:mod:`~tlsearch.config.schema`) and how a study file is read
 (:mod:`~tlsearch.config.load`)."""
 
-from tlsearch.config.load import check_names, config_from_dict, load_config
+from tlsearch.config.load import (
+    adopt_stored,
+    check_names,
+    config_from_dict,
+    load_config,
+    stored_config,
+)
 from tlsearch.config.schema import (
+    LEGACY_VALUES,
     CVConfig,
     DataConfig,
     FileSource,
@@ -19,6 +26,7 @@ from tlsearch.config.schema import (
 )
 
 __all__ = [
+    "LEGACY_VALUES",
     "CVConfig",
     "DataConfig",
     "FileSource",
@@ -31,8 +39,10 @@ __all__ = [
     "SamplerConfig",
     "SearchSpace",
     "StudyConfig",
+    "adopt_stored",
     "check_names",
     "config_from_dict",
     "load_config",
     "parse_duration",
+    "stored_config",
 ]

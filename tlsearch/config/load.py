@@ -8,6 +8,7 @@ the user loaded with ``--plugin``): a name in a study file never imports anythin
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from pathlib import Path
@@ -16,11 +17,11 @@ from typing import Any
 import tomllib
 from pydantic import ValidationError
 
-from tlsearch.config.schema import ModelConfig, ParamRange, StudyConfig
+from tlsearch.config.schema import LEGACY_VALUES, ModelConfig, ParamRange, StudyConfig
 from tlsearch.errors import ConfigError
 from tlsearch.registry import MODELS, PRUNERS, REGULARIZERS, SAMPLERS, TASKS
 
-__all__ = ["check_names", "config_from_dict", "load_config"]
+__all__ = ["adopt_stored", "check_names", "config_from_dict", "load_config", "stored_config"]
 
 _log = logging.getLogger(__name__)
 
@@ -207,3 +208,31 @@ def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:
     pre = data.get("pretrain")
     if isinstance(pre, dict) and isinstance(pre.get("cache_dir"), str):
         pre["cache_dir"] = resolve(pre["cache_dir"], "pretrain.cache_dir")
+
+
+def stored_config(raw: dict[str, Any], source: str) -> StudyConfig:
+    """The config a study was stored with. A field it lacks was added to tlsearch later, and the
+    study ran as if it held the value that behaves as before (``LEGACY_VALUES``), not today's
+    default."""
+    data = copy.deepcopy(raw)
+    for key, legacy in LEGACY_VALUES.items():
+        section, field = key.split(".")
+        table = data.setdefault(section, {})
+        if isinstance(table, dict) and field not in table:
+            table[field] = copy.deepcopy(legacy)
+    return config_from_dict(data, source)
+
+
+def adopt_stored(cfg: StudyConfig, stored: dict[str, Any] | None) -> StudyConfig:
+    """``cfg`` resuming a study stored as ``stored``: each field added since the study was made
+    and not set in ``cfg``'s file keeps the value the study ran with (``LEGACY_VALUES``)."""
+    if not stored:
+        return cfg
+    for key, legacy in LEGACY_VALUES.items():
+        section, field = key.split(".")
+        table = getattr(cfg, section)
+        if field in (stored.get(section) or {}) or field in table.model_fields_set:
+            continue
+        table = table.model_copy(update={field: copy.deepcopy(legacy)})
+        cfg = cfg.model_copy(update={section: table})
+    return cfg

@@ -10,7 +10,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from tlsearch.config import StudyConfig, config_from_dict
+from tlsearch.config import StudyConfig, stored_config
 from tlsearch.errors import StorageError
 from tlsearch.storage.rdb import StudyStorage, create_storage, mask_url, sqlite_file_missing
 
@@ -42,7 +42,7 @@ def load_study_config(study: optuna.Study) -> StudyConfig:
     raw = study.user_attrs.get(ATTR_CONFIG)
     if raw is None:
         raise StorageError(f"study '{study.study_name}' was not created by tlsearch (no config)")
-    return config_from_dict(raw, f"study '{study.study_name}'")
+    return stored_config(raw, f"study '{study.study_name}'")
 
 
 def load_study(

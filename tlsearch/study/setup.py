@@ -17,12 +17,12 @@ import optuna
 import torch
 
 from tlsearch._version import __version__
-from tlsearch.config import StudyConfig
+from tlsearch.config import StudyConfig, adopt_stored
 from tlsearch.dashboard import write_study_note
 from tlsearch.data import TransferTask, load_task
 from tlsearch.device import resolve_device
 from tlsearch.errors import ConfigError
-from tlsearch.objective import KFoldObjective, check_folds
+from tlsearch.objective import KFoldObjective, check_folds, enqueue_baselines
 from tlsearch.pretrain import Checkpoint, ensure_pretrained, load_checkpoint
 from tlsearch.samplers import make_pruner, make_sampler
 from tlsearch.storage import (
@@ -44,8 +44,6 @@ from tlsearch.storage import (
 __all__ = ["StudyContext", "make_objective", "prepare", "setup_study", "worker_attrs"]
 
 _log = logging.getLogger(__name__)
-
-METRIC_NAME = "cv_accuracy"
 
 
 @dataclass
@@ -72,11 +70,13 @@ def prepare(cfg: StudyConfig, device: str | None = None) -> StudyContext:
 
 def _existing(
     cfg: StudyConfig, allow_config_change: bool, heartbeat: Mapping[str, int] | None
-) -> tuple[optuna.Study | None, Heartbeat]:
-    """The study of that name if the storage holds one (checked against ``cfg``), and the heartbeat
-    settings to use; all before any data is loaded or pretrained, so a refused resume or a bad
-    flag costs nothing and prints nothing about pretraining. A SQLite file that does not exist
-    holds no study and is not created here."""
+) -> tuple[optuna.Study | None, Heartbeat, StudyConfig]:
+    """The study of that name if the storage holds one (checked against ``cfg``), the heartbeat
+    settings to use, and ``cfg`` as the study goes on with it (see ``adopt_stored``).
+
+    All before any data is loaded or pretrained, so a refused resume or a bad flag costs nothing
+    and prints nothing about pretraining. A SQLite file that does not exist holds no study and is
+    not created here."""
     existing = None
     if not sqlite_file_missing(cfg.storage):
         storage = create_storage(cfg.storage)
@@ -86,6 +86,8 @@ def _existing(
             existing = None
     stored = None
     if existing is not None:
+        # Fields added since the study was made keep the values it ran with.
+        cfg = adopt_stored(cfg, existing.user_attrs.get(ATTR_CONFIG))
         old = existing.user_attrs.get(ATTR_HASH)
         if old is not None and not cfg.hash_matches(old) and not allow_config_change:
             raise ConfigError(
@@ -94,7 +96,7 @@ def _existing(
             )
         stored = existing.user_attrs.get(ATTR_HEARTBEAT)
     # Checked before a new study exists: bad heartbeat flags must not leave a study behind.
-    return existing, replace(Heartbeat.from_dict(stored), **(heartbeat or {}))
+    return existing, replace(Heartbeat.from_dict(stored), **(heartbeat or {})), cfg
 
 
 def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> None:
@@ -122,7 +124,7 @@ def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> Non
     study.set_user_attr(ATTR_HEARTBEAT, heartbeat.to_dict())
     study.set_user_attr(ATTR_VERSION, __version__)
     # What optuna-dashboard and optuna.visualization call the objective (not "Objective 0").
-    study.set_metric_names([METRIC_NAME])
+    study.set_metric_names([ctx.cfg.cv.metric_name])
     study.set_user_attr("task", ctx.task.description)
     # The markdown note optuna-dashboard shows beside the study: data, model, penalty, space, CV.
     write_study_note(study, ctx.cfg, ctx.task.description)
@@ -145,7 +147,7 @@ def setup_study(
             stored with the study, else the defaults), e.g. ``{"grace_period": 120}``.
     """
     check_url(cfg.storage)  # a bad URL or an unwritable directory costs no pretraining
-    existing, beat = _existing(cfg, allow_config_change, heartbeat)
+    existing, beat, cfg = _existing(cfg, allow_config_change, heartbeat)
     ctx = prepare(cfg, device)
     storage = create_storage(cfg.storage)
     study = optuna.create_study(
@@ -157,6 +159,8 @@ def setup_study(
         load_if_exists=True,
     )
     storage.enable_heartbeat(beat)
+    if existing is None and not study.trials:
+        enqueue_baselines(study, cfg)
     _record(study, ctx, beat)
     where = storage_location(cfg.storage)
     if existing is None:

@@ -1,0 +1,205 @@
+"""What "best" and "selected" mean: the CV metric, repeated folds, baselines, selection rules."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+from sklearn.model_selection import StratifiedKFold
+
+from tlsearch.config import LEGACY_VALUES, config_from_dict, stored_config
+from tlsearch.export import best_config, write_export
+from tlsearch.objective import CVMetric, split_seed
+from tlsearch.params import baseline_params
+from tlsearch.selection import ATTR_SELECTED, select
+from tlsearch.status import status_table
+from tlsearch.storage import ATTR_CONFIG
+from tlsearch.study import make_objective, prepare, run_study
+
+# ---------------------------------------------------------------------------------------------
+# The metric: one float that keeps the accuracy order and breaks ties by the loss
+
+fold_sizes = st.lists(st.integers(1, 12), min_size=2, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fold_sizes, st.data())
+def test_accuracy_then_loss_keeps_the_accuracy_order(sizes: list[int], data: Any) -> None:
+    metric = CVMetric("accuracy_then_loss", sizes)
+    m = data.draw(st.integers(1, len(sizes)))  # the running mean after m folds, too
+
+    def trial() -> tuple[list[float], list[float], Fraction]:
+        correct = [data.draw(st.integers(0, n)) for n in sizes[:m]]
+        losses = [data.draw(st.floats(0.0, 50.0)) for _ in range(m)]
+        exact = sum(Fraction(c, n) for c, n in zip(correct, sizes, strict=False)) / m
+        return [c / n for c, n in zip(correct, sizes, strict=False)], losses, exact
+
+    (sa, la, a), (sb, lb, b) = trial(), trial()
+    va, vb = metric.value(sa, la), metric.value(sb, lb)
+    if a > b:
+        assert va > vb
+    elif a == b and statistics.fmean(la) < statistics.fmean(lb):
+        assert va >= vb  # a lower loss never ranks lower; strictly higher unless it rounds away
+    assert abs(va - float(a)) <= metric.eps + 1e-12
+
+
+def test_metric_values_and_standard_error() -> None:
+    scores, losses = [0.9, 0.8, 1.0, 0.9], [0.3, 0.5, 0.1, 0.2]
+    assert CVMetric("accuracy", [10] * 4).value(scores, losses) == 0.9
+    assert CVMetric("loss", [10] * 4).value(scores, losses) == -0.275
+    tie_break = CVMetric("accuracy_then_loss", [10] * 4)
+    assert tie_break.eps == 0.5 / (4 * 10)
+    assert tie_break.value(scores, losses) == round(0.9 + 0.0125 / 1.275, 12)
+    # The standard error of the mean of k·r fold values: std(ddof=1)/√(k·r).
+    se = statistics.stdev(scores) / math.sqrt(4)
+    assert CVMetric("accuracy", [10] * 4).standard_error(scores, losses) == pytest.approx(se)
+    assert CVMetric("loss", [10] * 4).standard_error(scores, losses) == pytest.approx(
+        statistics.stdev(losses) / 2
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeated folds
+
+
+def test_repeats_give_the_documented_splits(tiny) -> None:
+    cfg = config_from_dict(tiny(cv={"k": 2, "repeats": 3, "seed": 4}))
+    ctx = prepare(cfg)
+    objective = make_objective(ctx)
+    y = ctx.task.target_train.y
+    x = ctx.task.target_train.x.reshape(len(y), -1)
+    assert len(objective.folds) == 6
+    assert split_seed(4, 0) == 4 and len({split_seed(4, r) for r in range(3)}) == 3
+    for repeat in range(3):
+        expected = StratifiedKFold(2, shuffle=True, random_state=split_seed(4, repeat)).split(x, y)
+        for (tr, va), (etr, eva) in zip(objective.folds[2 * repeat :], expected, strict=False):
+            assert np.array_equal(tr.numpy(), etr) and np.array_equal(va.numpy(), eva)
+        # Each repeat's validation folds cover the training set once.
+        held = np.concatenate(
+            [va.numpy() for _, va in objective.folds[2 * repeat : 2 * repeat + 2]]
+        )
+        assert sorted(held) == list(range(len(y)))
+    # The first repeat is the split of a study without repeats.
+    single = make_objective(prepare(config_from_dict(tiny(cv={"k": 2, "seed": 4}))))
+    for (tr, va), (tr1, va1) in zip(single.folds, objective.folds[:2], strict=True):
+        assert np.array_equal(tr, tr1) and np.array_equal(va, va1)
+
+
+def test_a_trial_reports_every_fold_of_every_repeat(tiny) -> None:
+    study = run_study(config_from_dict(tiny(n_trials=1, cv={"k": 2, "repeats": 2})))
+    (trial,) = study.trials
+    assert len(trial.user_attrs["fold_scores"]) == 4
+    assert sorted(trial.intermediate_values) == [0, 1, 2, 3]
+    assert trial.user_attrs["cv_se"] == pytest.approx(
+        statistics.stdev(trial.user_attrs["fold_scores"]) / 2
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines are trials of every new study
+
+
+def test_baselines_are_the_first_trials_of_a_new_study(tiny) -> None:
+    both = {"baselines": ["plain_finetuning", "scratch"]}
+    cfg = config_from_dict(tiny(n_trials=3, search=both))
+    study = run_study(cfg)
+    first, second, third = study.trials
+    assert first.user_attrs["baseline"] == "plain_finetuning"
+    assert second.user_attrs["baseline"] == "scratch"
+    assert "baseline" not in third.user_attrs
+    # Exactly final's baselines, recorded in full; the sampler sees plain fine-tuning where it is.
+    assert (
+        first.user_attrs["resolved_params"] == baseline_params(cfg, "plain_finetuning").to_dict()
+    )
+    assert second.user_attrs["resolved_params"] == baseline_params(cfg, "scratch").to_dict()
+    assert first.params == {"lambda": 0.01, "lr": 0.001, "frozen_blocks": 0}
+    assert second.params == {}
+    # Scored on the same folds as every trial.
+    assert len(first.user_attrs["fold_scores"]) == len(third.user_attrs["fold_scores"]) == 2
+    # A resumed study does not queue them again.
+    again = run_study(
+        config_from_dict(tiny(n_trials=4, search={"baselines": ["plain_finetuning", "scratch"]}))
+    )
+    assert [t.user_attrs.get("baseline") for t in again.trials].count("scratch") == 1
+
+
+def test_defaults_and_what_a_study_stored_before_them_means() -> None:
+    cfg = config_from_dict({})
+    assert cfg.cv.metric == "accuracy_then_loss" and cfg.cv.repeats == 1
+    assert cfg.search.baselines == ["plain_finetuning", "scratch"]
+    # A config stored before the fields existed ran as 0.1 did: accuracy, no baselines.
+    old = stored_config({"name": "x"}, "study 'x'")
+    assert (old.cv.metric, old.cv.repeats, old.search.baselines) == ("accuracy", 1, [])
+    assert LEGACY_VALUES == {"cv.metric": "accuracy", "cv.repeats": 1, "search.baselines": []}
+    # Their 0.1 values hash as the fields did not exist; today's defaults are another study.
+    legacy = config_from_dict({"cv": {"metric": "accuracy"}, "search": {"baselines": []}})
+    assert legacy.search_hash() != cfg.search_hash()
+
+
+# ---------------------------------------------------------------------------------------------
+# Best vs selected
+
+
+def _trial(value: float, se: float, frozen: int, lam: float, lr: float = 1e-3, **attrs: Any):
+    return create_trial(
+        state=TrialState.COMPLETE,
+        value=value,
+        params={"lambda": lam, "lr": lr, "frozen_blocks": frozen},
+        distributions={
+            "lambda": FloatDistribution(1e-4, 100.0, log=True),
+            "lr": FloatDistribution(1e-4, 3e-2, log=True),
+            "frozen_blocks": IntDistribution(0, 3),
+        },
+        user_attrs={"cv_mean": round(value, 2), "cv_se": se, "fold_scores": [value] * 5, **attrs},
+    )
+
+
+@pytest.fixture
+def noisy_study(tmp_path: Path) -> optuna.Study:
+    cfg = config_from_dict({"storage": f"sqlite:///{tmp_path / 's.db'}", "name": "noisy"})
+    study = optuna.create_study(study_name="noisy", storage=cfg.storage, direction="maximize")
+    study.set_user_attr(ATTR_CONFIG, cfg.to_dict())
+    study.add_trial(_trial(0.880, 0.02, 0, 0.01, baseline="plain_finetuning"))
+    study.add_trial(_trial(0.900, 0.02, 0, 0.5))  # the best
+    study.add_trial(_trial(0.890, 0.02, 2, 0.1))  # within 1 SE, more frozen blocks
+    study.add_trial(_trial(0.885, 0.02, 2, 3.0))  # within 1 SE, as frozen, larger λ: selected
+    study.add_trial(_trial(0.850, 0.02, 3, 9.0))  # more frozen, but beyond one SE
+    return study
+
+
+def test_one_se_prefers_frozen_then_lambda_within_one_standard_error(noisy_study) -> None:
+    cfg = config_from_dict({})
+    best = select(noisy_study, cfg, "best")
+    assert best.trial.number == best.best.number == 1
+    chosen = select(noisy_study, cfg, "one_se")
+    assert chosen.trial.number == 3 and chosen.best.number == 1 and chosen.se == 0.02
+    assert [t.number for t in chosen.within] == [1, 2, 3, 0]
+    assert [t.number for t in chosen.runners_up] == [1, 2, 0, 4]
+
+
+def test_best_and_selected_are_stored_and_shown_alike(noisy_study, tmp_path: Path) -> None:
+    data = write_export(noisy_study, tmp_path / "best.json", "one_se")
+    assert data["trial_number"] == 3 and data["params"]["lambda"] == 3.0
+    assert data["selection"]["rule"] == "one_se"
+    assert data["selection"]["best"]["trial_number"] == 1
+    assert data["cv_se"] == 0.02 and data["cv_mean"] == 0.89
+    assert data["baselines"]["plain_finetuning"]["trial_number"] == 0
+    # Stored with the study, and status says the same.
+    stored = optuna.load_study(study_name="noisy", storage=noisy_study._storage).user_attrs
+    assert stored[ATTR_SELECTED] == data["selection"]
+    text = status_table(noisy_study)
+    assert "best: trial 1, cv 0.9000 ± 0.0200 SE" in text
+    assert "selected (one_se, by the last export): trial 3, cv 0.8900 ± 0.0200 SE" in text
+    assert "baseline plain_finetuning: trial 0" in text
+    # The default rule is Optuna's best.
+    assert best_config(noisy_study)["trial_number"] == 1
