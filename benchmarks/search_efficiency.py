@@ -69,10 +69,16 @@ def identity(cfg: tlsearch.StudyConfig) -> dict[str, Any]:
     """Everything that changes a grid point's scores; a cached grid must match it.
 
     That is the study's ``search_hash`` with the sampler, the pruner and ``cv.report`` at their
-    defaults (the replays choose the first two; the grid's trials report to nobody), and the axes.
+    defaults (the replays choose the first two; the grid's trials report to nobody), ``cv.metric``,
+    ``cv.repeats`` and ``search.baselines`` at their 0.1 values (what a point scores is the same),
+    and the axes.
     """
     d = cfg.to_dict()
-    d.update(sampler={}, pruner={}, cv={k: v for k, v in d["cv"].items() if k != "report"})
+    # What a trial's value is made of (cv.metric), how many repeats and which reference trials a
+    # study queues change no point's fold scores: at their 0.1 values they leave the hash as it was.
+    d.update(sampler={}, pruner={})
+    d["cv"].update(report="auto", metric="accuracy", repeats=1)
+    d["search"]["baselines"] = []
     return {
         "format": GRID_FORMAT,
         "search_hash": tlsearch.config_from_dict(d).search_hash(),
