@@ -80,7 +80,7 @@ def best_config(study: optuna.Study, rule: str = "best") -> dict[str, Any]:
     """
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise TlsearchError(f"study '{study.study_name}' has no completed trial to export yet")
-    cfg = load_study_config(study)
+    cfg = load_study_config(study, names=False)
     chosen = select(study, cfg, rule)
     trial = chosen.trial
     config = cfg.to_dict()
@@ -162,7 +162,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     trials = study.get_trials(deepcopy=False)
     k = max([len(t.user_attrs.get("fold_scores") or []) for t in trials], default=0)
     try:
-        k = max(k, load_study_config(study).cv.k)
+        k = max(k, load_study_config(study, names=False).cv.k)
     except TlsearchError:
         pass
     for attr, name in _FOLD_COLUMNS.items():

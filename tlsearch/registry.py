@@ -26,8 +26,9 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -69,7 +70,8 @@ class Entry:
             ``frozen_blocks`` may reach), computed without building the model.
         key_adapter: for models, ``"module:attribute"`` or a function mapping a checkpoint's state
             dict saved under another naming to the model's own parameter names.
-        origin: who registered it ("tlsearch", a distribution "name version", or a module path).
+        origin: who registered it: "tlsearch", a distribution ("name version"), or a
+            ``--plugin`` module ("plug-in FILE"); filled in while a plug-in's code runs.
     """
 
     name: str
@@ -122,8 +124,29 @@ def _resolve(target: str | Callable[..., Any], what: str) -> Any:
         for part in attr.split(".") if attr else []:
             obj = getattr(obj, part)
     except Exception as e:  # noqa: BLE001 - a plug-in's failure is one line for the user
-        raise ConfigError(f"{what}: cannot load {target}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{what}: cannot load {target}: {_describe(e)}") from None
     return obj
+
+
+def _describe(e: BaseException) -> str:
+    """``e`` as one line: a plug-in's exception message may span several, the user sees one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {'; '.join(lines)}" if lines else type(e).__name__
+
+
+# Who is registering while a plug-in's code runs: its distribution, while its entry point loads, or
+# its module, while load_plugins imports it. An entry registered then without an origin of its own
+# gets this one, so a plug-in that reuses a built-in's name is an error, never a silent swap.
+_registering: list[str] = []
+
+
+@contextmanager
+def _registering_as(origin: str) -> Iterator[None]:
+    _registering.append(origin)
+    try:
+        yield
+    finally:
+        _registering.pop()
 
 
 class Registry:
@@ -162,6 +185,8 @@ class Registry:
 
     def add(self, entry: Entry) -> Entry:
         """Register ``entry``; a name taken by another origin is an error, never a silent swap."""
+        if entry.origin == "tlsearch" and _registering:
+            entry = _with_origin(entry, _registering[-1])
         old = self._entries.get(entry.name)
         if old is not None and old.origin != entry.origin:
             raise ConfigError(
@@ -198,22 +223,27 @@ class Registry:
         self._scanned = True
         for ep in metadata.entry_points(group=self.group):
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else ep.value
+            where = f"plug-in {dist}: entry point '{ep.name}' in group {self.group}"
             try:
-                obj = ep.load()
+                with _registering_as(dist):
+                    obj = ep.load()
             except Exception as e:  # noqa: BLE001 - a broken plug-in is one line for the user
                 self._scanned = False
-                raise ConfigError(
-                    f"plug-in {dist}: entry point '{ep.name}' in group {self.group} failed to "
-                    f"import: {type(e).__name__}: {e}"
-                ) from None
+                raise ConfigError(f"{where} failed to import: {_describe(e)}") from None
             if isinstance(obj, Entry):
                 self.add(obj if obj.origin != "tlsearch" else _with_origin(obj, dist))
+            elif not isinstance(obj, ModuleType):
+                # Most likely the builder itself: silently skipping it would leave only an
+                # "unknown model" error, far from the mistake.
+                self._scanned = False
+                raise ConfigError(
+                    f"{where}: {ep.value} is a {type(obj).__name__}, not a tlsearch.registry.Entry "
+                    "or a module that registers its entries"
+                )
 
 
 def _with_origin(entry: Entry, origin: str) -> Entry:
-    return Entry(
-        entry.name, entry.target, entry.options, entry.blocks, entry.key_adapter, origin=origin
-    )
+    return replace(entry, origin=origin, _loaded={})
 
 
 _plugins: dict[str, str] = {}
@@ -241,25 +271,40 @@ def load_plugins(specs: Iterable[str] = (), *, environ: Mapping[str, str] = os.e
 
 
 def _import_plugin(spec: str) -> ModuleType:
+    path = None
+    if spec.endswith(".py"):
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"--plugin: {spec}: file not found")
+    elif "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
-        if spec.endswith(".py"):
-            path = Path(spec).expanduser().resolve()
-            if not path.is_file():
-                raise ConfigError(f"--plugin: {spec}: file not found")
-            name = f"tlsearch_plugin_{path.stem}"
-            module_spec = importlib.util.spec_from_file_location(name, path)
-            assert module_spec is not None and module_spec.loader is not None, spec
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            module_spec.loader.exec_module(module)
-            return module
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        return importlib.import_module(spec)
+        # Entries are registered as coming from the module's file, however it was named: the
+        # same file named twice (a dotted name, a path) may register its entries twice.
+        if path is None:
+            found = importlib.util.find_spec(spec)
+            with _registering_as(f"plug-in {found and found.origin or spec}"):
+                return importlib.import_module(spec)
+        with _registering_as(f"plug-in {path}"):
+            return _exec_file(path)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken plug-in is one line for the user
-        raise ConfigError(f"--plugin: {spec}: failed to import: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"--plugin: {spec}: failed to import: {_describe(e)}") from None
+
+
+def _exec_file(path: Path) -> ModuleType:
+    name = f"tlsearch_plugin_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    assert module_spec is not None and module_spec.loader is not None, path
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)  # as a failed `import` leaves no half-run module behind
+        raise
+    return module
 
 
 # --- the built-in entries ------------------------------------------------------------------------

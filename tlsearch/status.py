@@ -109,7 +109,7 @@ def status_table(
     heartbeats = heartbeats or {}
     trials = study.get_trials(deepcopy=False)
     try:
-        n_trials = load_study_config(study).n_trials
+        n_trials = load_study_config(study, names=False).n_trials
     except StorageError:
         n_trials = None
     where = f" in {storage_label}" if storage_label else ""

@@ -57,11 +57,15 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> StudyConfig:
+def config_from_dict(
+    data: dict[str, Any], source: str = "config", *, names: bool = True
+) -> StudyConfig:
     """Validate a config mapping; raise :class:`ConfigError` naming every bad field.
 
     The model's options come back complete (its entry's defaults filled in), so the stored config
-    says exactly which network every trial trained.
+    says exactly which network every trial trained. ``names=False`` checks the schema only: for a
+    config stored with a study, read by commands that build no model (export, status), whose
+    model or task may come from a plug-in this process has not loaded.
     """
     try:
         cfg = StudyConfig.model_validate(data)
@@ -70,7 +74,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> StudyConfi
         lines = _format_errors(err, source).splitlines()
         lines += [ln for ln in _unknown_names(data, source) if ln not in lines]
         raise ConfigError("\n".join(lines)) from None
-    return check_names(cfg, source)
+    return check_names(cfg, source) if names else cfg
 
 
 # Fields naming a registry entry: (section, key, registry).
@@ -210,7 +214,7 @@ def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:
         pre["cache_dir"] = resolve(pre["cache_dir"], "pretrain.cache_dir")
 
 
-def stored_config(raw: dict[str, Any], source: str) -> StudyConfig:
+def stored_config(raw: dict[str, Any], source: str, *, names: bool = True) -> StudyConfig:
     """The config a study was stored with. A field it lacks was added to tlsearch later, and the
     study ran as if it held the value that behaves as before (``LEGACY_VALUES``), not today's
     default."""
@@ -220,7 +224,7 @@ def stored_config(raw: dict[str, Any], source: str) -> StudyConfig:
         table = data.setdefault(section, {})
         if isinstance(table, dict) and field not in table:
             table[field] = copy.deepcopy(legacy)
-    return config_from_dict(data, source)
+    return config_from_dict(data, source, names=names)
 
 
 def adopt_stored(cfg: StudyConfig, stored: dict[str, Any] | None) -> StudyConfig:

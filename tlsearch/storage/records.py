@@ -37,12 +37,16 @@ ATTR_HEARTBEAT = "tlsearch_heartbeat"
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def load_study_config(study: optuna.Study) -> StudyConfig:
-    """The config a study was created with, from its user attributes."""
+def load_study_config(study: optuna.Study, *, names: bool = True) -> StudyConfig:
+    """The config a study was created with, from its user attributes.
+
+    ``names=False``: without checking its model, task and other names against the registries
+    (export and status read results and build nothing, so they need no plug-in).
+    """
     raw = study.user_attrs.get(ATTR_CONFIG)
     if raw is None:
         raise StorageError(f"study '{study.study_name}' was not created by tlsearch (no config)")
-    return stored_config(raw, f"study '{study.study_name}'")
+    return stored_config(raw, f"study '{study.study_name}'", names=names)
 
 
 def load_study(

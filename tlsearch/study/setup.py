@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -124,7 +125,9 @@ def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> Non
     study.set_user_attr(ATTR_HEARTBEAT, heartbeat.to_dict())
     study.set_user_attr(ATTR_VERSION, __version__)
     # What optuna-dashboard and optuna.visualization call the objective (not "Objective 0").
-    study.set_metric_names([ctx.cfg.cv.metric_name])
+    with warnings.catch_warnings():  # experimental in Optuna 5; the name is all we set
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([ctx.cfg.cv.metric_name])
     study.set_user_attr("task", ctx.task.description)
     # The markdown note optuna-dashboard shows beside the study: data, model, penalty, space, CV.
     write_study_note(study, ctx.cfg, ctx.task.description)
