@@ -6,10 +6,13 @@ import base64
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 from conftest import TINY, finished_tiny_study, run_cli
+from matplotlib.collections import PathCollection
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from optuna.trial import create_trial
 
@@ -28,7 +31,65 @@ STUDY_FIGURES = {
     "frozen_blocks": "CV accuracy vs frozen depth",
     "lr_vs_lambda": "Learning rate vs λ",
 }
+# BEST.final.json as `tlsearch final --seeds 2` writes it (the numbers made up, the shape real).
 FINAL = {
+    "study_name": "tiny",
+    "target_test_size": 619,
+    "seeds": [0, 1],
+    **{
+        name: {
+            "test_accuracy": acc,
+            "test_loss": 1.5,
+            "test_interval": [acc - 0.03, acc + 0.02],
+            "seed_accuracies": [acc - 0.01, acc + 0.01],
+            "seed_losses": [1.4, 1.6],
+            "cv_mean": cv,
+            "cv_se": se,
+            "params": {"lambda": lam, "lr": 0.001, "regularizer": reg},
+        }
+        for name, acc, cv, se, lam, reg in [
+            ("tuned", 0.8123, 0.79, 0.031, 0.2, "l2sp"),
+            ("plain_finetuning", 0.7456, 0.71, 0.042, 0.01, "l2sp"),
+            ("scratch", 0.6789, None, None, 0.01, "l2"),
+        ]
+    },
+    "comparisons": [
+        {
+            "model": "tuned",
+            "baseline": "plain_finetuning",
+            "difference": 0.0667,
+            "interval": [0.031, 0.102],
+            "mcnemar_p": 0.00123,
+            "model_only": 61,
+            "baseline_only": 20,
+        },
+        {
+            "model": "tuned",
+            "baseline": "scratch",
+            "difference": 0.1334,
+            "interval": [0.09, 0.17],
+            "mcnemar_p": 1e-9,
+            "model_only": 101,
+            "baseline_only": 18,
+        },
+        {
+            "model": "plain_finetuning",
+            "baseline": "scratch",
+            "difference": 0.0667,
+            "interval": [0.03, 0.1],
+            "mcnemar_p": 0.002,
+            "model_only": 70,
+            "baseline_only": 29,
+        },
+    ],  # fmt: skip
+    "verdict": [
+        "The search beat plain fine-tuning here (difference +6.7 pp, 95 % interval +3.1 … +10.2 "
+        "pp).",
+        "Transfer pays here: the tuned model beat training from scratch (...).",
+    ],
+}
+# The same from tlsearch 0.1 (one seed, no intervals, the baseline named after its λ).
+OLD_FINAL = {
     "study_name": "tiny",
     **{
         name: {"test_accuracy": acc, "test_loss": 1.5, "cv_mean": cv, "cv_std": None, "params": {}}
@@ -77,12 +138,41 @@ def test_report_with_final(study: tuple[optuna.Study, Path, str]) -> None:
     # Self-contained: nothing is fetched from elsewhere.
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", html)
     assert "<title>tlsearch report: tiny</title>" in html
-    # The three-way table, and the study described.
-    for number in ("0.8123", "0.7456", "0.6789"):
-        assert number in html
+    # The three-way table with intervals, seeds and CV ± SE; plain fine-tuning's settings; the
+    # paired differences and the verdict; and the study described.
+    for cells in (
+        ["tuned fine-tuning", "0.8123", "0.7823 – 0.8323", "0.8023, 0.8223", "1.5000",
+         "0.79 ± 0.031"],
+        ["plain fine-tuning", "0.7456", "0.7156 – 0.7656", "0.7356, 0.7556", "1.5000",
+         "0.71 ± 0.042"],
+        ["from scratch (no transfer)", "0.6789", "0.6489 – 0.6989", "0.6689, 0.6889", "1.5000",
+         "–"],
+        ["tuned − plain fine-tuning", "+6.7 pp", "+3.1 pp … +10.2 pp", "0.00123", "61 vs 20"],
+        ["plain fine-tuning − scratch", "+6.7 pp", "+3.0 pp … +10.0 pp", "0.002", "70 vs 29"],
+    ):  # fmt: skip
+        assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) in html, cells
+    assert (
+        "<p>Plain fine-tuning trains with lambda = 0.01, lr = 0.001, regularizer = l2sp.</p>"
+    ) in html
+    for sentence in FINAL["verdict"]:
+        assert f"<strong>{sentence}</strong>" in html
     assert "2-fold stratified cross-validation" in html
     assert "4 complete, 1 pruned" in html
-    assert html.count("<tr>") >= 5 + 3  # a row per trial, a row per final model
+    assert html.count("<tr>") >= 5 + 3 + 3  # a row per trial, per final model, per difference
+
+
+def test_report_with_an_old_final_file(study: tuple[optuna.Study, Path, str]) -> None:
+    # tlsearch 0.1's best.final.json: no intervals, seeds or differences, `default_lambda`.
+    s, tmp, _ = study
+    final = tmp / "old.final.json"
+    final.write_text(json.dumps(OLD_FINAL))
+    data = read_final(final)
+    assert "default_lambda" not in data
+    assert data["plain_finetuning"] == OLD_FINAL["default_lambda"]
+    html = write_report(s, tmp / "old", final).read_text(encoding="utf-8")
+    assert "test_comparison" in _images(html)
+    assert "<tr><td>plain fine-tuning</td><td>0.7456</td><td>–</td><td>–</td>" in html
+    assert "Paired differences" not in html and "<strong>" not in html
 
 
 def test_report_of_a_study_without_enough_trials(tmp_path: Path) -> None:
@@ -113,7 +203,7 @@ def test_report_of_a_study_without_enough_trials(tmp_path: Path) -> None:
 def test_final_file_must_come_from_final(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"tuned": {"test_accuracy": 0.5}}))
-    with pytest.raises(ConfigError, match="no test_accuracy for scratch, default_lambda"):
+    with pytest.raises(ConfigError, match="no test_accuracy for scratch, plain_finetuning"):
         read_final(bad)
     with pytest.raises(ConfigError, match="file not found"):
         read_final(tmp_path / "missing.json")
@@ -186,3 +276,44 @@ def test_depth_figure_says_it_leaves_out_pruned_trials() -> None:
     pts += [_point(4, 0.1, 0.2, pruned=True), _point(5, 0.1, 0.3, pruned=True)]
     label = figures.frozen_depth(pts).axes[0].get_xlabel()
     assert "2 pruned trial(s) not shown" in label
+
+
+def _error_bars(ax: Any) -> list[tuple[float, float]]:
+    """Every error bar of the axes as (low, high), rounded, sorted."""
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = [seg for c in bars for coll in c.lines[2] for seg in coll.get_segments()]
+    return sorted((round(s[0][1], 4), round(s[1][1], 4)) for s in segments)
+
+
+def test_test_comparison_draws_the_intervals(tmp_path: Path) -> None:
+    ax = figures.test_comparison(FINAL).axes[0]
+    order = ["scratch", "plain_finetuning", "tuned"]  # report order
+    assert [b.get_height() for b in ax.patches] == [FINAL[n]["test_accuracy"] for n in order]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "from scratch\n(no transfer)",
+        "plain fine-tuning",
+        "tuned fine-tuning",
+    ]
+    # The 95 % intervals as error bars from each bar's low to its high end, and each CV
+    # estimate ± one standard error.
+    wanted = [tuple(FINAL[n]["test_interval"]) for n in order] + [
+        (FINAL[n]["cv_mean"] - FINAL[n]["cv_se"], FINAL[n]["cv_mean"] + FINAL[n]["cv_se"])
+        for n in ("plain_finetuning", "tuned")
+    ]
+    assert _error_bars(ax) == sorted((round(lo, 4), round(hi, 4)) for lo, hi in wanted)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["one seed", "95 % interval (Wilson)", "CV estimate of the search (± 1 SE)"]
+    dots = [c for c in ax.collections if isinstance(c, PathCollection)]
+    seeds = [tuple(p) for c in dots for p in c.get_offsets()]
+    assert sorted(round(y, 4) for _, y in seeds) == sorted(
+        round(a, 4) for n in order for a in FINAL[n]["seed_accuracies"]
+    )
+    assert ax.get_title() == "Held-out test accuracy (619 images, mean of 2 seeds)"
+
+    # An old file: its bars and the tuned CV estimate, no interval (no stored SE: zero length).
+    old = tmp_path / "old.final.json"
+    old.write_text(json.dumps(OLD_FINAL))
+    ax = figures.test_comparison(read_final(old)).axes[0]
+    assert [b.get_height() for b in ax.patches] == [0.6789, 0.7456, 0.8123]
+    assert _error_bars(ax) == [(0.79, 0.79)]
+    assert ax.get_title() == "Held-out test accuracy"

@@ -1,79 +1,130 @@
 """Retrain with a chosen config on the whole target training split; measure the held-out test once.
 
-Beside the tuned model, two honest baselines are trained on the same split: the model trained
-from scratch (no transfer), and plain fine-tuning with the library's default λ and learning rate.
-The test split is used here and nowhere in the search.
+Beside the tuned model, two honest baselines are trained on the same split
+(:func:`tlsearch.params.baseline_params`, the settings of the study's baseline trials): **plain
+fine-tuning** (:data:`~tlsearch.params.PLAIN_FINETUNING` with the study's first regularizer: what a
+user fine-tunes with before any search) and training **from scratch** (the same settings from a
+random init, with L2: no transfer). The test split is used here and nowhere in the search. With
+``seeds = N`` each model is trained N times, with seeds 0 … N−1 (seed 0 first, so one seed gives
+the same numbers as before ``--seeds`` existed).
 
-:func:`run_final` writes ``BEST.final.json`` next to ``BEST.json``: for each of ``tuned``,
-``default_lambda`` and ``scratch`` its parameters, ``test_accuracy``, ``test_loss`` and the CV
-estimate where there is one (``cv_mean``, ``cv_std``: the search's, for ``tuned`` only; null for
-the baselines, which were never cross-validated). The tuned model's weights go to
-``BEST.final.pt``, a plain state dict that loads with ``torch.load(..., weights_only=True)``.
+:func:`run_final` writes ``BEST.final.json`` next to ``BEST.json``. For each of ``tuned``,
+``plain_finetuning`` and ``scratch``:
+
+- ``params``: what it trained with;
+- ``test_accuracy``, ``test_loss``: the mean over seeds; ``seed_accuracies``, ``seed_losses``: each
+  seed's;
+- ``test_interval``: a 95 % Wilson score interval for the test accuracy, computed on the
+  seed-averaged accuracy with n = the number of test images. The test images are the sample:
+  training on another seed re-scores the *same* images, so seeds are not more data and n is not
+  multiplied by them. (Each image's seed-averaged correctness lies in [0, 1], so its variance is at
+  most that of a 0/1 outcome: the interval is, if anything, wide.) The training noise is shown
+  apart, as the spread of ``seed_accuracies``. With one seed this is Wilson on k/n exactly;
+- ``cv_mean``, ``cv_se`` (and ``cv_std``, ``cv_trial_number``): the search's cross-validated
+  estimate and its standard error where the export has one: for ``tuned`` its ``cv_se``, else
+  std(fold scores, ddof=1)/√k; for the baselines, the export's ``baselines`` block (the trials of
+  the study that trained them); null where there is none.
+
+``tuned`` also has ``baseline``: the baseline whose trial the export chose (``plain_finetuning``,
+``scratch``), else null. When it is ``scratch`` the tuned model trains from a random init, as that
+trial did: the tuned model is then the scratch model, and the verdict says so first.
+
+``comparisons``: tuned − plain_finetuning, tuned − scratch and plain_finetuning − scratch on the same
+test images: ``difference`` (the mean over images of the seed-averaged correctness difference, which
+is the difference of the mean accuracies), ``interval`` (95 %, normal approximation with the paired
+standard error, :func:`tlsearch.stats.paired_difference`), and ``mcnemar_p``, the exact McNemar test
+on the discordant images ``model_only`` (the model was right on more seeds than the baseline) and
+``baseline_only`` (the reverse). With one seed these are the images only one of the two got right:
+McNemar's test as usual. With N seeds it is the sign test of the per-image differences, which is
+still exact, needs no rule for an even N's ties (as each model's majority over seeds would) and
+uses the same per-image numbers as the interval.
+
+The interval decides the sentences of ``verdict``: a model beats another "beyond the noise" when
+the interval of its difference lies above 0. (The p-value can disagree with it: the sign test counts
+images, the interval weighs by how many seeds differ. Both are shown; the interval is what the
+sentences quote.) The tuned model's weights of seed 0 go to ``BEST.final.pt``, a plain state dict
+that loads with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
+import statistics
 import tempfile
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tlsearch._io import atomic_write, write_json
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask
-from tlsearch.errors import TlsearchError
+from tlsearch.errors import ConfigError, TlsearchError
 from tlsearch.export import final_paths, read_export
 from tlsearch.models import create_model
-from tlsearch.params import PLAIN_FINETUNING, TrialParams
+from tlsearch.params import BASELINES, TrialParams, baseline_params, format_params
 from tlsearch.pretrain import Checkpoint, load_checkpoint
+from tlsearch.stats import mcnemar_exact, paired_difference, wilson_interval
 from tlsearch.study import prepare
 from tlsearch.training import evaluate, finetune, to_tensors
 
 __all__ = [
+    "COMPARISONS",
+    "CONFIDENCE",
+    "MODELS",
     "Outcome",
-    "default_params",
+    "compare",
     "evaluate_on_test",
+    "format_final",
     "run_final",
-    "save_outcomes",
-    "scratch_params",
+    "verdict",
 ]
 
 _log = logging.getLogger(__name__)
 
+# The models, in the order final prints them, and how sentences name them.
+MODELS = {
+    "tuned": "the tuned model",
+    "plain_finetuning": "plain fine-tuning",
+    "scratch": "scratch",
+}
+# (model, baseline): each difference is model − baseline on the same test images.
+COMPARISONS = (
+    ("tuned", "plain_finetuning"),
+    ("tuned", "scratch"),
+    ("plain_finetuning", "scratch"),
+)
+CONFIDENCE = 0.95
+
 
 @dataclass(frozen=True)
 class Outcome:
+    """One model trained on one seed, scored on the test split."""
+
     name: str
     params: TrialParams
     test_accuracy: float
     test_loss: float
+    # Per test image: did the model get it right.
+    correct: np.ndarray
     model: torch.nn.Module
-    # The search's cross-validated accuracy of these params; None for a baseline never searched.
-    cv_mean: float | None = None
-    cv_std: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "params": self.params.to_dict(),
-            "test_accuracy": self.test_accuracy,
-            "test_loss": self.test_loss,
-            "cv_mean": self.cv_mean,
-            "cv_std": self.cv_std,
-        }
 
 
-def default_params(cfg: StudyConfig) -> TrialParams:
-    return TrialParams.from_dict({**PLAIN_FINETUNING, "regularizer": cfg.regularizer.names[0]})
-
-
-def scratch_params() -> TrialParams:
-    """Training from a random init: nothing to pull toward but zero, so plain L2."""
-    return TrialParams.from_dict({**PLAIN_FINETUNING, "regularizer": "l2"})
+def _correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per image, whether ``model``'s top class is the label (the images :func:`evaluate` counts)."""
+    model.eval()
+    with torch.no_grad():
+        hits = [
+            (model(x[i : i + 4096]).argmax(1) == y[i : i + 4096]).cpu()
+            for i in range(0, len(y), 4096)
+        ]
+    return torch.cat(hits).numpy().astype(bool)
 
 
 def evaluate_on_test(
@@ -83,8 +134,14 @@ def evaluate_on_test(
     tuned: TrialParams,
     device: torch.device,
     seed: int = 0,
+    *,
+    tuned_from_scratch: bool = False,
 ) -> dict[str, Outcome]:
-    """Train tuned, default-λ and scratch models on the target training split; score on test."""
+    """Train the tuned, plain fine-tuning and scratch models with ``seed``; score them on test.
+
+    ``tuned_from_scratch``: the tuned settings are the study's ``scratch`` baseline trial's, which
+    trained from a random init; so does the tuned model then.
+    """
     pretrained = load_checkpoint(checkpoint, device)
     torch.manual_seed(seed)
     scratch = create_model(cfg.model, task.input_shape, task.source_classes)
@@ -92,28 +149,188 @@ def evaluate_on_test(
     x, y = to_tensors(task.target_train.x, task.target_train.y, device)
     xt, yt = to_tensors(task.target_test.x, task.target_test.y, device)
     runs = {
-        "tuned": (pretrained, tuned),
-        "default_lambda": (pretrained, default_params(cfg)),
-        "scratch": (scratch_init, scratch_params()),
+        "tuned": (scratch_init if tuned_from_scratch else pretrained, tuned),
+        "plain_finetuning": (pretrained, baseline_params(cfg, "plain_finetuning")),
+        "scratch": (scratch_init, baseline_params(cfg, "scratch")),
     }
     out = {}
     for name, (init, params) in runs.items():
         model = finetune(init, cfg, params, x, y, task.target_classes, task.input_shape, seed)
         acc, loss = evaluate(model, xt, yt)
-        out[name] = Outcome(name, params, acc, loss, model)
+        correct = _correct(model, xt, yt)
+        assert math.isclose(correct.mean(), acc), (name, correct.mean(), acc)
+        out[name] = Outcome(name, params, acc, loss, correct, model)
     return out
 
 
-def save_outcomes(
-    outcomes: dict[str, Outcome], json_path: Path, weights_path: Path, extra: dict[str, Any]
+def compare(
+    model: np.ndarray, baseline: np.ndarray, confidence: float = CONFIDENCE
 ) -> dict[str, Any]:
-    """Write the tuned model's weights and the metrics of all models (atomically)."""
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in outcomes["tuned"].model.state_dict().items()}, buffer)
-    atomic_write(weights_path, lambda p: p.write_bytes(buffer.getvalue()))
-    data = {**extra, "weights": str(weights_path), **{k: o.to_dict() for k, o in outcomes.items()}}
-    write_json(json_path, data)
-    return data
+    """``model − baseline`` from per-seed, per-image correctness (arrays of seeds × test images).
+
+    The difference and its interval come from each image's seed-averaged correctness; McNemar's
+    exact test from the images where one model was right on more seeds than the other.
+    """
+    a = np.asarray(model, dtype=float).mean(axis=0)
+    b = np.asarray(baseline, dtype=float).mean(axis=0)
+    diff, low, high = paired_difference(a, b, confidence)
+    model_only, baseline_only = int((a > b).sum()), int((b > a).sum())
+    return {
+        "difference": diff,
+        "interval": [low, high],
+        "mcnemar_p": mcnemar_exact(model_only, baseline_only),
+        "model_only": model_only,
+        "baseline_only": baseline_only,
+    }
+
+
+def _pp(x: float) -> str:
+    """A difference of accuracies in percentage points, signed: +0.4, −1.1 (0.0 unsigned)."""
+    value = round(x * 100, 1)
+    if value == 0:
+        return "0.0"
+    return f"{value:+.1f}".replace("-", "−")
+
+
+def _difference(c: Mapping[str, Any]) -> str:
+    low, high = c["interval"]
+    return f"{_pp(c['difference'])} pp, 95 % interval {_pp(low)} … {_pp(high)} pp"
+
+
+def verdict(comparisons: Sequence[Mapping[str, Any]], chose: str | None = None) -> list[str]:
+    """Plain sentences: did the search beat plain fine-tuning, and does transfer pay.
+
+    ``comparisons`` as :func:`run_final` stores them (with ``model`` and ``baseline`` names);
+    "beat" means beyond the noise: the difference's interval lies above 0. ``chose``: the
+    baseline whose trial the search chose as its answer (``plain_finetuning``, ``scratch``), if any.
+    """
+    by = {(c["model"], c["baseline"]): c for c in comparisons}
+    search = by["tuned", "plain_finetuning"]
+    if chose == "plain_finetuning":
+        first = (
+            "The search did not beat plain fine-tuning here: it chose plain fine-tuning's own "
+            "settings."
+        )
+    elif search["interval"][0] > 0:
+        first = f"The search beat plain fine-tuning here (difference {_difference(search)})."
+    elif search["interval"][1] < 0:
+        first = (
+            "The search did not beat plain fine-tuning here; plain fine-tuning was better "
+            f"(difference {_difference(search)})."
+        )
+    else:
+        first = (
+            f"The search did not beat plain fine-tuning here (difference {_difference(search)})."
+        )
+
+    transfer = [by["tuned", "scratch"], by["plain_finetuning", "scratch"]]
+    winners = [c for c in transfer if c["interval"][0] > 0]
+    if not winners:
+        second = (
+            "Transfer does not pay here: neither fine-tuned model beat training from scratch "
+            f"beyond the noise (tuned − scratch {_difference(transfer[0])}; plain fine-tuning − "
+            f"scratch {_difference(transfer[1])})."
+        )
+    else:
+        said = [
+            f"{MODELS[c['model']]} beat training from scratch ({_difference(c)})" for c in winners
+        ]
+        if len(winners) == 1:
+            loser = next(c for c in transfer if c is not winners[0])
+            how = "did worse" if loser["interval"][1] < 0 else "did not beat it beyond the noise"
+            said.append(f"{MODELS[loser['model']]} {how} ({_difference(loser)})")
+        second = "Transfer pays here: " + "; ".join(said) + "."
+    if chose == "scratch":
+        return ["The search chose training from scratch, its own reference trial.", first, second]
+    return [first, second]
+
+
+def _chosen_baseline(data: Mapping[str, Any], plain: TrialParams) -> str | None:
+    """The baseline whose trial the export holds, if any: as the export's selection says, else
+    (an export from before baseline trials) plain fine-tuning when its settings are the same."""
+    selected = (data.get("selection") or {}).get("selected") or {}
+    if selected.get("trial_number") == data.get("trial_number") and selected.get("baseline"):
+        return str(selected["baseline"])
+    return "plain_finetuning" if data.get("params") == plain.to_dict() else None
+
+
+def _cv_se(data: Mapping[str, Any]) -> float | None:
+    """The export's standard error of its CV estimate, else std(fold scores, ddof=1)/√k."""
+    if data.get("cv_se") is not None:
+        return float(data["cv_se"])
+    folds = data.get("fold_scores") or []
+    if len(folds) > 1:
+        return statistics.stdev(folds) / math.sqrt(len(folds))
+    return None
+
+
+def _cv_estimates(data: Mapping[str, Any], params: Mapping[str, TrialParams]) -> dict[str, dict]:
+    """Each model's CV estimate from the export: the tuned trial's, and the baselines' block's."""
+    out = {
+        "tuned": {
+            "cv_mean": data.get("cv_mean"),
+            "cv_std": data.get("cv_std"),
+            "cv_se": _cv_se(data),
+            "cv_trial_number": data.get("trial_number"),
+        }
+    }
+    baselines = data.get("baselines")
+    for name in BASELINES:
+        block = baselines.get(name) if isinstance(baselines, Mapping) else None
+        if not isinstance(block, Mapping):
+            out[name] = {"cv_mean": None, "cv_std": None, "cv_se": None, "cv_trial_number": None}
+            continue
+        trained = params[name].to_dict()
+        searched = block.get("params") or {}
+        differ = [k for k in trained if k in searched and searched[k] != trained[k]]
+        if differ:
+            _log.warning(
+                "the export's %s trial used other settings than final trains it with (%s): "
+                "its CV estimate is of those settings",
+                name,
+                ", ".join(f"{k} {searched[k]} vs {trained[k]}" for k in differ),
+            )
+        out[name] = {
+            "cv_mean": block.get("cv_mean"),
+            "cv_std": block.get("cv_std"),
+            "cv_se": _cv_se(block),
+            "cv_trial_number": block.get("trial_number"),
+        }
+    return out
+
+
+def _summary(
+    runs: Sequence[Mapping[str, Outcome]],
+    cv: Mapping[str, Mapping[str, Any]],
+    chose: str | None,
+) -> dict[str, Any]:
+    """Per model: the means, the seeds, the Wilson interval, the CV estimate; then comparisons."""
+    out: dict[str, Any] = {}
+    correct: dict[str, np.ndarray] = {}
+    for name in MODELS:
+        seeds = [r[name] for r in runs]
+        correct[name] = np.stack([o.correct for o in seeds])
+        n = correct[name].shape[1]
+        accuracy = statistics.fmean(o.test_accuracy for o in seeds)
+        out[name] = {
+            "params": seeds[0].params.to_dict(),
+            "test_accuracy": accuracy,
+            "test_loss": statistics.fmean(o.test_loss for o in seeds),
+            "test_interval": list(wilson_interval(accuracy * n, n, CONFIDENCE)),
+            "seed_accuracies": [o.test_accuracy for o in seeds],
+            "seed_losses": [o.test_loss for o in seeds],
+            **cv[name],
+        }
+    comparisons = [
+        {"model": a, "baseline": b, **compare(correct[a], correct[b])} for a, b in COMPARISONS
+    ]
+    out["tuned"]["baseline"] = chose
+    return {
+        **out,
+        "confidence": CONFIDENCE,
+        "comparisons": comparisons,
+        "verdict": verdict(comparisons, chose),
+    }
 
 
 def _check_writable(directory: Path) -> None:
@@ -127,11 +344,13 @@ def _check_writable(directory: Path) -> None:
         raise TlsearchError(f"cannot write in {directory}: {e.strerror}") from None
 
 
-def run_final(best_path: str | Path, device: str | None = None) -> dict[str, Any]:
-    """Retrain with the export at ``best_path``, score the test split once and write the results.
+def run_final(best_path: str | Path, device: str | None = None, seeds: int = 1) -> dict[str, Any]:
+    """Retrain with the export at ``best_path`` on ``seeds`` seeds, score the test split, write.
 
     Returns what ``BEST.final.json`` holds (see the module docstring).
     """
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, not {seeds}")
     best = read_export(best_path)
     json_path, weights_path = final_paths(best_path)
     _check_writable(json_path.parent)
@@ -141,14 +360,64 @@ def run_final(best_path: str | Path, device: str | None = None) -> dict[str, Any
         _log.warning(
             "the pretrained checkpoint was rebuilt and differs from the one the search used"
         )
-    outcomes = evaluate_on_test(best.config, ctx.task, ctx.checkpoint, best.params, ctx.device)
-    outcomes["tuned"] = replace(
-        outcomes["tuned"], cv_mean=best.data.get("cv_mean"), cv_std=best.data.get("cv_std")
-    )
-    extra = {
+    chose = _chosen_baseline(best.data, baseline_params(best.config, "plain_finetuning"))
+    runs = []
+    for seed in range(seeds):
+        runs.append(
+            evaluate_on_test(
+                best.config,
+                ctx.task,
+                ctx.checkpoint,
+                best.params,
+                ctx.device,
+                seed,
+                tuned_from_scratch=chose == "scratch",
+            )
+        )
+        _log.info(
+            "seed %d: %s",
+            seed,
+            ", ".join(f"{n} {o.test_accuracy:.4f}" for n, o in runs[-1].items()),
+        )
+    buffer = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in runs[0]["tuned"].model.state_dict().items()}, buffer)
+    atomic_write(weights_path, lambda p: p.write_bytes(buffer.getvalue()))
+    cv = _cv_estimates(best.data, {n: o.params for n, o in runs[0].items()})
+    data = {
         "study_name": best.data.get("study_name"),
         "trial_number": best.data.get("trial_number"),
         "target_test_size": len(ctx.task.target_test),
         "target_train_size": len(ctx.task.target_train),
+        "seeds": list(range(seeds)),
+        "weights": str(weights_path),
+        **_summary(runs, cv, chose),
     }
-    return save_outcomes(outcomes, json_path, weights_path, extra)
+    write_json(json_path, data)
+    return data
+
+
+def format_final(data: Mapping[str, Any]) -> list[str]:
+    """``tlsearch final``'s printed lines: a line per model, plain fine-tuning's settings, the
+    paired differences and the verdict."""
+    lines = []
+    for name in MODELS:
+        m = data[name]
+        low, high = m["test_interval"]
+        text = f"{name:>16}: test accuracy {m['test_accuracy']:.4f} (95 % {low:.4f}–{high:.4f}"
+        if len(m["seed_accuracies"]) > 1:
+            text += "; seeds " + " ".join(f"{a:.4f}" for a in m["seed_accuracies"])
+        text += f")  loss {m['test_loss']:.4f}"
+        if m.get("cv_mean") is not None:
+            se = f" ± {m['cv_se']:.4f} SE" if m.get("cv_se") is not None else ""
+            text += f"  CV {m['cv_mean']:.4f}{se}"
+        lines.append(text)
+    lines.append(
+        f"plain fine-tuning settings: {format_params(data['plain_finetuning']['params'])}"
+    )
+    for c in data["comparisons"]:
+        lines.append(
+            f"{c['model']} − {c['baseline']}: {_difference(c)}; McNemar p = {c['mcnemar_p']:.3g} "
+            f"({c['model_only']} images {c['model']} got right more often, "
+            f"{c['baseline_only']} {c['baseline']})"
+        )
+    return lines + list(data["verdict"])

@@ -23,7 +23,22 @@ from tlsearch.export import FINAL_MODELS, trials_frame
 from tlsearch.params import fixed_params
 from tlsearch.storage import load_study_config
 
-FINAL_HEADER = ["model", "test accuracy", "test loss", "CV estimate", "parameters"]
+FINAL_HEADER = [
+    "model",
+    "test accuracy",
+    "95 % interval",
+    "each seed",
+    "test loss",
+    "CV estimate ± SE",
+    "parameters",
+]
+COMPARISON_HEADER = [
+    "difference",
+    "accuracy",
+    "95 % interval",
+    "McNemar p",
+    "images each got right more often",
+]
 
 
 @dataclass
@@ -135,20 +150,64 @@ def summary_rows(
 
 
 def final_rows(final: Mapping[str, Any]) -> list[list[str]]:
-    """One row per model of ``tlsearch final`` (columns :data:`FINAL_HEADER`), in report order."""
+    """One row per model of ``tlsearch final`` (columns :data:`FINAL_HEADER`), in report order.
+
+    A file from before ``--seeds`` has no interval, seeds or standard error: those cells are dashes.
+    """
     rows = []
     for name, label in FINAL_MODELS.items():
         m = final[name]
+        interval = m.get("test_interval")
+        seeds = m.get("seed_accuracies") or []
+        cv = fmt(m.get("cv_mean"))
+        if m.get("cv_mean") is not None and m.get("cv_se") is not None:
+            cv += f" ± {m['cv_se']:.2g}"
         rows.append(
             [
                 label,
                 f"{m['test_accuracy']:.4f}",
+                f"{interval[0]:.4f} – {interval[1]:.4f}" if interval else "–",
+                ", ".join(f"{a:.4f}" for a in seeds) if len(seeds) > 1 else "–",
                 f"{m['test_loss']:.4f}",
-                fmt(m.get("cv_mean")),
+                cv,
                 _params(m.get("params") or {}),
             ]
         )
     return rows
+
+
+# How the comparisons name the models of tlsearch final.
+_SHORT = {"tuned": "tuned", "plain_finetuning": "plain fine-tuning", "scratch": "scratch"}
+
+
+def _pp(x: float) -> str:
+    return f"{x * 100:+.1f} pp".replace("-", "−")
+
+
+def comparison_rows(final: Mapping[str, Any]) -> list[list[str]]:
+    """The paired differences of ``tlsearch final`` (columns :data:`COMPARISON_HEADER`); none for
+    a file from before they were computed."""
+    rows = []
+    for c in final.get("comparisons") or []:
+        model, baseline = _SHORT[c["model"]], _SHORT[c["baseline"]]
+        low, high = c["interval"]
+        rows.append(
+            [
+                f"{model} − {baseline}",
+                _pp(c["difference"]),
+                f"{_pp(low)} … {_pp(high)}",
+                f"{c['mcnemar_p']:.3g}",
+                f"{c['model_only']} vs {c['baseline_only']}",
+            ]
+        )
+    return rows
+
+
+def plain_settings(final: Mapping[str, Any]) -> str:
+    """Plain fine-tuning's exact settings, as a sentence."""
+    return (
+        f"Plain fine-tuning trains with {_params(final['plain_finetuning'].get('params') or {})}."
+    )
 
 
 def trial_rows(study: optuna.Study) -> tuple[list[str], list[list[str]]]:

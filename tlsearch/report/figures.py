@@ -7,7 +7,8 @@
 - ``frozen_depth`` (saved as ``frozen_blocks.png``): CV accuracy against the number of frozen blocks;
 - ``lr_vs_lambda``: the learning rate against λ, coloured by CV accuracy;
 - ``test_comparison`` (given ``BEST.final.json`` from ``tlsearch final``): held-out test
-  accuracy of the tuned model, default-λ fine-tuning and training from scratch.
+  accuracy of the tuned model, plain fine-tuning and training from scratch, with their 95 %
+  intervals, each seed's accuracy and the search's CV estimates.
 
 Each function returns a new :class:`~matplotlib.figure.Figure`; a figure without data says why.
 Legends sit beside the axes, never over a data point.
@@ -94,7 +95,11 @@ def lambda_curve(points: list[Point], best: FrozenTrial | None) -> Figure:
             label=f"best (trial {best.number})",
         )
     ax.axvline(
-        PLAIN_FINETUNING["lambda"], color="0.4", ls=":", lw=1, label="default λ (final's baseline)"
+        PLAIN_FINETUNING["lambda"],
+        color="0.4",
+        ls=":",
+        lw=1,
+        label="plain fine-tuning's λ (final's baseline)",
     )
     _log_x(ax, [p.params["lambda"] for p in pts])
     _clip_to_complete(ax, pts)
@@ -282,27 +287,65 @@ def lr_vs_lambda(points: list[Point], best: FrozenTrial | None) -> Figure:
 
 
 def test_comparison(final: Mapping[str, Any]) -> Figure:
-    """Held-out test accuracy of the models of ``tlsearch final``, with the tuned CV estimate."""
+    """Held-out test accuracy of the models of ``tlsearch final``: the mean over seeds with its 95 %
+    interval as an error bar, each seed as a dot, and each model's CV estimate ± one SE as a
+    diamond. A file from before ``--seeds`` has no intervals: its bars have no error bars."""
     fig, ax = _figure()
     size = final.get("target_test_size")
-    of = f" on {size} images" if size else ""
-    ax.set_title(f"Held-out test accuracy{of} (tlsearch final)")
+    n_seeds = len(final.get("seeds") or [0])
+    of = [f"{size} images"] if size else []
+    of += [f"mean of {n_seeds} seeds"] if n_seeds > 1 else []
+    ax.set_title("Held-out test accuracy" + (f" ({', '.join(of)})" if of else ""))
     names = list(FINAL_MODELS)
-    acc = [final[n]["test_accuracy"] for n in names]
-    bars = ax.bar([FINAL_MODELS[n] for n in names], acc, color=["0.6", "C0", "C2"])
-    for bar, a in zip(bars, acc, strict=True):
-        x = bar.get_x() + bar.get_width() / 2
-        ax.text(x, a - 0.02, f"{a:.3f}", ha="center", va="top", color="white", weight="bold")
-    cv = final["tuned"].get("cv_mean")
-    if cv is not None:
-        ax.scatter(
-            [bars[-1].get_x() + bars[-1].get_width() / 2],
-            [cv],
-            marker="D",
-            color="C3",
-            zorder=5,
-            label=f"tuned: CV estimate of the search ({cv:.3f})",
+    models = [final[n] for n in names]
+    acc = [m["test_accuracy"] for m in models]
+    xs = list(range(len(names)))
+    ax.bar(xs, acc, color=["0.6", "C0", "C2"], width=0.6)
+    ax.set_xticks(xs, [FINAL_MODELS[n].replace(" (", "\n(") for n in names])
+    for x, a in zip(xs, acc, strict=True):
+        ax.text(x, 0.02, f"{a:.3f}", ha="center", va="bottom", color="white", weight="bold")
+    with_interval = [(x, m) for x, m in zip(xs, models, strict=True) if m.get("test_interval")]
+    if with_interval:
+        ax.errorbar(
+            [x for x, _ in with_interval],
+            [m["test_accuracy"] for _, m in with_interval],
+            yerr=[
+                [m["test_accuracy"] - m["test_interval"][0] for _, m in with_interval],
+                [m["test_interval"][1] - m["test_accuracy"] for _, m in with_interval],
+            ],
+            fmt="none",
+            ecolor="black",
+            capsize=6,
+            elinewidth=1.2,
+            label="95 % interval (Wilson)",
         )
+    seeds = [
+        (x, a) for x, m in zip(xs, models, strict=True) for a in m.get("seed_accuracies") or []
+    ]
+    if n_seeds > 1 and seeds:
+        ax.scatter(
+            [x - 0.12 for x, _ in seeds],
+            [a for _, a in seeds],
+            s=14,
+            color="black",
+            alpha=0.6,
+            zorder=4,
+            label="one seed",
+        )
+    cv = [(x, m) for x, m in zip(xs, models, strict=True) if m.get("cv_mean") is not None]
+    if cv:
+        ax.errorbar(
+            [x + 0.12 for x, _ in cv],
+            [m["cv_mean"] for _, m in cv],
+            yerr=[m.get("cv_se") or 0.0 for _, m in cv],
+            fmt="D",
+            color="C3",
+            ms=5,
+            capsize=3,
+            zorder=5,
+            label="CV estimate of the search (± 1 SE)",
+        )
+    if with_interval or cv or n_seeds > 1:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("test accuracy")

@@ -65,7 +65,7 @@ def write_report(
             f"One point per trial: the mean accuracy over the {k} validation folds, ± one "
             "standard deviation; the faint dots are the single folds. Colour: frozen blocks. "
             "Hollow grey points are pruned trials (the mean of the folds they ran). The dotted "
-            "line is the λ of the default-λ baseline.",
+            "line is the λ of plain fine-tuning, final's baseline.",
         ),
         (
             "history",
@@ -102,8 +102,11 @@ def write_report(
                 "Held-out test comparison",
                 lambda: figures.test_comparison(final),
                 "Each model trained on the whole target training split and scored once on the "
-                "held-out target test split, which the search never saw. The diamond is the "
-                "search's CV estimate for the tuned configuration.",
+                "held-out target test split, which the search never saw; the bar is the mean "
+                "over seeds. Error bars: the 95 % Wilson interval of the test accuracy, the test "
+                "images being the sample (seeds re-score the same images, so they narrow nothing). "
+                "Dots: single seeds. Diamonds: the search's CV estimate of the same settings, ± "
+                "one standard error, where the study has one.",
             )
         )
 
@@ -121,7 +124,17 @@ def write_report(
         parts.append(
             "<h2>Held-out test (tlsearch final)</h2>"
             + _table(data.FINAL_HEADER, data.final_rows(final))
+            + f"<p>{html.escape(data.plain_settings(final))}</p>"
         )
+        comparisons = data.comparison_rows(final)
+        if comparisons:
+            parts.append(
+                "<p>Paired differences on the same test images: the interval is a normal "
+                "approximation on the per-image differences; McNemar's exact test counts the "
+                "images one model got right more often than the other.</p>"
+                + _table(data.COMPARISON_HEADER, comparisons)
+            )
+        parts += [f"<p><strong>{html.escape(v)}</strong></p>" for v in final.get("verdict", [])]
     for file, title, make, caption in shown:
         png = _png(make(), out / f"{file}.png")
         parts.append(
