@@ -1,0 +1,157 @@
+"""A study made by the previous release still works: resumed, joined, exported, shown.
+
+``tests/fixtures/v0_1`` holds ``study.toml`` and ``study.db``: the study 'legacy' with two complete
+trials, made by tlsearch 0.1 (commit d565cbf). Its stored search hash is 0.1's (unversioned), its
+stored config has every option 0.1 wrote, and its checkpoint is recorded by path and SHA-256 only:
+the file itself is not kept, so every test here pretrains it again and must get the same bytes.
+
+Those bytes depend on torch's CPU threads: 0.1 pretrained with its default (2 threads on a 2-core
+host); one thread takes another GEMM path, whose sums differ in the last bit (2, 3, 4 and 8 threads
+all give 0.1's bytes). So pretraining here runs with 2 threads, not the suite's 1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from conftest import start_cli
+from optuna.trial import TrialState
+
+from tlsearch import __version__
+from tlsearch.errors import CheckpointError
+from tlsearch.storage import ATTR_CHECKPOINT, ATTR_CONFIG, ATTR_HASH, ATTR_VERSION
+from tlsearch.workers import join_study
+
+FIXTURE = Path(__file__).parent / "fixtures" / "v0_1"
+# How the fixture's checkpoint was pretrained (see above).
+TWO_THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+WHERE = ("--storage", "sqlite:///study.db", "--study-name", "legacy")
+
+
+@pytest.fixture
+def legacy(tmp_path: Path) -> Path:
+    """A copy of the fixture folder; the fixture itself is never opened for writing."""
+    return Path(shutil.copytree(FIXTURE, tmp_path / "v0_1"))
+
+
+def _load(d: Path) -> optuna.Study:
+    return optuna.load_study(study_name="legacy", storage=f"sqlite:///{d / 'study.db'}")
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = start_cli(*args, cwd=cwd, env=TWO_THREADS)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+@contextmanager
+def _two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _as_recorded(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {
+        "number": trial.number,
+        "state": trial.state,
+        "params": trial.params,
+        "distributions": trial.distributions,
+        "value": trial.value,
+        "user_attrs": trial.user_attrs,
+    }
+
+
+def test_run_resumes_it_without_allow_config_change(legacy: Path) -> None:
+    before = _load(legacy)
+    old_trials = [_as_recorded(t) for t in before.get_trials(deepcopy=False)]
+    old_checkpoint = before.user_attrs[ATTR_CHECKPOINT]
+    assert len(old_trials) == 2 and ":" not in before.user_attrs[ATTR_HASH], "0.1's own study"
+
+    result = _run("run", "study.toml", "--n-trials", "3", cwd=legacy)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    # Pretrained again here, to the bytes 0.1 recorded: no warning of another start point.
+    assert "started from checkpoint" not in result.stderr, result.stderr
+
+    after = _load(legacy)
+    trials = after.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [_as_recorded(t) for t in trials[:2]] == old_trials, "finished trials untouched"
+    assert trials[2].number == 2 and set(trials[2].params) == set(old_trials[0]["params"])
+    checkpoint = after.user_attrs[ATTR_CHECKPOINT]
+    assert checkpoint["sha256"] == old_checkpoint["sha256"]
+    assert checkpoint["key"] == old_checkpoint["key"]
+    assert Path(checkpoint["path"]).parent == legacy / "cache"
+    assert after.user_attrs[ATTR_CONFIG]["n_trials"] == 3
+    assert after.user_attrs[ATTR_HASH].startswith("2:")
+    assert after.user_attrs[ATTR_VERSION] == __version__
+
+
+def test_a_joining_worker_pretrains_and_checks_the_recorded_hash(legacy: Path) -> None:
+    study = _load(legacy)
+    recorded = study.user_attrs[ATTR_CHECKPOINT]
+    # The creating host's cache is not on this one.
+    gone = {**recorded, "path": str(legacy / "creating-host" / Path(recorded["path"]).name)}
+    study.set_user_attr(ATTR_CHECKPOINT, gone)
+    url = f"sqlite:///{legacy / 'study.db'}"
+    here = legacy / "this-host-cache"
+
+    with _two_threads():
+        joined, _storage, ctx = join_study(url, "legacy", cache_dir=here)
+    assert ctx.checkpoint.path.parent == here, "pretrained on this host"
+    assert ctx.checkpoint.sha256 == recorded["sha256"]
+    assert ctx.checkpoint.key == recorded["key"]
+    assert ctx.cfg.model.name == "mlp" and ctx.cfg.model.options["hidden"] == [16, 16]
+    assert joined.user_attrs[ATTR_CHECKPOINT] == gone, "joining records nothing"
+
+    # A stored hash this host's pretraining does not reproduce: the worker stops, one line.
+    study.set_user_attr(ATTR_CHECKPOINT, {**gone, "sha256": "0" * 64})
+    with pytest.raises(CheckpointError) as err:
+        join_study(url, "legacy", cache_dir=here)
+    (line,) = str(err.value).splitlines()
+    assert line.startswith(
+        f"pretraining on this host gave a checkpoint with SHA-256 {ctx.checkpoint.sha256[:12]}…"
+    )
+
+    # The same through `tlsearch worker`: exit 1, that line alone on stderr.
+    result = _run("-q", "worker", *WHERE, "--cache-dir", str(here), cwd=legacy)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [f"tlsearch: error: {line}"]
+    assert len(_load(legacy).get_trials(deepcopy=False)) == 2
+
+
+def test_export_and_status_read_it(legacy: Path) -> None:
+    export = start_cli("export", *WHERE, "-o", "best.json", "--trials", "trials.csv", cwd=legacy)
+    status = start_cli("status", *WHERE, cwd=legacy)
+    out, err = export.communicate(timeout=300)
+    assert export.returncode == 0, err
+    out, err = status.communicate(timeout=300)
+    assert status.returncode == 0, err
+
+    best = json.loads((legacy / "best.json").read_text())
+    assert best["study_name"] == "legacy" and best["trial_number"] == 1
+    assert best["cv_mean"] == pytest.approx(0.11)
+    assert best["fold_scores"] == [0.14, 0.08]
+    assert best["searched_params"]["frozen_blocks"] == 1
+    assert best["params"]["frozen_blocks"] == 1
+    assert best["params"]["lambda"] == pytest.approx(0.01511933646764101)
+    assert best["config"]["model"]["hidden"] == [16, 16]
+    rows = (legacy / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and "fold_1" in rows[0].split(",")
+
+    assert "trials: 2 complete, 0 pruned, 0 fail, 0 running, 0 waiting" in out
+    assert "budget: 2 of 2 trials done" in out
+    assert "best: trial 1, cv 0.1100" in out
