@@ -21,6 +21,7 @@ from tlsearch.dashboard import describe_study
 from tlsearch.errors import TlsearchError
 from tlsearch.export import FINAL_MODELS, trials_frame
 from tlsearch.params import fixed_params
+from tlsearch.selection import accuracy, baseline_of, standard_error
 from tlsearch.storage import load_study_config
 
 FINAL_HEADER = [
@@ -49,8 +50,13 @@ class Point:
     pruned: bool
     params: dict[str, Any]
     folds: list[float]
+    # The mean fold accuracy, and its standard error (std(ddof=1)/√folds; 0 with one fold).
     value: float
-    std: float
+    se: float
+    # Whether the trial's value is within one standard error of the best trial's (one_se's pool).
+    within_one_se: bool = False
+    # "plain_finetuning" or "scratch" for the study's reference trials.
+    baseline: str | None = None
 
 
 @dataclass
@@ -70,21 +76,31 @@ def study_config(study: optuna.Study) -> StudyConfig | None:
 
 
 def points(study: optuna.Study, cfg: StudyConfig | None) -> list[Point]:
-    """The finished trials: complete ones, and pruned ones that scored at least one fold."""
+    """The finished trials: complete ones, and pruned ones that scored at least one fold.
+
+    A trial's parameters are those it trained with (a baseline's in full, fixed ones included).
+    """
     fixed = fixed_params(cfg) if cfg is not None else {}
+    best = best_trial(study)
+    threshold = None
+    if best is not None and best.value is not None:
+        threshold = best.value - (standard_error(best) or 0.0)
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         folds = [float(s) for s in t.user_attrs.get("fold_scores") or []]
-        if t.state == TrialState.COMPLETE:
-            value = float(t.value)
+        complete = t.state == TrialState.COMPLETE
+        if complete:
+            value = float(accuracy(t))
         elif folds:  # a pruned trial: the mean of the folds it ran
             value = statistics.fmean(folds)
         else:
             continue
-        std = statistics.pstdev(folds) if len(folds) > 1 else 0.0
-        out.append(
-            Point(t.number, t.state == TrialState.PRUNED, {**fixed, **t.params}, folds, value, std)
-        )
+        se = standard_error(t) if complete else None
+        if se is None:
+            se = statistics.stdev(folds) / math.sqrt(len(folds)) if len(folds) > 1 else 0.0
+        params = {**fixed, **t.params, **(t.user_attrs.get("resolved_params") or {})}
+        within = complete and threshold is not None and t.value >= threshold
+        out.append(Point(t.number, not complete, params, folds, value, se, within, baseline_of(t)))
     return out
 
 

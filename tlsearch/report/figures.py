@@ -1,7 +1,8 @@
 """The report's figures, drawn with matplotlib's object API (no pyplot state, no display needed).
 
-- ``lambda_curve``: CV accuracy against λ on a log axis, one point per trial with its fold
-  spread (± one standard deviation as an error bar, each fold's score as a faint dot);
+- ``lambda_curve``: CV accuracy against λ on a log axis, one point per trial with ± one standard
+  error as an error bar and each fold's score as a faint dot; the trials within one standard error
+  of the best ringed (``export --select one_se`` chooses among them), the baselines marked;
 - ``history``: the optimization history, every trial's value and the best so far;
 - ``importances``: parameter importances from :func:`optuna.importance.get_param_importances`;
 - ``frozen_depth`` (saved as ``frozen_blocks.png``): CV accuracy against the number of frozen blocks;
@@ -18,14 +19,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
 from tlsearch.export import FINAL_MODELS
-from tlsearch.params import PLAIN_FINETUNING
 from tlsearch.report.data import Importances, Point
 
 _SIZE = (7.0, 4.3)
@@ -54,10 +54,12 @@ def _log_x(ax: Any, values: list[float]) -> None:
 
 
 def lambda_curve(points: list[Point], best: FrozenTrial | None) -> Figure:
-    """CV accuracy against λ: each trial with its folds, the best starred, the default λ dotted."""
+    """CV accuracy against λ: each trial ± one standard error with its folds, the trials within one
+    SE of the best ringed, the best starred, plain fine-tuning and scratch marked."""
     fig, ax = _figure()
     ax.set_title("Cross-validated accuracy vs λ")
-    pts = [p for p in points if "lambda" in p.params]
+    scratch = [p for p in points if p.baseline == "scratch" and not p.pruned]
+    pts = [p for p in points if "lambda" in p.params and p.baseline != "scratch"]
     if not pts:
         _empty(ax, "no finished trial yet")
         return fig
@@ -67,13 +69,15 @@ def lambda_curve(points: list[Point], best: FrozenTrial | None) -> Figure:
     for p in pts:
         x, depth = p.params["lambda"], p.params.get("frozen_blocks", 0)
         colour = "0.6" if p.pruned else colours[depth]
-        marker = _MARKERS.get(p.params.get("regularizer"), "o")
+        marker = "D" if p.baseline else _MARKERS.get(p.params.get("regularizer"), "o")
         label = "pruned (mean of its folds)" if p.pruned else f"frozen_blocks = {depth}"
+        if p.baseline == "plain_finetuning":
+            label = "plain fine-tuning (baseline trial)"
         ax.scatter([x] * len(p.folds), p.folds, s=12, color=colour, alpha=0.35, linewidths=0)
         ax.errorbar(
             x,
             p.value,
-            yerr=p.std,
+            yerr=p.se,
             fmt=marker,
             color=colour,
             mfc="none" if p.pruned else colour,
@@ -83,28 +87,37 @@ def lambda_curve(points: list[Point], best: FrozenTrial | None) -> Figure:
             label=None if label in labelled else label,
         )
         labelled.add(label)
-    if best is not None and "lambda" in best.params:
+    within = [p for p in pts if p.within_one_se]
+    if within:
         ax.scatter(
-            best.params["lambda"],
-            best.value,
-            marker="*",
-            s=220,
-            color="gold",
+            [p.params["lambda"] for p in within],
+            [p.value for p in within],
+            s=110,
+            facecolors="none",
             edgecolors="black",
-            zorder=5,
-            label=f"best (trial {best.number})",
+            linewidths=1.0,
+            zorder=4,
+            label=f"within one SE of the best ({len(within)})",
         )
-    ax.axvline(
-        PLAIN_FINETUNING["lambda"],
-        color="0.4",
-        ls=":",
-        lw=1,
-        label="plain fine-tuning's λ (final's baseline)",
-    )
+    if best is not None:
+        star = next((p for p in pts if p.number == best.number), None)
+        if star is not None:
+            ax.scatter(
+                star.params["lambda"],
+                star.value,
+                marker="*",
+                s=220,
+                color="gold",
+                edgecolors="black",
+                zorder=5,
+                label=f"best (trial {best.number})",
+            )
+    for p in scratch:
+        ax.axhline(p.value, color="C3", ls="--", lw=1, label=f"scratch (trial {p.number})")
     _log_x(ax, [p.params["lambda"] for p in pts])
-    _clip_to_complete(ax, pts)
+    _clip_to_complete(ax, pts, also=[p.value for p in scratch])
     ax.set_xlabel("λ (penalty strength, log scale)")
-    ax.set_ylabel("CV accuracy (mean ± std over folds)")
+    ax.set_ylabel("CV accuracy (mean ± 1 SE over folds)")
     # Legend beside the plot, depths in order: the points fill the whole λ range.
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith("pruned"), labels[i]))
@@ -119,14 +132,15 @@ def lambda_curve(points: list[Point], best: FrozenTrial | None) -> Figure:
     return fig
 
 
-def _clip_to_complete(ax: Any, pts: list[Point]) -> None:
-    """The y-limits of the complete trials (their folds and error bars), so a pruned trial's low
-    mean does not squeeze them; pruned points outside are marked on the edge they cross."""
+def _clip_to_complete(ax: Any, pts: list[Point], also: Sequence[float] = ()) -> None:
+    """The y-limits of the complete trials (their folds and error bars) and of ``also``, so a
+    pruned trial's low mean does not squeeze them; pruned points outside are marked on the edge
+    they cross."""
     done = [p for p in pts if not p.pruned]
     if not done or len(done) == len(pts):
         return
-    lows = [min([p.value - p.std, *p.folds]) for p in done]
-    highs = [max([p.value + p.std, *p.folds]) for p in done]
+    lows = [min([p.value - p.se, *p.folds]) for p in done] + list(also)
+    highs = [max([p.value + p.se, *p.folds]) for p in done] + list(also)
     pad = max(0.02, 0.05 * (max(highs) - min(lows)))
     low, high = min(lows) - pad, max(highs) + pad
     ax.set_ylim(low, high)
