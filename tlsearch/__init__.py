@@ -64,6 +64,8 @@ _API = {
     "finetune_folds": "tlsearch.training",
     "create_storage": "tlsearch.storage",
     "Heartbeat": "tlsearch.storage",
+    "CVMetric": "tlsearch.objective",
+    "select": "tlsearch.selection",
     # results
     "read_export": "tlsearch.export",
     "write_export": "tlsearch.export",
@@ -75,6 +77,7 @@ _API = {
 
 __all__ = [
     "__version__",
+    "CVMetric",
     "ConfigError",
     "Dataset",
     "DivergedError",
@@ -113,6 +116,7 @@ __all__ = [
     "run_trials",
     "run_worker",
     "run_workers",
+    "select",
     "setup_study",
     "study_status",
     "trials_frame",
@@ -142,7 +146,7 @@ if TYPE_CHECKING:
     from tlsearch.export import read_export, trials_frame, write_export
     from tlsearch.final import run_final
     from tlsearch.models import backbone_state, create_model
-    from tlsearch.objective import KFoldObjective
+    from tlsearch.objective import CVMetric, KFoldObjective
     from tlsearch.params import TrialParams
     from tlsearch.pretrain import load_checkpoint
     from tlsearch.registry import (
@@ -156,6 +160,7 @@ if TYPE_CHECKING:
     )
     from tlsearch.report import write_report
     from tlsearch.samplers import make_pruner, make_sampler
+    from tlsearch.selection import select
     from tlsearch.status import study_status
     from tlsearch.storage import Heartbeat, create_storage, load_study_config, open_study
     from tlsearch.study import (
