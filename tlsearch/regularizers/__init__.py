@@ -7,6 +7,7 @@ See :mod:`tlsearch.regularizers.base` for the convention every penalty follows.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -25,19 +26,9 @@ def create_regularizer(
     model: BlockNet,
     pretrained: Mapping[str, torch.Tensor],
     lambda_: float,
-    head_lambda: float = 0.0,
-    penalize: str = "weights",
-    scale: float = 1.0,
-    stacked: bool = False,
+    **options: Any,
 ) -> Regularizer:
-    """The penalty registered as ``name`` over ``model``'s trainable parameters."""
-    return REGULARIZERS.create(
-        name,
-        model,
-        pretrained,
-        lambda_,
-        head_lambda=head_lambda,
-        penalize=penalize,
-        scale=scale,
-        stacked=stacked,
-    )
+    """The penalty registered as ``name`` over ``model``'s trainable parameters; ``options`` are
+    :class:`~tlsearch.regularizers.base.Regularizer`'s keywords (``head_lambda``, ``penalize``,
+    ``scale``, ``stacked``)."""
+    return REGULARIZERS.create(name, model, pretrained, lambda_, **options)

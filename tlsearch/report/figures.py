@@ -44,6 +44,11 @@ def _empty(ax: Any, message: str) -> None:
     ax.set_yticks([])
 
 
+def _legend_beside(ax: Any, *handles_labels: list[Any]) -> None:
+    """The legend beside the axes, where it covers no data point."""
+    ax.legend(*handles_labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def _log_x(ax: Any, values: list[float]) -> None:
     """Log scale, or symlog when a λ of 0 was tried (a linear search range may include it)."""
     positive = [v for v in values if v > 0]
@@ -121,13 +126,7 @@ def lambda_curve(points: list[Point], best: FrozenTrial | None) -> Figure:
     # Legend beside the plot, depths in order: the points fill the whole λ range.
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith("pruned"), labels[i]))
-    ax.legend(
-        [handles[i] for i in order],
-        [labels[i] for i in order],
-        fontsize=8,
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
-    )
+    _legend_beside(ax, [handles[i] for i in order], [labels[i] for i in order])
     ax.grid(alpha=0.3)
     return fig
 
@@ -188,7 +187,7 @@ def history(points: list[Point]) -> Figure:
         ax.step(xs, ys, where="post", color="C3", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel("CV accuracy")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend_beside(ax)
     ax.grid(alpha=0.3)
     return fig
 
@@ -245,7 +244,7 @@ def frozen_depth(points: list[Point]) -> Figure:
     )
     ax.set_ylabel("CV accuracy")
     # Beside the axes, so the legend never covers a point.
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend_beside(ax)
     ax.grid(alpha=0.3, axis="y")
     return fig
 
@@ -295,7 +294,7 @@ def lr_vs_lambda(points: list[Point], best: FrozenTrial | None) -> Figure:
     ax.set_yscale("log")
     ax.set_xlabel("λ (log scale)")
     ax.set_ylabel("learning rate (log scale)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend_beside(ax)
     ax.grid(alpha=0.3)
     return fig
 
@@ -360,7 +359,7 @@ def test_comparison(final: Mapping[str, Any]) -> Figure:
             label="CV estimate of the search (± 1 SE)",
         )
     if with_interval or cv or n_seeds > 1:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        _legend_beside(ax)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3, axis="y")
