@@ -1,4 +1,5 @@
-"""Shared helpers: a tiny study config on sklearn's 8×8 digits, a TOML writer and a CLI runner.
+"""Shared helpers: the tiny study on sklearn's 8×8 digits, a TOML writer, a CLI runner, and the
+storage fixtures (a SQLite file, a PostgreSQL database: tests/pg.py).
 
 Everything runs on the CPU with one torch thread (test processes side by side on a small machine
 must not oversubscribe it), and every pretrained checkpoint goes to a temporary directory, never
@@ -12,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,18 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The tiny study at its smallest, for tests that run many trials or many processes: a fraction of
+# a second per trial on one thread.
+FAST: dict[str, Any] = merge(
+    TINY,
+    {
+        "model": {"hidden": [16, 16]},
+        "pretrain": {"epochs": 1},
+        "finetune": {"epochs": 2, "threads": 1},
+    },
+)
+
+
 def tiny_study(tmp: Path) -> tuple[optuna.Study, str]:
     """A real tiny study run by tlsearch (4 trials, 2 folds) in ``tmp``; the study and its URL."""
     from tlsearch.config import config_from_dict
@@ -63,11 +76,10 @@ def tiny_study(tmp: Path) -> tuple[optuna.Study, str]:
     overrides = {
         "n_trials": 4,
         "storage": url,
-        "model": {"hidden": [16, 16]},
-        "pretrain": {"epochs": 1, "cache_dir": str(tmp / "cache")},
+        "pretrain": {"cache_dir": str(tmp / "cache")},
         "finetune": {"epochs": 3},
     }
-    return run_study(config_from_dict(merge(TINY, overrides))), url
+    return run_study(config_from_dict(merge(FAST, overrides))), url
 
 
 def finished_tiny_study(
@@ -113,7 +125,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value)
+        return repr(value)  # inf and nan are TOML too
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):
@@ -124,12 +136,13 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(data: dict[str, Any]) -> str:
-    """TOML text for a study dict: scalars first, then one [section] per table."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    """TOML text for a study dict: scalars first, then one [section] per table. A None value is
+    left out (its default applies): ``merge(FAST, {"pretrain": {"cache_dir": None}})``."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict | None)]
     for key, section in data.items():
         if isinstance(section, dict):
             lines.append(f"\n[{key}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in section.items()]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in section.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -138,7 +151,12 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+# --- the CLI as a user runs it: `python -m tlsearch.cli ARGS` in a directory -------------------
+
+
 def cli_env(cwd: Path) -> dict[str, str]:
+    """The environment of a CLI process in ``cwd``: one thread, unbuffered output, the default
+    checkpoint cache inside ``cwd``, and no database password from the test's own environment."""
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1",
@@ -155,26 +173,79 @@ def cli_command(*args: str) -> list[str]:
 
 
 def start_cli(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
+    *args: str, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[str]:
-    """Start ``tlsearch ARGS`` in ``cwd`` without waiting; stdout and stderr are pipes."""
-    return subprocess.Popen(
-        cli_command(*args),
-        cwd=cwd,
-        env={**cli_env(cwd), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """Start ``tlsearch ARGS`` in ``cwd`` without waiting, ``env`` added to :func:`cli_env`.
+
+    stdout and stderr are pipes, or both go to the file ``log``.
+    """
+    out = log.open("w") if log is not None else None
+    try:
+        return subprocess.Popen(
+            cli_command(*args),
+            cwd=cwd,
+            env={**cli_env(cwd), **(env or {})},
+            stdout=out or subprocess.PIPE,
+            stderr=subprocess.STDOUT if out else subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        if out is not None:
+            out.close()  # the child has its own copy
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``tlsearch ARGS`` as a user would, in ``cwd``; capture stdout and stderr."""
-    return subprocess.run(
-        cli_command(*args),
-        cwd=cwd,
-        env=cli_env(cwd),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_many({"": (cwd, list(args))}, timeout=timeout)[""]
+
+
+Job = tuple[Path, list[str]] | tuple[Path, list[str], dict[str, str]]
+
+
+def run_many(
+    jobs: dict[str, Job], limit: int = 4, timeout: float = 300
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    """:func:`run_cli` for each job (directory, arguments, optional extra environment), ``limit``
+    at a time, each within ``timeout`` seconds."""
+    waiting = list(jobs.items())
+    running: dict[str, subprocess.Popen[str]] = {}
+    done: dict[str, subprocess.CompletedProcess[str]] = {}
+    while waiting or running:
+        while waiting and len(running) < limit:
+            key, (cwd, args, *extra) = waiting.pop(0)
+            running[key] = start_cli(*args, cwd=cwd, env=extra[0] if extra else None)
+        key = next(iter(running))
+        proc = running.pop(key)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in (proc, *running.values()):
+                p.kill()
+                p.communicate()
+            raise
+        done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+# --- storages ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database of its own (tests/pg.py), dropped afterwards."""
+    from pg import fresh_database
+
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same test over a SQLite file and a PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'study.db'}"
+    else:
+        from pg import fresh_database
+
+        with fresh_database() as url:
+            yield url

@@ -1,7 +1,7 @@
 """Helpers for the bad-input, fault and security tests.
 
-A tiny study file, many ``tlsearch`` commands run at once, small and read-only filesystems, and a
-snapshot of a study's trials to prove that nothing finished was lost.
+A tiny study file, small and read-only filesystems, and a snapshot of a study's trials to prove
+that nothing finished was lost.
 
 Filesystem faults need root for ``mount -t tmpfs`` (CI runs as root). Without root a read-only
 directory is a ``chmod 555`` one; a full disk cannot be made, and those tests skip, except under
@@ -23,29 +23,18 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import cli_env, merge, start_cli, to_toml
+from conftest import FAST, Job, cli_env, merge, write_toml
 
-# The tiny study of these tests: a relative storage (the working directory of the command) and a
+# conftest's fast tiny study with a relative storage (the working directory of the command) and a
 # cache beside the study file, so a directory copied elsewhere is a study of its own.
-STUDY: dict[str, Any] = {
-    "name": "tiny",
-    "n_trials": 2,
-    "storage": "sqlite:///study.db",
-    "data": {"task": "digits-noisy"},
-    "model": {"name": "mlp", "hidden": [16, 16]},
-    "pretrain": {"epochs": 1, "cache_dir": "cache"},
-    "finetune": {"epochs": 2, "device": "cpu", "threads": 1},
-    "search": {"frozen_blocks": {"low": 0, "high": 2}},
-    "cv": {"k": 2},
-    "sampler": {"name": "random"},
-    "pruner": {"name": "none"},
-}
+STUDY: dict[str, Any] = merge(
+    FAST, {"n_trials": 2, "storage": "sqlite:///study.db", "pretrain": {"cache_dir": "cache"}}
+)
 
 
 def write_study(path: Path, **overrides: Any) -> Path:
     """The tiny study with ``overrides`` (sections merge) as a TOML file at ``path``."""
-    path.write_text(to_toml(merge(STUDY, overrides)))
-    return path
+    return write_toml(path, merge(STUDY, overrides))
 
 
 def make_study(d: Path) -> Path:
@@ -63,34 +52,19 @@ def make_study(d: Path) -> Path:
     return d
 
 
-Job = tuple[Path, list[str]] | tuple[Path, list[str], dict[str, str]]
-
-
-def run_many(jobs: dict[str, Job], limit: int = 8) -> dict[str, subprocess.CompletedProcess[str]]:
-    """Run ``tlsearch ARGS`` for each job (directory, arguments, optional extra environment),
-    ``limit`` at a time; each imports torch (seconds of CPU), so side by side they are faster."""
-    waiting = list(jobs.items())
-    running: dict[str, subprocess.Popen[str]] = {}
-    done: dict[str, subprocess.CompletedProcess[str]] = {}
-    while waiting or running:
-        while waiting and len(running) < limit:
-            key, (cwd, args, *extra) = waiting.pop(0)
-            running[key] = start_cli(*args, cwd=cwd, env=extra[0] if extra else None)
-        key = next(iter(running))
-        proc = running.pop(key)
-        out, err = proc.communicate(timeout=300)
-        done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return done
-
-
-# A process that imports the CLI once, then forks one child per command: each child runs
-# tlsearch.cli.main(ARGS) in its own directory and environment, with its own stdout and stderr,
-# and exits with main's code as `python -m tlsearch.cli ARGS` does (a SystemExit as the
-# interpreter handles it, anything else a traceback and 1). What it saves is the seconds of
-# imports per command; run_forked's callers check a few commands both ways.
+# A process that imports the CLI and the modules its commands load, then forks one child per
+# command: each child runs tlsearch.cli.main(ARGS) in its own directory and environment, with its
+# own stdout and stderr, and exits with main's code as `python -m tlsearch.cli ARGS` does (a
+# SystemExit as the interpreter handles it, anything else a traceback and 1). A config or usage
+# error takes 0.2 s as a real command now (no torch), but a row that loads data, opens a storage
+# or resumes a study imports torch: 3.5-4 s of CPU each. Measured on tests/test_bad_inputs.py's 47
+# rows: 72 s of CPU as real commands, 7 s forked from here (issue 10). run_forked's callers check
+# a few commands both ways.
 _FORK_SERVER = """
 import json, os, sys, traceback
 import tlsearch.cli
+import tlsearch.dashboard, tlsearch.export, tlsearch.final, tlsearch.report, tlsearch.status
+import tlsearch.study, tlsearch.workers
 
 def child(job):
     os.chdir(job["cwd"])
@@ -131,7 +105,8 @@ json.dump(codes, sys.stdout)
 def run_forked(
     jobs: dict[str, Job], limit: int = 4
 ) -> dict[str, subprocess.CompletedProcess[str]]:
-    """:func:`run_many`'s results, from children of one process that imported the CLI once."""
+    """:func:`conftest.run_many`'s results, from children of one process that imported the CLI
+    and torch once."""
     with tempfile.TemporaryDirectory() as streams:
         spec = {}
         for i, (key, (cwd, args, *extra)) in enumerate(jobs.items()):

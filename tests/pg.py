@@ -1,16 +1,15 @@
-"""Helpers for the storage, worker and compose tests: PostgreSQL databases and tiny worker studies.
+"""Helpers for the storage, worker and compose tests: PostgreSQL databases and worker processes.
 
 Each PostgreSQL test gets a database of its own on the local server (127.0.0.1:5432, user postgres)
-and drops it afterwards, so runs never see each other's studies. Without a server the tests are
-skipped, except under ``CI=true``, where they fail: CI must never pass by skipping them.
+and drops it afterwards, so runs never see each other's studies (conftest's ``pg_url`` and
+``storage_url`` fixtures). Without a server the tests are skipped, except under ``CI=true``, where
+they fail: CI must never pass by skipping them.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from typing import Any
 import optuna
 import psycopg
 import pytest
+from conftest import FAST, merge, start_cli, write_toml
 from psycopg import sql
 
 PG_HOST = "127.0.0.1"
@@ -29,7 +29,8 @@ PG_USER = "postgres"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _admin() -> psycopg.Connection:
+def admin() -> psycopg.Connection:
+    """A connection to the server's ``postgres`` database as its superuser, in autocommit."""
     return psycopg.connect(
         host=PG_HOST,
         port=PG_PORT,
@@ -43,7 +44,7 @@ def _admin() -> psycopg.Connection:
 def _server_problem() -> str | None:
     """None when the server answers, else why not."""
     try:
-        with _admin():
+        with admin():
             return None
     except psycopg.Error as e:
         return str(e).strip().splitlines()[0]
@@ -72,26 +73,20 @@ def fresh_database() -> Iterator[str]:
     """URL of a new, empty PostgreSQL database, dropped (with its connections) afterwards."""
     require_postgres()
     name = f"tlsearch_test_{uuid.uuid4().hex[:12]}"
-    with _admin() as conn:
+    with admin() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         yield f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
     finally:
         wait_for_server()
-        with _admin() as conn:
+        with admin() as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with fresh_database() as url:
-        yield url
 
 
 def terminate_backends(url: str) -> int:
     """``pg_terminate_backend`` each connection to the database of ``url``; return how many."""
     dbname = url.rsplit("/", 1)[1]
-    with _admin() as conn:
+    with admin() as conn:
         rows = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = %s AND pid <> pg_backend_pid()",
@@ -100,46 +95,15 @@ def terminate_backends(url: str) -> int:
     return len(rows)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The same test over a SQLite file and a PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'study.db'}"
-    else:
-        with fresh_database() as url:
-            yield url
-
-
-# A study that runs in well under a second per trial on one CPU thread.
 def tiny_config(tmp_path: Path, storage: str, **overrides: Any) -> Path:
-    """Write a tiny study file (digits-noisy, MLP 16-16, 2-fold CV) and return its path.
+    """conftest's ``FAST`` study (4 trials) in ``storage``, its cache in ``tmp_path``, written to
+    ``tmp_path / "tiny.toml"``; return the path.
 
-    ``overrides``: top-level values (``n_trials=100``) or sections (``finetune={"epochs": 60}``).
+    ``overrides``: top-level values (``n_trials=100``) or sections (``finetune={"epochs": 60}``),
+    merged; None drops a key (its default applies).
     """
-    cfg: dict[str, dict[str, Any]] = {
-        "": {"name": "tiny", "storage": storage, "n_trials": 4},
-        "data": {"task": "digits-noisy"},
-        "model": {"name": "mlp", "hidden": [16, 16]},
-        "pretrain": {"epochs": 1, "cache_dir": str(tmp_path / "cache")},
-        "finetune": {"epochs": 2, "device": "cpu", "threads": 1},
-        "search": {"frozen_blocks": {"low": 0, "high": 2}},
-        "cv": {"k": 2},
-        "sampler": {"name": "random"},
-        "pruner": {"name": "none"},
-    }
-    for name, values in overrides.items():
-        if isinstance(values, dict):
-            cfg.setdefault(name, {}).update(values)
-        else:
-            cfg[""][name] = values
-    # None drops a key (its default applies).
-    lines = [f"{k} = {_toml(v)}" for k, v in cfg.pop("").items() if v is not None]
-    for name, values in cfg.items():
-        lines.append(f"\n[{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in values.items() if v is not None]
-    path = tmp_path / "tiny.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    base = {"storage": storage, "n_trials": 4, "pretrain": {"cache_dir": str(tmp_path / "cache")}}
+    return write_toml(tmp_path / "tiny.toml", merge(merge(FAST, base), overrides))
 
 
 def create(config: Path, **heartbeat: int) -> None:
@@ -155,57 +119,10 @@ def create(config: Path, **heartbeat: int) -> None:
 FAST_BEATS = {"interval": 1, "grace_period": 3}
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TLSEARCH_DB_PASSWORD"}
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        TLSEARCH_CACHE=str(tmp_path / "default-cache"),
-        **extra,
-    )
-    return env
-
-
-def tlsearch(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tlsearch.cli", *args]
-
-
-def run_cli(
-    *args: str, tmp_path: Path, timeout: float = 240, **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        tlsearch(*args),
-        cwd=tmp_path,
-        env=cli_env(tmp_path, **env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def start_worker(url: str, name: str, tmp_path: Path, *extra: str, log: str) -> subprocess.Popen:
     """A ``tlsearch worker`` process writing its output to ``tmp_path / log``."""
-    out = (tmp_path / log).open("w")
-    return subprocess.Popen(
-        tlsearch("worker", "--storage", url, "--study-name", name, "--threads", "1", *extra),
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = ("worker", "--storage", url, "--study-name", name, "--threads", "1", *extra)
+    return start_cli(*args, cwd=tmp_path, log=tmp_path / log)
 
 
 def wait_joined(tmp_path: Path, logs: list[str], seconds: float = 120) -> None:
@@ -237,16 +154,6 @@ def running_trial_of(url: str, name: str, pid: int) -> optuna.trial.FrozenTrial 
         if str(t.user_attrs.get("worker", "")).endswith(f":{pid}") and t.params:
             return t
     return None
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-    """Send ``sig`` and wait; kill it if it does not exit in time (the test then fails)."""
-    proc.send_signal(sig)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
 
 
 def finished(url: str, name: str) -> list[optuna.trial.FrozenTrial]:

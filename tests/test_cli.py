@@ -1,7 +1,8 @@
 """The ``tlsearch`` command as a user runs it: a subprocess, its exit code, its exact error lines.
 
-Each command starts a Python that imports torch (seconds), so the quick error cases are launched
-all at once by one module fixture and checked one test each.
+The quick error cases run side by side in one module fixture and are checked one test each. The
+tiny study has the defaults for storage (sqlite:///tlsearch.db in the working directory) and cache
+($TLSEARCH_CACHE, which the runner points into the working directory).
 """
 
 from __future__ import annotations
@@ -15,24 +16,20 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import TINY, merge, run_cli, start_cli, to_toml
+from conftest import TINY, merge, run_cli, run_many, start_cli, write_toml
 from optuna.trial import TrialState
 
 from tlsearch.config import load_config
 from tlsearch.export import read_export
 from tlsearch.models import create_model
-from tlsearch.study import load_study_config
+from tlsearch.storage import load_study_config
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-# The tiny study with the defaults for storage (sqlite:///tlsearch.db in the working directory) and
-# cache ($TLSEARCH_CACHE, which the runner points into the working directory).
-STUDY = dict(TINY)
 
 
 def _toml(overrides: dict) -> Callable[[Path], None]:
     def setup(d: Path) -> None:
-        (d / "bad.toml").write_text(to_toml(merge(STUDY, overrides)))
+        write_toml(d / "bad.toml", merge(TINY, overrides))
 
     return setup
 
@@ -98,14 +95,18 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str], int, list[str]]] = {
             "tlsearch: error: bad.toml: search.lambda: log scale needs low > 0, got 0.0",
             "tlsearch: error: bad.toml: cv.k: Input should be greater than or equal to 2",
             "tlsearch: error: bad.toml: regularizer.name: unknown regularizer 'l3' "
-            "(choose from l2, l2sp, none)",
+            "(choose from l2, l2sp, none; a plug-in adds more: install its package, or pass "
+            "--plugin MODULE)",
         ],
     ),
     "unknown model": (
         _toml({"model": {"name": "resnet"}}),
         RUN,
         2,
-        ["tlsearch: error: bad.toml: model.name: unknown model 'resnet' (choose from cnn, mlp)"],
+        [
+            "tlsearch: error: bad.toml: model.name: unknown model 'resnet' (choose from cnn, mlp; "
+            "a plug-in adds more: install its package, or pass --plugin MODULE)"
+        ],
     ),
     "frozen_blocks beyond the model": (
         _toml({"search": {"frozen_blocks": {"low": 0, "high": 3}}}),
@@ -155,18 +156,14 @@ def quick_runs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     root = tmp_path_factory.mktemp("cli")
-    started = {}
+    jobs = {}
     for i, (case_id, (setup, args, _, _)) in enumerate(CASES.items()):
         d = root / f"case{i}"
         d.mkdir()
         setup(d)
-        proc = start_cli(*args, cwd=d)
-        started[case_id] = (d, args, proc)
-    done = {}
-    for case_id, (d, args, proc) in started.items():
-        out, err = proc.communicate(timeout=300)
-        done[case_id] = (d, subprocess.CompletedProcess(args, proc.returncode, out, err))
-    return done
+        jobs[case_id] = (d, args)
+    results = run_many(jobs)
+    return {case_id: (jobs[case_id][0], results[case_id]) for case_id in CASES}
 
 
 @pytest.mark.parametrize("case_id", CASES)
@@ -190,7 +187,7 @@ def test_user_error(quick_runs, case_id: str) -> None:
 def test_zero_shots_is_a_user_error(tmp_path: Path) -> None:
     # A built-in task with data.shots = 0 has no labelled target sample: a user error, not a
     # traceback from numpy in check_folds.
-    (tmp_path / "s.toml").write_text(to_toml(merge(STUDY, {"data": {"shots": 0}})))
+    write_toml(tmp_path / "s.toml", merge(TINY, {"data": {"shots": 0}}))
     result = run_cli("-q", "run", "s.toml", cwd=tmp_path)
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2
@@ -209,7 +206,7 @@ def _run_until(proc: subprocess.Popen, marker: str) -> list[str]:
 
 
 def test_ctrl_c_while_pretraining(tmp_path: Path) -> None:
-    (tmp_path / "s.toml").write_text(to_toml(merge(STUDY, {"pretrain": {"epochs": 5000}})))
+    write_toml(tmp_path / "s.toml", merge(TINY, {"pretrain": {"epochs": 5000}}))
     proc = start_cli("run", "s.toml", cwd=tmp_path)
     try:
         _run_until(proc, "pretraining the source model")
@@ -230,7 +227,7 @@ def _finished(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
 def test_interrupted_run_resumes_to_exactly_n_trials(tmp_path: Path) -> None:
     n = 6
     study = merge(
-        STUDY,
+        TINY,
         {
             "name": "resume",
             "n_trials": n,
@@ -238,12 +235,12 @@ def test_interrupted_run_resumes_to_exactly_n_trials(tmp_path: Path) -> None:
             "finetune": {"epochs": 30},
         },
     )
-    (tmp_path / "s.toml").write_text(to_toml(study))
+    write_toml(tmp_path / "s.toml", study)
     url = f"sqlite:///{tmp_path / 'study.db'}"
 
     proc = start_cli("run", "s.toml", cwd=tmp_path)
     try:
-        _run_until(proc, f"[1/{n}] trial 0:")
+        _run_until(proc, f"[1/{n}] trial 0")
         assert len(_finished(url, "resume")) >= 1  # stored before we interrupt
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
@@ -272,7 +269,7 @@ def test_interrupted_run_resumes_to_exactly_n_trials(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_run_export_final(tmp_path: Path) -> None:
     study = merge(
-        STUDY,
+        TINY,
         {
             "n_trials": 4,
             "storage": "sqlite:///study.db",
@@ -280,7 +277,7 @@ def test_run_export_final(tmp_path: Path) -> None:
             "pruner": {"name": "median", "n_startup_trials": 2},
         },
     )
-    (tmp_path / "tiny.toml").write_text(to_toml(study))
+    write_toml(tmp_path / "tiny.toml", study)
 
     run = run_cli("run", "tiny.toml", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
@@ -310,15 +307,14 @@ def test_run_export_final(tmp_path: Path) -> None:
 
     final = run_cli("final", "best.json", cwd=tmp_path)
     assert final.returncode == 0, final.stderr
-    assert [ln.split(":")[0].strip() for ln in final.stdout.splitlines()] == [
-        "tuned",
-        "default_lambda",
-        "scratch",
-    ]
+    lines = final.stdout.splitlines()
+    models = ["tuned", "plain_finetuning", "scratch"]
+    assert [ln.split(":")[0].strip() for ln in lines[:3]] == models, lines
+    assert lines[3].startswith("plain fine-tuning settings: "), lines
     metrics = json.loads((tmp_path / "best.final.json").read_text())
     assert metrics["study_name"] == "tiny"
-    assert metrics["tuned"]["cv_mean"] == trial.value
-    for name in ("tuned", "default_lambda", "scratch"):
+    assert metrics["tuned"]["cv_mean"] == trial.user_attrs["cv_mean"]
+    for name in models:
         assert 0.0 <= metrics[name]["test_accuracy"] <= 1.0, name
     assert metrics["tuned"]["params"] == best.params.to_dict()
     state = torch.load(tmp_path / "best.final.pt", weights_only=True)

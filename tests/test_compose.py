@@ -21,7 +21,8 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from pg import REPO, cli_env, pg_url, tiny_config  # noqa: F401 - pg_url is a fixture
+from conftest import cli_env
+from pg import REPO, tiny_config
 
 COMPOSE = REPO / "docker-compose.yml"
 
@@ -117,7 +118,7 @@ def test_cpu_override_removes_only_the_gpu_reservation() -> None:
 @pytest.mark.slow  # about 40 s: a launcher, two workers and a dashboard process
 def test_launcher_workers_and_dashboard_run_as_declared(
     tmp_path: Path,
-    pg_url: str,  # noqa: F811
+    pg_url: str,
 ) -> None:
     services = _interpolate(
         _load(COMPOSE)["services"],

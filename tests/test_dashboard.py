@@ -24,7 +24,7 @@ from conftest import TINY, start_cli, tiny_study
 from tlsearch.config import config_from_dict
 from tlsearch.dashboard import DashboardServer, write_study_note
 from tlsearch.errors import TlsearchError
-from tlsearch.study import load_study_config
+from tlsearch.storage import load_study_config
 
 CHROMIUM_FLAGS = [
     "--headless",

@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.config import config_from_dict
 from tlsearch.status import heartbeat_ages, status_table
-from tlsearch.study import ATTR_CONFIG
+from tlsearch.storage import ATTR_CONFIG
 
 DISTRIBUTIONS = {
     "lambda": FloatDistribution(1e-4, 1.0, log=True),
@@ -53,8 +53,8 @@ def _study(tmp_path: Path, n_trials: int = 10, running: bool = True) -> tuple[st
     study = optuna.create_study(storage=storage, study_name="tiny", direction="maximize")
     cfg = config_from_dict(merge(TINY, {"n_trials": n_trials, "storage": url}))
     study.set_user_attr(ATTR_CONFIG, cfg.to_dict())
-    study.add_trial(_finished(0, TrialState.COMPLETE, 60, 0.8, cv_std=0.1))
-    study.add_trial(_finished(1, TrialState.COMPLETE, 60, 0.9, cv_std=0.05))
+    study.add_trial(_finished(0, TrialState.COMPLETE, 60, 0.8, cv_se=0.1))
+    study.add_trial(_finished(1, TrialState.COMPLETE, 60, 0.9, cv_se=0.05))
     study.add_trial(_finished(2, TrialState.PRUNED, 30, None))
     study.add_trial(_finished(3, TrialState.FAIL, 5, None))
     if running:
@@ -78,7 +78,7 @@ def test_status_counts_best_running_and_eta(tmp_path: Path) -> None:
     assert lines[0] == f"study 'tiny' in {url}"
     assert "trials: 2 complete, 1 pruned, 1 fail, 1 running, 0 waiting" in lines
     assert "budget: 3 of 10 trials done (complete or pruned)" in lines
-    assert "best: trial 1, cv 0.9000 ± 0.0500: lambda=0.2 lr=0.001 frozen_blocks=1" in lines
+    assert "best: trial 1, cv 0.9000 ± 0.0500 SE: lambda=0.2 lr=0.001 frozen_blocks=1" in lines
     header = next(i for i, line in enumerate(lines) if "heartbeat" in line)
     assert lines[header].split() == [
         "trial",
@@ -93,9 +93,10 @@ def test_status_counts_best_running_and_eta(tmp_path: Path) -> None:
     assert row[0] == "4" and row[3] == "20s"  # started, then 20 s of running
     assert "ago" in lines[header + 1] and "frozen_blocks=" in lines[header + 1]
     # 7 trials left × 50 s mean, less the 20 s the running trial has spent, on one worker: 330 s.
-    eta = lines[-1]
-    assert eta.startswith(
-        "ETA: 7 trials left × 50s mean trial (3 finished) ≈ 5.5 min at 1 worker(s)"
+    done = now + dt.timedelta(seconds=330)
+    assert lines[-1] == (
+        "ETA: (50s mean of 3 finished × 7 left − 20s spent by running trials) ÷ 1 worker(s) "
+        f"≈ 5.5 min, done near {done:%H:%M}"
     )
 
 
@@ -122,4 +123,4 @@ def test_status_command(tmp_path: Path) -> None:
     assert "trials: 2 complete, 1 pruned, 1 fail, 1 running, 0 waiting" in out
     assert "best: trial 1, cv 0.9000" in out
     assert "running (1):" in out and " ago " in out
-    assert "ETA: 7 trials left" in out
+    assert "ETA: (50s mean of 3 finished × 7 left − " in out

@@ -10,18 +10,19 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import run_cli
 from optuna.trial import TrialState
-from pg import fresh_database, require_postgres, run_cli, storage_url, tiny_config  # noqa: F401
+from pg import fresh_database, require_postgres, tiny_config
 
 from tlsearch.errors import ConfigError, StorageError
 from tlsearch.storage import (
+    ATTR_CONFIG,
     BudgetExhausted,
     Heartbeat,
     StudyStorage,
     create_storage,
     mask_url,
 )
-from tlsearch.study import ATTR_CONFIG
 from tlsearch.workers import join_study
 
 
@@ -42,7 +43,7 @@ def test_sqlite_is_tuned_for_several_processes(tmp_path: Path) -> None:
     assert pragma == {"journal_mode": "wal", "busy_timeout": 60000, "synchronous": 1}
 
 
-def test_budget_is_exact_with_many_concurrent_creators(storage_url: str) -> None:  # noqa: F811
+def test_budget_is_exact_with_many_concurrent_creators(storage_url: str) -> None:
     """Eight threads (eight connections) race for 30 slots; failed trials give theirs back."""
     storage = create_storage(storage_url)
     study, study_id = _study(storage)
@@ -83,7 +84,7 @@ def test_budget_is_exact_with_many_concurrent_creators(storage_url: str) -> None
 
 # Asking outside optimize() on purpose: a worker that dies between ask and its objective.
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
-def test_queued_and_retried_trials_count_toward_the_budget(storage_url: str) -> None:  # noqa: F811
+def test_queued_and_retried_trials_count_toward_the_budget(storage_url: str) -> None:
     storage = create_storage(storage_url, Heartbeat(interval=1, grace_period=2, max_retry=1))
     study, study_id = _study(storage)
     storage.set_budget(study_id, 2)
@@ -101,7 +102,7 @@ def test_queued_and_retried_trials_count_toward_the_budget(storage_url: str) -> 
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
-def test_a_trial_is_heartbeated_from_birth(storage_url: str) -> None:  # noqa: F811
+def test_a_trial_is_heartbeated_from_birth(storage_url: str) -> None:
     """A worker killed right after creating a trial leaves no trial that is RUNNING forever."""
     storage = create_storage(storage_url, Heartbeat(interval=1, grace_period=2, max_retry=1))
     study, study_id = _study(storage)
@@ -145,7 +146,7 @@ def test_password_never_shown_or_stored(tmp_path: Path) -> None:
     with fresh_database() as url:
         secret_url = url.replace("postgres@", "postgres:s3cret-pw@")
         assert mask_url(secret_url) == url.replace("postgres@", "postgres:***@")
-        created = run_cli("create", str(tiny_config(tmp_path, secret_url)), tmp_path=tmp_path)
+        created = run_cli("create", str(tiny_config(tmp_path, secret_url)), cwd=tmp_path)
         assert created.returncode == 0, created.stderr
         assert "s3cret" not in created.stdout + created.stderr
         # The command to start workers with: they take the password from the environment.
@@ -167,7 +168,7 @@ def test_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unreachable_database_is_one_clear_line(tmp_path: Path) -> None:
     url = "postgresql+psycopg://tl:s3cret@127.0.0.1:1/nowhere"
-    result = run_cli("worker", "--storage", url, "--study-name", "x", tmp_path=tmp_path)
+    result = run_cli("worker", "--storage", url, "--study-name", "x", cwd=tmp_path)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -7,6 +7,7 @@ second.
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -16,16 +17,14 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import run_cli
 from optuna.trial import TrialState
-from pg import (  # noqa: F401 - pg_url is a fixture
+from pg import (
     FAST_BEATS,
     create,
     finished,
-    pg_url,
-    run_cli,
     running_trial_of,
     start_worker,
-    stop,
     terminate_backends,
     tiny_config,
     wait_for_server,
@@ -34,10 +33,11 @@ from pg import (  # noqa: F401 - pg_url is a fixture
 )
 
 from tlsearch import workers
+from tlsearch.device import default_threads
 from tlsearch.errors import ConfigError
-from tlsearch.storage import Heartbeat, create_storage
-from tlsearch.study import ATTR_CHECKPOINT, run_trials
-from tlsearch.workers import claim_gpu, default_threads, plan_devices
+from tlsearch.storage import ATTR_CHECKPOINT, Heartbeat, create_storage
+from tlsearch.study import run_trials
+from tlsearch.workers import claim_gpu, plan_devices
 
 # Trials of a few seconds (3-6 s on a quiet core), so that a signal sent when one is seen running
 # lands inside it. Sized by measurement: at 150 epochs, once fine-tuning got faster, a tiny trial
@@ -70,22 +70,33 @@ def _retry_of(trials: list[optuna.trial.FrozenTrial], number: int) -> optuna.tri
 def test_four_workers_on_sqlite_run_exactly_the_budget(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     config = tiny_config(tmp_path, url, n_trials=100)
-    result = run_cli("-q", "run", str(config), "--workers", "4", tmp_path=tmp_path, timeout=400)
+    result = run_cli("run", str(config), "--workers", "4", cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr
     done = _check_exact(url, 100, result.stdout + result.stderr)
     assert all(t.state == TrialState.COMPLETE for t in done)
     workers = {t.user_attrs["worker"] for t in done}
     assert len(workers) == 4, "every worker process ran trials"
     assert {t.user_attrs["device"] for t in done} == {"cpu"}
+    # Each spawned worker (tlsearch.workers.worker_main) marks its lines in the shared terminal,
+    # and writes each line whole: two workers' lines never run into one.
+    lines = result.stderr.splitlines()
+    assert [ln for ln in lines if ln.count("[w") > 1] == []
+    for i in range(4):
+        assert any(
+            ln.startswith(f"[w{i}] worker ") and "joined study 'tiny'" in ln for ln in lines
+        )
+        assert any(ln.startswith(f"[w{i}] worker done: ") for ln in lines), result.stderr
+    progress = [ln for ln in lines if re.match(r"\[w\d\] \[\d+/100\] trial \d+", ln)]
+    assert len(progress) == 100, result.stderr
 
 
 def test_four_workers_on_postgresql_run_exactly_the_budget(
     tmp_path: Path,
-    pg_url: str,  # noqa: F811
+    pg_url: str,
 ) -> None:
     """The multi-host shape: `create` once, then workers that know only the URL."""
     config = tiny_config(tmp_path, pg_url, n_trials=100)
-    created = run_cli("create", str(config), tmp_path=tmp_path)
+    created = run_cli("create", str(config), cwd=tmp_path)
     assert created.returncode == 0, created.stderr
     procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(4)]
     codes = [p.wait(400) for p in procs]
@@ -143,7 +154,7 @@ def test_sigterm_and_sigint_fail_and_requeue_the_running_trial(tmp_path: Path) -
         assert "Traceback" not in logs[sig]
 
 
-def test_workers_survive_dropped_connections(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+def test_workers_survive_dropped_connections(tmp_path: Path, pg_url: str) -> None:
     config = tiny_config(tmp_path, pg_url, n_trials=12, **MEDIUM)
     create(config, **FAST_BEATS)
     procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(2)]
@@ -165,7 +176,7 @@ def test_workers_survive_dropped_connections(tmp_path: Path, pg_url: str) -> Non
 
 
 @pytest.mark.slow
-def test_workers_survive_a_server_restart(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+def test_workers_survive_a_server_restart(tmp_path: Path, pg_url: str) -> None:
     config = tiny_config(tmp_path, pg_url, n_trials=24, **MEDIUM)
     create(config, **FAST_BEATS)
     procs = [start_worker(pg_url, "tiny", tmp_path, log=f"w{i}.log") for i in range(2)]
@@ -202,7 +213,7 @@ def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
         "tiny",
         "--cache-dir",
         str(elsewhere),
-        tmp_path=tmp_path,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "not on this host; pretraining it here" in result.stderr
@@ -220,7 +231,7 @@ def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
         "tiny",
         "--cache-dir",
         str(elsewhere),
-        tmp_path=tmp_path,
+        cwd=tmp_path,
     )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()[-1:]

@@ -45,7 +45,10 @@ class ProgressPrinter:
         if best is not None:
             about = baseline_of(best) or format_params(best.params)
             line += f" | best cv {accuracy(best):.3f} (#{best.number}: {about})"
-        print(line, file=self.stream, flush=True)
+        # One write per line: print() writes the text and the newline apart, and lines of workers
+        # sharing a terminal then run into each other.
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
 
 def describe_value(trial: FrozenTrial) -> str:
