@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomllib
 from conftest import TINY, merge, write_toml
 
-from tlsearch.config import ParamRange, StudyConfig, config_from_dict, load_config, parse_duration
+from tlsearch.config import (
+    ParamRange,
+    StudyConfig,
+    adopt_stored,
+    config_from_dict,
+    load_config,
+    parse_duration,
+)
 from tlsearch.errors import ConfigError
 from tlsearch.registry import BlockNetOptions
 
@@ -343,12 +351,25 @@ def test_search_hash_ignores_speed_only_settings() -> None:
         assert cfg.hash_matches(base.search_hash()), speed
 
 
+# What tlsearch 0.1 stored with a study: none of the fields added since.
+V0_1_STORED = {"name": "legacy", "cv": {"k": 2}, "search": {}}
+
+
+def _resumed(path: Path, **overrides: Any) -> StudyConfig:
+    """The study file's config as it resumes the 0.1 study (the fields added since keep 0.1's
+    behaviour for it)."""
+    return adopt_stored(load_config(path, **overrides), V0_1_STORED)
+
+
 def test_hash_of_tlsearch_0_1_is_accepted() -> None:
-    cfg = load_config(V0_1)
+    cfg = _resumed(V0_1)
     assert cfg.hash_matches(V0_1_HASH)
+    assert (cfg.cv.metric, cfg.cv.repeats, cfg.search.baselines) == ("accuracy", 1, [])
     # Where the study runs and for how long is not part of it, in either version.
-    moved = load_config(V0_1, name="elsewhere", storage="sqlite:///other.db", n_trials=9)
+    moved = _resumed(V0_1, name="elsewhere", storage="sqlite:///other.db", n_trials=9)
     assert moved.hash_matches(V0_1_HASH)
+    # Today's defaults for the new fields are another study.
+    assert not load_config(V0_1).hash_matches(V0_1_HASH)
 
 
 @pytest.mark.parametrize(
@@ -368,8 +389,8 @@ def test_changed_config_does_not_match_the_0_1_hash(tmp_path: Path, changed: dic
     with V0_1.open("rb") as f:
         data = tomllib.load(f)
     path = write_toml(tmp_path / "study.toml", merge(data, changed))
-    assert load_config(V0_1).hash_matches(V0_1_HASH)  # the unchanged file does
-    assert not load_config(path).hash_matches(V0_1_HASH)
+    assert _resumed(V0_1).hash_matches(V0_1_HASH)  # the unchanged file does
+    assert not _resumed(path).hash_matches(V0_1_HASH)
 
 
 @pytest.mark.parametrize(
