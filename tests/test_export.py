@@ -55,11 +55,16 @@ def test_round_trip_of_a_real_study(tiny, tmp_path: Path) -> None:
 
     assert best.config.to_dict() == cfg.to_dict()  # sqlite: no password to mask
     assert best.config.search_hash() == cfg.search_hash()
-    assert best.params == TrialParams.from_dict({**study.best_params, "backbone_lr_mult": 0.1})
+    # Everything the trial trained with: for a searched trial its params plus the fixed ones.
+    resolved = study.best_trial.user_attrs["resolved_params"]
+    assert best.params == TrialParams.from_dict(resolved)
+    if "baseline" not in study.best_trial.user_attrs:
+        assert resolved == {**study.best_params, "backbone_lr_mult": 0.1}
     assert best.data == data == json.loads((tmp_path / "best.json").read_text())
     assert data["format"] == FORMAT
     assert data["trial_number"] == study.best_trial.number
-    assert data["cv_mean"] == study.best_value
+    assert data["cv_mean"] == study.best_trial.user_attrs["cv_mean"]
+    assert data["value"] == study.best_value
     assert data["fold_scores"] == study.best_trial.user_attrs["fold_scores"]
     assert data["searched_params"] == study.best_params
     assert data["n_trials"] == {"complete": 3, "pruned": 0, "fail": 0}

@@ -120,7 +120,9 @@ def test_progress_and_summary(tiny) -> None:
     stream = io.StringIO()
     study = run_study(config_from_dict(tiny(n_trials=2)), callbacks=[ProgressPrinter(2, stream)])
     err = stream.getvalue()
-    assert "[1/2] trial 0: cv " in err and "[2/2] trial 1: " in err
+    # The first two trials of a new study are its baselines.
+    assert "[1/2] trial 0 (plain finetuning): cv " in err
+    assert "[2/2] trial 1 (scratch): cv " in err
     table = summary_table(study)
     assert table.splitlines()[0] == "study 'tiny': 2 complete"
     assert "cv_mean" in table.splitlines()[1]
@@ -216,7 +218,7 @@ def test_a_refused_resume_costs_no_pretraining(
 def test_values_are_named_and_rounded(tiny) -> None:
     study = run_study(config_from_dict(tiny(n_trials=2)))
     # optuna-dashboard and optuna.visualization show this name instead of "Objective 0".
-    assert study.metric_names == ["cv_accuracy"]
+    assert study.metric_names == ["cv_accuracy_then_loss"]
     for t in study.trials:
         assert t.value == round(t.value, 12)
         assert all(v == round(v, 12) for v in t.intermediate_values.values())
