@@ -320,3 +320,31 @@ def test_run_export_final(tmp_path: Path) -> None:
     state = torch.load(tmp_path / "best.final.pt", weights_only=True)
     model = create_model(best.config.model, (1, 8, 8), 10)
     model.load_state_dict(state)
+
+
+def test_small_friction(tmp_path: Path) -> None:
+    """-q after the subcommand, --study-name optional for a storage holding one study, the
+    worker's --max-trials (and its old spelling), durations for --timeout."""
+    from conftest import tiny_study
+
+    _, url = tiny_study(tmp_path)
+    jobs = {
+        "quiet after": (tmp_path, ["status", "-q", "--storage", url]),
+        "export": (tmp_path, ["export", "--storage", url, "-o", str(tmp_path / "b.json")]),
+        "worker help": (tmp_path, ["worker", "--help"]),
+        "timeout": (tmp_path, ["run", "--timeout", "soon", "x.toml"]),
+    }
+    out = run_many(jobs)
+    assert out["quiet after"].returncode == 0, out["quiet after"].stderr
+    assert out["quiet after"].stdout.startswith("study 'tiny' in ")
+    assert out["export"].returncode == 0 and json.loads((tmp_path / "b.json").read_text())
+    assert "--max-trials N, --n-trials N" in out["worker help"].stdout
+    assert out["timeout"].returncode == 2
+    assert "expected seconds or a duration such as 90s, 10m, 2h; got 'soon'" in (
+        out["timeout"].stderr
+    )
+    # Two studies: the name is needed, and the error says which are there.
+    optuna.create_study(study_name="other", storage=url)
+    two = run_cli("status", "--storage", url, cwd=tmp_path)
+    assert two.returncode == 1
+    assert two.stderr.strip().endswith("holds 2 studies (tiny, other): pass --study-name")
