@@ -60,8 +60,8 @@ def test_note_describes_the_study_and_is_written_once(tmp_path: Path) -> None:
         "- **Search space**: λ 0.0001 … 1, log scale; lr 0.001 … 0.03, log scale; "
         "frozen_blocks 0 … 2; backbone_lr_mult 0.1 (fixed)",
         "- **CV scheme**: 2-fold stratified cross-validation on the target training split "
-        "(seed 0); a trial's value is the mean fold accuracy; its intermediate value at step i is "
-        "the mean accuracy of folds 0 … i",
+        "(seed 0); a trial's value (`cv_accuracy_then_loss`) is the mean fold accuracy, ties "
+        "broken by the mean fold loss; its intermediate value at step i is that of folds 0 … i",
         "- **Search**: sampler `random`, pruner `none`, 3 trials",
     ]:
         assert line in note.splitlines()

@@ -22,6 +22,7 @@ from tlsearch.export import best_config, write_export
 from tlsearch.objective import CVMetric, split_seed
 from tlsearch.params import baseline_params
 from tlsearch.selection import ATTR_SELECTED, select
+from tlsearch.stats import mean_se
 from tlsearch.status import status_table
 from tlsearch.storage import ATTR_CONFIG
 from tlsearch.study import make_objective, prepare, run_study
@@ -150,6 +151,13 @@ def test_defaults_and_what_a_study_stored_before_them_means() -> None:
 # Best vs selected
 
 
+def _folds(value: float) -> list[float]:
+    return [value - 0.01, value + 0.01, value - 0.01, value + 0.01, value]
+
+
+SPREAD_SE = mean_se(_folds(0.5))
+
+
 def _trial(value: float, se: float, frozen: int, lam: float, lr: float = 1e-3, **attrs: Any):
     return create_trial(
         state=TrialState.COMPLETE,
@@ -160,7 +168,13 @@ def _trial(value: float, se: float, frozen: int, lam: float, lr: float = 1e-3, *
             "lr": FloatDistribution(1e-4, 3e-2, log=True),
             "frozen_blocks": IntDistribution(0, 3),
         },
-        user_attrs={"cv_mean": round(value, 2), "cv_se": se, "fold_scores": [value] * 5, **attrs},
+        # Folds 0.01 either side of the mean: their accuracy SE is SPREAD_SE, the value's ``se``.
+        user_attrs={
+            "cv_mean": round(value, 2),
+            "cv_se": se,
+            "fold_scores": _folds(value),
+            **attrs,
+        },
     )
 
 
@@ -192,14 +206,18 @@ def test_best_and_selected_are_stored_and_shown_alike(noisy_study, tmp_path: Pat
     assert data["trial_number"] == 3 and data["params"]["lambda"] == 3.0
     assert data["selection"]["rule"] == "one_se"
     assert data["selection"]["best"]["trial_number"] == 1
-    assert data["cv_se"] == 0.02 and data["cv_mean"] == 0.89
+    # cv_se is the accuracy's (shown beside cv_mean); value_se the value's, which one_se compares.
+    assert data["value_se"] == 0.02 and data["cv_mean"] == 0.89
+    assert data["cv_se"] == pytest.approx(SPREAD_SE)
     assert data["baselines"]["plain_finetuning"]["trial_number"] == 0
     # Stored with the study, and status says the same.
     stored = optuna.load_study(study_name="noisy", storage=noisy_study._storage).user_attrs
     assert stored[ATTR_SELECTED] == data["selection"]
     text = status_table(noisy_study)
-    assert "best: trial 1, cv 0.9000 ± 0.0200 SE" in text
-    assert "selected (one_se, by the last export): trial 3, cv 0.8900 ± 0.0200 SE" in text
+    assert f"best: trial 1, cv 0.9000 ± {SPREAD_SE:.4f} SE" in text
+    assert (
+        f"selected (one_se, by the last export): trial 3, cv 0.8900 ± {SPREAD_SE:.4f} SE" in text
+    )
     assert "baseline plain_finetuning: trial 0" in text
     # The default rule is Optuna's best.
     assert best_config(noisy_study)["trial_number"] == 1

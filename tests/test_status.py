@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -25,7 +26,7 @@ START = dt.datetime(2026, 1, 1, 12, 0, 0)
 
 
 def _finished(
-    number: int, state: TrialState, seconds: float, value: float | None, **attrs: float
+    number: int, state: TrialState, seconds: float, value: float | None, **attrs: Any
 ) -> FrozenTrial:
     return FrozenTrial(
         number=number,
@@ -53,8 +54,9 @@ def _study(tmp_path: Path, n_trials: int = 10, running: bool = True) -> tuple[st
     study = optuna.create_study(storage=storage, study_name="tiny", direction="maximize")
     cfg = config_from_dict(merge(TINY, {"n_trials": n_trials, "storage": url}))
     study.set_user_attr(ATTR_CONFIG, cfg.to_dict())
-    study.add_trial(_finished(0, TrialState.COMPLETE, 60, 0.8, cv_se=0.1))
-    study.add_trial(_finished(1, TrialState.COMPLETE, 60, 0.9, cv_se=0.05))
+    # The accuracy's standard error comes from the fold scores: std(ddof=1)/√4 = 0.0577 here.
+    study.add_trial(_finished(0, TrialState.COMPLETE, 60, 0.8, fold_scores=[0.6, 0.8, 0.8, 1.0]))
+    study.add_trial(_finished(1, TrialState.COMPLETE, 60, 0.9, fold_scores=[0.8, 0.8, 1.0, 1.0]))
     study.add_trial(_finished(2, TrialState.PRUNED, 30, None))
     study.add_trial(_finished(3, TrialState.FAIL, 5, None))
     if running:
@@ -78,7 +80,7 @@ def test_status_counts_best_running_and_eta(tmp_path: Path) -> None:
     assert lines[0] == f"study 'tiny' in {url}"
     assert "trials: 2 complete, 1 pruned, 1 fail, 1 running, 0 waiting" in lines
     assert "budget: 3 of 10 trials done (complete or pruned)" in lines
-    assert "best: trial 1, cv 0.9000 ± 0.0500 SE: lambda=0.2 lr=0.001 frozen_blocks=1" in lines
+    assert "best: trial 1, cv 0.9000 ± 0.0577 SE: lambda=0.2 lr=0.001 frozen_blocks=1" in lines
     header = next(i for i, line in enumerate(lines) if "heartbeat" in line)
     assert lines[header].split() == [
         "trial",

@@ -409,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, help="start no trial after this long: seconds, or 90s, 10m, 2h"
     )
     worker.add_argument(
-        "--threads", type=_positive, metavar="N", help="torch CPU threads (default: torch's)"
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="torch CPU threads (default: finetune.threads, else the cores shared among this "
+        "study's workers on this host, checked before each trial)",
     )
     worker.add_argument(
         "--cache-dir",

@@ -80,11 +80,17 @@ def describe_study(cfg: StudyConfig, task_description: str | None = None) -> dic
             f"backbone_lr_mult {_fmt_range(s.backbone_lr_mult)}",
         ]
     )
+    value = {
+        "accuracy": "the mean fold accuracy",
+        "loss": "minus the mean fold cross-entropy",
+        "accuracy_then_loss": "the mean fold accuracy, ties broken by the mean fold loss",
+    }[cfg.cv.metric]
+    repeats = f", {cfg.cv.repeats} repeats" if cfg.cv.repeats > 1 else ""
     cv = (
         f"{cfg.cv.k}-fold {'stratified ' if cfg.cv.stratified else ''}cross-validation on the "
-        f"target training split (seed {cfg.cv.seed}); a trial's value is the mean fold accuracy; "
-        "its intermediate value at step i is "
-        + ("fold i's accuracy" if reports_fold_scores(cfg) else "the mean accuracy of folds 0 … i")
+        f"target training split (seed {cfg.cv.seed}{repeats}); a trial's value "
+        f"(`{cfg.cv.metric_name}`) is {value}; its intermediate value at step i is that of "
+        + ("fold i alone" if reports_fold_scores(cfg) else "folds 0 … i")
     )
     search = f"sampler `{cfg.sampler.name}`, pruner `{cfg.pruner.name}`, " + (
         f"{cfg.n_trials} trials" if cfg.n_trials is not None else f"until {cfg.timeout:g}s"

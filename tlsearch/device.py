@@ -3,13 +3,26 @@ CPU threads of this process."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
+from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from tlsearch.errors import ConfigError
 
-__all__ = ["available_cores", "default_threads", "resolve_device", "set_threads"]
+__all__ = [
+    "HostWorkers",
+    "available_cores",
+    "default_threads",
+    "resolve_device",
+    "set_threads",
+]
+
+# Lock files this process holds for its lifetime; the OS releases them when it exits or is killed.
+_held: list[FileLock] = []
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -57,3 +70,42 @@ def available_cores() -> int:
 def default_threads(n_workers: int) -> int:
     """CPU threads per worker so that the workers together use each core once."""
     return max(1, available_cores() // n_workers)
+
+
+class HostWorkers:
+    """The workers of one study on this host, counted by a lock file each holds for its lifetime.
+
+    The OS releases a process's locks when it exits or is killed, so the count never includes a
+    dead worker. A lock taken momentarily by :meth:`count` to probe a slot makes a worker that
+    starts at that instant take the next slot instead; nothing else changes.
+    """
+
+    def __init__(self, locks: Path, study_name: str) -> None:
+        locks.mkdir(parents=True, exist_ok=True)
+        tag = hashlib.sha256(f"{socket.gethostname()}\0{study_name}".encode()).hexdigest()[:16]
+        self._paths = [locks / f"workers-{tag}.{slot}.lock" for slot in range(1024)]
+        for path in self._paths:
+            lock = FileLock(str(path))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            _held.append(lock)
+            self.own = path
+            return
+        raise AssertionError(f"no worker slot free among 1024 in {locks}")
+
+    def count(self) -> int:
+        """Workers of the study alive on this host now, this one included."""
+        alive = 1
+        for path in self._paths:
+            if path == self.own or not path.exists():
+                continue
+            probe = FileLock(str(path))
+            try:
+                probe.acquire(timeout=0)
+            except Timeout:
+                alive += 1
+            else:
+                probe.release()
+        return alive

@@ -29,6 +29,7 @@ from tlsearch.params import TrialParams
 from tlsearch.selection import (
     ATTR_SELECTED,
     accuracy,
+    accuracy_se,
     baseline_of,
     resolved_params,
     select,
@@ -93,7 +94,8 @@ def best_config(study: optuna.Study, rule: str = "best") -> dict[str, Any]:
                 "trial_number": t.number,
                 "value": t.value,
                 "cv_mean": accuracy(t),
-                "cv_se": standard_error(t),
+                "cv_std": t.user_attrs.get("cv_std"),
+                "cv_se": accuracy_se(t),
                 "params": resolved_params(t, cfg),
             }
     return {
@@ -106,7 +108,8 @@ def best_config(study: optuna.Study, rule: str = "best") -> dict[str, Any]:
         "value": trial.value,
         "cv_mean": accuracy(trial),
         "cv_std": trial.user_attrs.get("cv_std"),
-        "cv_se": standard_error(trial),
+        "cv_se": accuracy_se(trial),
+        "value_se": standard_error(trial),
         "cv_loss": trial.user_attrs.get("cv_loss"),
         "fold_scores": trial.user_attrs.get("fold_scores"),
         "selection": chosen.to_dict(cfg),
@@ -195,6 +198,8 @@ def read_export(path: str | Path) -> BestConfig:
     data = read_json(path, "a readable JSON export")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path}: not a tlsearch export (format must be '{FORMAT}')")
+    if not isinstance(data.get("config"), dict):
+        raise ConfigError(f"{path}: config: missing or not a table")
     cfg = config_from_dict(data["config"], str(path))
     raw = data.get("params")
     if not isinstance(raw, dict):

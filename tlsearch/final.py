@@ -70,7 +70,7 @@ from tlsearch.export import final_paths, read_export
 from tlsearch.models import create_model
 from tlsearch.params import BASELINES, TrialParams, baseline_params, format_params
 from tlsearch.pretrain import Checkpoint, load_checkpoint
-from tlsearch.stats import mcnemar_exact, paired_difference, wilson_interval
+from tlsearch.stats import format_pp, mcnemar_exact, mean_se, paired_difference, wilson_interval
 from tlsearch.study import prepare
 from tlsearch.training import evaluate, finetune, to_tensors
 
@@ -184,17 +184,11 @@ def compare(
     }
 
 
-def _pp(x: float) -> str:
-    """A difference of accuracies in percentage points, signed: +0.4, −1.1 (0.0 unsigned)."""
-    value = round(x * 100, 1)
-    if value == 0:
-        return "0.0"
-    return f"{value:+.1f}".replace("-", "−")
-
-
 def _difference(c: Mapping[str, Any]) -> str:
     low, high = c["interval"]
-    return f"{_pp(c['difference'])} pp, 95 % interval {_pp(low)} … {_pp(high)} pp"
+    return (
+        f"{format_pp(c['difference'])} pp, 95 % interval {format_pp(low)} … {format_pp(high)} pp"
+    )
 
 
 def verdict(comparisons: Sequence[Mapping[str, Any]], chose: str | None = None) -> list[str]:
@@ -255,13 +249,10 @@ def _chosen_baseline(data: Mapping[str, Any], plain: TrialParams) -> str | None:
 
 
 def _cv_se(data: Mapping[str, Any]) -> float | None:
-    """The export's standard error of its CV estimate, else std(fold scores, ddof=1)/√k."""
+    """The export's standard error of its CV accuracy, else that of its fold scores."""
     if data.get("cv_se") is not None:
         return float(data["cv_se"])
-    folds = data.get("fold_scores") or []
-    if len(folds) > 1:
-        return statistics.stdev(folds) / math.sqrt(len(folds))
-    return None
+    return mean_se(data.get("fold_scores") or [])
 
 
 def _cv_estimates(data: Mapping[str, Any], params: Mapping[str, TrialParams]) -> dict[str, dict]:

@@ -32,6 +32,7 @@ from tlsearch.errors import ConfigError, DivergedError
 from tlsearch.models import BlockNet, backbone_state, create_model
 from tlsearch.params import TrialParams, baseline_enqueue, baseline_params, suggest_params
 from tlsearch.samplers import first_prunable_fold, reports_fold_scores
+from tlsearch.stats import mean_se
 from tlsearch.training import (
     channels_last,
     evaluate,
@@ -68,7 +69,7 @@ _CPU_BATCH_MAX_PARAMS = 100_000
 
 
 class KFoldObjective:
-    """Callable for :meth:`optuna.Study.optimize`: mean validation accuracy over k folds.
+    """Callable for :meth:`optuna.Study.optimize`: a trial's ``cv.metric`` over k·repeats folds.
 
     User attributes of each trial: ``fold_scores``, ``fold_losses``, ``fold_seconds``, ``cv_mean``,
     ``cv_std`` and ``seconds``; a pruned trial also has ``pruned_after_folds`` and, when its loss
@@ -189,11 +190,12 @@ class KFoldObjective:
         return dict(zip(group, models, strict=True))
 
     def scratch_init(self) -> dict[str, torch.Tensor]:
-        """A random init of the model (seeded by ``pretrain.seed``), for the ``scratch`` baseline:
-        what fine-tuning starts from when nothing is transferred."""
+        """A random init of the model, for the ``scratch`` baseline: what fine-tuning starts from
+        when nothing is transferred; the init ``tlsearch final`` trains its seed-0 scratch model
+        from (the head, drawn last, is replaced)."""
         if self._scratch is None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cfg.pretrain.seed)
+                torch.manual_seed(0)
                 model = create_model(self.cfg.model, self.input_shape, self.num_classes)
             device = self.x.device
             self._scratch = {k: v.to(device) for k, v in model.state_dict().items()}
@@ -309,10 +311,7 @@ class CVMetric:
         return round(value, 12)
 
     def standard_error(self, scores: Sequence[float], losses: Sequence[float]) -> float | None:
-        folds = losses if self.name == "loss" else scores
-        if len(folds) < 2:
-            return None
-        return statistics.stdev(folds) / math.sqrt(len(folds))
+        return mean_se(losses if self.name == "loss" else scores)
 
 
 def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:

@@ -54,6 +54,12 @@ def cache_dir(cfg: StudyConfig) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "tlsearch"
 
 
+def lock_dir(cfg: StudyConfig) -> Path:
+    """Where this host's lock files live: ``<cache>/.locks``. They are never deleted: a lock file
+    removed while held would let a second process take the same lock."""
+    return cache_dir(cfg) / ".locks"
+
+
 def checkpoint_key(cfg: StudyConfig, task: TransferTask) -> str:
     pre = cfg.pretrain.model_dump(mode="json", exclude={"cache_dir"})
     payload = {
@@ -183,7 +189,7 @@ def ensure_pretrained(
         raise CheckpointError(f"pretrain.cache_dir: cannot create {root}: {e.strerror}") from None
     # Under <cache>/.locks, never deleted (a lock file removed while held lets a second process
     # take the same lock).
-    locks = root / ".locks"
+    locks = lock_dir(cfg)
     try:
         locks.mkdir(exist_ok=True)
     except OSError as e:

@@ -170,7 +170,7 @@ def first_prunable_fold(cfg: StudyConfig) -> int:
     """The first fold after which the configured pruner may stop a trial."""
     p = cfg.pruner
     if p.name == "none":
-        return cfg.cv.k - 1
+        return cfg.cv.k * cfg.cv.repeats - 1
     if p.name == "wilcoxon":
         # WilcoxonPruner tests no fewer than max(2, n_startup_steps) paired fold scores.
         return max(2, p.n_warmup_steps) - 1

@@ -19,8 +19,6 @@ show.
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +28,14 @@ from optuna.trial import FrozenTrial, TrialState
 from tlsearch.config import StudyConfig
 from tlsearch.errors import TlsearchError
 from tlsearch.params import resolve_params
+from tlsearch.stats import mean_se
 
 __all__ = [
     "ATTR_SELECTED",
     "RULES",
     "Selection",
     "accuracy",
+    "accuracy_se",
     "baseline_of",
     "resolved_params",
     "select",
@@ -54,14 +54,17 @@ def accuracy(trial: FrozenTrial) -> float | None:
 
 
 def standard_error(trial: FrozenTrial) -> float | None:
-    """The standard error of the trial's value: ``cv_se``, or from its fold scores
-    (``std(ddof=1)/√n``) for a trial made before it was recorded; None with fewer than 2 folds."""
+    """The standard error of the trial's *value* (``cv.metric``: of its fold losses for
+    ``loss``): ``cv_se``, or from its fold scores for a trial made before it was recorded; None
+    with fewer than 2 folds. What the ``one_se`` rule compares."""
     if "cv_se" in trial.user_attrs:
         return trial.user_attrs["cv_se"]
-    folds = trial.user_attrs.get("fold_scores") or []
-    if len(folds) < 2:
-        return None
-    return statistics.stdev(folds) / math.sqrt(len(folds))
+    return accuracy_se(trial)
+
+
+def accuracy_se(trial: FrozenTrial) -> float | None:
+    """The standard error of the trial's mean fold *accuracy* (what is shown beside it)."""
+    return mean_se(trial.user_attrs.get("fold_scores") or [])
 
 
 def baseline_of(trial: FrozenTrial) -> str | None:
@@ -95,7 +98,8 @@ class Selection:
                 "trial_number": t.number,
                 "value": t.value,
                 "cv_mean": accuracy(t),
-                "cv_se": standard_error(t),
+                "cv_se": accuracy_se(t),
+                "value_se": standard_error(t),
                 "cv_loss": t.user_attrs.get("cv_loss"),
                 "baseline": baseline_of(t),
                 "params": resolved_params(t, cfg),
@@ -128,9 +132,11 @@ def select(study: optuna.Study, cfg: StudyConfig, rule: str = "best") -> Selecti
 
         def preference(t: FrozenTrial) -> tuple[float, ...]:
             p = resolved_params(t, cfg)
+            # λ means nothing under "none": such a trial ranks as the smallest λ.
+            lam = 0.0 if p["regularizer"] == "none" else p["lambda"]
             return (
                 -p["frozen_blocks"],
-                -p["lambda"],
+                -lam,
                 p["lr"],
                 -(t.value or 0.0),
                 t.number,

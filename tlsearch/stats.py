@@ -23,7 +23,31 @@ import numpy as np
 
 from tlsearch.errors import TlsearchError
 
-__all__ = ["mcnemar_exact", "paired_difference", "wilson_interval", "z_value"]
+__all__ = [
+    "format_pp",
+    "mcnemar_exact",
+    "mean_se",
+    "paired_difference",
+    "wilson_interval",
+    "z_value",
+]
+
+
+def mean_se(values: Sequence[float]) -> float | None:
+    """The standard error of the mean of ``values``: ``std(ddof=1) / √n``; None for n < 2."""
+    if len(values) < 2:
+        return None
+    mean = math.fsum(values) / len(values)
+    var = math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return math.sqrt(var) / math.sqrt(len(values))
+
+
+def format_pp(x: float) -> str:
+    """A difference of accuracies in signed percentage points: ``+0.4``, ``−1.1`` (``0.0``)."""
+    value = round(x * 100, 1)
+    if value == 0:
+        return "0.0"
+    return f"{value:+.1f}".replace("-", "−")
 
 
 def z_value(confidence: float = 0.95) -> float:

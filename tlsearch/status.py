@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.errors import StorageError
 from tlsearch.params import format_params
-from tlsearch.selection import accuracy, baseline_of, standard_error, stored_selection
+from tlsearch.selection import accuracy, accuracy_se, baseline_of, stored_selection
 from tlsearch.storage import create_storage, load_study_config, mask_url, open_study, storage_error
 
 __all__ = ["heartbeat_ages", "status_table", "study_status"]
@@ -58,7 +58,7 @@ def heartbeat_ages(storage_url: str, study_name: str) -> dict[int, float]:
 
 
 def _trial_line(t: FrozenTrial) -> str:
-    se = standard_error(t)
+    se = accuracy_se(t)
     loss = t.user_attrs.get("cv_loss")
     return (
         f"trial {t.number}, cv {accuracy(t):.4f}"

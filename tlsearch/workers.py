@@ -21,12 +21,10 @@ threads.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -41,12 +39,11 @@ from filelock import FileLock, Timeout
 from tlsearch._io import sha256_file
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask, load_task
-from tlsearch.device import available_cores, default_threads, resolve_device, set_threads
+from tlsearch.device import resolve_device
 from tlsearch.errors import CheckpointError, ConfigError, StorageError
 from tlsearch.logs import guarded, quiet_optuna, setup_logging
 from tlsearch.objective import check_folds
-from tlsearch.pretrain import Checkpoint, checkpoint_key, ensure_pretrained
-from tlsearch.pretrain import cache_dir as cache_dir_of
+from tlsearch.pretrain import Checkpoint, checkpoint_key, ensure_pretrained, lock_dir
 from tlsearch.registry import load_plugins, loaded_plugins
 from tlsearch.samplers import make_pruner, make_sampler
 from tlsearch.storage import (
@@ -68,6 +65,7 @@ from tlsearch.study import (
     run_trials,
     setup_study,
     stopped,
+    threads_per_trial,
     worker_attrs,
 )
 
@@ -163,51 +161,6 @@ def join_study(
 _claims: list[FileLock] = []
 
 
-def lock_dir(cfg: StudyConfig) -> Path:
-    """Where this host's lock files live: ``<cache>/.locks``. They are never deleted: a lock file
-    removed while held would let a second process take the same lock."""
-    return cache_dir_of(cfg) / ".locks"
-
-
-class HostWorkers:
-    """The workers of one study on this host, counted by a lock file each holds for its lifetime.
-
-    The OS releases a process's locks when it exits or is killed, so the count never includes a
-    dead worker. A lock taken momentarily by :meth:`count` to probe a slot makes a worker that
-    starts at that instant take the next slot instead; nothing else changes.
-    """
-
-    def __init__(self, locks: Path, study_name: str) -> None:
-        locks.mkdir(parents=True, exist_ok=True)
-        tag = hashlib.sha256(f"{socket.gethostname()}\0{study_name}".encode()).hexdigest()[:16]
-        self._paths = [locks / f"workers-{tag}.{slot}.lock" for slot in range(1024)]
-        for path in self._paths:
-            lock = FileLock(str(path))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            _claims.append(lock)
-            self.own = path
-            return
-        raise AssertionError(f"no worker slot free among 1024 in {locks}")
-
-    def count(self) -> int:
-        """Workers of the study alive on this host now, this one included."""
-        alive = 1
-        for path in self._paths:
-            if path == self.own or not path.exists():
-                continue
-            probe = FileLock(str(path))
-            try:
-                probe.acquire(timeout=0)
-            except Timeout:
-                alive += 1
-            else:
-                probe.release()
-        return alive
-
-
 def claim_gpu(lock_dir: Path) -> int:
     """A GPU for this worker when it may use any of several: the one fewest other workers hold.
 
@@ -261,42 +214,7 @@ def run_worker(
         mask_url(storage_url),
         ctx.device,
     )
-    objective = make_objective(ctx)
-    fixed = threads or ctx.cfg.finetune.threads
-    if fixed:
-        _log.info("worker %s: %d thread(s) (set by --threads or finetune.threads)", who, fixed)
-        set_threads(fixed)
-        run = objective
-    else:
-        # CPU threads from the cores and this study's workers on this host, checked again
-        # before each trial as workers come and go: two workers on 2 cores use 1 thread each.
-        try:
-            host: HostWorkers | None = HostWorkers(lock_dir(ctx.cfg), study_name)
-        except OSError as e:  # a read-only cache serves checkpoints, but holds no locks
-            _log.warning(
-                "worker %s: cannot count this host's workers (%s: %s); using every core",
-                who,
-                lock_dir(ctx.cfg),
-                e.strerror,
-            )
-            host = None
-        current = 0
-
-        def run(trial: optuna.Trial) -> float:
-            nonlocal current
-            workers = host.count() if host is not None else 1
-            wanted = default_threads(workers)
-            if wanted != current:
-                current = set_threads(wanted)
-                _log.info(
-                    "worker %s: %d thread(s) (%d cores, %d worker(s) of this study on this host)",
-                    who,
-                    current,
-                    available_cores(),
-                    workers,
-                )
-            return objective(trial)
-
+    run = threads_per_trial(make_objective(ctx), ctx, study_name, threads, who)
     return run_trials(
         study,
         storage,
@@ -403,7 +321,9 @@ def run_workers(
         The study, how each worker ended, and the signal that stopped the run (None if none did).
     """
     devices = plan_devices(n_workers, gpus, device)
-    threads = cfg.finetune.threads or default_threads(n_workers)
+    # With finetune.threads unset, each worker takes its share of the cores among this study's
+    # workers on this host (those of this run, and any other `tlsearch worker` or `run` there).
+    threads = cfg.finetune.threads or None
     study, _storage, _ctx = setup_study(
         cfg, device=devices[0], allow_config_change=allow_config_change, heartbeat=heartbeat
     )

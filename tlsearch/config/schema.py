@@ -115,7 +115,7 @@ class FileSource(_Section):
 class DataConfig(_Section):
     """Where the source and target tasks come from.
 
-    ``task`` names a built-in task (see ``tlsearch.data.list_tasks()``); setting ``source`` and
+    ``task`` names a registered task (``tlsearch.registry.TASKS.names()``); setting ``source`` and
     ``target`` files instead replaces it. The target's labelled training split is what the search
     sees; the target test split is held out for ``tlsearch final`` only.
     """
@@ -437,7 +437,6 @@ _NOT_RESULTS = (
 )
 # What changes only speed (left out from version 2 on).
 _SPEED_ONLY = ("finetune.cache_frozen", "finetune.fold_batching")
-# Fields added after version 2, with their defaults: "section.field" → default.
 # Fields added since tlsearch 0.1, with the value that behaves as 0.1 did. A config holding that
 # value hashes as it did before the field existed, and a study stored without the field means that
 # value (see tlsearch.config.load.stored_config), whatever today's default is.

@@ -21,7 +21,14 @@ from tlsearch.dashboard import describe_study
 from tlsearch.errors import TlsearchError
 from tlsearch.export import FINAL_MODELS, trials_frame
 from tlsearch.params import fixed_params
-from tlsearch.selection import accuracy, baseline_of, standard_error
+from tlsearch.selection import (
+    accuracy,
+    accuracy_se,
+    baseline_of,
+    standard_error,
+    stored_selection,
+)
+from tlsearch.stats import format_pp
 from tlsearch.storage import load_study_config
 
 FINAL_HEADER = [
@@ -95,9 +102,7 @@ def points(study: optuna.Study, cfg: StudyConfig | None) -> list[Point]:
             value = statistics.fmean(folds)
         else:
             continue
-        se = standard_error(t) if complete else None
-        if se is None:
-            se = statistics.stdev(folds) / math.sqrt(len(folds)) if len(folds) > 1 else 0.0
+        se = accuracy_se(t) or 0.0
         params = {**fixed, **t.params, **(t.user_attrs.get("resolved_params") or {})}
         within = complete and threshold is not None and t.value >= threshold
         out.append(Point(t.number, not complete, params, folds, value, se, within, baseline_of(t)))
@@ -149,14 +154,29 @@ def summary_rows(
     )
     rows = [["trials", counts or "none"]]
     if best is not None:
-        std = best.user_attrs.get("cv_std")
+        se = accuracy_se(best)
         rows.append(
             [
                 "best trial",
-                f"#{best.number}: CV accuracy {best.value:.4f}"
-                + (f" ± {std:.4f}" if std is not None else "")
+                f"#{best.number}: CV accuracy {accuracy(best):.4f}"
+                + (f" ± {se:.4f} SE" if se is not None else "")
                 + " — "
                 + _params(best.params),
+            ]
+        )
+    selected = stored_selection(study)
+    if selected is not None:
+        chosen = selected["selected"]
+        se = chosen.get("cv_se")
+        rows.append(
+            [
+                f"selected ({selected['rule']}, by the last export)",
+                f"#{chosen['trial_number']}: CV accuracy {chosen['cv_mean']:.4f}"
+                + (f" ± {se:.4f} SE" if se is not None else "")
+                + " — "
+                + _params(chosen["params"])
+                + "; runners-up: "
+                + ", ".join(f"#{r['trial_number']}" for r in selected["runners_up"]),
             ]
         )
     if cfg is not None:
@@ -196,10 +216,6 @@ def final_rows(final: Mapping[str, Any]) -> list[list[str]]:
 _SHORT = {"tuned": "tuned", "plain_finetuning": "plain fine-tuning", "scratch": "scratch"}
 
 
-def _pp(x: float) -> str:
-    return f"{x * 100:+.1f} pp".replace("-", "−")
-
-
 def comparison_rows(final: Mapping[str, Any]) -> list[list[str]]:
     """The paired differences of ``tlsearch final`` (columns :data:`COMPARISON_HEADER`); none for
     a file from before they were computed."""
@@ -210,8 +226,8 @@ def comparison_rows(final: Mapping[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 f"{model} − {baseline}",
-                _pp(c["difference"]),
-                f"{_pp(low)} … {_pp(high)}",
+                f"{format_pp(c['difference'])} pp",
+                f"{format_pp(low)} pp … {format_pp(high)} pp",
                 f"{c['mcnemar_p']:.3g}",
                 f"{c['model_only']} vs {c['baseline_only']}",
             ]

@@ -87,6 +87,8 @@ def open_study(storage_url: str, study_name: str | None = None) -> optuna.Study:
 
     Without a name, the storage must hold exactly one study, which is the one opened.
     """
+    if study_name is None and sqlite_file_missing(storage_url):
+        raise StorageError(f"{mask_url(storage_url)}: no such SQLite file, so no study in it")
     storage = existing_storage(storage_url, study_name or "")
     if study_name is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]

@@ -9,6 +9,7 @@ from tlsearch.study.setup import (
     make_objective,
     prepare,
     setup_study,
+    threads_per_trial,
     worker_attrs,
 )
 from tlsearch.study.stop import Interrupted, StopFlag, graceful_stop, stopped
@@ -27,5 +28,6 @@ __all__ = [
     "setup_study",
     "stopped",
     "summary_table",
+    "threads_per_trial",
     "worker_attrs",
 ]

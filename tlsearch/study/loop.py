@@ -23,7 +23,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.config import StudyConfig
-from tlsearch.device import set_threads
 from tlsearch.storage import (
     STORAGE_ERRORS,
     BudgetExhausted,
@@ -33,7 +32,7 @@ from tlsearch.storage import (
     storage_error,
 )
 from tlsearch.study.progress import ProgressPrinter
-from tlsearch.study.setup import make_objective, setup_study, worker_attrs
+from tlsearch.study.setup import make_objective, setup_study, threads_per_trial, worker_attrs
 from tlsearch.study.stop import Interrupted, StopFlag
 
 __all__ = ["STORAGE_PATIENCE", "run_study", "run_trials"]
@@ -311,7 +310,6 @@ def run_study(
     if cfg.n_trials is not None and count_budget(study) >= cfg.n_trials:
         _log.info("study '%s' already has its %d trials", cfg.name, cfg.n_trials)
         return study
-    set_threads(cfg.finetune.threads)
     cbs = list(callbacks or [])
     if progress:
         cbs.append(ProgressPrinter(cfg.n_trials))
@@ -319,7 +317,7 @@ def run_study(
     run_trials(
         study,
         storage,
-        make_objective(ctx),
+        threads_per_trial(make_objective(ctx), ctx, cfg.name),
         n_trials=cfg.n_trials,
         timeout=cfg.timeout,
         callbacks=cbs,

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.params import format_params
-from tlsearch.selection import accuracy, baseline_of, standard_error
+from tlsearch.selection import accuracy, accuracy_se, baseline_of
 from tlsearch.storage import count_budget
 
 __all__ = ["ProgressPrinter", "describe_value", "summary_table"]
@@ -54,7 +54,7 @@ class ProgressPrinter:
 def describe_value(trial: FrozenTrial) -> str:
     """``cv 0.920±0.018 loss 0.312``: the mean fold accuracy with its standard error, and the
     mean fold loss where the trial recorded it."""
-    se = standard_error(trial)
+    se = accuracy_se(trial)
     text = f"cv {accuracy(trial):.3f}" + (f"±{se:.3f}" if se is not None else "")
     loss = trial.user_attrs.get("cv_loss")
     return text + (f" loss {loss:.3f}" if loss is not None else "")
@@ -78,7 +78,7 @@ def summary_table(study: optuna.Study, top: int = 5) -> str:
         [
             str(t.number) + (f" ({baseline_of(t)})" if baseline_of(t) else ""),
             f"{accuracy(t):.4f}",
-            _fmt_float(standard_error(t)),
+            _fmt_float(accuracy_se(t)),
             _fmt_float(t.user_attrs.get("cv_loss")),
             *(_fmt_value(t.params.get(n)) for n in names),
             f"{t.user_attrs.get('seconds', math.nan):.1f}",

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import optuna
@@ -21,10 +21,16 @@ from tlsearch._version import __version__
 from tlsearch.config import StudyConfig, adopt_stored
 from tlsearch.dashboard import write_study_note
 from tlsearch.data import TransferTask, load_task
-from tlsearch.device import resolve_device
+from tlsearch.device import (
+    HostWorkers,
+    available_cores,
+    default_threads,
+    resolve_device,
+    set_threads,
+)
 from tlsearch.errors import ConfigError
 from tlsearch.objective import KFoldObjective, check_folds, enqueue_baselines
-from tlsearch.pretrain import Checkpoint, ensure_pretrained, load_checkpoint
+from tlsearch.pretrain import Checkpoint, ensure_pretrained, load_checkpoint, lock_dir
 from tlsearch.samplers import make_pruner, make_sampler
 from tlsearch.storage import (
     ATTR_CHECKPOINT,
@@ -42,7 +48,14 @@ from tlsearch.storage import (
     storage_location,
 )
 
-__all__ = ["StudyContext", "make_objective", "prepare", "setup_study", "worker_attrs"]
+__all__ = [
+    "StudyContext",
+    "make_objective",
+    "prepare",
+    "setup_study",
+    "threads_per_trial",
+    "worker_attrs",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -190,6 +203,57 @@ def make_objective(ctx: StudyContext) -> KFoldObjective:
         ctx.task.target_classes,
         ctx.device,
     )
+
+
+def threads_per_trial(
+    objective: Callable[[optuna.Trial], float],
+    ctx: StudyContext,
+    study_name: str,
+    threads: int | None = None,
+    who: str = "",
+) -> Callable[[optuna.Trial], float]:
+    """``objective`` run with this process's share of the CPU threads, logged.
+
+    ``threads`` (``--threads``), else ``finetune.threads``, fixes the count. Otherwise each
+    process running the study's trials on this host (``run``, ``worker``, ``run --workers``)
+    holds a lock file in ``<cache>/.locks`` for its lifetime, and before each trial takes the
+    cores ÷ the processes holding one: two workers on 2 cores use 1 thread each, and one left
+    alone goes back to 2.
+    """
+    who = who or worker_attrs(ctx.device)["worker"]
+    fixed = threads or ctx.cfg.finetune.threads
+    if fixed:
+        _log.info("%s: %d thread(s) (set by --threads or finetune.threads)", who, fixed)
+        set_threads(fixed)
+        return objective
+    try:
+        host: HostWorkers | None = HostWorkers(lock_dir(ctx.cfg), study_name)
+    except OSError as e:  # a read-only cache serves checkpoints, but holds no locks
+        _log.warning(
+            "%s: cannot count this host's workers (%s: %s); using every core",
+            who,
+            lock_dir(ctx.cfg),
+            e.strerror,
+        )
+        host = None
+    current = 0
+
+    def run(trial: optuna.Trial) -> float:
+        nonlocal current
+        workers = host.count() if host is not None else 1
+        wanted = default_threads(workers)
+        if wanted != current:
+            current = set_threads(wanted)
+            _log.info(
+                "%s: %d thread(s) (%d cores, %d worker(s) of this study on this host)",
+                who,
+                current,
+                available_cores(),
+                workers,
+            )
+        return objective(trial)
+
+    return run
 
 
 def worker_attrs(device: torch.device) -> dict[str, str]:
