@@ -206,16 +206,8 @@ def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
     create(config)
     shutil.rmtree(tmp_path / "cache")  # the creating host's cache is not on this one
     elsewhere = tmp_path / "other-host-cache"
-    result = run_cli(
-        "worker",
-        "--storage",
-        url,
-        "--study-name",
-        "tiny",
-        "--cache-dir",
-        str(elsewhere),
-        cwd=tmp_path,
-    )
+    worker = ("worker", "--storage", url, "--study-name", "tiny", "--cache-dir", str(elsewhere))
+    result = run_cli(*worker, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "not on this host; pretraining it here" in result.stderr
     assert len(list(elsewhere.glob("source-*.pt"))) == 1
@@ -224,16 +216,7 @@ def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
     # A host whose pretraining gives other bytes refuses to search from another start point.
     study = optuna.load_study(study_name="tiny", storage=url)
     study.set_user_attr(ATTR_CHECKPOINT, {**study.user_attrs[ATTR_CHECKPOINT], "sha256": "0" * 64})
-    result = run_cli(
-        "worker",
-        "--storage",
-        url,
-        "--study-name",
-        "tiny",
-        "--cache-dir",
-        str(elsewhere),
-        cwd=tmp_path,
-    )
+    result = run_cli(*worker, cwd=tmp_path)
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()[-1:]
     assert line.startswith(
