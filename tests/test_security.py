@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import signal
 import socket
 import urllib.request
@@ -200,7 +201,10 @@ def test_a_study_name_never_becomes_a_path(tiny, tmp_path: Path) -> None:
     key = ensure_pretrained(cfg, load_task(cfg.data)).key
     assert set(key) <= set("0123456789abcdef")
     figures = ["lambda_curve", "history", "importances", "frozen_blocks", "lr_vs_lambda"]
-    assert written - {"work/study.db-wal", "work/study.db-shm"} == {
+    # The lock file this process held while it ran trials is named by a hash of host and study.
+    (slot,) = [w for w in written if w.startswith("work/cache/.locks/workers-")]
+    assert re.fullmatch(r"work/cache/\.locks/workers-[0-9a-f]{16}\.0\.lock", slot)
+    assert written - {"work/study.db-wal", "work/study.db-shm", slot} == {
         f"work/cache/source-{key}.pt",
         f"work/cache/source-{key}.json",
         f"work/cache/.locks/source-{key}.pt.lock",
