@@ -33,7 +33,7 @@ from pg import (
     wait_until,
 )
 
-from tlsearch import workers
+from tlsearch import device
 from tlsearch.device import default_threads
 from tlsearch.errors import ConfigError
 from tlsearch.storage import ATTR_CHECKPOINT, Heartbeat, create_storage
@@ -267,12 +267,12 @@ def test_workers_of_one_host_spread_over_its_gpus(
 ) -> None:
     """Scaled compose replicas all see every GPU; lock files give each the least used one."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    monkeypatch.setattr(workers, "_claims", [])
+    monkeypatch.setattr(device, "_held", [])
     assert [claim_gpu(tmp_path) for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
-    for lock in workers._claims[:2]:  # the workers on GPUs 0 and 1 exit
+    for lock in device._held[:2]:  # the workers on GPUs 0 and 1 exit
         lock.release()
     assert [claim_gpu(tmp_path) for _ in range(2)] == [0, 1]
-    for lock in workers._claims:
+    for lock in device._held:
         lock.release()
 
 

@@ -34,12 +34,11 @@ from typing import Any
 
 import optuna
 import torch
-from filelock import FileLock, Timeout
 
 from tlsearch._io import sha256_file
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask, load_task
-from tlsearch.device import resolve_device
+from tlsearch.device import claim_gpu, resolve_device
 from tlsearch.errors import CheckpointError, ConfigError, StorageError
 from tlsearch.logs import guarded, quiet_optuna, setup_logging
 from tlsearch.objective import check_folds
@@ -155,31 +154,6 @@ def join_study(
         storage,
         StudyContext(cfg, task, shared_checkpoint(cfg, task, recorded, dev), dev),
     )
-
-
-# Lock files this process holds for its lifetime; the OS releases them when it exits or is killed.
-_claims: list[FileLock] = []
-
-
-def claim_gpu(lock_dir: Path) -> int:
-    """A GPU for this worker when it may use any of several: the one fewest other workers hold.
-
-    Workers started side by side (``docker compose up --scale worker=4``, which gives every replica
-    every GPU; or several ``tlsearch worker`` on one host) each take a lock file per GPU in the
-    shared checkpoint cache: first one worker per GPU, then a second per GPU, and so on.
-    """
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    count = torch.cuda.device_count()
-    for layer in range(1024):
-        for gpu in range(count):
-            lock = FileLock(str(lock_dir / f"gpu{gpu}.worker{layer}.lock"))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            _claims.append(lock)
-            return gpu
-    raise AssertionError(f"no GPU slot free among {count} GPUs x 1024 workers in {lock_dir}")
 
 
 def run_worker(
