@@ -93,23 +93,31 @@ def identity(cfg: tlsearch.StudyConfig) -> dict[str, Any]:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(config: str) -> None:
-    torch.set_num_threads(1)
-    cfg = tlsearch.load_config(config)
+def objective_and_test(
+    cfg: tlsearch.StudyConfig, depths: Iterable[int]
+) -> tuple[tlsearch.KFoldObjective, dict[int, torch.Tensor], torch.Tensor, tlsearch.TransferTask]:
+    """The study's objective on the CPU, the test split's frozen features at each of ``depths``
+    (as the objective caches the training split's), the test labels, and the task."""
     ctx = tlsearch.prepare(cfg, "cpu")
     pretrained = tlsearch.load_checkpoint(ctx.checkpoint)
     task = ctx.task
     objective = tlsearch.KFoldObjective(
         cfg, task.target_train, pretrained, task.input_shape, task.target_classes, ctx.device
     )
-    # The test split's frozen features, as the objective caches the training split's.
     source = tlsearch.create_model(cfg.model, task.input_shape, task.target_classes)
     source.load_state_dict(tlsearch.backbone_state(pretrained, cfg.model), strict=False)
     source.eval()
     xt = torch.from_numpy(task.target_test.x).to(ctx.device)
     yt = torch.from_numpy(task.target_test.y).to(ctx.device)
     with torch.no_grad():
-        test = {d: source.features(xt, stop=d) for d in grid_axes(cfg)["frozen_blocks"]}
+        test = {d: source.features(xt, stop=d) for d in depths}
+    return objective, test, yt, task
+
+
+def _init_worker(config: str) -> None:
+    torch.set_num_threads(1)
+    cfg = tlsearch.load_config(config)
+    objective, test, yt, _ = objective_and_test(cfg, grid_axes(cfg)["frozen_blocks"])
     _worker.update(cfg=cfg, objective=objective, test=test, yt=yt)
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from search_efficiency import objective_and_test
 
 import tlsearch
 
@@ -218,24 +219,7 @@ def _context(spec: GridSpec) -> dict[str, Any]:
     if key in _worker:
         return _worker[key]
     cfg = spec.grid_config()
-    ctx = tlsearch.prepare(cfg, "cpu")
-    task = ctx.task
-    pretrained = tlsearch.load_checkpoint(ctx.checkpoint, ctx.device)
-    objective = tlsearch.KFoldObjective(
-        cfg, task.target_train, pretrained, task.input_shape, task.target_classes, ctx.device
-    )
-    # The test split's frozen features, as the objective caches the training split's.
-    source = tlsearch.create_model(cfg.model, task.input_shape, task.target_classes)
-    source.load_state_dict(tlsearch.backbone_state(pretrained, cfg.model), strict=False)
-    source.eval()
-    xt = torch.from_numpy(task.target_test.x).to(ctx.device)
-    yt = torch.from_numpy(task.target_test.y).to(ctx.device)
-    with torch.no_grad():
-        test = {d: source.features(xt, stop=d) for d in {0, *spec.axes["frozen_blocks"]}}
-    # Scratch's init as `tlsearch final` makes it (seed 0, the source's classes).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        scratch = tlsearch.create_model(cfg.model, task.input_shape, task.source_classes)
+    objective, test, yt, task = objective_and_test(cfg, {0, *spec.axes["frozen_blocks"]})
     while len(_worker) >= 2:
         _worker.pop(next(iter(_worker)))
     _worker[key] = {
@@ -243,7 +227,8 @@ def _context(spec: GridSpec) -> dict[str, Any]:
         "objective": objective,
         "test": test,
         "yt": yt,
-        "scratch": {k: v.to(ctx.device) for k, v in scratch.state_dict().items()},
+        # Scratch's init, the one `tlsearch final` trains its seed-0 scratch model from.
+        "scratch": objective.scratch_init(),
         "sizes": {
             "fold_sizes": [len(va) for _, va in objective.folds],
             "target_train": len(task.target_train),
