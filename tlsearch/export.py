@@ -34,6 +34,7 @@ from tlsearch.selection import (
     resolved_params,
     select,
     standard_error,
+    trial_record,
 )
 from tlsearch.storage import ATTR_CHECKPOINT, load_study_config, mask_url
 
@@ -90,14 +91,7 @@ def best_config(study: optuna.Study, rule: str = "best") -> dict[str, Any]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         name = baseline_of(t)
         if name is not None and name not in baselines:
-            baselines[name] = {
-                "trial_number": t.number,
-                "value": t.value,
-                "cv_mean": accuracy(t),
-                "cv_std": t.user_attrs.get("cv_std"),
-                "cv_se": accuracy_se(t),
-                "params": resolved_params(t, cfg),
-            }
+            baselines[name] = trial_record(t, cfg)
     return {
         "format": FORMAT,
         "study_name": study.study_name,

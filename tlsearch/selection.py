@@ -41,6 +41,7 @@ __all__ = [
     "select",
     "standard_error",
     "stored_selection",
+    "trial_record",
 ]
 
 ATTR_SELECTED = "tlsearch_selected"
@@ -78,6 +79,21 @@ def resolved_params(trial: FrozenTrial, cfg: StudyConfig) -> dict[str, Any]:
     return dict(stored) if stored else resolve_params(cfg, trial.params).to_dict()
 
 
+def trial_record(trial: FrozenTrial, cfg: StudyConfig) -> dict[str, Any]:
+    """A complete trial as ``best.json`` and the stored selection write it."""
+    return {
+        "trial_number": trial.number,
+        "value": trial.value,
+        "cv_mean": accuracy(trial),
+        "cv_std": trial.user_attrs.get("cv_std"),
+        "cv_se": accuracy_se(trial),
+        "value_se": standard_error(trial),
+        "cv_loss": trial.user_attrs.get("cv_loss"),
+        "baseline": baseline_of(trial),
+        "params": resolved_params(trial, cfg),
+    }
+
+
 @dataclass(frozen=True)
 class Selection:
     """A rule's choice: the selected trial, Optuna's best, and what the rule compared."""
@@ -93,26 +109,14 @@ class Selection:
     within: list[FrozenTrial]
 
     def to_dict(self, cfg: StudyConfig) -> dict[str, Any]:
-        def entry(t: FrozenTrial) -> dict[str, Any]:
-            return {
-                "trial_number": t.number,
-                "value": t.value,
-                "cv_mean": accuracy(t),
-                "cv_se": accuracy_se(t),
-                "value_se": standard_error(t),
-                "cv_loss": t.user_attrs.get("cv_loss"),
-                "baseline": baseline_of(t),
-                "params": resolved_params(t, cfg),
-            }
-
         return {
             "rule": self.rule,
             "metric": cfg.cv.metric,
-            "selected": entry(self.trial),
-            "best": entry(self.best),
+            "selected": trial_record(self.trial, cfg),
+            "best": trial_record(self.best, cfg),
             "best_se": self.se,
             "within_one_se": [t.number for t in self.within],
-            "runners_up": [entry(t) for t in self.runners_up],
+            "runners_up": [trial_record(t, cfg) for t in self.runners_up],
         }
 
 
