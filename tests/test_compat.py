@@ -1,13 +1,15 @@
 """A study made by the previous release still works: resumed, joined, exported, shown.
 
-``tests/fixtures/v0_1`` holds ``study.toml`` and ``study.db``: the study 'legacy' with two complete
-trials, made by tlsearch 0.1 (commit d565cbf). Its stored search hash is 0.1's (unversioned), its
-stored config has every option 0.1 wrote, and its checkpoint is recorded by path and SHA-256 only:
-the file itself is not kept, so every test here pretrains it again and must get the same bytes.
+``tests/fixtures/v0_1`` holds ``study.toml``, ``study.db`` and ``cache/``: the study 'legacy' with two
+complete trials and the checkpoint it was pretrained from, made by tlsearch 0.1 (commit d565cbf).
+Its stored search hash is 0.1's (unversioned), its stored config has every option 0.1 wrote, and its
+checkpoint is recorded by path and SHA-256 only.
 
-Those bytes depend on torch's CPU threads: 0.1 pretrained with its default (2 threads on a 2-core
-host); one thread takes another GEMM path, whose sums differ in the last bit (2, 3, 4 and 8 threads
-all give 0.1's bytes). So pretraining here runs with 2 threads, not the suite's 1.
+The checkpoint file is kept because pretraining does not give the same bytes on every CPU: MKL's
+GEMM kernels differ between CPU kinds (the first fixture, made on another machine, gave other bytes
+on an AMD EPYC whatever MKL_CBWR said), and with the thread count (one thread takes another path;
+0.1 pretrained with 2). So the tests resume from the kept file, and pretraining here runs with
+2 threads, not the suite's 1.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def test_run_resumes_it_without_allow_config_change(legacy: Path) -> None:
     result = _run("run", "study.toml", "--n-trials", "3", cwd=legacy)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    # Pretrained again here, to the bytes 0.1 recorded: no warning of another start point.
+    # The kept checkpoint is used, not pretrained again: no warning of another start point.
     assert "started from checkpoint" not in result.stderr, result.stderr
 
     after = _load(legacy)
@@ -100,18 +102,19 @@ def test_run_resumes_it_without_allow_config_change(legacy: Path) -> None:
     assert after.user_attrs[ATTR_VERSION] == __version__
 
 
-def test_a_joining_worker_pretrains_and_checks_the_recorded_hash(legacy: Path) -> None:
+def test_a_joining_worker_uses_its_copy_and_checks_the_recorded_hash(legacy: Path) -> None:
     study = _load(legacy)
     recorded = study.user_attrs[ATTR_CHECKPOINT]
-    # The creating host's cache is not on this one.
+    # The creating host's cache is not on this one; this host's cache holds a copy of the file.
     gone = {**recorded, "path": str(legacy / "creating-host" / Path(recorded["path"]).name)}
     study.set_user_attr(ATTR_CHECKPOINT, gone)
     url = f"sqlite:///{legacy / 'study.db'}"
     here = legacy / "this-host-cache"
+    shutil.copytree(legacy / "cache", here)
 
     with _two_threads():
         joined, _storage, ctx = join_study(url, "legacy", cache_dir=here)
-    assert ctx.checkpoint.path.parent == here, "pretrained on this host"
+    assert ctx.checkpoint.path.parent == here, "this host's copy"
     assert ctx.checkpoint.sha256 == recorded["sha256"]
     assert ctx.checkpoint.key == recorded["key"]
     assert ctx.cfg.model.name == "mlp" and ctx.cfg.model.options["hidden"] == [16, 16]
