@@ -129,7 +129,7 @@ BAD = {
     ),
     "source without target": (
         {"data": {"source": {"path": "a.npz"}}},
-        "cfg.toml: data: set both 'source' and 'target' files, or neither",
+        "cfg.toml: data: set 'target' too: a source alone has nothing to transfer to",
     ),
     "data file of unknown kind": (
         {"data": {"source": {"path": "/d/a.txt"}, "target": {"path": "/d/b.npz"}}},

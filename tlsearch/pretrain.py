@@ -61,7 +61,8 @@ def lock_dir(cfg: StudyConfig) -> Path:
 
 
 def checkpoint_key(cfg: StudyConfig, task: TransferTask) -> str:
-    pre = cfg.pretrain.model_dump(mode="json", exclude={"cache_dir"})
+    # Only what shapes the training (checkpoint and strict mean no pretraining at all).
+    pre = cfg.pretrain.model_dump(mode="json", exclude={"cache_dir", "checkpoint", "strict"})
     payload = {
         "format": _FORMAT,
         "source": task.source.fingerprint(),

@@ -25,7 +25,7 @@ __all__ = ["adopt_stored", "check_names", "config_from_dict", "load_config", "st
 
 _log = logging.getLogger(__name__)
 
-_BRANCHES = {"range", "fixed", "str", "list[str]"}
+_BRANCHES = {"range", "fixed", "str", "list[str]", "file", "folder"}
 
 
 def _one_line(text: str) -> str:
@@ -207,11 +207,13 @@ def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:
     if isinstance(section, dict):
         for key in ("source", "target", "target_test"):
             entry = section.get(key)
-            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                entry["path"] = resolve(entry["path"], f"data.{key}.path")
+            for field in ("path", "image_folder"):
+                if isinstance(entry, dict) and isinstance(entry.get(field), str):
+                    entry[field] = resolve(entry[field], f"data.{key}.{field}")
     pre = data.get("pretrain")
-    if isinstance(pre, dict) and isinstance(pre.get("cache_dir"), str):
-        pre["cache_dir"] = resolve(pre["cache_dir"], "pretrain.cache_dir")
+    for field in ("cache_dir", "checkpoint"):
+        if isinstance(pre, dict) and isinstance(pre.get(field), str):
+            pre[field] = resolve(pre[field], f"pretrain.{field}")
 
 
 def stored_config(raw: dict[str, Any], source: str, *, names: bool = True) -> StudyConfig:
@@ -236,6 +238,8 @@ def adopt_stored(cfg: StudyConfig, stored: dict[str, Any] | None) -> StudyConfig
         section, field = key.split(".")
         table = getattr(cfg, section)
         if field in (stored.get(section) or {}) or field in table.model_fields_set:
+            continue
+        if table.model_dump(mode="json")[field] == legacy:
             continue
         table = table.model_copy(update={field: copy.deepcopy(legacy)})
         cfg = cfg.model_copy(update={section: table})

