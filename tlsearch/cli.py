@@ -256,6 +256,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         threads=args.threads,
         cache_dir=args.cache_dir,
+        checkpoint=args.checkpoint,
         progress=not args.quiet,
     )
 
@@ -419,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         help="pretrained checkpoint cache on this host (default: the study's pretrain.cache_dir)",
+    )
+    worker.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="this host's copy of the study's source checkpoint: the user's pretrain.checkpoint "
+        "file, or the study's pretrained checkpoint (checked against the SHA-256 the study "
+        "recorded)",
     )
     _add_plugin_flag(worker)
     worker.set_defaults(func=cmd_worker)

@@ -10,8 +10,14 @@ order:
 2. otherwise this host pretrains it into its own cache (same content key, under the cache's file
    lock, so workers of one host train it once) and checks that it hashes to the recorded SHA-256.
    Pretraining on the CPU is deterministic, so a CPU host gets the same bytes; when it does not
-   (GPU kernels, another torch), the worker stops with an error that says which file to share,
-   rather than search with a different starting point than the study recorded.
+   (GPU kernels, another CPU kind's matrix kernels, another torch), the worker stops with an
+   error that says which file to share, rather than search with a different starting point than
+   the study recorded; ``tlsearch worker --checkpoint COPY`` then points it at a copy.
+
+A study started from the user's own checkpoint (``pretrain.checkpoint``) records that file's
+SHA-256: a worker fits its copy (the recorded path, or ``--checkpoint PATH``) to the model the same
+way, and stops with one line when the file differs. Its model must come from the same plug-in
+distribution and version as the study's (:func:`tlsearch.pretrain.check_model_origin`).
 
 :func:`run_workers` is ``tlsearch run --workers N``: it creates the study and pretrains in this
 process, then starts N ``tlsearch worker`` processes (spawned, never forked: CUDA and database
@@ -42,12 +48,20 @@ from tlsearch.device import claim_gpu, resolve_device
 from tlsearch.errors import CheckpointError, ConfigError, StorageError
 from tlsearch.logs import guarded, quiet_optuna, setup_logging
 from tlsearch.objective import check_folds
-from tlsearch.pretrain import Checkpoint, checkpoint_key, ensure_pretrained, lock_dir
+from tlsearch.pretrain import (
+    Checkpoint,
+    check_model_origin,
+    checkpoint_key,
+    ensure_pretrained,
+    lock_dir,
+    user_checkpoint,
+)
 from tlsearch.registry import load_plugins, loaded_plugins
 from tlsearch.samplers import make_pruner, make_sampler
 from tlsearch.storage import (
     ATTR_CHECKPOINT,
     ATTR_HEARTBEAT,
+    ATTR_SOURCE,
     Heartbeat,
     StudyStorage,
     existing_storage,
@@ -83,12 +97,56 @@ _log = logging.getLogger(__name__)
 
 
 def shared_checkpoint(
-    cfg: StudyConfig, task: TransferTask, recorded: Mapping[str, str], device: torch.device
+    cfg: StudyConfig,
+    task: TransferTask,
+    recorded: Mapping[str, str],
+    device: torch.device,
+    *,
+    source: Mapping[str, Any] | None = None,
+    copy: Path | None = None,
 ) -> Checkpoint:
-    """The study's pretrained checkpoint on this host, verified against its recorded SHA-256."""
+    """The study's checkpoint on this host, verified against its recorded SHA-256.
+
+    ``copy`` (``worker --checkpoint``): this host's copy of the user's source checkpoint, for a
+    study started from one; otherwise a copy of the study's pretrained checkpoint file.
+    ``source`` is the study's :data:`~tlsearch.storage.ATTR_SOURCE` record.
+    """
     path, sha, key = Path(recorded["path"]), recorded["sha256"], recorded["key"]
+    user = (source or {}).get("checkpoint")
+    if copy is not None and cfg.pretrain.checkpoint is None:
+        if not copy.is_file():
+            raise ConfigError(f"--checkpoint: file not found: {copy}")
+        actual = sha256_file(copy)
+        if actual != sha:
+            raise ConfigError(
+                f"--checkpoint: {copy} has SHA-256 {actual[:12]}…, the study's checkpoint "
+                f"{path.name} has {sha[:12]}…"
+            )
+        return Checkpoint(copy, sha, key)
     if path.is_file() and sha256_file(path) == sha:
         return Checkpoint(path, sha, key)
+    if cfg.pretrain.checkpoint is not None:
+        src = copy or cfg.pretrain.checkpoint
+        field = "--checkpoint" if copy is not None else "pretrain.checkpoint"
+        if not src.is_file():
+            raise ConfigError(
+                f"{field}: the study's source checkpoint {src} is not on this host; give this "
+                "host's copy with `tlsearch worker --checkpoint PATH`"
+            )
+        actual = sha256_file(src)
+        if user and user.get("sha256") and actual != user["sha256"]:
+            raise ConfigError(
+                f"{field}: {src} has SHA-256 {actual[:12]}…, the study was created from "
+                f"{user['sha256'][:12]}… ({user.get('path')})"
+            )
+        ckpt, _ = user_checkpoint(cfg, task, copy)
+        if ckpt.sha256 != sha:
+            raise CheckpointError(
+                f"{field}: fitting {src} to the model on this host gave SHA-256 "
+                f"{ckpt.sha256[:12]}…, the study used {sha[:12]}…; copy {path.name} from the "
+                f"host that created the study and pass it with --checkpoint"
+            )
+        return ckpt
     own_key = checkpoint_key(cfg, task)
     if own_key != key:
         raise CheckpointError(
@@ -101,8 +159,8 @@ def shared_checkpoint(
         raise CheckpointError(
             f"pretraining on this host gave a checkpoint with SHA-256 {ckpt.sha256[:12]}…, the "
             f"study used {sha[:12]}…; copy {path.name} and {path.with_suffix('.json').name} from "
-            f"the host that created the study into {ckpt.path.parent}, or put pretrain.cache_dir "
-            "on a filesystem every worker sees"
+            f"the host that created the study into {ckpt.path.parent} (or pass it with "
+            "--checkpoint), or put pretrain.cache_dir on a filesystem every worker sees"
         )
     return ckpt
 
@@ -113,12 +171,15 @@ def join_study(
     *,
     device: str | None = None,
     cache_dir: Path | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[optuna.Study, StudyStorage, StudyContext]:
     """Open an existing study as one of its workers; config, heartbeats, checkpoint from storage.
 
     Args:
         device: overrides the study's ``finetune.device`` for this worker.
         cache_dir: overrides the study's ``pretrain.cache_dir`` on this host.
+        checkpoint: this host's copy of the study's source checkpoint (see
+            :func:`shared_checkpoint`).
     """
     storage = existing_storage(storage_url, study_name)
     cfg = load_study_config(load_study(storage, storage_url, study_name))
@@ -139,6 +200,10 @@ def join_study(
             f"study '{study_name}' has no pretrained checkpoint recorded; "
             "run `tlsearch create` with its config first"
         )
+    source = study.user_attrs.get(ATTR_SOURCE) or {}
+    check_model_origin(cfg, source)
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ConfigError(f"--checkpoint: file not found: {checkpoint}")
     storage.enable_heartbeat(Heartbeat.from_dict(study.user_attrs.get(ATTR_HEARTBEAT)))
     spec = device or cfg.finetune.device
     if spec == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
@@ -152,7 +217,13 @@ def join_study(
     return (
         study,
         storage,
-        StudyContext(cfg, task, shared_checkpoint(cfg, task, recorded, dev), dev),
+        StudyContext(
+            cfg,
+            task,
+            shared_checkpoint(cfg, task, recorded, dev, source=source, copy=checkpoint),
+            dev,
+            source or None,
+        ),
     )
 
 
@@ -165,6 +236,7 @@ def run_worker(
     timeout: float | None = None,
     threads: int | None = None,
     cache_dir: Path | None = None,
+    checkpoint: Path | None = None,
     progress: bool = False,
     prefix: str = "",
     stop: StopFlag | None = None,
@@ -179,7 +251,9 @@ def run_worker(
         prefix: put in front of each progress line, to tell workers apart in one terminal.
         stop: from :func:`graceful_stop`; a signal then ends the loop cleanly.
     """
-    study, storage, ctx = join_study(storage_url, study_name, device=device, cache_dir=cache_dir)
+    study, storage, ctx = join_study(
+        storage_url, study_name, device=device, cache_dir=cache_dir, checkpoint=checkpoint
+    )
     who = worker_attrs(ctx.device)["worker"]
     _log.info(
         "worker %s joined study '%s' in %s on %s",

@@ -1,8 +1,9 @@
 """What tlsearch records with a study, and opening an existing study by name.
 
-The study's resolved config, its search hash, the pretrained checkpoint's path and SHA-256, the
-heartbeat settings and the tlsearch version are study user attributes, so a worker on another host,
-``export``, ``status`` or ``final`` reads them from the storage alone.
+The study's resolved config, its search hash, the pretrained checkpoint's path and SHA-256, where
+the source model came from (``ATTR_SOURCE``), the heartbeat settings and the tlsearch version are
+study user attributes, so a worker on another host, ``export``, ``status`` or ``final`` reads them
+from the storage alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "ATTR_CONFIG",
     "ATTR_HASH",
     "ATTR_HEARTBEAT",
+    "ATTR_SOURCE",
     "ATTR_VERSION",
     "BUDGET_STATES",
     "count_budget",
@@ -33,6 +35,9 @@ ATTR_HASH = "tlsearch_search_hash"
 ATTR_CHECKPOINT = "tlsearch_checkpoint"
 ATTR_VERSION = "tlsearch_version"
 ATTR_HEARTBEAT = "tlsearch_heartbeat"
+# Where the source model came from: the model's registry origin (a plug-in's distribution and
+# version), the user's checkpoint (path, SHA-256, strict) if any, and the image normalization.
+ATTR_SOURCE = "tlsearch_source"
 # Trials that count toward the budget: those that ran to an end the search can learn from.
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 

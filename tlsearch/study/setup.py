@@ -30,13 +30,21 @@ from tlsearch.device import (
 )
 from tlsearch.errors import ConfigError
 from tlsearch.objective import KFoldObjective, check_folds, enqueue_baselines
-from tlsearch.pretrain import Checkpoint, ensure_pretrained, load_checkpoint, lock_dir
+from tlsearch.pretrain import (
+    Checkpoint,
+    ensure_pretrained,
+    load_checkpoint,
+    lock_dir,
+    source_record,
+    user_checkpoint,
+)
 from tlsearch.samplers import make_pruner, make_sampler
 from tlsearch.storage import (
     ATTR_CHECKPOINT,
     ATTR_CONFIG,
     ATTR_HASH,
     ATTR_HEARTBEAT,
+    ATTR_SOURCE,
     ATTR_VERSION,
     Heartbeat,
     StudyStorage,
@@ -68,18 +76,25 @@ class StudyContext:
     task: TransferTask
     checkpoint: Checkpoint
     device: torch.device
+    # Where the source model came from (tlsearch.pretrain.source_record), recorded with the study.
+    source: dict | None = None
 
 
 def prepare(cfg: StudyConfig, device: str | None = None) -> StudyContext:
-    """Load the data, check the folds and make sure the pretrained checkpoint exists.
+    """Load the data, check the folds and make sure the source checkpoint exists: pretrained
+    once, or the user's ``pretrain.checkpoint`` fitted to the model.
 
     No storage is touched: this is what ``final`` needs, and the first step of a study.
     """
     dev = resolve_device(device or cfg.finetune.device)
     task = load_task(cfg.data)
     check_folds(cfg, task.target_train)
-    checkpoint = ensure_pretrained(cfg, task, dev)
-    return StudyContext(cfg, task, checkpoint, dev)
+    user_sha = None
+    if cfg.pretrain.checkpoint is not None:
+        checkpoint, user_sha = user_checkpoint(cfg, task)
+    else:
+        checkpoint = ensure_pretrained(cfg, task, dev)
+    return StudyContext(cfg, task, checkpoint, dev, source_record(cfg, task, user_sha))
 
 
 def _existing(
@@ -135,6 +150,8 @@ def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> Non
             "key": ctx.checkpoint.key,
         },
     )
+    if ctx.source is not None:
+        study.set_user_attr(ATTR_SOURCE, ctx.source)
     study.set_user_attr(ATTR_HEARTBEAT, heartbeat.to_dict())
     study.set_user_attr(ATTR_VERSION, __version__)
     # What optuna-dashboard and optuna.visualization call the objective (not "Objective 0").
