@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from tlsearch.config import config_from_dict
 from tlsearch.errors import ConfigError
 from tlsearch.registry import MODELS, Registry, load_plugins, loaded_plugins
-from tlsearch.storage import ATTR_CHECKPOINT, ATTR_CONFIG
+from tlsearch.storage import ATTR_CHECKPOINT, ATTR_CONFIG, ATTR_SOURCE
 
 PLUGINS = Path(__file__).parent / "plugins"
 SITE = PLUGINS / "site"  # the installed distribution tlsearch-tinyplug 0.1: model "tinyplug"
@@ -224,6 +224,42 @@ EVIL_NAMES = {
 }
 LEGACY_WHERE = ("--storage", "sqlite:///study.db", "--study-name", "legacy")
 
+
+class _Payload:
+    """Pickled into a checkpoint: ``weights_only=True`` must refuse it, never run it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("a pickled payload ran",))
+
+
+def _checkpoint(content: Any) -> Any:
+    """Writes ``source.pt`` (``pretrain.checkpoint`` of the case's study): ``content()`` saved."""
+
+    def setup(d: Path) -> None:
+        torch.save(content(), d / "source.pt")
+
+    return setup
+
+
+def _mlp_state(hidden: list[int], prefix: str = "") -> dict[str, torch.Tensor]:
+    from tlsearch.models import mlp
+
+    return {prefix + k: v for k, v in mlp((1, 8, 8), 5, hidden).state_dict().items()}
+
+
+def _legacy_source(**record: Any) -> Any:
+    """The legacy study's database with a source record (``ATTR_SOURCE``) of ``record``."""
+
+    def setup(d: Path) -> None:
+        shutil.copy(LEGACY / "study.db", d)
+        study = optuna.load_study(study_name="legacy", storage=f"sqlite:///{d / 'study.db'}")
+        study.set_user_attr(ATTR_SOURCE, record)
+
+    return setup
+
+
+FROM_CHECKPOINT = {"pretrain": {"epochs": 1, "cache_dir": "cache", "checkpoint": "source.pt"}}
+
 # id → (the tiny study's [model] table or other overrides, working-directory setups, arguments,
 # environment, the one error line expected or None when several are).
 CASES: dict[str, tuple[dict[str, Any], list[Any], list[str], dict[str, str], str | None]] = {
@@ -280,6 +316,57 @@ CASES: dict[str, tuple[dict[str, Any], list[Any], list[str], dict[str, str], str
         "tlsearch.models failed to import: ModuleNotFoundError: No module named "
         "'tlsearch_brokenplug_missing_dependency'",
     ),
+    "a checkpoint whose names do not fit the model": (
+        FROM_CHECKPOINT,
+        [_checkpoint(lambda: _mlp_state([32, 16], prefix="module."))],
+        ["run", "study.toml", "-q"],
+        {},
+        "pretrain.checkpoint: no parameter of model 'mlp' matches the file in name and shape: "
+        "4 missing (blocks.0.1.weight, blocks.0.1.bias, blocks.1.0.weight, blocks.1.0.bias); "
+        "6 unexpected (module.blocks.0.1.weight, module.blocks.0.1.bias, "
+        "module.blocks.1.0.weight, module.blocks.1.0.bias, … 2 more)",
+    ),
+    "a checkpoint whose shapes do not fit the model": (
+        FROM_CHECKPOINT,
+        [_checkpoint(lambda: _mlp_state([32, 8]))],
+        ["create", "study.toml"],
+        {},
+        "pretrain.checkpoint: the file does not fit model 'mlp': 2 shape mismatch "
+        "(blocks.1.0.weight [8, 32] ≠ [16, 32], blocks.1.0.bias [8] ≠ [16]); fix the model "
+        "options or the key names, or set pretrain.strict = false to load what matches",
+    ),
+    "a checkpoint that is not a state dict": (
+        FROM_CHECKPOINT,
+        [_checkpoint(lambda: {"model": _mlp_state([32, 16]), "epoch": 3})],
+        ["run", "study.toml", "-q"],
+        {},
+        "pretrain.checkpoint: {d}/source.pt is not a state dict: 2 of its entries are not "
+        "name → tensor (model, epoch); if the state dict is under 'model', save that entry alone",
+    ),
+    "a checkpoint holding a pickled payload": (
+        FROM_CHECKPOINT,
+        [_checkpoint(lambda: {"blocks.0.1.weight": _Payload()})],
+        ["run", "study.toml", "-q"],
+        {},
+        "pretrain.checkpoint: {d}/source.pt is not a plain PyTorch state dict (it holds pickled "
+        "objects, which weights_only=True refuses to run)",
+    ),
+    "a worker lacking the study's plug-in": (
+        {},
+        [_legacy_naming(**{"model.name": "tinyplug"})],
+        ["worker", *LEGACY_WHERE],
+        {},
+        "study 'legacy': model.name: unknown model 'tinyplug' (choose from cnn, mlp; "
+        f"{HOW_TO_ADD})",
+    ),
+    "a worker holding another version of the study's plug-in": (
+        {},
+        [_legacy_source(model="mlp", model_origin="tlsearch-mlp 0.0.9", checkpoint=None)],
+        ["worker", *LEGACY_WHERE],
+        {},
+        "model.name: the study's model 'mlp' came from tlsearch-mlp 0.0.9; this worker has it "
+        "from tlsearch (install the study's version on this host)",
+    ),
     # The working directory is on the path (--plugin myplug), and holds tlsearch_evil.py.
     "a study file naming an importable module": (
         {
@@ -335,7 +422,12 @@ def faults(
 @pytest.mark.parametrize("case_id", [c for c, case in CASES.items() if case[4] is not None])
 def test_a_plugin_fault_is_one_line(faults, case_id: str) -> None:
     d, result = faults[case_id]
-    assert _one_error(result) == CASES[case_id][4]
+    assert _one_error(result) == CASES[case_id][4].replace("{d}", str(d))
+    assert "a pickled payload ran" not in result.stdout + result.stderr
+    if case_id.startswith("a worker"):  # the study is there; nothing is added to it
+        study = optuna.load_study(study_name="legacy", storage=f"sqlite:///{d / 'study.db'}")
+        assert len(study.trials) == 2
+        return
     assert not (d / "study.db").exists(), "no database is created"
     assert not (d / "cache").exists(), "nothing is pretrained"
 
