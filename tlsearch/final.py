@@ -144,7 +144,8 @@ def evaluate_on_test(
     """
     pretrained = load_checkpoint(checkpoint, device)
     torch.manual_seed(seed)
-    scratch = create_model(cfg.model, task.input_shape, task.source_classes)
+    # The source head is never used (fine-tuning replaces it), and there may be no source set.
+    scratch = create_model(cfg.model, task.input_shape, task.target_classes)
     scratch_init = {k: v.to(device) for k, v in scratch.state_dict().items()}
     x, y = to_tensors(task.target_train.x, task.target_train.y, device)
     xt, yt = to_tensors(task.target_test.x, task.target_test.y, device)
