@@ -133,6 +133,74 @@ def _two_nines(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]  # half of the four nines are held out for the test: two remain
 
 
+def image_folders(change: Callable[[Path], None]) -> Setup:
+    """Source digits 0-4 as PNGs in src/<digit>/, target digits 5-9 in tgt/ and tgt-test/
+    (three 8×8 images per class and folder), ``change``d."""
+
+    def setup(d: Path, t: Path, stack: ExitStack) -> None:
+        from PIL import Image
+
+        x, y = _digits()
+        pixels = np.round(x * 255).astype(np.uint8).reshape(-1, 8, 8)
+        splits = (("src", range(5), 0), ("tgt", range(5, 10), 0), ("tgt-test", range(5, 10), 3))
+        for folder, digits, start in splits:
+            for digit in digits:
+                (d / folder / str(digit)).mkdir(parents=True)
+                for i in np.flatnonzero(y == digit)[start : start + 3]:
+                    Image.fromarray(pixels[i]).save(d / folder / str(digit) / f"{i}.png")
+        change(d)
+        data = {
+            "source": {"image_folder": "src"},
+            "target": {"image_folder": "tgt"},
+            "target_test": {"image_folder": "tgt-test"},
+            "images": {"channels": "grayscale"},
+        }
+        cfg = merge(STUDY, {"data": data})
+        del cfg["data"]["task"]
+        (d / "bad.toml").write_text(to_toml(cfg))
+
+    return setup
+
+
+def _no_target_folder(d: Path) -> None:
+    shutil.rmtree(d / "tgt")
+
+
+def _loose_images(d: Path) -> None:
+    for png in (d / "src").glob("*/*.png"):
+        png.rename(d / "src" / png.name)
+    for digit in (d / "src").glob("[0-9]"):
+        digit.rmdir()
+
+
+def _empty_class(d: Path) -> None:
+    for png in (d / "tgt" / "7").iterdir():
+        png.unlink()
+
+
+def _notes(d: Path) -> None:
+    (d / "src" / "2" / "notes.txt").write_text("scanned on Monday\n")
+
+
+def _truncated(d: Path) -> None:
+    png = d / "tgt-test" / "6" / "58.png"
+    png.write_bytes(png.read_bytes()[:-40])  # into the image data: IEND alone is not missed
+
+
+def _bigger_image(d: Path) -> None:
+    from PIL import Image
+
+    Image.new("L", (10, 8)).save(d / "tgt" / "9" / "big.png")
+
+
+def _extra_test_class(d: Path) -> None:
+    shutil.copytree(d / "tgt-test" / "5", d / "tgt-test" / "five")
+
+
+def _missing_test_class(d: Path) -> None:
+    shutil.rmtree(d / "tgt-test" / "8")
+
+
 def existing(then: Setup | None = None) -> Setup:
     """A copy of the shared directory (see :func:`hostile.make_study`)."""
 
@@ -244,11 +312,11 @@ CASES: dict[str, Case] = {
         ERR + "bad.toml: search.frozen_blocks: 4 exceeds the 3 blocks of model 'cnn'",
     ),
     "unknown regularizer": Case(
-        study(regularizer={"name": "delta"}),
+        study(regularizer={"name": "bss"}),
         RUN,
         2,
-        ERR + "bad.toml: regularizer.name: unknown regularizer 'delta' "
-        "(choose from l2, l2sp, none" + PLUG_IN,
+        ERR + "bad.toml: regularizer.name: unknown regularizer 'bss' "
+        "(choose from delta, l2, l2sp, none" + PLUG_IN,
     ),
     "unknown sampler": Case(
         study(sampler={"name": "hyperopt"}),
@@ -330,6 +398,60 @@ CASES: dict[str, Case] = {
         RUN,
         2,
         ERR + "data.target.image_shape: [1, 7, 7] does not hold 64 features",
+    ),
+    # Folders of images: found before any training, one line naming the file or folder.
+    "image folder: missing": Case(
+        image_folders(_no_target_folder),
+        RUN,
+        2,
+        ERR + "data.target.image_folder: folder not found: {d}/tgt",
+    ),
+    "image folder: images without class subfolders": Case(
+        image_folders(_loose_images),
+        RUN,
+        2,
+        ERR + "data.source.image_folder: {d}/src has no class subfolders (one per class: "
+        "{d}/src/<class>/<image>)",
+    ),
+    "image folder: empty class folder": Case(
+        image_folders(_empty_class),
+        RUN,
+        2,
+        ERR + "data.target.image_folder: class folder {d}/tgt/7 holds no images",
+    ),
+    "image folder: a file that is not an image": Case(
+        image_folders(_notes),
+        RUN,
+        2,
+        ERR + "data.source.image_folder: not a PNG or JPEG image: {d}/src/2/notes.txt",
+    ),
+    "image folder: truncated PNG": Case(
+        image_folders(_truncated),
+        RUN,
+        2,
+        ERR + "data.target_test.image_folder: corrupt image {d}/tgt-test/6/58.png: image file "
+        "is truncated",
+    ),
+    "image folder: mixed sizes without data.images.resize": Case(
+        image_folders(_bigger_image),
+        RUN,
+        2,
+        ERR + "data.target.image_folder: {d}/tgt/9/big.png is 8x10 pixels but {d}/tgt/5/15.png "
+        "is 8x8 (height x width); set data.images.resize = [height, width]",
+    ),
+    "image folder: test class the training folder lacks": Case(
+        image_folders(_extra_test_class),
+        RUN,
+        2,
+        ERR + "data.target_test.image_folder: class 'five' ({d}/tgt-test/five) is not a class "
+        "of data.target ({d}/tgt)",
+    ),
+    "image folder: training class the test folder lacks": Case(
+        image_folders(_missing_test_class),
+        RUN,
+        2,
+        ERR + "data.target_test.image_folder: {d}/tgt-test has no class '8' of data.target "
+        "({d}/tgt/8)",
     ),
     # Storage URLs: found before any training; a password in them is never printed.
     "storage: unknown scheme": Case(

