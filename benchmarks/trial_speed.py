@@ -20,7 +20,17 @@ the arithmetic of one trial of each objective (``torch.utils.flop_counter``) aga
 runs it at and this core's float32 matmul peak: how much of the speedup is work removed, how much
 is faster arithmetic, and how close to the limit that is.
 
+Last, a real network brought as a plug-in: the example ResNet of ``examples/tlsearch-resnet``
+(model ``resnet``; that folder is put on ``sys.path`` and the package loaded as ``--plugin
+tlsearch_resnet`` loads it, so nothing needs installing). At each frozen depth, one thread: a
+trial with tlsearch's defaults against its plain path (cache and fold batching off), and one
+fine-tuning step against the bare forward+backward of the same model on the same batches, and
+what the step adds split into the Adam update, the penalty's gradient and the rest. It runs on
+``--resnet-task`` (the 8x8 digits by default: pretraining a ResNet on all of MNIST takes a CPU
+core tens of minutes) with the study's shots, folds and epochs.
+
     python benchmarks/trial_speed.py [--per-depth 2] [--config studies/digits.toml]
+    python benchmarks/trial_speed.py --only-resnet   # the ResNet rows alone, a few minutes
 
 The last line is ``speedup: <ratio>x``: trials per minute of tlsearch over the naive objective,
 both on one thread (the throughput a search buys; the table has the median ratio too). One thread
@@ -34,6 +44,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -62,6 +73,11 @@ if TYPE_CHECKING:
     from tlsearch import StudyContext, TransferTask
 
 ROOT = Path(__file__).resolve().parent.parent
+# The example model plug-in (README, "Bring your own network"), used from its source folder.
+RESNET_PLUGIN = ROOT / "examples" / "tlsearch-resnet"
+# A fine-tuning step may cost this much more than the bare forward+backward of its model (the
+# issue's bound for the ResNet); the ResNet's table says where it is passed, and by what.
+STEP_OVER_BARE_MAX = 1.2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,12 +372,17 @@ def breakdown(run_one: Callable[[], None], model_type: type, storage: Any) -> di
     return out
 
 
-def step_over_bare(objective: KFoldObjective, depth: int) -> tuple[float, float]:
+def step_over_bare(objective: KFoldObjective, depth: int, repeats: int = 2) -> tuple[float, float]:
     """Seconds of one fine-tuning step and of the bare forward+backward alone.
 
-    The step is the marginal cost: fine-tuning for 2E epochs minus E epochs, over E epochs' steps,
-    so model set-up is not counted. Same model (channels-last, trained blocks only), same batches
-    (fold 0 and its seed).
+    The step is the marginal cost: fine-tuning for E + 1 epochs minus 1 epoch, over E epochs'
+    steps, so model set-up is not counted; the difference is nearly all of the longer run, so
+    its noise is not magnified (as a difference of 2E and E epochs magnified it). Same model
+    (channels-last, trained blocks only), same batches (fold 0 and its seed). Each of the three
+    is the best of ``repeats``, taken in turn, and timed by this thread's CPU time: on one torch
+    thread every op runs on it, and the time a shared machine gives to other work is not
+    counted (by the wall clock, the ResNet's step swung 2x between runs at a load of 4 on 2
+    cores).
     """
     cfg = objective.cfg
     params = probe_params(cfg, depth)
@@ -375,7 +396,7 @@ def step_over_bare(objective: KFoldObjective, depth: int) -> tuple[float, float]
         c = cfg.model_copy(
             update={"finetune": cfg.finetune.model_copy(update={"epochs": n_epochs})}
         )
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         model = tlsearch.finetune(
             objective.pretrained,
             c,
@@ -387,12 +408,9 @@ def step_over_bare(objective: KFoldObjective, depth: int) -> tuple[float, float]
             seed,
             start=depth,
         )
-        return time.perf_counter() - t0, model
+        return time.thread_time() - t0, model
 
-    fit(epochs)  # warm-up
-    short = min(fit(epochs)[0] for _ in range(2))
-    long, model = fit(2 * epochs)
-    step = (long - short) / (epochs * batches_per_epoch)
+    _, model = fit(epochs)  # a warm-up, and the model the bare passes run
     g = torch.Generator().manual_seed(seed)
     batches = [
         (xs[i], ys[i]) for i in torch.randperm(len(tr), generator=g).split(cfg.finetune.batch_size)
@@ -404,10 +422,67 @@ def step_over_bare(objective: KFoldObjective, depth: int) -> tuple[float, float]
             F.cross_entropy(model(xb, start=depth), yb).backward()
 
     bare()
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        bare()
-    return step, (time.perf_counter() - t0) / (epochs * len(batches))
+    shorts, longs, bares = [], [], []
+    for _ in range(repeats):
+        shorts.append(fit(1)[0])
+        longs.append(fit(epochs + 1)[0])
+        t0 = time.thread_time()
+        for _ in range(epochs):
+            bare()
+        bares.append(time.thread_time() - t0)
+    step = (min(longs) - min(shorts)) / (epochs * batches_per_epoch)
+    return step, min(bares) / (epochs * len(batches))
+
+
+def step_parts(objective: KFoldObjective, depth: int, repeats: int = 200) -> tuple[float, float]:
+    """Seconds of a step's optimizer update and of its penalty's gradient, each timed alone.
+
+    What a fine-tuning step adds to the forward+backward besides these two is the minibatch
+    gather, dropping the old gradients, the epoch's draw and divergence check, and Python. The
+    model is the one fine-tuning builds (its trained parameters; Adam as fine-tuning runs it on
+    the CPU, ``finetune.optimizer = "adam"``); the penalty is the study's, over the same model.
+    CPU time of this thread, as :func:`step_over_bare`.
+    """
+    cfg = objective.cfg
+    params = probe_params(cfg, depth)
+    tr = objective.folds[0][0]
+    xs, ys = objective.frozen_features(depth)[tr], objective.y[tr]
+    one_epoch = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"epochs": 1})})
+    model = tlsearch.finetune(
+        objective.pretrained,
+        one_epoch,
+        params,
+        xs,
+        ys,
+        objective.num_classes,
+        objective.input_shape,
+        objective.seeds[0],
+        start=depth,
+    )
+    model.train()
+    backbone = [p for p in model.blocks.parameters() if p.requires_grad]
+    groups = [{"params": list(model.head.parameters())}]
+    if backbone:
+        groups.append({"params": backbone, "lr": params.lr * params.backbone_lr_mult})
+    optimizer = FusedAdam(groups, lr=params.lr)
+    penalty = tlsearch.REGULARIZERS.create(
+        params.regularizer,
+        model,
+        objective.pretrained,
+        params.lambda_,
+        head_lambda=cfg.regularizer.head_lambda,
+        penalize=cfg.regularizer.penalize,
+    )
+    F.cross_entropy(model(xs, start=depth), ys).backward()
+
+    def per_call(fn: Callable[[], Any]) -> float:
+        fn()
+        t0 = time.thread_time()
+        for _ in range(repeats):
+            fn()
+        return (time.thread_time() - t0) / repeats
+
+    return per_call(optimizer.step), per_call(penalty.accumulate_grad_)
 
 
 def folds_together(objective: KFoldObjective, depth: int, repeats: int = 2) -> tuple[float, float]:
@@ -473,6 +548,103 @@ def matmul_peak(size: int = 1024, repeats: int = 10) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# A real network as a plug-in: the example ResNet
+
+
+def resnet_objectives(base: StudyConfig, task: str) -> tuple[KFoldObjective, KFoldObjective]:
+    """The example ResNet's objective on ``task``, with tlsearch's defaults and on its plain path
+    (cache and fold batching off); the base study's shots, folds, epochs and penalty, 1 thread."""
+    if str(RESNET_PLUGIN) not in sys.path:
+        sys.path.insert(0, str(RESNET_PLUGIN))
+    tlsearch.load_plugins(["tlsearch_resnet"])
+    data = base.to_dict()
+    data["data"]["task"] = task
+    data["model"] = {"name": "resnet"}
+    data["finetune"]["threads"] = 1
+    # Every depth, up to the whole backbone: the entry's block count at its default options.
+    entry = tlsearch.MODELS.get("resnet")
+    n_blocks = entry.blocks(entry.validate_options({}, "model"))
+    data["search"]["frozen_blocks"] = {"low": 0, "high": n_blocks, "step": 1}
+    ctx = tlsearch.prepare(tlsearch.config_from_dict(data))
+    cached = kfold_objective(ctx)
+    ft = ctx.cfg.finetune.model_copy(update={"cache_frozen": False, "fold_batching": "off"})
+    plain = KFoldObjective(
+        ctx.cfg.model_copy(update={"finetune": ft}),
+        ctx.task.target_train,
+        cached.pretrained,
+        cached.input_shape,
+        cached.num_classes,
+        ctx.device,
+    )
+    return cached, plain
+
+
+def resnet_section(base: StudyConfig, task: str, repeats: int) -> None:
+    """Measure the example ResNet at every frozen depth and print its table (see the docstring)."""
+    torch.set_num_threads(1)
+    cached, plain = resnet_objectives(base, task)
+    cfg = cached.cfg
+    depths = range(int(cfg.search.frozen_blocks.high) + 1)
+    model = tlsearch.create_model(cfg.model, cached.input_shape, cached.num_classes)
+    rows: list[list[str]] = []
+    slow: list[int] = []
+    for d in depths:
+        probe = probe_params(cfg, d)
+        fixed = {"lambda": probe.lambda_, "lr": probe.lr, "frozen_blocks": d}
+        seconds: dict[str, list[float]] = {"cached": [], "plain": []}
+        # Alternating, best of ``repeats``: the first trial at a depth also builds the cache.
+        for _ in range(repeats):
+            for name, obj in (("cached", cached), ("plain", plain)):
+                t0 = time.perf_counter()
+                obj(optuna.trial.FixedTrial(fixed))
+                seconds[name].append(time.perf_counter() - t0)
+        step, bare = step_over_bare(cached, d, repeats)
+        update, penalty = step_parts(cached, d)
+        trained = sum(p.numel() for p in model.blocks[d:].parameters())
+        t_cached, t_plain = min(seconds["cached"]), min(seconds["plain"])
+        rows.append(
+            [
+                str(d),
+                str(trained),
+                f"{t_cached:.2f}",
+                f"{t_plain:.2f}",
+                f"{t_plain / t_cached:.1f}x",
+                *(f"{t * 1e3:.3f}" for t in (step, bare)),
+                f"{step / bare:.2f}",
+                *(f"{t * 1e3:.3f}" for t in (update, penalty, step - bare - update - penalty)),
+            ]
+        )
+        if step / bare > STEP_OVER_BARE_MAX:
+            slow.append(d)
+        print(f"resnet, frozen_blocks={d}: " + "  ".join(rows[-1][2:]), flush=True)
+
+    options = cfg.model.options
+    print()
+    print(
+        f"example ResNet plug-in (examples/tlsearch-resnet: width {options['width']}, "
+        f"{options['stages']} stages of {options['blocks_per_stage']} basic block(s), "
+        f"{len(depths)} blocks)\non {task} {'x'.join(map(str, cached.input_shape))}, "
+        f"{cfg.data.shots} shots, {cfg.cv.k} folds, {cfg.finetune.epochs} epochs, "
+        f"{cfg.regularizer.names[0]}, 1 thread; trial seconds best of {repeats}; the step is "
+        "the marginal cost of one, against the bare forward+backward of its model on its batches:"
+    )
+    header = ["frozen", "trained block params", "tlsearch s/trial", "plain path s/trial"]
+    header += ["cache gain", "step ms", "forward+backward ms", "ratio"]
+    print(_table([*header, "of it: Adam ms", "penalty ms", "other ms"], rows))
+    print(
+        "(the step's extra over its forward+backward: the Adam update and the penalty's gradient,\n"
+        "each timed alone; other: the minibatch gather, dropping the old gradients, the epoch's\n"
+        "draw and divergence check, and Python, by difference)"
+    )
+    verdict = (
+        f"past {STEP_OVER_BARE_MAX}x at frozen_blocks {', '.join(map(str, slow))}"
+        if slow
+        else f"at most {STEP_OVER_BARE_MAX}x at every frozen depth"
+    )
+    print(f"a fine-tuning step against its bare forward+backward: {verdict}")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -487,9 +659,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "studies" / "digits.toml")
     parser.add_argument("--per-depth", type=int, default=2, help="trials at each frozen depth")
+    parser.add_argument(
+        "--resnet-task", default="digits-noisy", help="the task of the example ResNet's rows"
+    )
+    parser.add_argument(
+        "--resnet-repeats", type=int, default=3, help="ResNet timings per depth and path (best of)"
+    )
+    parser.add_argument(
+        "--only-resnet", action="store_true", help="measure the example ResNet's rows alone"
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = tlsearch.load_config(args.config)
+    if args.only_resnet:
+        resnet_section(base, args.resnet_task, args.resnet_repeats)
+        return
     params = trial_params(base, args.per_depth)
     default_threads = torch.get_num_threads()
     load0 = os.getloadavg()[0]
@@ -729,6 +913,9 @@ def main() -> None:
         f"with no time but arithmetic at the peak, the speedup would be "
         f"{t_naive / (fast_flops / peak):.0f}x"
     )
+
+    print()
+    resnet_section(base, args.resnet_task, args.resnet_repeats)
 
     print()
     print(
