@@ -224,3 +224,48 @@ def test_new_head_is_not_the_source_models_initial_head() -> None:
     )
     model = finetune(pre, _cfg(MLP, finetune={"epochs": 1}), params, x[0], y[0], 4, INPUT, seed=0)
     assert not torch.allclose(model.head.weight, source_init.head.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data terms (DELTA, BSS) on every path
+
+DATA_TERMS = {
+    "delta": ({"name": "delta"}, {"delta_lambda": 0.3}),
+    "l2sp-bss": ({"name": "l2sp", "bss_eta": 0.1, "bss_k": 2}, {"lambda": 0.3}),
+}
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One pretraining for the tests below (each of the others pretrains in its own tmp_path)."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.parametrize("setting", DATA_TERMS.values(), ids=DATA_TERMS.keys())
+def test_data_terms_fast_paths_give_the_plain_fold_scores(shared_cache, tmp_path, setting) -> None:
+    """DELTA's pretrained feature maps from cached inputs, and BSS over folds trained together:
+    the plain path's scores (frozen_blocks = 1: the cache starts at block 1, DELTA skips it)."""
+    regularizer, lambda_ = setting
+    params = {**lambda_, "lr": 0.02, "frozen_blocks": 1}
+    cfg = merge(
+        TINY,
+        {
+            "storage": f"sqlite:///{tmp_path / 'study.db'}",
+            "pretrain": {"cache_dir": shared_cache},
+            "model": MLP,
+            "regularizer": regularizer,
+        },
+    )
+
+    def run(**finetune: Any) -> dict[str, Any]:
+        trial = optuna.trial.FixedTrial(params)
+        _objective(merge(cfg, {"finetune": {"epochs": 6, **finetune}}))(trial)
+        return trial.user_attrs
+
+    plain = run(cache_frozen=False, fold_batching="off")
+    resolved = plain["resolved_params"]
+    assert resolved["regularizer"] == regularizer["name"]
+    assert resolved.get("bss_eta", 0.0) == regularizer.get("bss_eta", 0.0)
+    assert resolved["lambda"] == 0.3
+    for path in PATHS.values():
+        _assert_same_folds(run(**path), plain)

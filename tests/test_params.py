@@ -11,9 +11,12 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from tlsearch.config import config_from_dict
 from tlsearch.errors import ConfigError
 from tlsearch.params import (
+    BASELINES,
     PLAIN_FINETUNING,
     SEARCHED,
     TrialParams,
+    baseline_enqueue,
+    baseline_params,
     fixed_params,
     format_params,
     resolve_params,
@@ -64,12 +67,13 @@ def test_from_dict_names_every_missing_parameter_and_bad_values() -> None:
         TrialParams.from_dict({**PLAIN_FINETUNING, "frozen_blocks": None, "regularizer": "l2"})
 
 
-def test_searched_names_are_the_search_space_fields() -> None:
-    space = config_from_dict({}).search
-    for name, field in SEARCHED.items():
-        assert hasattr(space, field), field
-        assert name in USER_NAMES
-    assert list(SEARCHED) + ["regularizer"] == USER_NAMES
+def test_searched_names_are_the_config_fields() -> None:
+    cfg = config_from_dict({})
+    for path in SEARCHED.values():
+        section, field = path.split(".")
+        assert hasattr(getattr(cfg, section), field), path
+    # λ under DELTA's own name, and BSS's η (a dict holds it only when BSS is on).
+    assert list(SEARCHED) == [*USER_NAMES[:-1], "delta_lambda", "bss_eta"]
 
 
 def test_plain_finetuning_is_a_complete_trial_without_its_regularizer() -> None:
@@ -182,3 +186,111 @@ def test_format_params_four_significant_digits() -> None:
         "lambda=3e-05 lr=0.001 frozen_blocks=0 backbone_lr_mult=1 regularizer=none"
     )
     assert format_params({}) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# DELTA's λ and BSS's η
+
+
+def test_bss_eta_is_in_a_dict_only_when_bss_is_on() -> None:
+    off = TrialParams(0.5, 0.01, 2, 0.1, "l2")
+    assert "bss_eta" not in off.to_dict()  # exports and resolved_params as before BSS
+    on = TrialParams(0.5, 0.01, 2, 0.1, "l2", bss_eta=0.2)
+    assert on.to_dict() == {**off.to_dict(), "bss_eta": 0.2}
+    assert TrialParams.from_dict(on.to_dict()) == on
+    # A trial stored by an older version has no bss_eta: BSS was off.
+    assert TrialParams.from_dict(off.to_dict()).bss_eta == 0.0
+
+
+def test_delta_asks_for_delta_lambda_in_its_own_range(tiny) -> None:
+    cfg = config_from_dict(tiny(regularizer={"name": "delta"}))
+    assert "lambda" not in fixed_params(cfg)  # λ of L2/L2-SP does not apply
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    params = suggest_params(trial, cfg)
+    assert trial.distributions == {
+        "lr": FloatDistribution(1e-3, 3e-2, log=True),
+        "frozen_blocks": IntDistribution(0, 2, step=1),
+        "delta_lambda": FloatDistribution(1e-4, 10.0, log=True),
+    }
+    # TrialParams holds the λ used, under the name files use for every regularizer.
+    assert params.lambda_ == trial.params["delta_lambda"]
+    assert params.to_dict()["lambda"] == trial.params["delta_lambda"]
+    assert resolve_params(cfg, trial.params) == params
+    assert TrialParams.from_dict(params.to_dict()) == params
+
+
+def test_a_searched_regularizer_with_delta_is_asked_first(tiny) -> None:
+    cfg = config_from_dict(tiny(regularizer={"name": ["l2sp", "delta"]}))
+    assert "lambda" not in fixed_params(cfg) and "delta_lambda" not in fixed_params(cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        params = suggest_params(trial, cfg)
+        # The regularizer first: which λ a trial has depends on it; never both.
+        assert next(iter(trial.params)) == "regularizer"
+        name = "delta_lambda" if params.regularizer == "delta" else "lambda"
+        assert {"lambda", "delta_lambda"} & set(trial.params) == {name}
+        assert params.lambda_ == trial.params[name]
+        assert resolve_params(cfg, trial.params) == params
+        seen.add(params.regularizer)
+    assert seen == {"l2sp", "delta"}
+    # Without DELTA among the choices the order is as before: the regularizer last.
+    plain = config_from_dict(tiny(regularizer={"name": ["l2", "l2sp"]}))
+    trial = optuna.create_study().ask()
+    suggest_params(trial, plain)
+    assert list(trial.params)[-1] == "regularizer"
+
+
+def test_fixed_delta_lambda_and_bss_eta(tiny) -> None:
+    cfg = config_from_dict(
+        tiny(
+            search={"lambda": 0.5, "delta_lambda": 0.02},
+            regularizer={"name": ["l2", "delta"], "bss_eta": 0.1, "bss_k": 3},
+        )
+    )
+    assert fixed_params(cfg) == {
+        "lambda": 0.5,
+        "backbone_lr_mult": 0.1,
+        "delta_lambda": 0.02,
+        "bss_eta": 0.1,
+    }
+    delta = resolve_params(cfg, {"lr": 0.01, "frozen_blocks": 1, "regularizer": "delta"})
+    l2 = resolve_params(cfg, {"lr": 0.01, "frozen_blocks": 1, "regularizer": "l2"})
+    assert (delta.lambda_, l2.lambda_, delta.bss_eta, l2.bss_eta) == (0.02, 0.5, 0.1, 0.1)
+
+
+def test_searched_bss_eta(tiny) -> None:
+    cfg = config_from_dict(tiny(regularizer={"bss_eta": {"low": 1e-3, "high": 1.0, "log": True}}))
+    assert "bss_eta" not in fixed_params(cfg)
+    trial = optuna.create_study().ask()
+    params = suggest_params(trial, cfg)
+    assert trial.distributions["bss_eta"] == FloatDistribution(1e-3, 1.0, log=True)
+    assert params.bss_eta == trial.params["bss_eta"] > 0
+    assert params.to_dict()["bss_eta"] == params.bss_eta
+
+
+def test_baselines_keep_bss_off_and_enqueue_delta_lambda(tiny) -> None:
+    cfg = config_from_dict(
+        tiny(
+            regularizer={"name": ["delta", "l2sp"], "bss_eta": {"low": 0.0, "high": 1.0}},
+            search={"delta_lambda": {"low": 1e-3, "high": 1.0, "log": True}},
+        )
+    )
+    for name in BASELINES:
+        assert baseline_params(cfg, name).bss_eta == 0.0
+    plain = baseline_params(cfg, "plain_finetuning")
+    assert plain.regularizer == "delta" and plain.lambda_ == PLAIN_FINETUNING["lambda"]
+    enqueued = baseline_enqueue(cfg, "plain_finetuning")
+    assert enqueued == {
+        "lr": 1e-3,
+        "frozen_blocks": 0,
+        "delta_lambda": PLAIN_FINETUNING["lambda"],
+        "bss_eta": 0.0,
+        "regularizer": "delta",
+    }
+    # The enqueued trial asks for those; what it trains with is the baseline.
+    trial = optuna.trial.FixedTrial(enqueued)
+    suggest_params(trial, cfg, only=enqueued)
+    assert baseline_params(cfg, "scratch").to_dict() == {**PLAIN_FINETUNING, "regularizer": "l2"}

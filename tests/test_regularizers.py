@@ -3,6 +3,8 @@
 Convention under test: ``scale · λ/2 · Σ‖p − p⁰‖²`` over the trainable parameters covered
 (``penalize="weights"``: tensors of rank ≥ 2; ``"all"``: every parameter), with L2-SP pulling the
 backbone toward the pretrained weights and the new head toward zero with β = ``head_lambda``.
+The data terms, DELTA's feature-map distance and BSS, are checked against their formulas on random
+tensors (value and gradient), stacked against fold by fold.
 What every registered regularizer must do (a finite scalar, its closed form, zero at the start
 point) is checked in test_registry.py.
 """
@@ -16,7 +18,8 @@ from tlsearch.config import ModelConfig
 from tlsearch.errors import ConfigError
 from tlsearch.models import BlockNet, create_model
 from tlsearch.registry import REGULARIZERS
-from tlsearch.regularizers import create_regularizer
+from tlsearch.regularizers import BSS, Regularizer, create_regularizer
+from tlsearch.training import block_outputs
 from tlsearch.training.together import stack_models
 
 
@@ -166,8 +169,8 @@ def test_head_lambda_only_weighs_the_head() -> None:
 
 
 def test_unknown_regularizer_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"^regularizer\.name: unknown regularizer 'delta' \("):
-        create_regularizer("delta", _tiny_net(), {}, lambda_=1.0)
+    with pytest.raises(ConfigError, match=r"^regularizer\.name: unknown regularizer 'l3' \("):
+        create_regularizer("l3", _tiny_net(), {}, lambda_=1.0)
 
 
 def _stacked_net(n: int, batch_norm: bool) -> BlockNet:
@@ -239,3 +242,139 @@ def test_closed_form_gradient_is_the_autograd_gradient(
             assert got is None
         else:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data terms: DELTA's feature-map distance and BSS, against their formulas written out here
+
+
+def _maps(lead: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    """Feature maps of three blocks (conv, conv, fc) on a batch: ``(*lead, channels, ...)``."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4, 4), (5, 2, 2), (6,)]
+    return [torch.randn(*lead, *s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def _delta_by_hand(
+    maps: list[torch.Tensor],
+    refs: list[torch.Tensor],
+    lambda_: float,
+    attention: list[torch.Tensor] | None = None,
+) -> tuple[float, list[torch.Tensor]]:
+    """λ/2 · mean over samples of Σ_j Σ_c a_jc ‖FM_jc − FM⁰_jc‖², and its gradient in each map
+    (λ/B · a_jc (FM_jc − FM⁰_jc)), sample by sample and channel by channel."""
+    batch = len(maps[0])
+    value, grads = 0.0, []
+    for j, (fm, ref) in enumerate(zip(maps, refs, strict=True)):
+        fm = fm.detach()
+        grad = torch.zeros_like(fm)
+        for b in range(batch):
+            for c in range(fm.shape[1]):
+                a = 1.0 if attention is None else float(attention[j][c])
+                d = fm[b, c] - ref[b, c]
+                value += lambda_ / 2 * a * float((d**2).sum()) / batch
+                grad[b, c] = lambda_ * a * d / batch
+        grads.append(grad)
+    return value, grads
+
+
+def _delta(lambda_: float, stacked: bool = False, **options: object) -> Regularizer:
+    model = _stacked_net(2, batch_norm=False) if stacked else _tiny_net()
+    return create_regularizer(
+        "delta", model, model.state_dict(), lambda_, stacked=stacked, **options
+    )
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_delta_data_term_matches_its_formula(attention: bool) -> None:
+    maps = [m.requires_grad_() for m in _maps((5,), seed=0)]
+    refs = _maps((5,), seed=1)
+    weights = None
+    if attention:
+        g = torch.Generator().manual_seed(2)
+        weights = [torch.rand(m.shape[1], generator=g, dtype=torch.float64) for m in maps]
+    penalty = _delta(0.7, attention=weights)
+    assert penalty.feature_maps
+
+    value = penalty.data_penalty(maps, refs)
+    value.backward()
+    want, grads = _delta_by_hand(maps, refs, 0.7, weights)
+    assert value.dim() == 0
+    assert value.item() == pytest.approx(want, rel=1e-10)
+    for m, g in zip(maps, grads, strict=True):
+        torch.testing.assert_close(m.grad, g)
+
+
+def test_delta_stacked_is_each_folds_data_term() -> None:
+    maps, refs = _maps((2, 5), seed=0), _maps((2, 5), seed=1)
+    g = torch.Generator().manual_seed(2)
+    # Each fold's attention is its own (computed from its own training split).
+    weights = [torch.rand(2, m.shape[2], generator=g, dtype=torch.float64) for m in maps]
+    stacked = _delta(0.7, stacked=True, attention=weights).data_penalty(maps, refs)
+    assert stacked.shape == (2,)
+    for fold in range(2):
+        alone = _delta(0.7, attention=[w[fold] for w in weights]).data_penalty(
+            [m[fold] for m in maps], [r[fold] for r in refs]
+        )
+        torch.testing.assert_close(stacked[fold], alone)
+
+
+def test_delta_weight_term_is_the_heads_only() -> None:
+    """β/2 · ‖w_head‖² (times the scale): the blocks are held by their feature maps, not here."""
+    model = _tiny_net()
+    pre = _pretrained(model, shift=0.5)
+    penalty = create_regularizer("delta", model, pre, 10.0, head_lambda=0.3, scale=0.5)
+    head_sq = float((model.head.weight.detach() ** 2).sum())
+    assert penalty().item() == pytest.approx(0.5 * 0.3 / 2 * head_sq, rel=1e-6)
+
+
+def test_delta_is_zero_at_the_start_point() -> None:
+    """Before a weight moves, the trained blocks compute what the pretrained ones do: no cost and
+    no pull (eval mode, as the training loop computes the pretrained maps)."""
+    model = _tiny_net(batch_norm=True)
+    model.freeze(1)
+    x = torch.randn(6, 4)
+    model.eval()
+    with torch.no_grad():
+        refs = block_outputs(model, x)[1][1:]
+    penalty = create_regularizer("delta", model, model.state_dict(), 10.0, head_lambda=0.0)
+    value = penalty.data_penalty(block_outputs(model, x)[1][1:], refs) + penalty()
+    assert value.item() == 0.0
+    value.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+def _bss_by_hand(features: torch.Tensor, eta: float, k: int) -> tuple[float, torch.Tensor]:
+    """η · Σ of the k smallest σ², from the eigenvalues of F Fᵀ or Fᵀ F (the smaller one), and its
+    gradient Σ_i 2 σ_i u_i v_iᵀ from the full SVD."""
+    f = features.detach().double()
+    gram = f @ f.T if f.shape[0] <= f.shape[1] else f.T @ f
+    eig = torch.linalg.eigvalsh(gram)  # ascending: the squared singular values
+    value = eta * float(eig[:k].sum())
+    u, s, vh = torch.linalg.svd(f, full_matrices=False)
+    grad = torch.zeros_like(f)
+    for i in range(1, k + 1):
+        grad += eta * 2 * s[-i] * torch.outer(u[:, -i], vh[-i])
+    return value, grad
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("shape", [(8, 5), (4, 6)], ids=["tall", "wide"])
+def test_bss_matches_its_formula(k: int, shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    value = BSS(0.3, k)(features)
+    value.backward()
+    want, grad = _bss_by_hand(features, 0.3, k)
+    assert value.dim() == 0
+    assert value.item() == pytest.approx(want, rel=1e-9)
+    torch.testing.assert_close(features.grad, grad)
+
+
+def test_bss_stacked_is_each_folds() -> None:
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 8, 5, generator=g)
+    stacked = BSS(0.3, 2)(features)
+    assert stacked.shape == (3,)
+    torch.testing.assert_close(stacked, torch.stack([BSS(0.3, 2)(f) for f in features]))

@@ -11,7 +11,7 @@ from tlsearch.errors import DivergedError
 from tlsearch.models import create_model
 from tlsearch.params import TrialParams
 from tlsearch.registry import REGULARIZERS
-from tlsearch.training import evaluate, finetune
+from tlsearch.training import block_outputs, evaluate, finetune, fold
 from tlsearch.training.adam import FusedAdam
 
 INPUT = (1, 8, 8)
@@ -202,3 +202,96 @@ def test_lean_fused_adam_is_torch_fused_adam_bit_for_bit() -> None:
             assert a.grad is not None
     ours.zero_grad()
     assert all(p.grad is None for p in models[0].parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Data terms (DELTA, BSS) in training
+
+
+def _feature_maps(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        return block_outputs(model, x)[1]
+
+
+def test_delta_and_bss_train_with_frozen_blocks() -> None:
+    """With blocks frozen (and BatchNorm in them), DELTA + BSS leave the frozen blocks
+    bit-identical, train the others, and change the result (the terms are in the loss)."""
+    cfg = _cfg(MODELS["mlp"], finetune={"epochs": 4, "batch_size": 16}, regularizer={"bss_k": 2})
+    pre = _pretrained(cfg)
+    x, y = _target()
+    delta = TrialParams(1.0, 0.05, 1, 1.0, "delta", bss_eta=0.5)
+    tuned = finetune(pre, cfg, delta, x, y, 4, INPUT, seed=0).state_dict()
+    plain = finetune(pre, cfg, TrialParams(1.0, 0.05, 1, 1.0, "none"), x, y, 4, INPUT, 0)
+    for key, value in tuned.items():
+        if key.startswith("blocks.0."):
+            assert torch.equal(value, pre[key]), key
+        elif key.endswith("weight"):
+            assert not torch.equal(value, pre[key]), f"{key} did not train"
+            assert not torch.equal(value, plain.state_dict()[key]), f"{key}: no data term"
+
+
+def test_delta_holds_the_trained_feature_maps_near_the_pretrained_ones() -> None:
+    cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 10, "batch_size": 10})
+    pre = _pretrained(cfg)
+    x, y = _target()
+    start = create_model(cfg.model, INPUT, 4)
+    start.load_state_dict(
+        {k: v for k, v in pre.items() if not k.startswith("head.")}, strict=False
+    )
+    before = _feature_maps(start, x)
+
+    def moved(lambda_: float) -> float:
+        params = TrialParams(lambda_, 0.05, 0, 1.0, "delta")
+        after = _feature_maps(finetune(pre, cfg, params, x, y, 4, INPUT, seed=0), x)
+        return sum(float((a - b).square().sum()) for a, b in zip(after, before, strict=True))
+
+    assert moved(100.0) < 0.1 * moved(0.0)
+
+
+def test_bss_shrinks_the_smallest_singular_values() -> None:
+    # BatchNorm before the ReLU keeps units alive: without it most of these random units output 0
+    # on every sample, and the smallest singular values are 0 to begin with.
+    cfg = _cfg(
+        {"name": "mlp", "hidden": [16, 16], "batch_norm": True},
+        finetune={"epochs": 10, "batch_size": 40},
+        regularizer={"bss_k": 2},
+    )
+    pre = _pretrained(cfg)
+    x, y = _target()
+
+    def smallest(eta: float) -> float:
+        params = TrialParams(0.0, 0.05, 0, 1.0, "none", bss_eta=eta)
+        features = _feature_maps(finetune(pre, cfg, params, x, y, 4, INPUT, seed=0), x)[-1]
+        return float(torch.linalg.svdvals(features)[-2:].square().sum())
+
+    assert smallest(1.0) < 0.5 * smallest(0.0)
+
+
+@pytest.mark.parametrize(
+    ("regularizer", "bss_eta", "frozen", "maps"),
+    [
+        ("l2sp", 0.0, 0, False),  # the fast path: logits only, as before data terms existed
+        ("l2", 0.0, 1, False),
+        ("l2sp", 0.1, 1, True),
+        ("delta", 0.0, 1, True),
+        ("delta", 0.1, 2, False),  # every block frozen: nothing for either term to move
+    ],
+)
+def test_block_outputs_are_kept_only_for_a_data_term(
+    monkeypatch: pytest.MonkeyPatch, regularizer: str, bss_eta: float, frozen: int, maps: bool
+) -> None:
+    asked: set[bool] = set()
+    real = fold.block_outputs
+
+    def spy(*args: object, **kwargs: object) -> object:
+        asked.add(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fold, "block_outputs", spy)
+    cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 1})
+    pre = _pretrained(cfg)
+    x, y = _target()
+    params = TrialParams(0.5, 0.01, frozen, 1.0, regularizer, bss_eta=bss_eta)
+    finetune(pre, cfg, params, x, y, 4, INPUT, seed=0)
+    assert (True in asked) == maps

@@ -66,6 +66,8 @@ _API = {
     "Heartbeat": "tlsearch.storage",
     "CVMetric": "tlsearch.objective",
     "select": "tlsearch.selection",
+    "paired_difference": "tlsearch.stats",
+    "mcnemar_exact": "tlsearch.stats",
     # results
     "read_export": "tlsearch.export",
     "write_export": "tlsearch.export",
@@ -108,7 +110,9 @@ __all__ = [
     "load_task",
     "make_pruner",
     "make_sampler",
+    "mcnemar_exact",
     "open_study",
+    "paired_difference",
     "prepare",
     "read_export",
     "run_final",
@@ -161,6 +165,7 @@ if TYPE_CHECKING:
     from tlsearch.report import write_report
     from tlsearch.samplers import make_pruner, make_sampler
     from tlsearch.selection import select
+    from tlsearch.stats import mcnemar_exact, paired_difference
     from tlsearch.status import study_status
     from tlsearch.storage import Heartbeat, create_storage, load_study_config, open_study
     from tlsearch.study import (

@@ -347,6 +347,7 @@ REGULARIZERS = Registry("regularizer", "regularizer.name", group="tlsearch.regul
 REGULARIZERS.register("none", "tlsearch.regularizers.none:NoPenalty")
 REGULARIZERS.register("l2", "tlsearch.regularizers.l2:L2")
 REGULARIZERS.register("l2sp", "tlsearch.regularizers.l2sp:L2SP")
+REGULARIZERS.register("delta", "tlsearch.regularizers.delta:Delta")
 
 TASKS = Registry("task", "data.task", group="tlsearch.tasks")
 for _name in ("mnist-noisy", "mnist-rotated", "mnist-split", "digits-noisy", "digits-split"):

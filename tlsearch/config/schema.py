@@ -321,6 +321,14 @@ class RegularizerConfig(_Section):
     def names(self) -> list[str]:
         return [self.name] if isinstance(self.name, str) else list(self.name)
 
+    @field_validator("bss_eta")
+    @classmethod
+    def _bss_non_negative(cls, value: Param) -> Param:
+        low = value.low if isinstance(value, ParamRange) else value
+        if low < 0:
+            raise ValueError(f"must be >= 0 (0 is off), got {low}")
+        return value
+
     @field_validator("name")
     @classmethod
     def _some(cls, value: str | list[str]) -> str | list[str]:

@@ -1,4 +1,5 @@
-"""Penalties that pull fine-tuned weights toward zero or toward the pretrained starting point.
+"""Penalties that pull fine-tuned weights toward zero or toward the pretrained starting point, or
+(DELTA) the trained blocks' feature maps toward the pretrained ones; and BSS, added on top of any.
 
 One file per penalty; each is registered by name in :data:`tlsearch.registry.REGULARIZERS`.
 See :mod:`tlsearch.regularizers.base` for the convention every penalty follows.
@@ -14,11 +15,13 @@ import torch
 from tlsearch.models import BlockNet
 from tlsearch.registry import REGULARIZERS
 from tlsearch.regularizers.base import Regularizer
+from tlsearch.regularizers.bss import BSS
+from tlsearch.regularizers.delta import Delta
 from tlsearch.regularizers.l2 import L2
 from tlsearch.regularizers.l2sp import L2SP
 from tlsearch.regularizers.none import NoPenalty
 
-__all__ = ["L2", "L2SP", "NoPenalty", "Regularizer", "create_regularizer"]
+__all__ = ["BSS", "L2", "L2SP", "Delta", "NoPenalty", "Regularizer", "create_regularizer"]
 
 
 def create_regularizer(
@@ -30,5 +33,5 @@ def create_regularizer(
 ) -> Regularizer:
     """The penalty registered as ``name`` over ``model``'s trainable parameters; ``options`` are
     :class:`~tlsearch.regularizers.base.Regularizer`'s keywords (``head_lambda``, ``penalize``,
-    ``scale``, ``stacked``)."""
+    ``scale``, ``stacked``; DELTA also takes ``attention``)."""
     return REGULARIZERS.create(name, model, pretrained, lambda_, **options)

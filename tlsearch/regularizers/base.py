@@ -21,11 +21,18 @@ loop then adds that gradient to ``.grad`` after the backward pass of the data lo
 ``_foreach`` ops, instead of building and backpropagating the penalty's graph in every step (a
 sixth of a fine-tuning step of the default CNN on the CPU). ``forward()`` stays the definition; a
 test checks each closed form against autograd.
+
+A penalty may also have a *data term*, a function of the batch rather than of the weights alone
+(DELTA's distance between feature maps, :mod:`tlsearch.regularizers.delta`): it sets
+``feature_maps`` and implements :meth:`Regularizer.data_penalty`. The training loop then runs each
+batch through the blocks keeping every trained block's output, and hands ``data_penalty`` those
+outputs and the pretrained blocks' outputs on the same samples (computed once per fold). The data
+term is part of the loss that backpropagates; only the weight term can have a closed form.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -83,7 +90,8 @@ class Regularizer(nn.Module):
     ``head_lambda`` the fixed β some penalties use for the new head, ``scale`` the factor (1 or 1/m) in front;
     ``stacked`` says the parameters carry a leading fold dimension (one penalty per fold).
     Subclasses whose gradient has a closed form set ``closed_form_grad`` and implement
-    :meth:`accumulate_grad_`.
+    :meth:`accumulate_grad_`; those with a data term set ``feature_maps`` and implement
+    :meth:`data_penalty`.
 
     Attributes a subclass reads: ``backbone`` and ``head``, the covered trainable parameters of
     the blocks and of the new head; ``backbone_refs``, their pretrained starting points (in the
@@ -92,6 +100,7 @@ class Regularizer(nn.Module):
 
     name: str = ""
     closed_form_grad: bool = False
+    feature_maps: bool = False
 
     def __init__(
         self,
@@ -126,3 +135,11 @@ class Regularizer(nn.Module):
         """Add the gradient of :meth:`forward` (summed over folds when stacked) to each covered
         parameter's ``.grad``, for the parameters that have ``requires_grad`` now."""
         raise NotImplementedError(f"regularizer '{self.name}' has no closed-form gradient")
+
+    def data_penalty(
+        self, maps: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """The data term on one batch: ``maps[j]`` is the output of the j-th trained block
+        (``(batch, ...)``, stacked ``(folds, batch, ...)``), ``refs[j]`` the pretrained block's
+        output on the same samples; a scalar, or one value per fold when stacked."""
+        raise NotImplementedError(f"regularizer '{self.name}' has no data term")

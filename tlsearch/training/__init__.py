@@ -2,6 +2,7 @@
 trained together (:mod:`~tlsearch.training.together`), and the optimizer step they share."""
 
 from tlsearch.training.fold import (
+    block_outputs,
     channels_last,
     evaluate,
     finetune,
@@ -11,6 +12,7 @@ from tlsearch.training.fold import (
 from tlsearch.training.together import finetune_folds, fold_batchable
 
 __all__ = [
+    "block_outputs",
     "channels_last",
     "evaluate",
     "finetune",

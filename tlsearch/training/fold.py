@@ -10,8 +10,15 @@ Two fast paths give the plain path's models, up to float rounding:
 * :func:`tlsearch.training.together.finetune_folds` trains the models of several folds at once, through
   the same steps (:func:`start_model`, :func:`fit`).
 
-The penalty sees the model, not only the loss: :func:`fit` hands it the model whose parameters it
-covers, so a penalty that needs the blocks' activations (DELTA) can run the blocks itself.
+The loss of a step is :func:`batch_loss` plus the penalty's weight term. :func:`batch_loss` is the
+mean cross-entropy plus the *data terms*, those that need the batch's features: DELTA's distance
+between the trained blocks' feature maps and the pretrained ones (computed once per fold, on the
+fold's training set, and indexed by each batch's indices like the inputs) and BSS on the head's
+input. A :data:`Forward` runs the blocks keeping their outputs only when a data term reads them:
+with L2 or L2-SP and no BSS a step is what it was before data terms existed. The fast paths work
+for both (the cache: blocks below ``start`` are frozen, so their outputs are the pretrained ones and
+DELTA skips them). The closed-form gradient (``Regularizer.accumulate_grad_``) covers only weight
+terms; data terms always backpropagate.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ from tlsearch.config import StudyConfig
 from tlsearch.errors import DivergedError
 from tlsearch.models import BlockNet, backbone_state, create_model
 from tlsearch.params import TrialParams
-from tlsearch.regularizers import Regularizer, create_regularizer
+from tlsearch.regularizers import BSS, Regularizer, create_regularizer
 from tlsearch.training.adam import FusedAdam
 
 __all__ = [
     "BatchLoss",
+    "Forward",
+    "batch_loss",
+    "block_outputs",
     "channels_last",
     "evaluate",
     "finetune",
@@ -43,9 +53,12 @@ __all__ = [
     "to_tensors",
 ]
 
-# Maps each fold's minibatch indices (None: the whole set) to its mean cross-entropy, one value per
-# fold when the folds are stacked.
+# Maps each fold's minibatch indices (None: the whole set) to its mean cross-entropy plus the data
+# terms (see batch_loss), one value per fold when the folds are stacked.
 BatchLoss = Callable[[tuple[torch.Tensor | None, ...]], torch.Tensor]
+# Runs the model from block ``start`` on a batch: the logits and, when asked (the bool), the output
+# of each block it ran (block_outputs); stacked, everything carries the fold dimension first.
+Forward = Callable[[torch.Tensor, bool], tuple[torch.Tensor, list[torch.Tensor]]]
 # Per fold: the divergence that ended its training, or None.
 Diverged = list[DivergedError | None]
 
@@ -73,14 +86,14 @@ def finetune(
     # 1-3) load the pretrained blocks, a new head for the target's classes, freeze the first k
     model = start_model(pretrained, cfg, params, num_classes, input_shape, seed, x.device)
 
-    def batch_loss(idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-        (i,) = idx
-        xb, yb = (x, y) if i is None else (x[i.to(x.device)], y[i.to(y.device)])
-        return F.cross_entropy(model(xb, start=start), yb)
+    def forward(xb: torch.Tensor, maps: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return block_outputs(model, xb, start) if maps else (model(xb, start=start), [])
 
     # 4-5) warm up the head, then train with the penalty
     generator = torch.Generator().manual_seed(seed)
-    (error,) = fit(model, cfg, params, pretrained, batch_loss, len(y), [generator], stacked=False)
+    (error,) = fit(
+        model, cfg, params, pretrained, forward, x, y, start, [generator], stacked=False
+    )
     if error is not None:
         raise error
     return model
@@ -112,18 +125,37 @@ def start_model(
     return model
 
 
+def block_outputs(
+    model: BlockNet, x: torch.Tensor, start: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits of ``model`` on ``x`` (which enters block ``start``), and the output of each block
+    from ``start`` on: the feature maps DELTA compares, the last one the head's input (BSS's)."""
+    outputs = []
+    for j in range(start, len(model.blocks)):
+        x = model.features(x, j, j + 1)
+        outputs.append(x)
+    return model.head(x), outputs
+
+
 def fit(
     model: BlockNet,
     cfg: StudyConfig,
     params: TrialParams,
     pretrained: Mapping[str, torch.Tensor],
-    batch_loss: BatchLoss,
-    n: int,
+    forward: Forward,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    start: int,
     generators: Sequence[torch.Generator],
     stacked: bool,
 ) -> Diverged:
-    """Steps 4-5 for one model, or for the stacked models of several folds (one generator each)."""
+    """Steps 4-5 for one model, or for the stacked models of several folds (one generator each).
+
+    ``model`` is at its starting point (:func:`start_model`); ``forward`` runs it on inputs that
+    enter block ``start``; ``x`` and ``y`` are the training set (stacked: ``(folds, n, ...)``).
+    """
     ft = cfg.finetune
+    n = y.shape[-1]
     # The penalty, over the parameters that will train; λ enters here.
     scale = 1.0 / n if cfg.regularizer.scale == "per_sample" else 1.0
     penalty = create_regularizer(
@@ -136,6 +168,12 @@ def fit(
         scale=scale,
         stacked=stacked,
     )
+    # The data terms, only where a block trains: otherwise no feature map moves (DELTA's term is
+    # 0) and the head's input is fixed, and so is its spectrum (BSS's).
+    trains = params.frozen_blocks < len(model.blocks) and params.backbone_lr_mult > 0
+    delta = penalty if penalty.feature_maps and penalty.lambda_ > 0 and trains else None
+    bss = BSS(params.bss_eta, cfg.regularizer.bss_k) if params.bss_eta > 0 and trains else None
+    loss = batch_loss(model, forward, x, y, params.frozen_blocks - start, delta, bss, stacked)
     head = list(model.head.parameters())
     backbone = [p for p in model.blocks.parameters() if p.requires_grad]
     diverged: Diverged = [None] * len(generators)
@@ -143,7 +181,7 @@ def fit(
     def train(groups: list[dict[str, Any]], epochs: int) -> None:
         optimizer = _optimizer(groups, ft.optimizer, params.lr, ft.momentum, model)
         _train_epochs(
-            model, optimizer, batch_loss, penalty, n, epochs, ft.batch_size, generators, diverged
+            model, optimizer, loss, penalty, n, epochs, ft.batch_size, generators, diverged
         )
 
     # 4) optionally warm up the new head alone, so random head gradients do not wreck the backbone
@@ -165,6 +203,59 @@ def fit(
             p.requires_grad_(False)
     train(groups, ft.epochs)
     return diverged
+
+
+def batch_loss(
+    model: BlockNet,
+    forward: Forward,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    first_trained: int,
+    delta: Regularizer | None,
+    bss: BSS | None,
+    stacked: bool,
+) -> BatchLoss:
+    """Each fold's mean cross-entropy on its minibatch, plus the data terms given: ``delta``'s
+    :meth:`~tlsearch.regularizers.base.Regularizer.data_penalty` and ``bss``.
+
+    ``forward``'s outputs from index ``first_trained`` on are the trained blocks'. For ``delta``
+    their pretrained values are computed here, once, on the whole training set ``x`` (``model``
+    is still at its start; eval mode, no gradient), and each batch takes the rows its indices
+    name. Stacked, ``x`` and ``y`` are ``(folds, n, ...)`` and fold f takes its own rows. With
+    neither term a step runs the model for its logits alone.
+    """
+    refs: list[torch.Tensor] = []
+    if delta is not None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            refs = forward(x, True)[1][first_trained:]
+        model.train(was_training)
+    maps = delta is not None or bss is not None
+    rows = torch.arange(len(x), device=x.device)[:, None] if stacked else None
+
+    def loss(idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        # The rows of the batch: fold f's indices idx[f] (stacked, in fold f's own rows).
+        if idx[0] is None:
+            rows_of: Any = slice(None)
+        elif rows is None:
+            rows_of = idx[0].to(x.device)
+        else:
+            rows_of = (rows, torch.stack(idx).to(x.device))
+        yb = y[rows_of]
+        logits, outputs = forward(x[rows_of], maps)
+        if rows is None:
+            value = F.cross_entropy(logits, yb)
+        else:
+            ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+            value = ce.view(yb.shape).mean(1)
+        if delta is not None:
+            value = value + delta.data_penalty(outputs[first_trained:], [r[rows_of] for r in refs])
+        if bss is not None:
+            value = value + bss(outputs[-1])
+        return value
+
+    return loss
 
 
 @torch.no_grad()
@@ -263,10 +354,25 @@ def channels_last(model: BlockNet) -> BlockNet:
 
     oneDNN's max-pooling and convolutions run several times faster in that layout than in NCHW; other
     devices keep their default. Values are the same, rounding may differ.
+
+    Not for a model with a strided 1×1 convolution of fewer than 8 input channels (a narrow
+    ResNet's projection shortcut): on torch 2.13's CPU kernels its backward pass in channels-last
+    layout corrupts the heap or hangs (seen with 1, 2, 3, 4, 6 and 7 input channels; 8, 12 and 16
+    run), so such a model stays in NCHW.
     """
-    if next(model.parameters()).device.type == "cpu":
+    if next(model.parameters()).device.type == "cpu" and not _narrow_strided_1x1(model):
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def _narrow_strided_1x1(model: torch.nn.Module) -> bool:
+    return any(
+        isinstance(m, torch.nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and max(m.stride) > 1
+        and m.in_channels < 8
+        for m in model.modules()
+    )
 
 
 def _finetune_seed(seed: int) -> int:

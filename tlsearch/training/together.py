@@ -4,7 +4,8 @@ Their parameters are stacked along a leading fold dimension and one ``torch.func
 ``functional_call`` runs every fold in each step. Adam and SGD update each element on its own, so one
 optimizer over the stacked tensors is k independent ones; each fold keeps its seed, hence its head
 initialisation and its minibatch order. The result is what :func:`~tlsearch.training.fold.finetune`
-gives for each fold, up to float rounding.
+gives for each fold, up to float rounding. The vmapped forward returns the blocks' outputs too when
+a data term reads them (DELTA, BSS: ``torch.linalg.svdvals`` is batched over folds).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import copy
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tlsearch.config import StudyConfig
 from tlsearch.errors import DivergedError
 from tlsearch.models import BlockNet
 from tlsearch.params import TrialParams
-from tlsearch.training.fold import BatchLoss, fit, start_model
+from tlsearch.training.fold import Forward, block_outputs, fit, start_model
 
 __all__ = ["finetune_folds", "fold_batchable", "stack_models"]
 
@@ -70,8 +70,10 @@ def finetune_folds(
     stacked = stack_models(models)
     # 4-5) the same steps, every fold in each
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    loss = _stacked_loss(stacked, x, y, start)
-    diverged = fit(stacked, cfg, params, pretrained, loss, y.shape[-1], generators, stacked=True)
+    forward = _stacked_forward(stacked, start)
+    diverged = fit(
+        stacked, cfg, params, pretrained, forward, x, y, start, generators, stacked=True
+    )
     with torch.no_grad():
         for name, value in stacked.named_parameters():
             for fold, model in enumerate(models):
@@ -91,23 +93,31 @@ def stack_models(models: Sequence[BlockNet]) -> BlockNet:
     return stacked
 
 
-def _stacked_loss(model: BlockNet, x: torch.Tensor, y: torch.Tensor, start: int) -> BatchLoss:
-    """Each fold's mean cross-entropy on its minibatch; ``x`` is ``(folds, n, ...)``."""
+class _Outputs(nn.Module):
+    """``model`` whose forward is :func:`~tlsearch.training.fold.block_outputs` (for
+    ``functional_call``, which calls a module's forward); its parameters are ``model.<name>``."""
+
+    def __init__(self, model: BlockNet, start: int) -> None:
+        super().__init__()
+        self.model = model
+        self.start = start
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return block_outputs(self.model, x, self.start)
+
+
+def _stacked_forward(model: BlockNet, start: int) -> Forward:
+    """Every fold's logits (and block outputs) on its own inputs; ``x`` is ``(folds, batch, ...)``."""
     # The stacked leaves themselves: the optimizer updates them in place, vmap hands each fold its slice.
     params = dict(model.named_parameters())
     logits = torch.func.vmap(
         lambda p, xb: torch.func.functional_call(model, p, (xb,), {"start": start})
     )
-    rows = torch.arange(len(x), device=x.device)[:, None]
+    outputs = _Outputs(model, start)
+    prefixed = {f"model.{name}": p for name, p in params.items()}
+    with_outputs = torch.func.vmap(lambda p, xb: torch.func.functional_call(outputs, p, (xb,)))
 
-    def loss(idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-        if idx[0] is None:
-            xb, yb = x, y
-        else:
-            i = torch.stack(idx).to(x.device)
-            xb, yb = x[rows, i], y[rows, i]
-        out = logits(params, xb)
-        ce = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
-        return ce.view(yb.shape).mean(1)
+    def forward(xb: torch.Tensor, maps: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return with_outputs(prefixed, xb) if maps else (logits(params, xb), [])
 
-    return loss
+    return forward
