@@ -95,7 +95,7 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str], int, list[str]]] = {
             "tlsearch: error: bad.toml: search.lambda: log scale needs low > 0, got 0.0",
             "tlsearch: error: bad.toml: cv.k: Input should be greater than or equal to 2",
             "tlsearch: error: bad.toml: regularizer.name: unknown regularizer 'l3' "
-            "(choose from l2, l2sp, none; a plug-in adds more: install its package, or pass "
+            "(choose from delta, l2, l2sp, none; a plug-in adds more: install its package, or pass "
             "--plugin MODULE)",
         ],
     ),

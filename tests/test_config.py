@@ -77,12 +77,12 @@ BAD = {
     ),
     "unknown regularizer": (
         {"regularizer": {"name": "l3"}},
-        "cfg.toml: regularizer.name: unknown regularizer 'l3' (choose from l2, l2sp, none; "
+        "cfg.toml: regularizer.name: unknown regularizer 'l3' (choose from delta, l2, l2sp, none; "
         f"{ADD_MORE})",
     ),
     "unknown regularizer in a list": (
-        {"regularizer": {"name": ["l2", "delta"]}},
-        "cfg.toml: regularizer.name: unknown regularizer 'delta'",
+        {"regularizer": {"name": ["l2", "bss"]}},
+        "cfg.toml: regularizer.name: unknown regularizer 'bss'",
     ),
     "empty regularizer list": (
         {"regularizer": {"name": []}},

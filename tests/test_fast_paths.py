@@ -105,6 +105,7 @@ SETTINGS = {
         {"name": "l2", "penalize": "all", "scale": "per_sample"},
     ),
     "adam-none": ({}, {"name": "none"}),
+    "adam-delta-attention": ({}, {"name": "delta", "delta_attention": True}),
 }
 
 
@@ -231,6 +232,7 @@ def test_new_head_is_not_the_source_models_initial_head() -> None:
 
 DATA_TERMS = {
     "delta": ({"name": "delta"}, {"delta_lambda": 0.3}),
+    "delta-attention": ({"name": "delta", "delta_attention": True}, {"delta_lambda": 0.3}),
     "l2sp-bss": ({"name": "l2sp", "bss_eta": 0.1, "bss_k": 2}, {"lambda": 0.3}),
 }
 

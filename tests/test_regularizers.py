@@ -378,3 +378,13 @@ def test_bss_stacked_is_each_folds() -> None:
     stacked = BSS(0.3, 2)(features)
     assert stacked.shape == (3,)
     torch.testing.assert_close(stacked, torch.stack([BSS(0.3, 2)(f) for f in features]))
+
+
+def test_delta_attention_of_ones_is_plain_delta() -> None:
+    """a_jc = 1 everywhere (what delta_attention gives when no channel matters more) is DELTA
+    without attention."""
+    maps, refs = _maps((5,), seed=0), _maps((5,), seed=1)
+    ones = [torch.ones(m.shape[1], dtype=torch.float64) for m in maps]
+    torch.testing.assert_close(
+        _delta(0.7, attention=ones).data_penalty(maps, refs), _delta(0.7).data_penalty(maps, refs)
+    )

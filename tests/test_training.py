@@ -6,13 +6,14 @@ import pytest
 import torch
 from conftest import TINY, merge
 
-from tlsearch.config import StudyConfig, config_from_dict
+from tlsearch.config import ModelConfig, StudyConfig, config_from_dict
 from tlsearch.errors import DivergedError
 from tlsearch.models import create_model
 from tlsearch.params import TrialParams
 from tlsearch.registry import REGULARIZERS
 from tlsearch.training import block_outputs, evaluate, finetune, fold
 from tlsearch.training.adam import FusedAdam
+from tlsearch.training.together import stack_models
 
 INPUT = (1, 8, 8)
 
@@ -295,3 +296,125 @@ def test_block_outputs_are_kept_only_for_a_data_term(
     params = TrialParams(0.5, 0.01, frozen, 1.0, regularizer, bss_eta=bss_eta)
     finetune(pre, cfg, params, x, y, 4, INPUT, seed=0)
     assert (True in asked) == maps
+
+
+# ---------------------------------------------------------------------------------------------
+# DELTA's channel attention (regularizer.delta_attention)
+
+
+def _attention_by_hand(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, frozen: int, seed: int
+) -> list[torch.Tensor]:
+    """The weights written out: the head fold.delta_attention fits, then channel by channel,
+    zero it, run the later blocks and the head, Δ = max(loss rise, 0), C · softmax(zscore(Δ)/5)."""
+    model.eval()
+    with torch.no_grad():
+        maps = block_outputs(model, x)[1]
+        z = maps[-1]
+        mean, std = z.mean(0), z.std(0, correction=0)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        weight, bias = fold._attention_head(((z - mean) / std)[None], y[None], 4, [seed])
+
+        def loss(features: torch.Tensor) -> float:
+            logits = (features - mean) / std @ weight[0].T + bias[0]
+            return float(torch.nn.functional.cross_entropy(logits, y))
+
+        base = loss(z)
+        weights = []
+        for j in range(frozen, len(model.blocks)):
+            rise = []
+            for c in range(maps[j].shape[1]):
+                h = maps[j].clone()
+                h[:, c] = 0
+                rise.append(max(loss(model.features(h, j + 1)) - base, 0.0))
+            d = torch.tensor(rise)
+            scaled = (
+                (d - d.mean()) / d.std(correction=0) if d.std() > 1e-6 else torch.zeros_like(d)
+            )
+            weights.append(len(d) * torch.softmax(scaled / 5.0, 0))
+    return weights
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_delta_attention_is_the_channel_loop(frozen: int) -> None:
+    """One fold, and two folds stacked (each its own data and seed): the loop above."""
+    cfg = _cfg({"name": "cnn", "channels": [3, 4], "fc": 6})
+    torch.manual_seed(5)
+    models = [create_model(cfg.model, INPUT, 4).eval() for _ in range(2)]
+    x, y = _target(24)
+    xs, ys = torch.stack([x, x.flip(0) * 0.5]), torch.stack([y, (y + 1) % 4])
+    want = [_attention_by_hand(models[f], xs[f], ys[f], frozen, 10 + f) for f in range(2)]
+
+    def refs(model: torch.nn.Module, xb: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return block_outputs(model, xb)[1][frozen:]
+
+    alone = fold.delta_attention(models[0], refs(models[0], x), y, frozen, [10], stacked=False)
+    for got, w in zip(alone, want[0], strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-5)
+    stacked = stack_models(models)
+    per_fold = [refs(m, xb) for m, xb in zip(models, xs, strict=True)]
+    maps = [torch.stack(r) for r in zip(*per_fold, strict=True)]
+    together = fold.delta_attention(stacked, maps, ys, frozen, [10, 11], stacked=True)
+    for got, *each in zip(together, *want, strict=True):
+        torch.testing.assert_close(got, torch.stack(each), rtol=1e-4, atol=1e-5)
+
+
+def test_delta_attention_favours_the_channel_that_carries_the_signal() -> None:
+    """Block 0 passes x0, x1, x2 through; block 1 gives x0 and x1 + x2; the label is x0 > 0.5.
+    The weights average 1 in each block and are largest for the channels holding x0."""
+    model = create_model(ModelConfig(name="mlp", hidden=[3, 2]), (4,), 2).eval()
+    with torch.no_grad():
+        model.blocks[0][1].weight.copy_(torch.eye(3, 4))
+        model.blocks[1][0].weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 1]]))
+        for block in model.blocks:
+            block[-2].bias.zero_()
+    x = torch.rand(64, 4, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0.5).long()
+    with torch.no_grad():
+        refs = block_outputs(model, x)[1]
+    first, second = fold.delta_attention(model, refs, y, 0, [0], stacked=False)
+    for a in (first, second):
+        assert float(a.mean()) == pytest.approx(1.0, rel=1e-6)
+    assert first[0] > 1.0 and first[0] > 1.2 * first[1:].max()
+    assert second[0] > 1.0 > second[1]
+
+
+def test_delta_attention_is_computed_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off (the default), DELTA trains as before, with equal weights and no head fitted; on, the
+    weights are computed once per fold, change the result and leave the global random stream as
+    training without them does."""
+    calls: list[int] = []
+    real = fold.delta_attention
+
+    def spy(*args: object, **kwargs: object) -> list[torch.Tensor]:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fold, "delta_attention", spy)
+    model = {"name": "mlp", "hidden": [16, 8]}
+    pre = _pretrained(_cfg(model))
+    x, y = _target()
+    params = TrialParams(1.0, 0.05, 0, 1.0, "delta")
+
+    def run(**regularizer: object) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        cfg = _cfg(model, finetune={"epochs": 3, "batch_size": 16}, regularizer=regularizer)
+        state = finetune(pre, cfg, params, x, y, 4, INPUT, seed=0).state_dict()
+        return state, torch.rand(3)
+
+    default, after_default = run()
+    off, after_off = run(delta_attention=False)
+    assert not calls
+    for key, value in default.items():
+        assert torch.equal(off[key], value), key
+    on, after_on = run(delta_attention=True)
+    assert len(calls) == 1
+    assert torch.equal(after_on, after_off) and torch.equal(after_off, after_default)
+    assert not torch.equal(on["blocks.0.1.weight"], off["blocks.0.1.weight"])
+
+
+def test_delta_attention_off_keeps_the_search_hash() -> None:
+    """Added off: a study created before it existed keeps its hash; on, it is another search."""
+    assert StudyConfig().search_hash() == "2:63f479719eaa7cbd"
+    on = config_from_dict(merge(TINY, {"regularizer": {"delta_attention": True}}))
+    assert on.search_hash() != config_from_dict(TINY).search_hash()

@@ -316,6 +316,10 @@ class RegularizerConfig(_Section):
     # of the batch's penultimate features. 0 is off; a table {low, high, log} searches η.
     bss_eta: Param = 0.0
     bss_k: int = Field(1, ge=1)
+    # DELTA only: weigh each channel's feature-map distance by how much the target loss rises when
+    # that channel is zeroed (the paper's attention) instead of equally. Costs, per fold, a linear
+    # head fitted on the pretrained features and one forward of the later blocks per channel.
+    delta_attention: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -538,6 +542,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "pretrain.strict": True,
     "regularizer.bss_eta": 0.0,
     "regularizer.bss_k": 1,
+    "regularizer.delta_attention": False,
     "search.delta_lambda": {"low": 1e-4, "high": 10.0, "log": True, "step": None},
     "data.images": {"resize": None, "channels": "rgb", "mean": None, "std": None},
 }

@@ -25,7 +25,13 @@ class Delta(Regularizer):
     block); ``FM_j(w⁰, x)`` the same output of the pretrained blocks, which the training loop
     computes once per fold, in eval mode, on that fold's training set. ``a_jc = 1`` by default;
     ``attention`` gives the paper's channel weights instead (one tensor per trained block, of its
-    channel count, stacked: ``(folds, channels)``), scaled to mean 1 so that λ keeps its meaning.
+    channel count, stacked: ``(folds, channels)``), of mean 1 so that λ keeps its meaning. With
+    ``regularizer.delta_attention`` the training loop computes them once per fold, from that
+    fold's training split, and sets ``attention``
+    (:func:`tlsearch.training.fold.delta_attention`): a linear head fitted on the pretrained
+    penultimate features, ``Δ_jc`` the rise of its loss when channel c of block j is zeroed, and
+    ``a_j = C_j · softmax(zscore(Δ_j) / 5)``. Its cost: one forward of the remaining blocks per
+    channel of each trained block, per fold.
     The new head is pulled toward zero with β = ``head_lambda``, as in L2-SP.
 
     Two parts, because they are computed differently: :meth:`forward` is the weight term (β, times
