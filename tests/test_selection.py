@@ -141,7 +141,9 @@ def test_defaults_and_what_a_study_stored_before_them_means() -> None:
     # A config stored before the fields existed ran as 0.1 did: accuracy, no baselines.
     old = stored_config({"name": "x"}, "study 'x'")
     assert (old.cv.metric, old.cv.repeats, old.search.baselines) == ("accuracy", 1, [])
-    selection_fields = {k: LEGACY_VALUES[k] for k in ("cv.metric", "cv.repeats", "search.baselines")}
+    selection_fields = {
+        k: LEGACY_VALUES[k] for k in ("cv.metric", "cv.repeats", "search.baselines")
+    }
     assert selection_fields == {"cv.metric": "accuracy", "cv.repeats": 1, "search.baselines": []}
     # Their 0.1 values hash as the fields did not exist; today's defaults are another study.
     legacy = config_from_dict({"cv": {"metric": "accuracy"}, "search": {"baselines": []}})
