@@ -51,6 +51,7 @@ __all__ = [
     "finetune",
     "fit",
     "minibatches",
+    "per_fold",
     "start_model",
     "to_tensors",
 ]
@@ -389,24 +390,35 @@ def _rest_of_blocks(model: BlockNet, stacked: bool) -> Callable[[torch.Tensor, i
             return h
         if not stacked:
             return model.features(h[0], start).unsqueeze(0)
-        params = {f"model.{name}": p for name, p in model.named_parameters()}
-        module = _Features(model, start)
-        run = torch.func.vmap(lambda p, xb: torch.func.functional_call(module, p, (xb,)))
-        return run(params, h)
+        return per_fold(model, lambda m, xb: m.features(xb, start))(h)
 
     return rest
 
 
-class _Features(torch.nn.Module):
-    """``model.features(x, start)`` as a module's forward (for ``functional_call``)."""
+def per_fold(model: BlockNet, fn: Callable[[BlockNet, torch.Tensor], Any]) -> Callable[..., Any]:
+    """``fn(model_f, x_f)`` for every fold f of the stacked ``model`` at once: a ``torch.func.vmap``
+    over the leading fold dimension of its parameters and of the input.
 
-    def __init__(self, model: BlockNet, start: int) -> None:
+    The stacked leaves themselves are handed over, so the optimizer's in-place updates show in
+    every later call.
+    """
+    module = _Call(model, fn)
+    params = {f"model.{name}": p for name, p in model.named_parameters()}
+    run = torch.func.vmap(lambda p, xb: torch.func.functional_call(module, p, (xb,)))
+    return lambda x: run(params, x)
+
+
+class _Call(torch.nn.Module):
+    """``fn(model, x)`` as a module's forward, for ``functional_call`` (which calls a module's
+    forward); its parameters are ``model.<name>``."""
+
+    def __init__(self, model: BlockNet, fn: Callable[[BlockNet, torch.Tensor], Any]) -> None:
         super().__init__()
         self.model = model
-        self.start = start
+        self.fn = fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(x, self.start)
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.fn(self.model, x)
 
 
 @torch.no_grad()

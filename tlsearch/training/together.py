@@ -20,7 +20,7 @@ from tlsearch.config import StudyConfig
 from tlsearch.errors import DivergedError
 from tlsearch.models import BlockNet
 from tlsearch.params import TrialParams
-from tlsearch.training.fold import Forward, block_outputs, fit, start_model
+from tlsearch.training.fold import Forward, block_outputs, fit, per_fold, start_model
 
 __all__ = ["finetune_folds", "fold_batchable", "stack_models"]
 
@@ -93,31 +93,12 @@ def stack_models(models: Sequence[BlockNet]) -> BlockNet:
     return stacked
 
 
-class _Outputs(nn.Module):
-    """``model`` whose forward is :func:`~tlsearch.training.fold.block_outputs` (for
-    ``functional_call``, which calls a module's forward); its parameters are ``model.<name>``."""
-
-    def __init__(self, model: BlockNet, start: int) -> None:
-        super().__init__()
-        self.model = model
-        self.start = start
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return block_outputs(self.model, x, self.start)
-
-
 def _stacked_forward(model: BlockNet, start: int) -> Forward:
     """Every fold's logits (and block outputs) on its own inputs; ``x`` is ``(folds, batch, ...)``."""
-    # The stacked leaves themselves: the optimizer updates them in place, vmap hands each fold its slice.
-    params = dict(model.named_parameters())
-    logits = torch.func.vmap(
-        lambda p, xb: torch.func.functional_call(model, p, (xb,), {"start": start})
-    )
-    outputs = _Outputs(model, start)
-    prefixed = {f"model.{name}": p for name, p in params.items()}
-    with_outputs = torch.func.vmap(lambda p, xb: torch.func.functional_call(outputs, p, (xb,)))
+    logits = per_fold(model, lambda m, xb: m(xb, start=start))
+    with_outputs = per_fold(model, lambda m, xb: block_outputs(m, xb, start))
 
     def forward(xb: torch.Tensor, maps: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return with_outputs(prefixed, xb) if maps else (logits(params, xb), [])
+        return with_outputs(xb) if maps else (logits(xb), [])
 
     return forward
