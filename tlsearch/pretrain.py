@@ -22,8 +22,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -300,7 +302,10 @@ def _listing(skipped: dict[str, list[str]]) -> str:
 
 
 def user_checkpoint(
-    cfg: StudyConfig, task: TransferTask, path: Path | None = None
+    cfg: StudyConfig,
+    task: TransferTask,
+    path: Path | None = None,
+    expected: Mapping[str, Any] | None = None,
 ) -> tuple[Checkpoint, str]:
     """The user's checkpoint (``pretrain.checkpoint``, or ``path`` on another host) fitted to the
     model and cached; returns it and the SHA-256 of the user's file.
@@ -308,18 +313,27 @@ def user_checkpoint(
     ``pretrain.strict = false`` loads the tensors that match in name and shape and logs the
     rest; the parameters not loaded keep the model's initialisation (seeded by
     ``pretrain.seed``), which is then also the starting point L2-SP and DELTA pull them toward.
+    ``expected``: the study's record of the file (``path``, ``sha256``); a file with other bytes
+    is refused before it is read. Once fitted and cached, the file is hashed but not loaded again.
     """
     field = "pretrain.checkpoint" if path is None else "--checkpoint"
     src = path or cfg.pretrain.checkpoint
     assert src is not None
-    state = read_state_dict(src, field)
+    if not src.is_file():
+        raise ConfigError(f"{field}: file not found: {src}")
     user_sha = sha256_file(src)
+    if expected and expected.get("sha256") and user_sha != expected["sha256"]:
+        raise ConfigError(
+            f"{field}: {src} has SHA-256 {user_sha[:12]}…, the study was created from "
+            f"{expected['sha256'][:12]}… ({expected.get('path')})"
+        )
     key = checkpoint_key(cfg, task, user_sha)
     root = cache_dir(cfg)
     target = root / f"source-{key}.pt"
     cached = _cached(target, key)
     if cached is not None:
         return cached, user_sha
+    state = read_state_dict(src, field)
     fitted, skipped = _fit_to_model(state, cfg, task, field)
     for kind, names in skipped.items():
         if names:

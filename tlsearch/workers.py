@@ -136,13 +136,7 @@ def shared_checkpoint(
                 f"{field}: the study's source checkpoint {src} is not on this host; give this "
                 "host's copy with `tlsearch worker --checkpoint PATH`"
             )
-        actual = sha256_file(src)
-        if user and user.get("sha256") and actual != user["sha256"]:
-            raise ConfigError(
-                f"{field}: {src} has SHA-256 {actual[:12]}…, the study was created from "
-                f"{user['sha256'][:12]}… ({user.get('path')})"
-            )
-        ckpt, _ = user_checkpoint(cfg, task, copy)
+        ckpt, _ = user_checkpoint(cfg, task, copy, expected=user)
         if ckpt.sha256 != sha:
             raise CheckpointError(
                 f"{field}: fitting {src} to the model on this host gave SHA-256 "
