@@ -278,11 +278,13 @@ def _delta_by_hand(
     return value, grads
 
 
-def _delta(lambda_: float, stacked: bool = False, **options: object) -> Regularizer:
+def _delta(
+    lambda_: float, stacked: bool = False, attention: list[torch.Tensor] | None = None
+) -> Regularizer:
     model = _stacked_net(2, batch_norm=False) if stacked else _tiny_net()
-    return create_regularizer(
-        "delta", model, model.state_dict(), lambda_, stacked=stacked, **options
-    )
+    penalty = create_regularizer("delta", model, model.state_dict(), lambda_, stacked=stacked)
+    penalty.attention = attention  # as the training loop sets it (delta_attention)
+    return penalty
 
 
 @pytest.mark.parametrize("attention", [False, True])

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from tlsearch.models import BlockNet
 from tlsearch.regularizers.base import Regularizer, add_scaled_, sq_distance
 
 __all__ = ["Delta"]
@@ -43,20 +42,8 @@ class Delta(Regularizer):
     name = "delta"
     closed_form_grad = True
     feature_maps = True
-
-    def __init__(
-        self,
-        model: BlockNet,
-        pretrained: Mapping[str, torch.Tensor],
-        lambda_: float,
-        head_lambda: float = 0.0,
-        penalize: str = "weights",
-        scale: float = 1.0,
-        stacked: bool = False,
-        attention: Sequence[torch.Tensor] | None = None,
-    ) -> None:
-        super().__init__(model, pretrained, lambda_, head_lambda, penalize, scale, stacked)
-        self.attention = None if attention is None else [a.detach() for a in attention]
+    # The channel weights a_j, one tensor per trained block; None: all 1 (set by the training loop).
+    attention: list[torch.Tensor] | None = None
 
     def forward(self) -> torch.Tensor:
         return self.scale * self.head_lambda / 2 * sq_distance(self.head, None, self.stacked)
