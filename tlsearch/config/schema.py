@@ -301,6 +301,17 @@ Param = Annotated[
 ]
 
 
+def _low(value: Param) -> float:
+    """The least value a parameter may take: its range's low end, or the fixed number."""
+    return value.low if isinstance(value, ParamRange) else value
+
+
+def _at_least_zero(value: Param, note: str = "") -> Param:
+    if _low(value) < 0:
+        raise ValueError(f"must be >= 0{note}, got {_low(value)}")
+    return value
+
+
 class RegularizerConfig(_Section):
     """Which penalty pulls the fine-tuned weights, and over which parameters."""
 
@@ -328,10 +339,7 @@ class RegularizerConfig(_Section):
     @field_validator("bss_eta")
     @classmethod
     def _bss_non_negative(cls, value: Param) -> Param:
-        low = value.low if isinstance(value, ParamRange) else value
-        if low < 0:
-            raise ValueError(f"must be >= 0 (0 is off), got {low}")
-        return value
+        return _at_least_zero(value, " (0 is off)")
 
     @field_validator("name")
     @classmethod
@@ -364,15 +372,12 @@ class SearchSpace(_Section):
     @field_validator("lambda_", "delta_lambda", "lr", "backbone_lr_mult")
     @classmethod
     def _non_negative(cls, value: Param) -> Param:
-        low = value.low if isinstance(value, ParamRange) else value
-        if low < 0:
-            raise ValueError(f"must be >= 0, got {low}")
-        return value
+        return _at_least_zero(value)
 
     @field_validator("lr")
     @classmethod
     def _positive_lr(cls, value: Param) -> Param:
-        low = value.low if isinstance(value, ParamRange) else value
+        low = _low(value)
         if low <= 0:
             raise ValueError(f"must be > 0, got {low}")
         return value
