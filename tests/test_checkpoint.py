@@ -54,6 +54,21 @@ def _cfg(tmp_path: Path, checkpoint: Path, **pretrain: Any) -> Any:
     )
 
 
+def _pretrained_study(tmp_path: Path) -> tuple[Any, optuna.Study]:
+    """A finished study of 2 trials that pretrained its own checkpoint, and its config."""
+    cfg = config_from_dict(
+        merge(
+            FAST,
+            {
+                "n_trials": 2,
+                "storage": f"sqlite:///{tmp_path / 'study.db'}",
+                "pretrain": {"cache_dir": str(tmp_path / "cache")},
+            },
+        )
+    )
+    return cfg, run_study(cfg)
+
+
 class _Payload:
     """A pickled object: ``weights_only=True`` must refuse it, never run it."""
 
@@ -181,17 +196,7 @@ def test_a_study_records_the_file_and_a_worker_checks_its_copy(tmp_path: Path) -
 
 
 def test_a_worker_with_another_version_of_the_model_stops(tmp_path: Path) -> None:
-    cfg = config_from_dict(
-        merge(
-            FAST,
-            {
-                "n_trials": 2,
-                "storage": f"sqlite:///{tmp_path / 'study.db'}",
-                "pretrain": {"cache_dir": str(tmp_path / "cache")},
-            },
-        )
-    )
-    study = run_study(cfg)
+    cfg, study = _pretrained_study(tmp_path)
     record = study.user_attrs[ATTR_SOURCE]
     assert record["checkpoint"] is None and record["model_origin"] == "tlsearch"
     study.set_user_attr(ATTR_SOURCE, {**record, "model_origin": "tlsearch-mlp 0.3.0"})
@@ -204,17 +209,7 @@ def test_a_worker_with_another_version_of_the_model_stops(tmp_path: Path) -> Non
 
 
 def test_a_worker_points_at_its_copy_of_a_pretrained_checkpoint(tmp_path: Path) -> None:
-    cfg = config_from_dict(
-        merge(
-            FAST,
-            {
-                "n_trials": 2,
-                "storage": f"sqlite:///{tmp_path / 'study.db'}",
-                "pretrain": {"cache_dir": str(tmp_path / "cache")},
-            },
-        )
-    )
-    study = run_study(cfg)
+    cfg, study = _pretrained_study(tmp_path)
     recorded = study.user_attrs[ATTR_CHECKPOINT]
     copy = tmp_path / "copy.pt"
     shutil.copy(recorded["path"], copy)
