@@ -22,6 +22,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# What tlsearch's thread policy reads as the user's explicit choice (tlsearch.device).
+os.environ["OMP_NUM_THREADS"] = "1"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # What every tiny study in the suite starts from: seconds, not minutes, per study.
@@ -173,18 +175,20 @@ def cli_command(*args: str) -> list[str]:
 
 
 def start_cli(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
+    *args: str, cwd: Path, env: dict[str, str | None] | None = None, log: Path | None = None
 ) -> subprocess.Popen[str]:
-    """Start ``tlsearch ARGS`` in ``cwd`` without waiting, ``env`` added to :func:`cli_env`.
+    """Start ``tlsearch ARGS`` in ``cwd`` without waiting, ``env`` added to :func:`cli_env` (a
+    variable whose value is None is removed).
 
     stdout and stderr are pipes, or both go to the file ``log``.
     """
     out = log.open("w") if log is not None else None
+    merged = {**cli_env(cwd), **(env or {})}
     try:
         return subprocess.Popen(
             cli_command(*args),
             cwd=cwd,
-            env={**cli_env(cwd), **(env or {})},
+            env={k: v for k, v in merged.items() if v is not None},
             stdout=out or subprocess.PIPE,
             stderr=subprocess.STDOUT if out else subprocess.PIPE,
             text=True,

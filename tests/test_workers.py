@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from pg import (
 )
 
 from tlsearch import device
+from tlsearch._io import sha256_file
 from tlsearch.device import default_threads
 from tlsearch.errors import ConfigError
 from tlsearch.storage import ATTR_CHECKPOINT, Heartbeat, create_storage
@@ -199,25 +201,34 @@ def test_workers_survive_a_server_restart(tmp_path: Path, pg_url: str) -> None:
     assert "Traceback" not in output
 
 
-def test_worker_on_another_host_pretrains_and_verifies(tmp_path: Path) -> None:
-    """Another host: the recorded checkpoint path is not there, so the worker pretrains its own."""
+def test_worker_on_another_host_takes_the_studys_copy(tmp_path: Path) -> None:
+    """Another host: the recorded checkpoint path is not there, so the worker takes the copy kept
+    in the study's database, never pretraining (its bytes could differ: CPU kind, threads)."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     config = tiny_config(tmp_path, url, n_trials=2)
     create(config)
+    recorded = optuna.load_study(study_name="tiny", storage=url).user_attrs[ATTR_CHECKPOINT]
     shutil.rmtree(tmp_path / "cache")  # the creating host's cache is not on this one
     elsewhere = tmp_path / "other-host-cache"
     worker = ("worker", "--storage", url, "--study-name", "tiny", "--cache-dir", str(elsewhere))
     result = run_cli(*worker, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "not on this host; pretraining it here" in result.stderr
-    assert len(list(elsewhere.glob("source-*.pt"))) == 1
+    assert "using the study's copy in its database" in result.stderr
+    assert "pretraining" not in result.stderr
+    (copy,) = elsewhere.glob("source-*.pt")
+    assert copy.name == Path(recorded["path"]).name and sha256_file(copy) == recorded["sha256"]
     assert len(finished(url, "tiny")) == 2
 
-    # A host whose pretraining gives other bytes refuses to search from another start point.
+    # A study made before copies were kept: the host pretrains, and refuses to search from
+    # another start point when its bytes differ from the recorded ones.
+    shutil.rmtree(elsewhere)
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        db.execute("DELETE FROM tlsearch_checkpoints")
     study = optuna.load_study(study_name="tiny", storage=url)
-    study.set_user_attr(ATTR_CHECKPOINT, {**study.user_attrs[ATTR_CHECKPOINT], "sha256": "0" * 64})
+    study.set_user_attr(ATTR_CHECKPOINT, {**recorded, "sha256": "0" * 64})
     result = run_cli(*worker, cwd=tmp_path)
     assert result.returncode == 1
+    assert "not on this host; pretraining it here" in result.stderr
     (line,) = result.stderr.strip().splitlines()[-1:]
     assert line.startswith(
         "tlsearch: error: pretraining on this host gave a checkpoint with SHA-256"
@@ -277,20 +288,23 @@ def test_workers_of_one_host_spread_over_its_gpus(
 
 
 def test_two_workers_share_the_cores_and_say_so(tmp_path: Path) -> None:
-    """Without --threads or finetune.threads, each worker takes its share of the host's cores
-    among this study's workers there, checked before every trial: two workers on 2 cores use 1
-    thread each (each used torch's default of 2 before, and folds took 17-45 s instead of 1)."""
+    """Without --threads, finetune.threads or OMP_NUM_THREADS, each worker takes its share of the
+    host's cores among this study's workers there, less what other work keeps busy, checked
+    before every trial: two workers on 2 cores use 1 thread each (each used torch's default of 2
+    before, and folds took 17-45 s instead of 1)."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     config = tiny_config(tmp_path, url, n_trials=16, finetune={**MEDIUM["finetune"], "threads": 0})
     create(config)
     args = ("worker", "--storage", url, "--study-name", "tiny")
-    first = start_cli(*args, cwd=tmp_path, log=tmp_path / "a.log")
+    policy: dict[str, str | None] = {"OMP_NUM_THREADS": None, "MKL_NUM_THREADS": None}
+    first = start_cli(*args, cwd=tmp_path, env=policy, log=tmp_path / "a.log")
     wait_joined(tmp_path, ["a.log"])
-    second = start_cli(*args, cwd=tmp_path, log=tmp_path / "b.log")
+    second = start_cli(*args, cwd=tmp_path, env=policy, log=tmp_path / "b.log")
     assert first.wait(300) == 0 and second.wait(300) == 0
     share = max(1, len(os.sched_getaffinity(0)) // 2)
     line = re.compile(
-        rf"{share} thread\(s\) \(\d+ cores, 2 worker\(s\) of this study on this host\)"
+        rf"{share} thread\(s\) \(\d+ cores, 2 worker\(s\) of this study on this host, "
+        r"\d+\.\d busy with other work\)"
     )
     for log in ("a.log", "b.log"):
         text = (tmp_path / log).read_text()

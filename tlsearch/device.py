@@ -1,11 +1,26 @@
 """Device choice (CUDA when there is one, or the one a worker is pinned to, else the CPU) and the
-CPU threads of this process."""
+CPU threads of this process.
+
+**Threads.** torch's CPU operations split over OpenMP threads that wait for each other at the end
+of each operation. On cores that nothing else uses, a second thread bought the default study 0-17 %
+(by machine); on a core another process keeps busy, the thread that waits for a descheduled one
+waits for the scheduler, and a study ran 11-32x slower beside any single-threaded job. So each
+process takes its share of the cores among its study's workers on this host, less the cores other
+processes keep busy (:func:`choose_threads`, measured by :class:`CpuMeter`), re-checked before each
+trial and between epochs (:class:`ThreadPolicy`, :func:`rebalance`); ``--threads``,
+``finetune.threads`` and ``OMP_NUM_THREADS`` fix the count instead. GPUs are unaffected.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
 import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,13 +29,23 @@ from filelock import FileLock, Timeout
 from tlsearch.errors import ConfigError
 
 __all__ = [
+    "BUSY_TOLERANCE",
+    "CpuMeter",
     "HostWorkers",
+    "ThreadPolicy",
     "available_cores",
+    "choose_threads",
     "claim_gpu",
+    "cpu_quota",
+    "current_policy",
     "default_threads",
+    "rebalance",
     "resolve_device",
     "set_threads",
+    "thread_scope",
 ]
+
+_log = logging.getLogger(__name__)
 
 # Lock files this process holds for its lifetime; the OS releases them when it exits or is killed.
 _held: list[FileLock] = []
@@ -61,16 +86,225 @@ def set_threads(threads: int | None) -> int:
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on."""
+    """CPU cores this process may run on: its CPU affinity, capped by a container's CPU quota."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    return max(1, min(cores, int(quota))) if quota is not None else cores
+
+
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in cores (``docker run --cpus 1.5``: 1.5), or None
+    when there is none: cgroup v2's ``cpu.max``, else v1's ``cpu.cfs_quota_us`` over the period."""
+    for quota_file, period_file in (
+        (root / "cpu.max", None),
+        (root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"),
+        (root / "cpu,cpuacct" / "cpu.cfs_quota_us", root / "cpu,cpuacct" / "cpu.cfs_period_us"),
+    ):
+        try:
+            fields = quota_file.read_text().split()
+            if period_file is not None:
+                fields.append(period_file.read_text().strip())
+            quota, period = fields[0], float(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if quota in ("max", "-1") or period <= 0:
+            return None
+        try:
+            return float(quota) / period
+        except ValueError:
+            return None
+    return None
 
 
 def default_threads(n_workers: int) -> int:
     """CPU threads per worker so that the workers together use each core once."""
     return max(1, available_cores() // n_workers)
+
+
+# A core counts as busy with other work when the other processes on this process's cores use
+# more than this share of one on average. An idle machine measures 0.01-0.03 here. Generous on
+# purpose: a thread too few costs at most its share of the work (1 of 2 threads: 0-17 % on the
+# default study), a thread too many on a core another process holds costs 10-30x, because torch's
+# OpenMP threads wait for each other at the end of every operation.
+BUSY_TOLERANCE = 0.1
+
+
+def choose_threads(
+    cores: int,
+    *,
+    workers: int = 1,
+    busy: float | None = 0.0,
+    fixed: int | None = None,
+    env: str | None = None,
+) -> tuple[int, str]:
+    """The torch threads of one process, and why: the thread policy as a pure function.
+
+    1. ``fixed`` (``--threads``, ``finetune.threads``) always wins;
+    2. else ``env``, a valid ``OMP_NUM_THREADS``, is what the user asked the process for;
+    3. else the process's share of the ``cores`` it may use (affinity and CPU quota:
+       :func:`available_cores`) among the ``workers`` of its study on this host, less the cores
+       other processes keep ``busy`` (in cores, measured by :class:`CpuMeter`; a fraction above
+       :data:`BUSY_TOLERANCE` counts as a whole core; None: not measurable here), at least 1.
+
+    Two threads on a core another process holds are far slower than one: every torch operation
+    ends with its threads waiting for each other, and the one waiting for a descheduled thread
+    waits for the scheduler (11-32x slower in the busy-machine issue).
+    """
+    if fixed:
+        return fixed, "set by --threads or finetune.threads"
+    if env is not None:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value > 0:
+            return value, f"OMP_NUM_THREADS={value}"
+    share = max(1, cores // max(1, workers))
+    base = f"{cores} cores, {workers} worker(s) of this study on this host"
+    if busy is None:
+        return share, f"{base}, other load not measurable here"
+    taken = max(0, math.ceil(busy - BUSY_TOLERANCE))
+    threads = max(1, min(share, cores - taken))
+    return threads, f"{base}, {busy:.1f} busy with other work"
+
+
+def _busy_ticks(cpus: set[int]) -> int | None:
+    """Ticks the CPUs in ``cpus`` spent on any work since boot, from ``/proc/stat`` (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        # user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+        fields = [int(v) for v in rest.split()]
+        total += sum(fields[:3]) + sum(fields[5:8])
+    return total
+
+
+class CpuMeter:
+    """How many of this process's cores other processes kept busy since the last reading.
+
+    ``/proc/stat`` counts the work of every process on each CPU; this process's own CPU time
+    (all its threads, spinning ones too) is subtracted. Readings are a few tens of microseconds.
+    """
+
+    # Seconds a reading spans at least: /proc/stat counts in ticks of 10 ms.
+    MIN_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        try:
+            self._cpus: set[int] = set(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            self._cpus = set()
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._last = self._now()
+        self._value: float | None = None
+
+    def _now(self) -> tuple[float, int | None, float]:
+        return time.monotonic(), _busy_ticks(self._cpus), time.process_time()
+
+    def seconds(self) -> float:
+        """Seconds since the last reading."""
+        return time.monotonic() - self._last[0]
+
+    def busy(self) -> float | None:
+        """Cores used by other processes, on average since the last reading; None off Linux.
+
+        Asked again within :attr:`MIN_SECONDS`, it answers the last reading; the first reading
+        waits until that much time has passed since the meter started."""
+        if self._last[1] is None:
+            return None
+        if self.seconds() < self.MIN_SECONDS:
+            if self._value is not None:
+                return self._value
+            time.sleep(self.MIN_SECONDS - self.seconds())
+        then, now = self._last, self._now()
+        self._last = now
+        wall = now[0] - then[0]
+        if now[1] is None or then[1] is None or wall <= 0:
+            return self._value
+        everything = (now[1] - then[1]) / self._tick
+        self._value = max(0.0, (everything - (now[2] - then[2])) / wall)
+        return self._value
+
+
+class ThreadPolicy:
+    """This process's torch threads, set by :func:`choose_threads` and re-checked as it runs.
+
+    :meth:`apply` measures the load and sets the count (before each trial, and when pretraining
+    or ``final`` starts); :func:`rebalance`, which the training loops call between epochs, does
+    the same at most every :attr:`interval` seconds, so another job starting mid-trial costs at
+    most that long at the wrong count. Each change is logged with its reason.
+    """
+
+    def __init__(
+        self,
+        fixed: int | None = None,
+        workers: Callable[[], int] | None = None,
+        who: str = "",
+        interval: float = 1.0,
+    ) -> None:
+        self.fixed = fixed or None
+        self.workers = workers or (lambda: 1)
+        self.who = who or f"{socket.gethostname()}:{os.getpid()}"
+        self.interval = interval
+        self.meter = CpuMeter()
+        self._logged: tuple[int, int] | None = None
+
+    def apply(self) -> int:
+        """Set the thread count the policy chooses now; return it. Logged when the count or the
+        number of the study's workers on this host changes."""
+        workers = self.workers()
+        env = _omp_env()
+        busy = None if self.fixed or env else self.meter.busy()
+        threads, reason = choose_threads(
+            available_cores(), workers=workers, busy=busy, fixed=self.fixed, env=env
+        )
+        if threads != torch.get_num_threads():
+            set_threads(threads)
+        if (threads, workers) != self._logged:
+            _log.info("%s: %d thread(s) (%s)", self.who, threads, reason)
+            self._logged = (threads, workers)
+        return threads
+
+
+_policy: ThreadPolicy | None = None
+
+
+@contextmanager
+def thread_scope(policy: ThreadPolicy) -> Iterator[ThreadPolicy]:
+    """``policy`` is the one :func:`rebalance` applies in this process while the block runs."""
+    global _policy
+    previous, _policy = _policy, policy
+    try:
+        yield policy
+    finally:
+        _policy = previous
+
+
+def current_policy() -> ThreadPolicy | None:
+    return _policy
+
+
+def rebalance() -> None:
+    """Re-apply this process's thread policy if its interval has passed (no policy: nothing).
+
+    Cheap enough for every epoch: a clock read, and a ``/proc/stat`` read once per interval.
+    """
+    if _policy is not None and _policy.meter.seconds() >= _policy.interval:
+        _policy.apply()
+
+
+def _omp_env() -> str | None:
+    return os.environ.get("OMP_NUM_THREADS") or None
 
 
 def claim_gpu(lock_dir: Path) -> int:

@@ -65,8 +65,9 @@ import torch
 from tlsearch._io import atomic_write, write_json
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask
+from tlsearch.device import ThreadPolicy, thread_scope
 from tlsearch.errors import ConfigError, TlsearchError
-from tlsearch.export import final_paths, read_export
+from tlsearch.export import BestConfig, final_paths, read_export
 from tlsearch.models import create_model
 from tlsearch.params import BASELINES, TrialParams, baseline_params, format_params
 from tlsearch.pretrain import Checkpoint, load_checkpoint
@@ -336,6 +337,28 @@ def _check_writable(directory: Path) -> None:
         raise TlsearchError(f"cannot write in {directory}: {e.strerror}") from None
 
 
+def _seed_run(
+    best: BestConfig,
+    task: TransferTask,
+    checkpoint: Checkpoint,
+    device: torch.device,
+    seed: int,
+    tuned_from_scratch: bool,
+) -> dict[str, Outcome]:
+    """The three models of one seed, trained and scored (logged on one line)."""
+    run = evaluate_on_test(
+        best.config,
+        task,
+        checkpoint,
+        best.params,
+        device,
+        seed,
+        tuned_from_scratch=tuned_from_scratch,
+    )
+    _log.info("seed %d: %s", seed, ", ".join(f"{n} {o.test_accuracy:.4f}" for n, o in run.items()))
+    return run
+
+
 def run_final(best_path: str | Path, device: str | None = None, seeds: int = 1) -> dict[str, Any]:
     """Retrain with the export at ``best_path`` on ``seeds`` seeds, score the test split, write.
 
@@ -346,31 +369,21 @@ def run_final(best_path: str | Path, device: str | None = None, seeds: int = 1) 
     best = read_export(best_path)
     json_path, weights_path = final_paths(best_path)
     _check_writable(json_path.parent)
-    ctx = prepare(best.config, device)
-    expected = (best.data.get("checkpoint") or {}).get("sha256")
-    if expected and expected != ctx.checkpoint.sha256:
-        _log.warning(
-            "the pretrained checkpoint was rebuilt and differs from the one the search used"
-        )
-    chose = _chosen_baseline(best.data, baseline_params(best.config, "plain_finetuning"))
-    runs = []
-    for seed in range(seeds):
-        runs.append(
-            evaluate_on_test(
-                best.config,
-                ctx.task,
-                ctx.checkpoint,
-                best.params,
-                ctx.device,
-                seed,
-                tuned_from_scratch=chose == "scratch",
+    # Shares the cores with other work as a study's trials do (tlsearch.device.ThreadPolicy).
+    policy = ThreadPolicy(best.config.finetune.threads)
+    with thread_scope(policy):
+        policy.apply()
+        ctx = prepare(best.config, device)
+        expected = (best.data.get("checkpoint") or {}).get("sha256")
+        if expected and expected != ctx.checkpoint.sha256:
+            _log.warning(
+                "the pretrained checkpoint was rebuilt and differs from the one the search used"
             )
-        )
-        _log.info(
-            "seed %d: %s",
-            seed,
-            ", ".join(f"{n} {o.test_accuracy:.4f}" for n, o in runs[-1].items()),
-        )
+        chose = _chosen_baseline(best.data, baseline_params(best.config, "plain_finetuning"))
+        runs = [
+            _seed_run(best, ctx.task, ctx.checkpoint, ctx.device, seed, chose == "scratch")
+            for seed in range(seeds)
+        ]
     buffer = io.BytesIO()
     torch.save({k: v.cpu() for k, v in runs[0]["tuned"].model.state_dict().items()}, buffer)
     atomic_write(weights_path, lambda p: p.write_bytes(buffer.getvalue()))

@@ -2,22 +2,29 @@
 
 A worker needs only the storage URL and the study name: the study's config, its heartbeat settings
 and the reference of its pretrained checkpoint (path, SHA-256, content key) are user attributes of
-the study, written by ``tlsearch create`` or ``tlsearch run``. The checkpoint is found in this
-order:
+the study, written by ``tlsearch create`` or ``tlsearch run``, which also keep a copy of the
+checkpoint in the study's database (:mod:`tlsearch.storage.checkpoints`). The checkpoint is found
+in this order:
 
-1. the recorded path, when this host sees it (same host, or ``pretrain.cache_dir`` on a shared
-   filesystem or volume) and its bytes hash to the recorded SHA-256;
-2. otherwise this host pretrains it into its own cache (same content key, under the cache's file
-   lock, so workers of one host train it once) and checks that it hashes to the recorded SHA-256.
-   Pretraining on the CPU is deterministic, so a CPU host gets the same bytes; when it does not
-   (GPU kernels, another CPU kind's matrix kernels, another torch), the worker stops with an
-   error that says which file to share, rather than search with a different starting point than
-   the study recorded; ``tlsearch worker --checkpoint COPY`` then points it at a copy.
+1. ``worker --checkpoint COPY``, a copy of the study's pretrained checkpoint file;
+2. the recorded path, when this host sees it (same host, or ``pretrain.cache_dir`` on a shared
+   filesystem or volume) and its bytes hash to the recorded SHA-256; or this host's cache under the
+   study's key, holding those bytes;
+3. the copy in the study's database, written into this host's cache. No host is asked to pretrain
+   the same bytes again: they depend on the CPU kind's matrix kernels, the thread count and GPU
+   kernels;
+4. only for a study made before copies were kept (or one too large to keep): this host pretrains
+   it into its own cache (same content key, under the cache's file lock, so workers of one host
+   train it once) and checks that it hashes to the recorded SHA-256. When it does not, the worker
+   stops with an error that says which file to share, rather than search with a different
+   starting point than the study recorded; ``tlsearch worker --checkpoint COPY`` then points it at
+   a copy.
 
 A study started from the user's own checkpoint (``pretrain.checkpoint``) records that file's
-SHA-256: a worker fits its copy (the recorded path, or ``--checkpoint PATH``) to the model the same
-way, and stops with one line when the file differs. Its model must come from the same plug-in
-distribution and version as the study's (:func:`tlsearch.pretrain.check_model_origin`).
+SHA-256; its fitted checkpoint is kept in the database like a pretrained one. Without that copy, a
+worker fits its copy of the user's file (the recorded path, or ``--checkpoint PATH``) to the model
+the same way, and stops with one line when the file differs. Its model must come from the same
+plug-in distribution and version as the study's (:func:`tlsearch.pretrain.check_model_origin`).
 
 :func:`run_workers` is ``tlsearch run --workers N``: it creates the study and pretrains in this
 process, then starts N ``tlsearch worker`` processes (spawned, never forked: CUDA and database
@@ -33,6 +40,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +52,14 @@ import torch
 from tlsearch._io import sha256_file
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask, load_task
-from tlsearch.device import claim_gpu, resolve_device
+from tlsearch.device import ThreadPolicy, claim_gpu, resolve_device, thread_scope
 from tlsearch.errors import CheckpointError, ConfigError, StorageError
 from tlsearch.logs import guarded, quiet_optuna, setup_logging
 from tlsearch.objective import check_folds
 from tlsearch.pretrain import (
     Checkpoint,
+    cache_copy,
+    cached_checkpoint,
     check_model_origin,
     checkpoint_key,
     ensure_pretrained,
@@ -68,6 +78,7 @@ from tlsearch.storage import (
     Heartbeat,
     StudyStorage,
     existing_storage,
+    fetch_checkpoint,
     load_study,
     load_study_config,
     mask_url,
@@ -81,6 +92,7 @@ from tlsearch.study import (
     run_trials,
     setup_study,
     stopped,
+    thread_policy,
     threads_per_trial,
     worker_attrs,
 )
@@ -107,43 +119,78 @@ def shared_checkpoint(
     *,
     source: Mapping[str, Any] | None = None,
     copy: Path | None = None,
+    storage: StudyStorage | None = None,
 ) -> Checkpoint:
     """The study's checkpoint on this host, verified against its recorded SHA-256.
 
     ``copy`` (``worker --checkpoint``): this host's copy of the user's source checkpoint, for a
     study started from one; otherwise a copy of the study's pretrained checkpoint file.
-    ``source`` is the study's :data:`~tlsearch.storage.ATTR_SOURCE` record.
+    ``source`` is the study's :data:`~tlsearch.storage.ATTR_SOURCE` record; ``storage`` the
+    study's, whose copy of the checkpoint is taken before anything is pretrained or fitted
+    again (the module docstring gives the order).
     """
     path, sha, key = Path(recorded["path"]), recorded["sha256"], recorded["key"]
     user = (source or {}).get("checkpoint")
     if copy is not None and cfg.pretrain.checkpoint is None:
-        if not copy.is_file():
-            raise ConfigError(f"--checkpoint: file not found: {copy}")
-        actual = sha256_file(copy)
-        if actual != sha:
-            raise ConfigError(
-                f"--checkpoint: {copy} has SHA-256 {actual[:12]}…, the study's checkpoint "
-                f"{path.name} has {sha[:12]}…"
-            )
-        return Checkpoint(copy, sha, key)
+        return _pretrained_copy(copy, path, sha, key)
+    if copy is not None:  # the user's file, as this host has it: checked, then fitted
+        return _fit_users_file(cfg, task, copy, user, path, sha)
     if path.is_file() and sha256_file(path) == sha:
         return Checkpoint(path, sha, key)
+    cached = cached_checkpoint(cfg, key)
+    if cached is not None and cached.sha256 == sha:
+        return cached
+    kept = fetch_checkpoint(storage, sha) if storage is not None else None
+    if kept is not None:
+        _log.info("checkpoint %s not on this host; using the study's copy in its database", path)
+        return cache_copy(cfg, key, kept, "the study's database")
+    # A study made before the database kept a copy, or one too large to keep.
     if cfg.pretrain.checkpoint is not None:
-        src = copy or cfg.pretrain.checkpoint
-        field = "--checkpoint" if copy is not None else "pretrain.checkpoint"
-        if not src.is_file():
-            raise ConfigError(
-                f"{field}: the study's source checkpoint {src} is not on this host; give this "
-                "host's copy with `tlsearch worker --checkpoint PATH`"
-            )
-        ckpt, _ = user_checkpoint(cfg, task, copy, expected=user)
-        if ckpt.sha256 != sha:
-            raise CheckpointError(
-                f"{field}: fitting {src} to the model on this host gave SHA-256 "
-                f"{ckpt.sha256[:12]}…, the study used {sha[:12]}…; copy {path.name} from the "
-                f"host that created the study and pass it with --checkpoint"
-            )
-        return ckpt
+        return _fit_users_file(cfg, task, None, user, path, sha)
+    return _pretrain_here(cfg, task, device, path, sha, key)
+
+
+def _pretrained_copy(copy: Path, path: Path, sha: str, key: str) -> Checkpoint:
+    if not copy.is_file():
+        raise ConfigError(f"--checkpoint: file not found: {copy}")
+    actual = sha256_file(copy)
+    if actual != sha:
+        raise ConfigError(
+            f"--checkpoint: {copy} has SHA-256 {actual[:12]}…, the study's checkpoint "
+            f"{path.name} has {sha[:12]}…"
+        )
+    return Checkpoint(copy, sha, key)
+
+
+def _fit_users_file(
+    cfg: StudyConfig,
+    task: TransferTask,
+    copy: Path | None,
+    user: Mapping[str, Any] | None,
+    path: Path,
+    sha: str,
+) -> Checkpoint:
+    src = copy or cfg.pretrain.checkpoint
+    assert src is not None
+    field = "--checkpoint" if copy is not None else "pretrain.checkpoint"
+    if not src.is_file():
+        raise ConfigError(
+            f"{field}: the study's source checkpoint {src} is not on this host; give this "
+            "host's copy with `tlsearch worker --checkpoint PATH`"
+        )
+    ckpt, _ = user_checkpoint(cfg, task, copy, expected=user)
+    if ckpt.sha256 != sha:
+        raise CheckpointError(
+            f"{field}: fitting {src} to the model on this host gave SHA-256 "
+            f"{ckpt.sha256[:12]}…, the study used {sha[:12]}…; copy {path.name} from the "
+            f"host that created the study and pass it with --checkpoint"
+        )
+    return ckpt
+
+
+def _pretrain_here(
+    cfg: StudyConfig, task: TransferTask, device: torch.device, path: Path, sha: str, key: str
+) -> Checkpoint:
     own_key = checkpoint_key(cfg, task)
     if own_key != key:
         raise CheckpointError(
@@ -217,7 +264,9 @@ def join_study(
         StudyContext(
             cfg,
             task,
-            shared_checkpoint(cfg, task, recorded, dev, source=source, copy=checkpoint),
+            shared_checkpoint(
+                cfg, task, recorded, dev, source=source, copy=checkpoint, storage=storage
+            ),
             dev,
             source or None,
         ),
@@ -243,14 +292,18 @@ def run_worker(
     Args:
         n_trials: at most this many trials in this worker (the study's budget still holds).
         timeout: start no trial after this many seconds (default: the study's ``timeout``).
-        threads: torch CPU threads (default: the study's ``finetune.threads``, else the cores
-            shared among this study's workers on this host, checked before each trial).
+        threads: torch CPU threads (default: the study's ``finetune.threads``, else
+            ``OMP_NUM_THREADS``, else the cores shared among this study's workers on this host
+            less those other work keeps busy, checked before each trial and between epochs:
+            :func:`tlsearch.study.thread_policy`).
         prefix: put in front of each progress line, to tell workers apart in one terminal.
         stop: from :func:`graceful_stop`; a signal then ends the loop cleanly.
     """
-    study, storage, ctx = join_study(
-        storage_url, study_name, device=device, cache_dir=cache_dir, checkpoint=checkpoint
-    )
+    # Until the study's config is read: pretraining on this host shares the cores as trials do.
+    with thread_scope(ThreadPolicy(threads)):
+        study, storage, ctx = join_study(
+            storage_url, study_name, device=device, cache_dir=cache_dir, checkpoint=checkpoint
+        )
     who = worker_attrs(ctx.device)["worker"]
     _log.info(
         "worker %s joined study '%s' in %s on %s",
@@ -259,18 +312,19 @@ def run_worker(
         mask_url(storage_url),
         ctx.device,
     )
-    run = threads_per_trial(make_objective(ctx), ctx, study_name, threads, who)
-    return run_trials(
-        study,
-        storage,
-        run,
-        n_trials=ctx.cfg.n_trials,
-        max_trials=n_trials,
-        timeout=timeout if timeout is not None else ctx.cfg.timeout,
-        callbacks=[ProgressPrinter(ctx.cfg.n_trials, prefix=prefix)] if progress else [],
-        stop=stop,
-        attrs=worker_attrs(ctx.device),
-    )
+    policy = thread_policy(ctx.cfg, study_name, threads, who)
+    with thread_scope(policy):
+        return run_trials(
+            study,
+            storage,
+            threads_per_trial(make_objective(ctx), policy),
+            n_trials=ctx.cfg.n_trials,
+            max_trials=n_trials,
+            timeout=timeout if timeout is not None else ctx.cfg.timeout,
+            callbacks=[ProgressPrinter(ctx.cfg.n_trials, prefix=prefix)] if progress else [],
+            stop=stop,
+            attrs=worker_attrs(ctx.device),
+        )
 
 
 def plan_devices(n_workers: int, gpus: Sequence[int] | None, device: str | None) -> list[str]:
@@ -358,16 +412,16 @@ def run_workers(
 
     Each worker runs :func:`worker_main` (what ``tlsearch worker`` runs) in a spawned process,
     pinned to its device from :func:`plan_devices`, with ``finetune.threads`` torch threads (0:
-    the cores shared out among the workers). SIGINT and SIGTERM are passed on to the workers,
-    which stop cleanly; this waits
-    for all of them.
+    each worker's :func:`~tlsearch.study.thread_policy`). SIGINT and SIGTERM are passed on to the
+    workers, which stop cleanly; this waits for all of them.
 
     Returns:
         The study, how each worker ended, and the signal that stopped the run (None if none did).
     """
     devices = plan_devices(n_workers, gpus, device)
     # With finetune.threads unset, each worker takes its share of the cores among this study's
-    # workers on this host (those of this run, and any other `tlsearch worker` or `run` there).
+    # workers on this host (those of this run, and any other `tlsearch worker` or `run` there),
+    # less the cores other work keeps busy.
     threads = cfg.finetune.threads or None
     study, _storage, _ctx = setup_study(
         cfg, device=devices[0], allow_config_change=allow_config_change, heartbeat=heartbeat
@@ -400,6 +454,7 @@ def run_workers(
     previous = (
         {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     )
+    started = time.perf_counter()
     try:
         for p in procs:
             p.start()
@@ -410,6 +465,7 @@ def run_workers(
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    _log.info("ran for %.1fs", time.perf_counter() - started)
     exits = [
         WorkerExit(i, d, int(p.exitcode))
         for i, (d, p) in enumerate(zip(devices, procs, strict=True))

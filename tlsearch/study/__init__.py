@@ -9,6 +9,7 @@ from tlsearch.study.setup import (
     make_objective,
     prepare,
     setup_study,
+    thread_policy,
     threads_per_trial,
     worker_attrs,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "setup_study",
     "stopped",
     "summary_table",
+    "thread_policy",
     "threads_per_trial",
     "worker_attrs",
 ]

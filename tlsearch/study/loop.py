@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.config import StudyConfig
+from tlsearch.device import thread_scope
 from tlsearch.storage import (
     STORAGE_ERRORS,
     BudgetExhausted,
@@ -32,7 +33,13 @@ from tlsearch.storage import (
     storage_error,
 )
 from tlsearch.study.progress import ProgressPrinter
-from tlsearch.study.setup import make_objective, setup_study, threads_per_trial, worker_attrs
+from tlsearch.study.setup import (
+    make_objective,
+    setup_study,
+    thread_policy,
+    threads_per_trial,
+    worker_attrs,
+)
 from tlsearch.study.stop import Interrupted, StopFlag
 
 __all__ = ["STORAGE_PATIENCE", "run_study", "run_trials"]
@@ -314,15 +321,19 @@ def run_study(
     if progress:
         cbs.append(ProgressPrinter(cfg.n_trials))
     started = time.perf_counter()
-    run_trials(
-        study,
-        storage,
-        threads_per_trial(make_objective(ctx), ctx, cfg.name),
-        n_trials=cfg.n_trials,
-        timeout=cfg.timeout,
-        callbacks=cbs,
-        stop=stop,
-        attrs=worker_attrs(ctx.device),
-    )
+    # After setup: a study file's mistake leaves no lock file behind (setup pretrains with a
+    # policy of its own).
+    policy = thread_policy(cfg, cfg.name)
+    with thread_scope(policy):
+        run_trials(
+            study,
+            storage,
+            threads_per_trial(make_objective(ctx), policy),
+            n_trials=cfg.n_trials,
+            timeout=cfg.timeout,
+            callbacks=cbs,
+            stop=stop,
+            attrs=worker_attrs(ctx.device),
+        )
     _log.info("ran for %.1fs", time.perf_counter() - started)
     return study

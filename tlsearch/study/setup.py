@@ -23,10 +23,10 @@ from tlsearch.dashboard import write_study_note
 from tlsearch.data import TransferTask, load_task
 from tlsearch.device import (
     HostWorkers,
-    available_cores,
-    default_threads,
+    ThreadPolicy,
+    current_policy,
     resolve_device,
-    set_threads,
+    thread_scope,
 )
 from tlsearch.errors import ConfigError
 from tlsearch.objective import KFoldObjective, check_folds, enqueue_baselines
@@ -57,6 +57,7 @@ from tlsearch.storage import (
     mask_url,
     sqlite_file_missing,
     storage_location,
+    store_checkpoint,
 )
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "make_objective",
     "prepare",
     "setup_study",
+    "thread_policy",
     "threads_per_trial",
     "worker_attrs",
 ]
@@ -131,7 +133,9 @@ def _existing(
     return existing, replace(Heartbeat.from_dict(stored), **(heartbeat or {})), cfg
 
 
-def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> None:
+def _record(
+    study: optuna.Study, storage: StudyStorage, ctx: StudyContext, heartbeat: Heartbeat
+) -> None:
     before = (study.user_attrs.get(ATTR_CHECKPOINT) or {}).get("sha256")
     if before not in (None, ctx.checkpoint.sha256) and count_budget(study):
         _log.warning(
@@ -153,6 +157,9 @@ def _record(study: optuna.Study, ctx: StudyContext, heartbeat: Heartbeat) -> Non
             "key": ctx.checkpoint.key,
         },
     )
+    # Workers on hosts without the file take this copy: pretraining elsewhere (other CPU kind,
+    # other thread count, a GPU) need not give the same bytes.
+    store_checkpoint(storage, ctx.checkpoint.sha256, ctx.checkpoint.path)
     if ctx.source is not None:
         study.set_user_attr(ATTR_SOURCE, ctx.source)
     study.set_user_attr(ATTR_HEARTBEAT, heartbeat.to_dict())
@@ -184,7 +191,10 @@ def setup_study(
     """
     check_url(cfg.storage)  # a bad URL or an unwritable directory costs no pretraining
     existing, beat, cfg = _existing(cfg, allow_config_change, heartbeat)
-    ctx = prepare(cfg, device)
+    # Pretraining shares the cores as trials do (`tlsearch create` has no policy of its own).
+    own = current_policy() or ThreadPolicy(cfg.finetune.threads)
+    with thread_scope(own):
+        ctx = prepare(cfg, device)
     storage = create_storage(cfg.storage)
     study = optuna.create_study(
         storage=storage,
@@ -197,7 +207,7 @@ def setup_study(
     storage.enable_heartbeat(beat)
     if existing is None and not study.trials:
         enqueue_baselines(study, cfg)
-    _record(study, ctx, beat)
+    _record(study, storage, ctx, beat)
     where = storage_location(cfg.storage)
     if existing is None:
         _log.info("created study '%s' in %s", cfg.name, where)
@@ -225,52 +235,41 @@ def make_objective(ctx: StudyContext) -> KFoldObjective:
     )
 
 
-def threads_per_trial(
-    objective: Callable[[optuna.Trial], float],
-    ctx: StudyContext,
-    study_name: str,
-    threads: int | None = None,
-    who: str = "",
-) -> Callable[[optuna.Trial], float]:
-    """``objective`` run with this process's share of the CPU threads, logged.
+def thread_policy(
+    cfg: StudyConfig, study_name: str, threads: int | None = None, who: str = ""
+) -> ThreadPolicy:
+    """This process's CPU thread policy for the study (run it under
+    :func:`tlsearch.device.thread_scope`).
 
-    ``threads`` (``--threads``), else ``finetune.threads``, fixes the count. Otherwise each
-    process running the study's trials on this host (``run``, ``worker``, ``run --workers``)
-    holds a lock file in ``<cache>/.locks`` for its lifetime, and before each trial takes the
-    cores ÷ the processes holding one: two workers on 2 cores use 1 thread each, and one left
-    alone goes back to 2.
+    ``threads`` (``--threads``), else ``finetune.threads``, fixes the count; ``OMP_NUM_THREADS``
+    does when neither is set. Otherwise each process running the study's trials on this host
+    (``run``, ``worker``, ``run --workers``) holds a lock file in ``<cache>/.locks`` for its
+    lifetime and takes the cores ÷ the processes holding one, less the cores other processes
+    keep busy (:func:`tlsearch.device.choose_threads`): two workers on 2 cores use 1 thread
+    each, one left alone goes back to 2, and one beside another job uses the core it leaves.
     """
-    who = who or worker_attrs(ctx.device)["worker"]
-    fixed = threads or ctx.cfg.finetune.threads
-    if fixed:
-        _log.info("%s: %d thread(s) (set by --threads or finetune.threads)", who, fixed)
-        set_threads(fixed)
-        return objective
-    try:
-        host: HostWorkers | None = HostWorkers(lock_dir(ctx.cfg), study_name)
-    except OSError as e:  # a read-only cache serves checkpoints, but holds no locks
-        _log.warning(
-            "%s: cannot count this host's workers (%s: %s); using every core",
-            who,
-            lock_dir(ctx.cfg),
-            e.strerror,
-        )
-        host = None
-    current = 0
+    fixed = threads or cfg.finetune.threads or None
+    host: HostWorkers | None = None
+    if fixed is None:
+        try:
+            host = HostWorkers(lock_dir(cfg), study_name)
+        except OSError as e:  # a read-only cache serves checkpoints, but holds no locks
+            _log.warning(
+                "cannot count this host's workers (%s: %s); counting this one only",
+                lock_dir(cfg),
+                e.strerror,
+            )
+    return ThreadPolicy(fixed, host.count if host is not None else None, who)
+
+
+def threads_per_trial(
+    objective: Callable[[optuna.Trial], float], policy: ThreadPolicy
+) -> Callable[[optuna.Trial], float]:
+    """``objective`` with the thread count ``policy`` chooses set before each trial (and
+    re-checked between its epochs, :func:`tlsearch.device.rebalance`)."""
 
     def run(trial: optuna.Trial) -> float:
-        nonlocal current
-        workers = host.count() if host is not None else 1
-        wanted = default_threads(workers)
-        if wanted != current:
-            current = set_threads(wanted)
-            _log.info(
-                "%s: %d thread(s) (%d cores, %d worker(s) of this study on this host)",
-                who,
-                current,
-                available_cores(),
-                workers,
-            )
+        policy.apply()
         return objective(trial)
 
     return run

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tlsearch.config import StudyConfig
+from tlsearch.device import rebalance
 from tlsearch.errors import DivergedError
 from tlsearch.models import BlockNet, backbone_state, create_model
 from tlsearch.params import TrialParams
@@ -471,6 +472,7 @@ def _train_epochs(
     closed_form = penalty.closed_form_grad
     model.train()
     for epoch in range(epochs):
+        rebalance()  # the process's thread policy, re-checked at most every second
         batches = list(zip(*(minibatches(n, batch_size, g) for g in generators), strict=True))
         for i, idx in enumerate(batches):
             loss = batch_loss(idx)
