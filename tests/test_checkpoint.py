@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -173,10 +174,17 @@ def test_a_study_records_the_file_and_a_worker_checks_its_copy(tmp_path: Path) -
     _, _, ctx = join_study(url, "tiny", cache_dir=here)
     assert ctx.checkpoint.sha256 == recorded["sha256"] and ctx.checkpoint.path.parent == here
 
-    # The user's file is not on this host either: one line that says what to pass.
+    # The user's file is not on this host either: the fitted copy kept in the study's database.
     moved = tmp_path / "copy.pt"
     shutil.move(source, moved)
     shutil.rmtree(here)
+    _, _, ctx = join_study(url, "tiny", cache_dir=here)
+    assert ctx.checkpoint.sha256 == recorded["sha256"] and ctx.checkpoint.path.parent == here
+
+    # A study made before the database kept copies: one line that says what to pass.
+    shutil.rmtree(here)
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        db.execute("DELETE FROM tlsearch_checkpoints")
     with pytest.raises(ConfigError) as err:
         join_study(url, "tiny", cache_dir=here)
     assert str(err.value) == (

@@ -197,3 +197,34 @@ def test_storage_error_translation_keeps_the_driver_reason() -> None:
         StorageError, match=r"\*\*\*@127\.0\.0\.1:5432/no_such_db_x: cannot open: "
     ):
         create_storage("postgresql+psycopg://postgres:pw@127.0.0.1:5432/no_such_db_x")
+
+
+def test_the_checkpoint_copy_is_kept_once_and_checked(
+    storage_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """What a worker on another host takes instead of pretraining (storage/checkpoints.py)."""
+    import hashlib
+
+    import sqlalchemy
+
+    from tlsearch.storage import checkpoints, fetch_checkpoint, store_checkpoint
+
+    storage = create_storage(storage_url)
+    file = tmp_path / "source.pt"
+    file.write_bytes(b"\x00checkpoint bytes" * 100)
+    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    assert fetch_checkpoint(storage, sha) is None, "no table yet: nothing kept"
+    assert store_checkpoint(storage, sha, file) and store_checkpoint(storage, sha, file)
+    assert fetch_checkpoint(create_storage(storage_url), sha) == file.read_bytes()
+    assert fetch_checkpoint(storage, "0" * 64) is None
+
+    # Damaged in the database: refused (logged), never handed to torch.load.
+    with storage.engine.begin() as conn:
+        conn.execute(sqlalchemy.update(checkpoints._TABLE).values(data=b"tampered"))
+    with caplog.at_level(logging.WARNING, logger="tlsearch"):
+        assert fetch_checkpoint(storage, sha) is None
+    assert f"not {sha[:12]}…; not used" in caplog.text
+
+    monkeypatch.setattr(checkpoints, "MAX_SHARED_BYTES", 100)
+    assert not store_checkpoint(storage, "1" * 64, file), "too large: the file is shared instead"
+    assert fetch_checkpoint(storage, "1" * 64) is None

@@ -34,6 +34,7 @@ from filelock import FileLock
 from tlsearch._io import atomic_write, sha256_file
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask
+from tlsearch.device import current_policy, rebalance
 from tlsearch.errors import CheckpointError, ConfigError
 from tlsearch.models import HEAD, create_model
 from tlsearch.registry import MODELS
@@ -41,7 +42,9 @@ from tlsearch.training import evaluate, minibatches, to_tensors
 
 __all__ = [
     "Checkpoint",
+    "cache_copy",
     "cache_dir",
+    "cached_checkpoint",
     "checkpoint_key",
     "ensure_pretrained",
     "load_checkpoint",
@@ -136,20 +139,19 @@ def load_checkpoint(
         ) from None
 
 
-# Torch CPU threads while pretraining, whatever the process uses otherwise. A checkpoint's bytes
-# depend on the thread count (with 1 thread one gradient's matrix product sums in another order;
-# 2, 3, 4 and 8 threads gave identical bytes), and workers on other hosts check that they pretrain
-# the bytes the study recorded.
-PRETRAIN_THREADS = 2
-
-
 def _train_source(cfg: StudyConfig, task: TransferTask, device: torch.device) -> tuple[dict, dict]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(PRETRAIN_THREADS)
-    try:
-        return _train(cfg, task, device)
-    finally:
-        torch.set_num_threads(threads)
+    """Pretrain with the process's thread policy (:mod:`tlsearch.device`), if it has one.
+
+    A checkpoint's bytes depend on the thread count (with 1 thread one gradient's matrix product
+    sums in another order; 2, 3, 4 and 8 threads gave identical bytes) and on the CPU kind's
+    matrix kernels, so no host is asked to reproduce them: the study keeps a copy of the
+    checkpoint in its storage, which workers on other hosts fetch
+    (:func:`tlsearch.storage.store_checkpoint`).
+    """
+    policy = current_policy()
+    if policy is not None:
+        policy.apply()
+    return _train(cfg, task, device)
 
 
 def _train(cfg: StudyConfig, task: TransferTask, device: torch.device) -> tuple[dict, dict]:
@@ -162,6 +164,7 @@ def _train(cfg: StudyConfig, task: TransferTask, device: torch.device) -> tuple[
     t0 = time.perf_counter()
     model.train()
     for _ in range(pre.epochs):
+        rebalance()  # another job may have started: re-check the threads (at most every second)
         for idx in minibatches(len(y), pre.batch_size, generator):
             xb, yb = (x, y) if idx is None else (x[idx.to(device)], y[idx.to(device)])
             loss = F.cross_entropy(model(xb), yb)
@@ -177,6 +180,11 @@ def _train(cfg: StudyConfig, task: TransferTask, device: torch.device) -> tuple[
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return state, info
+
+
+def cached_checkpoint(cfg: StudyConfig, key: str) -> Checkpoint | None:
+    """The checkpoint of content key ``key`` in this host's cache, if its bytes are intact."""
+    return _cached(cache_dir(cfg) / f"source-{key}.pt", key)
 
 
 def _cached(path: Path, key: str) -> Checkpoint | None:
@@ -197,7 +205,10 @@ def _save(state: dict, info: dict, path: Path, key: str) -> Checkpoint:
     # (torch.save straight to a full disk reports an internal position mismatch instead).
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    data = buffer.getvalue()
+    return _write(buffer.getvalue(), info, path, key)
+
+
+def _write(data: bytes, info: dict, path: Path, key: str) -> Checkpoint:
     sha = hashlib.sha256(data).hexdigest()
     where = "pretrain.cache_dir: "
     atomic_write(path, lambda p: p.write_bytes(data), CheckpointError, where)
@@ -206,6 +217,17 @@ def _save(state: dict, info: dict, path: Path, key: str) -> Checkpoint:
         path.with_suffix(".json"), lambda p: p.write_text(sidecar), CheckpointError, where
     )
     return Checkpoint(path, sha, key)
+
+
+def cache_copy(cfg: StudyConfig, key: str, data: bytes, origin: str) -> Checkpoint:
+    """``data``, a study's checkpoint from elsewhere (its database), written into this host's
+    cache under the study's key, so that this host reads it from disk next time."""
+    root = cache_dir(cfg)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"pretrain.cache_dir: cannot create {root}: {e.strerror}") from None
+    return _write(data, {"copied_from": origin}, root / f"source-{key}.pt", key)
 
 
 # How many names a checkpoint error lists of each kind: enough to see the pattern (a prefix such

@@ -1,6 +1,8 @@
 """Study storage: Optuna's RDB storage made safe for many workers (:mod:`~tlsearch.storage.rdb`),
-and what tlsearch records with a study (:mod:`~tlsearch.storage.records`)."""
+what tlsearch records with a study (:mod:`~tlsearch.storage.records`) and the copy of its source
+checkpoint it keeps (:mod:`~tlsearch.storage.checkpoints`)."""
 
+from tlsearch.storage.checkpoints import MAX_SHARED_BYTES, fetch_checkpoint, store_checkpoint
 from tlsearch.storage.rdb import (
     COUNTED_STATES,
     STORAGE_ERRORS,
@@ -40,6 +42,7 @@ __all__ = [
     "ATTR_VERSION",
     "BUDGET_STATES",
     "COUNTED_STATES",
+    "MAX_SHARED_BYTES",
     "STORAGE_ERRORS",
     "BudgetExhausted",
     "Heartbeat",
@@ -49,6 +52,7 @@ __all__ = [
     "create_storage",
     "describe_error",
     "existing_storage",
+    "fetch_checkpoint",
     "load_study",
     "load_study_config",
     "mask_url",
@@ -56,5 +60,6 @@ __all__ = [
     "sqlite_file_missing",
     "storage_error",
     "storage_location",
+    "store_checkpoint",
     "without_password",
 ]
