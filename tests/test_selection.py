@@ -18,10 +18,11 @@ from optuna.trial import TrialState, create_trial
 from sklearn.model_selection import StratifiedKFold
 
 from tlsearch.config import LEGACY_VALUES, config_from_dict, stored_config
+from tlsearch.evidence import encode_oof
 from tlsearch.export import best_config, write_export
 from tlsearch.objective import CVMetric, split_seed
 from tlsearch.params import baseline_params
-from tlsearch.selection import ATTR_SELECTED, select
+from tlsearch.selection import ATTR_SELECTED, Pool, confirmation_candidates, select
 from tlsearch.stats import mean_se
 from tlsearch.status import status_table
 from tlsearch.storage import ATTR_CONFIG
@@ -79,9 +80,11 @@ def test_repeats_give_the_documented_splits(tiny) -> None:
     objective = make_objective(ctx)
     y = ctx.task.target_train.y
     x = ctx.task.target_train.x.reshape(len(y), -1)
-    assert len(objective.folds) == 6
-    assert split_seed(4, 0) == 4 and len({split_seed(4, r) for r in range(3)}) == 3
-    for repeat in range(3):
+    # 3 repeats of 2 folds for the search, and the next repeat's for the confirmation round.
+    assert len(objective.folds) == 8 and objective.search_folds == list(range(6))
+    assert objective.fresh_folds == [6, 7]
+    assert split_seed(4, 0) == 4 and len({split_seed(4, r) for r in range(4)}) == 4
+    for repeat in range(4):
         expected = StratifiedKFold(2, shuffle=True, random_state=split_seed(4, repeat)).split(x, y)
         for (tr, va), (etr, eva) in zip(objective.folds[2 * repeat :], expected, strict=False):
             assert np.array_equal(tr.numpy(), etr) and np.array_equal(va.numpy(), eva)
@@ -92,7 +95,7 @@ def test_repeats_give_the_documented_splits(tiny) -> None:
         assert sorted(held) == list(range(len(y)))
     # The first repeat is the split of a study without repeats.
     single = make_objective(prepare(config_from_dict(tiny(cv={"k": 2, "seed": 4}))))
-    for (tr, va), (tr1, va1) in zip(single.folds, objective.folds[:2], strict=True):
+    for (tr, va), (tr1, va1) in zip(single.folds[:2], objective.folds[:2], strict=True):
         assert np.array_equal(tr, tr1) and np.array_equal(va, va1)
 
 
@@ -224,3 +227,125 @@ def test_best_and_selected_are_stored_and_shown_alike(noisy_study, tmp_path: Pat
     assert "baseline plain_finetuning: trial 0" in text
     # The default rule is Optuna's best.
     assert best_config(noisy_study)["trial_number"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Do no harm: per-image evidence, the gate, the confirmation round
+
+
+def _oof(p_true: np.ndarray) -> dict[str, Any]:
+    return encode_oof(p_true[None], p_true[None] > 0.5)
+
+
+def _evidence_study(tmp_path: Path, edge: float, confirm: int = 0) -> tuple[optuna.Study, Any]:
+    """Plain fine-tuning and 20 searched trials on 50 images; trial 1 is the best by value and
+    its log loss is lower than plain fine-tuning's on average by about ``edge``, with image-to-
+    image noise of 0.6 (what few-shot CV folds show)."""
+    rng = np.random.default_rng(3)
+    cfg = config_from_dict(
+        {
+            "storage": f"sqlite:///{tmp_path / 'e.db'}",
+            "name": "e",
+            "select": {"confirm": confirm, "metric": "loss", "alpha": 0.05},
+        }
+    )
+    study = optuna.create_study(study_name="e", storage=cfg.storage, direction="maximize")
+    study.set_user_attr(ATTR_CONFIG, cfg.to_dict())
+    plain_loss = rng.uniform(0.1, 1.5, 50)
+
+    def add(value: float, loss: np.ndarray, **attrs: Any) -> None:
+        study.add_trial(
+            _trial(
+                value,
+                0.02,
+                0,
+                0.01 + value,
+                cv_loss=float(loss.mean()),
+                oof=_oof(np.exp(-np.clip(loss, 0.0, None))),
+                **attrs,
+            )
+        )
+
+    add(0.88, plain_loss, baseline="plain_finetuning")
+    add(0.92, plain_loss - edge + rng.normal(0, 0.6, 50))
+    for i in range(19):
+        add(0.86 + i / 1000, plain_loss + 0.2 + rng.normal(0, 0.6, 50))
+    return study, cfg
+
+
+@pytest.mark.parametrize(("edge", "kept"), [(0.05, True), (0.6, False)])
+def test_the_gate_leaves_plain_finetuning_only_for_an_edge_beyond_the_noise(
+    tmp_path: Path, edge: float, kept: bool
+) -> None:
+    study, cfg = _evidence_study(tmp_path, edge)
+    chosen = select(study, cfg, "gate")
+    assert chosen.trial.number == (0 if kept else 1)
+    reason = chosen.reason
+    assert len(reason.splitlines()) == 1
+    if kept:
+        assert reason.startswith("kept plain fine-tuning: trial 1's paired log-loss advantage +")
+        assert reason.endswith("not below 0.05/20")
+    else:
+        assert reason.startswith("left plain fine-tuning for trial 1: its paired log-loss")
+    assert chosen.evidence["images"] == 50 and chosen.evidence["level"] == 0.05 / 20
+    # The same study always exports the same answer.
+    assert select(study, cfg, "gate").trial.number == chosen.trial.number
+
+
+def test_the_confirmation_round_decides_on_fresh_scores_only(tmp_path: Path) -> None:
+    study, cfg = _evidence_study(tmp_path, 0.6, confirm=2)
+    pool = Pool.of(study)
+    candidates = confirmation_candidates(pool, cfg)
+    # The top 2 distinct configurations by loss, then plain fine-tuning.
+    assert [t.number for t in candidates][-1] == 0 and len(candidates) == 3
+    assert select(study, cfg, "confirm").reason.startswith(
+        "confirm: the confirmation round is not finished (0 of 3 trials)"
+    )
+    # On fresh folds the search's winner (trial 1) is no better than plain fine-tuning.
+    rng = np.random.default_rng(5)
+    fresh = rng.uniform(0.1, 1.5, 50)
+    for t in candidates:
+        loss = fresh + (0.0 if t.number == 0 else rng.normal(0.02, 0.6, 50))
+        study.add_trial(
+            _trial(
+                t.value,
+                0.02,
+                0,
+                0.01,
+                cv_loss=float(loss.mean()),
+                oof=_oof(np.exp(-np.clip(loss, 0.0, None))),
+                confirm_of=t.number,
+                **({"baseline": "plain_finetuning"} if t.number == 0 else {}),
+            )
+        )
+    gated = select(study, cfg, "confirm_gate")
+    assert gated.trial.number == 0, gated.reason
+    assert gated.reason.startswith("kept plain fine-tuning")
+    assert "on fresh folds" in gated.reason and "/2" in gated.reason
+    # The search's best and its runners-up are search trials, never confirmation trials.
+    assert gated.best.number == 1
+    assert all(not t.user_attrs.get("confirm_of") for t in gated.runners_up)
+    # Older trials without per-image evidence: the rule says so, in one line, and falls back.
+    bare = config_from_dict({"select": {"metric": "value"}})
+    old = optuna.create_study(direction="maximize")
+    old.add_trial(_trial(0.88, 0.02, 0, 0.01, baseline="plain_finetuning"))
+    old.add_trial(_trial(0.90, 0.02, 0, 0.5))
+    fallback = select(old, bare, "gate")
+    assert fallback.trial.number == 1
+    assert fallback.reason == (
+        "gate: these trials have no per-image evidence (made before tlsearch kept it); "
+        "exported the best by value, trial 1"
+    )
+
+
+def test_rules_are_registry_entries_and_export_lists_them() -> None:
+    from tlsearch.cli import build_parser
+    from tlsearch.registry import SELECTION_RULES
+
+    assert SELECTION_RULES.names() == ["best", "confirm", "confirm_gate", "gate", "loss", "one_se"]
+    export = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices["export"]._actions
+        if "--select" in a.option_strings
+    )
+    assert list(export.choices) == SELECTION_RULES.names()

@@ -11,12 +11,14 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import run_cli
-from optuna.trial import TrialState
+from optuna.trial import TrialState, create_trial
 from pg import fresh_database, require_postgres, tiny_config
 
 from tlsearch.errors import ConfigError, StorageError
 from tlsearch.storage import (
     ATTR_CONFIG,
+    CONFIRM_ATTR,
+    AlreadyQueued,
     BudgetExhausted,
     Heartbeat,
     StudyStorage,
@@ -83,6 +85,29 @@ def test_budget_is_exact_with_many_concurrent_creators(storage_url: str) -> None
 
 
 # Asking outside optimize() on purpose: a worker that dies between ask and its objective.
+def test_each_candidate_is_confirmed_once_outside_the_budget(storage_url: str) -> None:
+    """The confirmation round's trials: workers that queue the round at once queue it once, the
+    budget does not count them, and a failed one may be queued again (a retry)."""
+    storage = create_storage(storage_url)
+    study, study_id = _study(storage)
+    storage.set_budget(study_id, 1)
+    study.tell(study.ask(), 1.0)
+    with pytest.raises(BudgetExhausted):
+        study.ask()
+    study.enqueue_trial({}, user_attrs={CONFIRM_ATTR: 0})
+    with pytest.raises(AlreadyQueued):
+        create_storage(storage_url).create_new_trial(
+            study_id, create_trial(state=TrialState.WAITING, user_attrs={CONFIRM_ATTR: 0})
+        )
+    confirming = study.ask()
+    assert confirming.user_attrs == {CONFIRM_ATTR: 0}
+    study.tell(confirming, state=TrialState.FAIL)
+    study.enqueue_trial({}, user_attrs={CONFIRM_ATTR: 0})  # the retry
+    counts = storage.count_states(study_id, confirmations=True)
+    assert (counts[TrialState.FAIL], counts[TrialState.WAITING]) == (1, 1)
+    assert storage.count_states(study_id, confirmations=False)[TrialState.COMPLETE] == 1
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 def test_queued_and_retried_trials_count_toward_the_budget(storage_url: str) -> None:
     storage = create_storage(storage_url, Heartbeat(interval=1, grace_period=2, max_retry=1))

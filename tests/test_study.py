@@ -15,8 +15,15 @@ from tlsearch.config import config_from_dict
 from tlsearch.errors import ConfigError, StorageError
 from tlsearch.registry import PRUNERS, SAMPLERS
 from tlsearch.samplers import make_pruner, make_sampler
-from tlsearch.storage import ATTR_CHECKPOINT, ATTR_CONFIG, load_study_config, open_study
-from tlsearch.study import ProgressPrinter, run_study, summary_table
+from tlsearch.status import status_table
+from tlsearch.storage import (
+    ATTR_CHECKPOINT,
+    ATTR_CONFIG,
+    CONFIRM_ATTR,
+    load_study_config,
+    open_study,
+)
+from tlsearch.study import ProgressPrinter, make_objective, prepare, run_study, summary_table
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -167,12 +174,12 @@ def test_storage_outage_while_the_budget_is_held_elsewhere_is_retried(
     outages = 2
     real_count = storage.count_states
 
-    def count_states(study_id: int) -> dict:
+    def count_states(study_id: int, confirmations: bool | None = None) -> dict:
         nonlocal outages
         if outages:
             outages -= 1
             raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server restarting"))
-        return real_count(study_id)
+        return real_count(study_id, confirmations)
 
     storage.count_states = count_states  # type: ignore[method-assign]
     finish = threading.Timer(3.5, lambda: study.tell(elsewhere, 0.5))
@@ -227,3 +234,41 @@ def test_values_are_named_and_rounded(tiny) -> None:
 
     fig = optuna.visualization.plot_optimization_history(study)
     assert len(fig.data[0].y) == 2
+
+
+def test_the_confirmation_round_runs_once_on_fresh_folds(tiny) -> None:
+    """After the budget: the top configuration and plain fine-tuning again, on folds the search
+    never scored; a resumed study does not run them again."""
+    overrides = {
+        "n_trials": 4,
+        "search": {"baselines": ["plain_finetuning", "scratch"]},
+        "select": {"confirm": 1, "rule": "confirm"},
+    }
+    study = run_study(config_from_dict(tiny(**overrides)))
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state in FINISHED for t in trials)
+    search, round_ = trials[:4], trials[4:]
+    assert all(CONFIRM_ATTR not in t.user_attrs for t in search)
+    confirmed = [t.user_attrs[CONFIRM_ATTR] for t in round_]
+    assert 0 in confirmed and len(set(confirmed)) == 2, "the winner and plain fine-tuning"
+    for t in round_:
+        original = trials[t.user_attrs[CONFIRM_ATTR]]
+        assert t.params == original.params and t.intermediate_values == {}
+        assert t.user_attrs["resolved_params"] == original.user_attrs["resolved_params"]
+        assert t.user_attrs["fold_scores"] != original.user_attrs["fold_scores"] or (
+            t.user_attrs["oof"] != original.user_attrs["oof"]
+        )
+    again = run_study(config_from_dict(tiny(**overrides)))
+    assert len(again.get_trials()) == 6
+    text = status_table(again)
+    assert "budget: 4 of 4 trials done" in text
+    assert "confirmation round: 2 of 2 trial(s) done" in text
+
+
+def test_the_fresh_folds_split_the_images_anew(tiny) -> None:
+    cfg = config_from_dict(tiny(cv={"k": 2}))
+    objective = make_objective(prepare(cfg))
+    search = [set(objective.folds[f][1].tolist()) for f in objective.search_folds]
+    fresh = [set(objective.folds[f][1].tolist()) for f in objective.fresh_folds]
+    assert len(fresh) == 2 and set().union(*fresh) == set().union(*search)
+    assert fresh != search and fresh != search[::-1]

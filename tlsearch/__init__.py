@@ -34,6 +34,7 @@ _API = {
     "TASKS": "tlsearch.registry",
     "SAMPLERS": "tlsearch.registry",
     "PRUNERS": "tlsearch.registry",
+    "SELECTION_RULES": "tlsearch.registry",
     "Entry": "tlsearch.registry",
     "load_plugins": "tlsearch.registry",
     # studies
@@ -66,6 +67,8 @@ _API = {
     "Heartbeat": "tlsearch.storage",
     "CVMetric": "tlsearch.objective",
     "select": "tlsearch.selection",
+    "queue_confirmation": "tlsearch.study",
+    "CONFIRM_ATTR": "tlsearch.storage",
     "paired_difference": "tlsearch.stats",
     "mcnemar_exact": "tlsearch.stats",
     # results
@@ -79,6 +82,7 @@ _API = {
 
 __all__ = [
     "__version__",
+    "CONFIRM_ATTR",
     "CVMetric",
     "ConfigError",
     "Dataset",
@@ -90,6 +94,7 @@ __all__ = [
     "PRUNERS",
     "REGULARIZERS",
     "SAMPLERS",
+    "SELECTION_RULES",
     "StudyConfig",
     "StudyContext",
     "TASKS",
@@ -114,6 +119,7 @@ __all__ = [
     "open_study",
     "paired_difference",
     "prepare",
+    "queue_confirmation",
     "read_export",
     "run_final",
     "run_study",
@@ -158,6 +164,7 @@ if TYPE_CHECKING:
         PRUNERS,
         REGULARIZERS,
         SAMPLERS,
+        SELECTION_RULES,
         TASKS,
         Entry,
         load_plugins,
@@ -167,10 +174,17 @@ if TYPE_CHECKING:
     from tlsearch.selection import select
     from tlsearch.stats import mcnemar_exact, paired_difference
     from tlsearch.status import study_status
-    from tlsearch.storage import Heartbeat, create_storage, load_study_config, open_study
+    from tlsearch.storage import (
+        CONFIRM_ATTR,
+        Heartbeat,
+        create_storage,
+        load_study_config,
+        open_study,
+    )
     from tlsearch.study import (
         StudyContext,
         prepare,
+        queue_confirmation,
         run_study,
         run_trials,
         setup_study,

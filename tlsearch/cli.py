@@ -18,7 +18,7 @@ from pathlib import Path
 from tlsearch._version import __version__
 from tlsearch.errors import TlsearchError
 from tlsearch.logs import guarded, quiet_optuna, setup_logging
-from tlsearch.registry import PLUGINS_ENV, load_plugins
+from tlsearch.registry import PLUGINS_ENV, SELECTION_RULES, load_plugins
 
 _log = logging.getLogger("tlsearch")
 
@@ -274,15 +274,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     sel = data["selection"]
     se = data["cv_se"]
     _log.info(
-        "%s trial %d (CV accuracy %.4f%s, rule %s; Optuna's best: trial %d) written to %s",
-        "selected" if args.select != "best" else "best",
+        "exported trial %d (CV accuracy %.4f%s; rule %s) to %s",
         data["trial_number"],
         data["cv_mean"],
         f" ± {se:.4f} SE" if se is not None else "",
         sel["rule"],
-        sel["best"]["trial_number"],
         args.output,
     )
+    _log.info("%s", sel["reason"])
     return 0
 
 
@@ -443,11 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, default=Path("best.json"), help="output file")
     export.add_argument(
         "--select",
-        choices=("best", "one_se"),
-        default="best",
-        help="which trial to export: Optuna's best (default), or one_se: among the trials within "
-        "one standard error of the best, the most frozen blocks, then the largest λ (README, "
-        "Why CV on a few labels is noisy)",
+        choices=SELECTION_RULES.names(),
+        default=None,
+        metavar="RULE",
+        help="which trial to export: a selection rule (default: the study's select.rule); one of "
+        f"{', '.join(SELECTION_RULES.names())} (README, Do no harm)",
     )
     export.add_argument(
         "--trials",

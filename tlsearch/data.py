@@ -161,6 +161,29 @@ def _rotated(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return rotate(x, 45.0, axes=(2, 3), reshape=False, order=1).clip(0.0, 1.0)
 
 
+def _inverted(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Another pixel statistic: dark digits on a light ground, blurred (Gaussian, σ = 1 pixel)."""
+    from scipy.ndimage import gaussian_filter
+
+    return 1.0 - gaussian_filter(x, sigma=(0, 0, 1.0, 1.0)).clip(0.0, 1.0)
+
+
+# Side of the square patch of noise that hides part of each occluded digit (of 28 pixels).
+OCCLUSION = 12
+
+
+def _occluded(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A corruption: a 12×12 square of uniform noise at a random place hides part of each digit."""
+    out = x.copy()
+    side = OCCLUSION
+    rows = rng.integers(0, x.shape[2] - side + 1, len(x))
+    cols = rng.integers(0, x.shape[3] - side + 1, len(x))
+    noise = rng.random((len(x), x.shape[1], side, side), dtype=np.float32)
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        out[i, :, r : r + side, c : c + side] = noise[i]
+    return out
+
+
 ALL = np.arange(10)
 LOW, HIGH = np.arange(5), np.arange(5, 10)
 
@@ -181,6 +204,22 @@ def mnist_split(seed: int, shots: int) -> TransferTask:
     """MNIST digits 0–4 (source) → digits 5–9 (target): new classes, same style."""
     x, y = _mnist()
     return _digit_task(x, y, seed, shots, LOW, HIGH, None, "MNIST subset: digits 0-4 → 5-9")
+
+
+def mnist_inverted(seed: int, shots: int) -> TransferTask:
+    """Clean MNIST digits → dark, blurred digits on a light ground (other pixel statistics)."""
+    x, y = _mnist()
+    return _digit_task(
+        x, y, seed, shots, ALL, ALL, _inverted, "MNIST subset: clean → inverted, blurred digits"
+    )
+
+
+def mnist_occluded(seed: int, shots: int) -> TransferTask:
+    """Clean MNIST digits → digits partly hidden by a 12×12 patch of noise (a corruption)."""
+    x, y = _mnist()
+    return _digit_task(
+        x, y, seed, shots, ALL, ALL, _occluded, "MNIST subset: clean → digits under a noise patch"
+    )
 
 
 def digits_noisy(seed: int, shots: int) -> TransferTask:

@@ -1,9 +1,9 @@
-"""The best trial as JSON that tlsearch (and people) can read back; all trials as a table.
+"""The selected trial as JSON that tlsearch (and people) can read back; all trials as a table.
 
-The JSON holds the best trial's parameters (searched and fixed), its CV mean, std and fold
-scores, the trial number, the study name, the full resolved config, the pretrained checkpoint's
-hash and the versions of the packages that produced it. Storage URLs are written with the
-password masked.
+The JSON holds the selected trial's parameters (searched and fixed), its CV mean, std and fold
+scores, the trial number, how it was selected and why (:mod:`tlsearch.selection`), the study name,
+the full resolved config, the pretrained checkpoint's hash and the versions of the packages that
+produced it. Storage URLs are written with the password masked.
 
 The table (CSV or Parquet, through pandas) is :meth:`optuna.Study.trials_dataframe` with each
 trial's fold scores spread into columns ``fold_0`` … ``fold_{k-1}`` (and ``fold_i_loss``,
@@ -26,16 +26,7 @@ from tlsearch._io import atomic_write, read_json, write_json
 from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import ConfigError, TlsearchError
 from tlsearch.params import TrialParams
-from tlsearch.selection import (
-    ATTR_SELECTED,
-    accuracy,
-    accuracy_se,
-    baseline_of,
-    resolved_params,
-    select,
-    standard_error,
-    trial_record,
-)
+from tlsearch.selection import ATTR_SELECTED, Pool, baseline_of, select, trial_record
 from tlsearch.storage import ATTR_CHECKPOINT, load_study_config, mask_url
 
 __all__ = [
@@ -72,40 +63,31 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def best_config(study: optuna.Study, rule: str = "best") -> dict[str, Any]:
-    """The export as a dict, for the trial ``rule`` selects (see :mod:`tlsearch.selection`);
-    raises when the study has no completed trial.
+def best_config(study: optuna.Study, rule: str | None = None) -> dict[str, Any]:
+    """The export as a dict, for the trial ``rule`` selects (default: the study's ``select.rule``;
+    see :mod:`tlsearch.selection`); raises when the study has no completed trial.
 
-    The top-level ``trial_number``, ``params`` and CV fields describe the selected trial (what
-    ``tlsearch final`` retrains); ``selection`` says how it was chosen, beside Optuna's best and the
-    runners-up; ``baselines`` holds the study's reference trials (plain fine-tuning, scratch).
+    The top-level trial fields (:func:`~tlsearch.selection.trial_record`: ``trial_number``,
+    ``params``, the CV fields) describe the selected trial (what ``tlsearch final`` retrains);
+    ``selection`` says how it was chosen and why, beside Optuna's best and the runners-up;
+    ``baselines`` holds the study's reference trials (plain fine-tuning, scratch).
     """
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise TlsearchError(f"study '{study.study_name}' has no completed trial to export yet")
     cfg = load_study_config(study, names=False)
     chosen = select(study, cfg, rule)
-    trial = chosen.trial
     config = cfg.to_dict()
     config["storage"] = mask_url(config["storage"])
     baselines = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in Pool.of(study).search:
         name = baseline_of(t)
         if name is not None and name not in baselines:
             baselines[name] = trial_record(t, cfg)
     return {
         "format": FORMAT,
         "study_name": study.study_name,
-        "trial_number": trial.number,
-        "params": resolved_params(trial, cfg),
-        "searched_params": trial.params,
+        **trial_record(chosen.trial, cfg),
         "metric": cfg.cv.metric,
-        "value": trial.value,
-        "cv_mean": accuracy(trial),
-        "cv_std": trial.user_attrs.get("cv_std"),
-        "cv_se": accuracy_se(trial),
-        "value_se": standard_error(trial),
-        "cv_loss": trial.user_attrs.get("cv_loss"),
-        "fold_scores": trial.user_attrs.get("fold_scores"),
         "selection": chosen.to_dict(cfg),
         "baselines": baselines,
         "n_trials": {
@@ -118,7 +100,7 @@ def best_config(study: optuna.Study, rule: str = "best") -> dict[str, Any]:
     }
 
 
-def write_export(study: optuna.Study, path: str | Path, rule: str = "best") -> dict[str, Any]:
+def write_export(study: optuna.Study, path: str | Path, rule: str | None = None) -> dict[str, Any]:
     """Write :func:`best_config` to ``path`` atomically, store the selection with the study
     (``tlsearch_selected``) and return the export."""
     data = best_config(study, rule)

@@ -29,16 +29,19 @@ from tlsearch.config import StudyConfig
 from tlsearch.data import Dataset
 from tlsearch.device import set_threads
 from tlsearch.errors import ConfigError, DivergedError
+from tlsearch.evidence import CURVE_ATTR, OOF_ATTR, encode_curve, encode_oof
 from tlsearch.models import BlockNet, backbone_state, create_model
 from tlsearch.params import TrialParams, baseline_enqueue, baseline_params, suggest_params
 from tlsearch.samplers import first_prunable_fold, reports_fold_scores
 from tlsearch.stats import mean_se
+from tlsearch.storage import CONFIRM_ATTR
 from tlsearch.training import (
+    Monitor,
     channels_last,
-    evaluate,
     finetune,
     finetune_folds,
     fold_batchable,
+    predictions,
     to_tensors,
 )
 
@@ -93,10 +96,12 @@ class KFoldObjective:
         self.pretrained = {k: v.to(device) for k, v in pretrained.items()}
         self.x, self.y = to_tensors(train.x, train.y, device)
         # Repeated k-fold: repeat 0 splits as cv.seed alone did before repeats; each further
-        # repeat splits anew. Every trial gets these same folds, and fold f its seed.
+        # repeat splits anew. Every trial gets these same folds, and fold f its seed. The
+        # confirmation round's trials use the next repeat's folds: fresh splits of the same
+        # images, which the search never scored (tlsearch.selection).
         features = train.x.reshape(len(train), -1)
         self.folds = []
-        for repeat in range(cfg.cv.repeats):
+        for repeat in range(cfg.cv.repeats + CONFIRM_REPEATS):
             splitter = (StratifiedKFold if cfg.cv.stratified else KFold)(
                 n_splits=cfg.cv.k, shuffle=True, random_state=split_seed(cfg.cv.seed, repeat)
             )
@@ -105,7 +110,11 @@ class KFoldObjective:
                 for tr, va in splitter.split(features, train.y)
             ]
         self.seeds = [cfg.cv.seed * 1000 + fold for fold in range(len(self.folds))]
-        self.metric = CVMetric(cfg.cv.metric, [len(va) for _, va in self.folds])
+        search = cfg.cv.k * cfg.cv.repeats
+        # Fold indices of a search trial and of a confirmation trial.
+        self.search_folds = list(range(search))
+        self.fresh_folds = list(range(search, len(self.folds)))
+        self.metric = CVMetric(cfg.cv.metric, [len(va) for _, va in self.folds[:search]])
         self._scratch: dict[str, torch.Tensor] | None = None
         self.report_folds = reports_fold_scores(cfg)
         # The pretrained blocks in eval mode, for the frozen features (no head, no gradients).
@@ -125,18 +134,22 @@ class KFoldObjective:
                 self._frozen_features[depth] = self._source.features(self.x, stop=depth)
         return self._frozen_features[depth]
 
-    def fold_groups(self, params: TrialParams) -> list[list[int]]:
-        """Which folds train together (``finetune.fold_batching``), in fold order.
+    def fold_groups(
+        self, params: TrialParams, folds: Sequence[int] | None = None
+    ) -> list[list[int]]:
+        """Which of ``folds`` (default: the search's) train together (``finetune.fold_batching``),
+        in fold order.
 
         Folds are batched when they are equally large, the trained blocks hold no BatchNorm or
         dropout (:func:`~tlsearch.training.fold_batchable`) and, on the CPU, a step is cheap enough
-        for batching to pay (see ``_CPU_BATCH_MAX_PARAMS``). Only the folds the pruner cannot skip
-        are batched; the rest train one at a time, so batching never spends a fold fit that pruning
-        would have saved.
+        for batching to pay (see ``_CPU_BATCH_MAX_PARAMS``). Only the search's folds the pruner
+        cannot skip are batched; the rest train one at a time, so batching never spends a fold fit
+        that pruning would have saved. The confirmation round's are never pruned.
         """
-        k = len(self.folds)
-        singles = [[fold] for fold in range(k)]
-        if self.cfg.finetune.fold_batching == "off" or len({len(tr) for tr, _ in self.folds}) > 1:
+        folds = list(self.search_folds if folds is None else folds)
+        singles = [[fold] for fold in folds]
+        sizes = {len(self.folds[fold][0]) for fold in folds}
+        if self.cfg.finetune.fold_batching == "off" or len(sizes) > 1:
             return singles
         if not fold_batchable(self._source, params.frozen_blocks):
             return singles
@@ -145,8 +158,10 @@ class KFoldObjective:
         size = sum(p.numel() for p in trained.parameters())
         if self.x.device.type == "cpu" and (conv or size > _CPU_BATCH_MAX_PARAMS):
             return singles
-        first = min(first_prunable_fold(self.cfg), k - 1)
-        return [list(range(first + 1))] + singles[first + 1 :]
+        if folds != self.search_folds:
+            return [folds]
+        first = min(first_prunable_fold(self.cfg), len(folds) - 1)
+        return [folds[: first + 1]] + singles[first + 1 :]
 
     def _fit(
         self,
@@ -155,6 +170,7 @@ class KFoldObjective:
         x: torch.Tensor,
         start: int,
         group: list[int],
+        monitor: Monitor | None = None,
     ) -> dict[int, BlockNet | DivergedError]:
         """The fine-tuned model of each fold in ``group``, or the divergence that ended it."""
         if len(group) == 1:
@@ -171,6 +187,7 @@ class KFoldObjective:
                     self.input_shape,
                     self.seeds[fold],
                     start=start,
+                    monitor=monitor,
                 )
             except DivergedError as e:
                 return {fold: e}
@@ -186,8 +203,29 @@ class KFoldObjective:
             self.input_shape,
             [self.seeds[fold] for fold in group],
             start=start,
+            monitor=monitor,
         )
         return dict(zip(group, models, strict=True))
+
+    def _watch(self, record: _Record, group: list[int], x: torch.Tensor, start: int) -> Monitor:
+        """Record each fold's held-out loss and accuracy every :data:`CURVE_EVERY` epochs."""
+        val = [self.folds[fold][1] for fold in group]
+        stacked = len(group) > 1
+        xv = torch.stack([x[va] for va in val]) if stacked else x[val[0]]
+        yv = torch.stack([self.y[va] for va in val]) if stacked else self.y[val[0]]
+        last = self.cfg.finetune.epochs
+
+        def watch(epoch: int, model: BlockNet) -> bool:
+            if epoch % CURVE_EVERY and epoch != last:
+                return False
+            ce, right = predictions(model, xv, yv, start=start, stacked=stacked)
+            if not stacked:
+                ce, right = ce[None], right[None]
+            for fold, c, r in zip(group, ce, right, strict=True):
+                record.curve_point(fold, epoch, c, r)
+            return False
+
+        return watch
 
     def scratch_init(self) -> dict[str, torch.Tensor]:
         """A random init of the model, for the ``scratch`` baseline: what fine-tuning starts from
@@ -218,55 +256,116 @@ class KFoldObjective:
         params, baseline = self.trial_params(trial)
         init = self.scratch_init() if baseline == "scratch" else self.pretrained
         trial.set_user_attr("resolved_params", params.to_dict())
-        scores: list[float] = []
-        losses: list[float] = []
-        seconds: list[float] = []
-        t0 = time.perf_counter()
-
-        def record() -> None:
-            trial.set_user_attr("fold_scores", scores)
-            trial.set_user_attr("fold_losses", losses)
-            trial.set_user_attr("fold_seconds", seconds)
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
-
+        # A confirmation trial: the same settings on fresh folds, never pruned, reporting nothing
+        # a pruner could compare with the search's trials.
+        fresh = trial.user_attrs.get(CONFIRM_ATTR) is not None
+        folds = self.fresh_folds if fresh else self.search_folds
+        record = _Record(trial, len(self.y), len(folds) // self.cfg.cv.k, folds)
         # From a random init nothing is frozen-and-cached: the baseline freezes nothing.
         cached = self.cfg.finetune.cache_frozen and baseline != "scratch"
         start = params.frozen_blocks if cached else 0
         x = self.frozen_features(start)
-        groups = iter(self.fold_groups(params))
+        groups = iter(self.fold_groups(params, folds))
         fitted: dict[int, BlockNet | DivergedError] = {}
-        for fold, (_, va) in enumerate(self.folds):
+        for i, fold in enumerate(folds):
             if fold not in fitted:
                 t_fit = time.perf_counter()
                 group = next(groups)
-                fitted = self._fit(init, params, x, start, group)
+                watch = self._watch(record, group, x, start)
+                fitted = self._fit(init, params, x, start, group, watch)
                 # Folds trained together share their training time evenly.
                 share = (time.perf_counter() - t_fit) / len(group)
             t_eval = time.perf_counter()
             model = fitted[fold]
             if isinstance(model, DivergedError):
-                record()
-                reason = f"fold {fold}: {model}"
+                record.write()
+                reason = f"fold {i}: {model}"
                 trial.set_user_attr("fail_reason", reason)
                 raise optuna.TrialPruned(reason)
-            acc, loss = evaluate(model, x[va], self.y[va], start=start)
-            scores.append(acc)
-            losses.append(loss)
-            seconds.append(round(share + time.perf_counter() - t_eval, 3))
+            va = self.folds[fold][1]
+            ce, right = predictions(model, x[va], self.y[va], start=start)
+            acc, loss = record.fold(fold, va, ce, right, share + time.perf_counter() - t_eval)
+            if fresh:
+                continue
             # What the pruner compares: this fold's value (Wilcoxon) or the running mean.
             step = self.metric.value([acc], [loss]) if self.report_folds else None
-            trial.report(step if step is not None else self.metric.value(scores, losses), fold)
-            if fold < len(self.folds) - 1 and trial.should_prune():
-                record()
-                trial.set_user_attr("pruned_after_folds", fold + 1)
-                raise optuna.TrialPruned(f"pruned after fold {fold}")
+            trial.report(
+                step if step is not None else self.metric.value(record.scores, record.losses), i
+            )
+            if i < len(folds) - 1 and trial.should_prune():
+                record.write()
+                trial.set_user_attr("pruned_after_folds", i + 1)
+                raise optuna.TrialPruned(f"pruned after fold {i}")
 
-        record()
+        record.write(complete=True)
+        scores, losses = record.scores, record.losses
         trial.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
         trial.set_user_attr("cv_std", statistics.pstdev(scores))
         trial.set_user_attr("cv_loss", round(statistics.fmean(losses), 12))
         trial.set_user_attr("cv_se", self.metric.standard_error(scores, losses))
         return self.metric.value(scores, losses)
+
+
+# Fresh repeats of k folds a confirmation trial is scored on (tlsearch.selection).
+CONFIRM_REPEATS = 1
+# Epochs between two points of a fold's learning curve (its held-out loss and accuracy); the last
+# epoch is always one. A few held-out images, evaluated twelve times in 60 epochs: cheap.
+CURVE_EVERY = 5
+
+
+class _Record:
+    """What one trial writes as it goes: each fold's score, loss and time, its learning curve and,
+    for a complete trial, every image's out-of-fold evidence (:mod:`tlsearch.evidence`).
+
+    ``folds`` are the objective's fold indices the trial trains, ``repeats`` of k each, in order.
+    """
+
+    def __init__(
+        self, trial: optuna.Trial, images: int, repeats: int, folds: Sequence[int]
+    ) -> None:
+        self.trial = trial
+        self.t0 = time.perf_counter()
+        self.scores: list[float] = []
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
+        self.position = {fold: i for i, fold in enumerate(folds)}
+        self.k = len(folds) // repeats
+        self.p_true = np.zeros((repeats, images))
+        self.correct = np.zeros((repeats, images), dtype=bool)
+        self.epochs: list[int] = []
+        self.curve_loss: list[list[float]] = [[] for _ in folds]
+        self.curve_accuracy: list[list[float]] = [[] for _ in folds]
+
+    def curve_point(self, fold: int, epoch: int, ce: torch.Tensor, right: torch.Tensor) -> None:
+        if epoch not in self.epochs:
+            self.epochs.append(epoch)
+        self.curve_loss[self.position[fold]].append(float(ce.mean()))
+        self.curve_accuracy[self.position[fold]].append(float(right.float().mean()))
+
+    def fold(
+        self, fold: int, va: torch.Tensor, ce: torch.Tensor, right: torch.Tensor, seconds: float
+    ) -> tuple[float, float]:
+        """Note a fold's held-out predictions; its accuracy and mean loss."""
+        repeat, rows = self.position[fold] // self.k, va.cpu().numpy()
+        self.p_true[repeat, rows] = torch.exp(-ce).double().cpu().numpy()
+        self.correct[repeat, rows] = right.cpu().numpy()
+        acc, loss = float(right.float().mean()), float(ce.sum()) / len(ce)
+        self.scores.append(acc)
+        self.losses.append(loss)
+        self.seconds.append(round(seconds, 3))
+        return acc, loss
+
+    def write(self, complete: bool = False) -> None:
+        t = self.trial
+        t.set_user_attr("fold_scores", self.scores)
+        t.set_user_attr("fold_losses", self.losses)
+        t.set_user_attr("fold_seconds", self.seconds)
+        t.set_user_attr("seconds", round(time.perf_counter() - self.t0, 3))
+        t.set_user_attr(
+            CURVE_ATTR, encode_curve(self.epochs, self.curve_loss, self.curve_accuracy)
+        )
+        if complete:
+            t.set_user_attr(OOF_ATTR, encode_oof(self.p_true, self.correct))
 
 
 def split_seed(seed: int, repeat: int) -> int:

@@ -1,4 +1,5 @@
-"""One registry for every extension point: models, regularizers, tasks, samplers and pruners.
+"""One registry for every extension point: models, regularizers, tasks, samplers, pruners and
+selection rules.
 
 A registry maps a name to an :class:`Entry`, in the style of timm's ``_registry.py``: register,
 list the names, create by name, and fail loudly (:class:`~tlsearch.errors.ConfigError`, naming the
@@ -44,6 +45,7 @@ __all__ = [
     "PRUNERS",
     "REGULARIZERS",
     "SAMPLERS",
+    "SELECTION_RULES",
     "TASKS",
     "BlockNetOptions",
     "Entry",
@@ -350,7 +352,15 @@ REGULARIZERS.register("l2sp", "tlsearch.regularizers.l2sp:L2SP")
 REGULARIZERS.register("delta", "tlsearch.regularizers.delta:Delta")
 
 TASKS = Registry("task", "data.task", group="tlsearch.tasks")
-for _name in ("mnist-noisy", "mnist-rotated", "mnist-split", "digits-noisy", "digits-split"):
+for _name in (
+    "mnist-noisy",
+    "mnist-rotated",
+    "mnist-split",
+    "mnist-inverted",
+    "mnist-occluded",
+    "digits-noisy",
+    "digits-split",
+):
     TASKS.register(_name, f"tlsearch.data:{_name.replace('-', '_')}")
 
 SAMPLERS = Registry("sampler", "sampler.name")
@@ -360,3 +370,9 @@ for _name in ("tpe", "random", "gp", "cmaes", "qmc"):
 PRUNERS = Registry("pruner", "pruner.name")
 for _name in ("median", "percentile", "wilcoxon", "none"):
     PRUNERS.register(_name, f"tlsearch.samplers:{_name}_pruner")
+
+# What `tlsearch export` takes as a study's answer (select.rule, export --select): see
+# tlsearch.selection for each rule.
+SELECTION_RULES = Registry("selection rule", "select.rule")
+for _name in ("best", "loss", "one_se", "gate", "confirm", "confirm_gate"):
+    SELECTION_RULES.register(_name, f"tlsearch.selection:{_name}")

@@ -1,42 +1,63 @@
-"""Which trial a study's answer is: Optuna's *best* trial, or the trial a rule *selects*.
+"""Which trial a study's answer is: the trial a selection rule picks, and the one line that says why.
 
-"best" is Optuna's best trial: the highest value (``cv.metric``). With a few labels per class the
-value is noisy (each fold scores a few images), and the best of many noisy estimates is biased
-up; a rule can prefer a trial that is as good within the noise and more strongly regularized:
+With a few labels per class every trial's CV score is noisy, and the best of thirty noisy scores is
+biased up: a rule that simply takes the best can export a configuration that loses to plain
+fine-tuning on new images although the study held the evidence against it. The rules here are the
+entries of :data:`tlsearch.registry.SELECTION_RULES` (``tlsearch export --select`` lists them; the
+study's ``select.rule`` is the default):
 
-- ``best``: Optuna's best trial.
-- ``one_se``: among the complete trials whose value is within one standard error of the best's
-  (the SE of the best trial's fold values, ``std(ddof=1)/√(k·repeats)``), the one with the most
-  frozen blocks, then the largest λ, then the smallest learning rate, then the higher value and
-  the earlier trial. The ``scratch`` baseline is a candidate only when it is the best itself:
-  "as good as transfer, within the noise" is said by ``tlsearch final``, not chosen silently.
+- ``best``: Optuna's best search trial (the highest value, ``cv.metric``).
+- ``loss``: the search trial with the lowest mean fold loss.
+- ``one_se``: among the search trials within one standard error of the best, the most frozen
+  blocks, then the strongest penalty (λ's place in its own search range: DELTA's λ and L2-SP's
+  are never compared as numbers), then the smallest learning rate (scratch only when it is the
+  best).
+- ``gate``: the top search trial by ``select.metric`` leaves plain fine-tuning only when its paired
+  out-of-fold log-loss advantage, image by image on the same folds (:mod:`tlsearch.evidence`), is
+  above 0 at the one-sided level ``select.alpha`` divided by the number of trials it was picked
+  from (Bonferroni: the best of many noisy estimates is optimistic).
+- ``confirm``: after the search, the top ``select.confirm`` distinct configurations and plain
+  fine-tuning are trained again on fresh fold splits (the **confirmation round**: trials of the
+  same study, tagged ``confirm_of``); the choice is made on those fresh scores only, which removes
+  the winner's curse of the search's split.
+- ``confirm_gate``: the confirmation round's winner leaves plain fine-tuning only when its paired
+  log-loss advantage on the fresh folds is above 0 at ``select.alpha`` / ``select.confirm``.
 
-The rule is an export flag (``tlsearch export --select``): it changes no trial, so it is not part
-of the study's config or search hash. The selection made last is stored as the study attribute
-``tlsearch_selected`` (rule, trial, standard error, runners-up), which ``status`` and ``report``
-show.
+A rule never changes a trial. The selection made last (rule, trial, reason, evidence, runners-up) is
+stored as the study attribute ``tlsearch_selected``, which ``status`` and ``report`` show; ``final``
+repeats its reason. A rule that needs what an older study lacks (per-image evidence, a confirmation
+round) says so in its reason and falls back to the best trial by ``select.metric``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.config import StudyConfig
-from tlsearch.errors import TlsearchError
+from tlsearch.errors import ConfigError, TlsearchError
+from tlsearch.evidence import Paired, decode_oof, paired
 from tlsearch.params import resolve_params
+from tlsearch.registry import SELECTION_RULES
 from tlsearch.stats import mean_se
+from tlsearch.storage import CONFIRM_ATTR
 
 __all__ = [
     "ATTR_SELECTED",
-    "RULES",
+    "CONFIRM_ATTR",
+    "Decision",
+    "Pool",
     "Selection",
     "accuracy",
     "accuracy_se",
     "baseline_of",
+    "confirmation_candidates",
+    "is_confirmation",
     "resolved_params",
     "select",
     "standard_error",
@@ -45,7 +66,6 @@ __all__ = [
 ]
 
 ATTR_SELECTED = "tlsearch_selected"
-RULES = ("best", "one_se")
 RUNNERS_UP = 5
 
 
@@ -73,6 +93,11 @@ def baseline_of(trial: FrozenTrial) -> str | None:
     return trial.user_attrs.get("baseline")
 
 
+def is_confirmation(trial: FrozenTrial) -> bool:
+    """Whether the trial is one of the confirmation round's (scored on fresh folds)."""
+    return trial.user_attrs.get(CONFIRM_ATTR) is not None
+
+
 def resolved_params(trial: FrozenTrial, cfg: StudyConfig) -> dict[str, Any]:
     """Everything the trial fine-tuned with, under the names files use."""
     stored = trial.user_attrs.get("resolved_params")
@@ -80,7 +105,8 @@ def resolved_params(trial: FrozenTrial, cfg: StudyConfig) -> dict[str, Any]:
 
 
 def trial_record(trial: FrozenTrial, cfg: StudyConfig) -> dict[str, Any]:
-    """A complete trial as ``best.json`` and the stored selection write it."""
+    """A complete trial as ``best.json``, the stored selection and ``export`` write it: the one
+    place its fields are named."""
     return {
         "trial_number": trial.number,
         "value": trial.value,
@@ -89,9 +115,95 @@ def trial_record(trial: FrozenTrial, cfg: StudyConfig) -> dict[str, Any]:
         "cv_se": accuracy_se(trial),
         "value_se": standard_error(trial),
         "cv_loss": trial.user_attrs.get("cv_loss"),
+        "fold_scores": trial.user_attrs.get("fold_scores"),
         "baseline": baseline_of(trial),
         "params": resolved_params(trial, cfg),
+        "searched_params": dict(trial.params),
     }
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A study's complete trials as the rules see them: the search's (baselines included), by
+    number, and the confirmation round's, by the number of the trial each trained again."""
+
+    search: list[FrozenTrial]
+    confirmations: dict[int, FrozenTrial] = field(default_factory=dict)
+    # Candidates whose confirmation trial diverged (pruned with its reason): they lose the round.
+    diverged: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> Pool:
+        states = (TrialState.COMPLETE, TrialState.PRUNED)
+        confirmations: dict[int, FrozenTrial] = {}
+        diverged: set[int] = set()
+        search = []
+        for t in study.get_trials(deepcopy=False, states=states):
+            if not is_confirmation(t):
+                if t.state == TrialState.COMPLETE:
+                    search.append(t)
+            elif t.state == TrialState.COMPLETE:
+                confirmations.setdefault(int(t.user_attrs[CONFIRM_ATTR]), t)
+            else:
+                diverged.add(int(t.user_attrs[CONFIRM_ATTR]))
+        return cls(search, confirmations, diverged)
+
+    def baseline(self, name: str) -> FrozenTrial | None:
+        return next((t for t in self.search if baseline_of(t) == name), None)
+
+    def best(self) -> FrozenTrial:
+        """Optuna's best trial of the search: the highest value, the earliest on ties."""
+        return max(self.search, key=lambda t: (t.value, -t.number))
+
+
+def ranked(trials: Sequence[FrozenTrial], metric: str) -> list[FrozenTrial]:
+    """``trials`` best first by ``metric`` ("value": the highest ``cv.metric``; "loss": the
+    lowest mean fold loss), the earlier trial first on ties."""
+    if metric == "loss":
+        return sorted(trials, key=lambda t: (t.user_attrs.get("cv_loss", math.inf), t.number))
+    return sorted(
+        trials, key=lambda t: (-(t.value if t.value is not None else -math.inf), t.number)
+    )
+
+
+def _config_key(trial: FrozenTrial, cfg: StudyConfig) -> tuple:
+    """What makes two trials the same configuration: their resolved parameters (and whether
+    they start from scratch)."""
+    params = resolved_params(trial, cfg)
+    return (baseline_of(trial) == "scratch", *sorted((k, repr(v)) for k, v in params.items()))
+
+
+def confirmation_candidates(pool: Pool, cfg: StudyConfig) -> list[FrozenTrial]:
+    """The search trials the confirmation round trains again: the top ``select.confirm`` distinct
+    configurations by ``select.metric``, then plain fine-tuning (when the study has it and it is
+    not among them). Empty when ``select.confirm`` is 0."""
+    if cfg.select.confirm <= 0 or not pool.search:
+        return []
+    chosen: list[FrozenTrial] = []
+    seen: set[tuple] = set()
+    plain = pool.baseline("plain_finetuning")
+    if plain is not None:
+        seen.add(_config_key(plain, cfg))
+    for t in ranked(pool.search, cfg.select.metric):
+        key = _config_key(t, cfg)
+        if t is not plain and key not in seen:
+            seen.add(key)
+            chosen.append(t)
+        if len(chosen) == cfg.select.confirm:
+            break
+    return chosen + ([plain] if plain is not None else [])
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a rule chose (a search trial), the one line that says why, and its numbers."""
+
+    trial: FrozenTrial
+    reason: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+Rule = Callable[[Pool, StudyConfig], Decision]
 
 
 @dataclass(frozen=True)
@@ -101,16 +213,20 @@ class Selection:
     rule: str
     trial: FrozenTrial
     best: FrozenTrial
-    # The standard error of the best trial's value: the rule's tolerance (one_se).
+    # The standard error of the best trial's value: one_se's tolerance.
     se: float | None
-    # The other complete trials, by value, highest first (at most RUNNERS_UP).
+    # The other complete search trials, by value, highest first (at most RUNNERS_UP).
     runners_up: list[FrozenTrial]
-    # The trials within one standard error of the best (the best included).
+    # The search trials within one standard error of the best (the best included).
     within: list[FrozenTrial]
+    reason: str
+    evidence: dict[str, Any]
 
     def to_dict(self, cfg: StudyConfig) -> dict[str, Any]:
         return {
             "rule": self.rule,
+            "reason": self.reason,
+            "evidence": self.evidence,
             "metric": cfg.cv.metric,
             "selected": trial_record(self.trial, cfg),
             "best": trial_record(self.best, cfg),
@@ -120,39 +236,195 @@ class Selection:
         }
 
 
-def select(study: optuna.Study, cfg: StudyConfig, rule: str = "best") -> Selection:
-    """The trial ``rule`` (one of :data:`RULES`) selects among the study's complete trials."""
-    if rule not in RULES:
-        raise TlsearchError(f"--select: unknown rule '{rule}' (choose from {', '.join(RULES)})")
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
+def select(study: optuna.Study, cfg: StudyConfig, rule: str | None = None) -> Selection:
+    """The trial ``rule`` (default: the study's ``select.rule``) selects, and why."""
+    rule = rule or cfg.select.rule
+    try:
+        entry = SELECTION_RULES.get(rule)
+    except ConfigError:
+        raise TlsearchError(
+            f"--select: unknown rule '{rule}' (choose from {', '.join(SELECTION_RULES.names())})"
+        ) from None
+    pool = Pool.of(study)
+    if not pool.search:
         raise TlsearchError(f"study '{study.study_name}' has no completed trial yet")
-    best = study.best_trial
+    decision: Decision = entry.load()(pool, cfg)
+    best = pool.best()
     se = standard_error(best)
-    within = [t for t in done if t.value is not None and t.value >= best.value - (se or 0.0)]
-    chosen = best
-    if rule == "one_se":
-        candidates = [t for t in within if baseline_of(t) != "scratch" or t.number == best.number]
-
-        def preference(t: FrozenTrial) -> tuple[float, ...]:
-            p = resolved_params(t, cfg)
-            # λ means nothing under "none": such a trial ranks as the smallest λ.
-            lam = 0.0 if p["regularizer"] == "none" else p["lambda"]
-            return (
-                -p["frozen_blocks"],
-                -lam,
-                p["lr"],
-                -(t.value or 0.0),
-                t.number,
-            )
-
-        chosen = min(candidates, key=preference)
-    ranked = sorted(done, key=lambda t: (-(t.value or 0.0), t.number))
-    runners_up = [t for t in ranked if t.number != chosen.number][:RUNNERS_UP]
+    within = [t for t in pool.search if t.value is not None and t.value >= best.value - (se or 0)]
+    by_value = ranked(pool.search, "value")
+    runners_up = [t for t in by_value if t.number != decision.trial.number][:RUNNERS_UP]
     within.sort(key=lambda t: (-(t.value or 0.0), t.number))
-    return Selection(rule, chosen, best, se, runners_up, within)
+    return Selection(
+        rule, decision.trial, best, se, runners_up, within, decision.reason, decision.evidence
+    )
 
 
 def stored_selection(study: optuna.Study) -> dict[str, Any] | None:
     """The selection ``tlsearch export`` stored last (:meth:`Selection.to_dict`), if any."""
     return study.user_attrs.get(ATTR_SELECTED)
+
+
+# --- the rules (registered in tlsearch.registry.SELECTION_RULES) ---------------------------------
+
+
+def _describe(t: FrozenTrial) -> str:
+    name = baseline_of(t)
+    return {"plain_finetuning": "plain fine-tuning", "scratch": "scratch"}.get(
+        name or "", f"trial {t.number}"
+    )
+
+
+def _score(t: FrozenTrial, metric: str) -> str:
+    if metric == "loss":
+        return f"CV loss {t.user_attrs.get('cv_loss', math.nan):.4f}"
+    return f"value {t.value:.4f}"
+
+
+def best(pool: Pool, cfg: StudyConfig) -> Decision:
+    t = pool.best()
+    return Decision(
+        t, f"best: {_describe(t)} has the highest value ({t.value:.4f}) of {len(pool.search)}"
+    )
+
+
+def loss(pool: Pool, cfg: StudyConfig) -> Decision:
+    t = ranked(pool.search, "loss")[0]
+    return Decision(t, f"loss: {_describe(t)} has the lowest {_score(t, 'loss')}")
+
+
+def one_se(pool: Pool, cfg: StudyConfig) -> Decision:
+    top = pool.best()
+    se = standard_error(top) or 0.0
+    within = [t for t in pool.search if t.value is not None and t.value >= top.value - se]
+    candidates = [t for t in within if baseline_of(t) != "scratch" or t.number == top.number]
+
+    def preference(t: FrozenTrial) -> tuple[float, ...]:
+        p = resolved_params(t, cfg)
+        return (-p["frozen_blocks"], -_strength(p, cfg), p["lr"], -(t.value or 0.0), t.number)
+
+    chosen = min(candidates, key=preference)
+    return Decision(
+        chosen,
+        f"one_se: {_describe(chosen)} is the most regularized of {len(within)} trial(s) within "
+        f"one standard error ({se:.4f}) of the best",
+    )
+
+
+def _strength(params: dict[str, Any], cfg: StudyConfig) -> float:
+    """How strongly a trial's penalty pulls, comparable across penalties: its λ's place in the
+    range it was searched over (0 at the low end, 1 at the high end; on a log scale for a log
+    range). DELTA's λ scales a distance between feature maps and L2-SP's one between weights,
+    so their values are never compared as such. λ means nothing under "none": -1."""
+    if params["regularizer"] == "none":
+        return -1.0
+    name = "delta_lambda" if params["regularizer"] == "delta" else "lambda"
+    space = getattr(cfg.search, "delta_lambda" if name == "delta_lambda" else "lambda_")
+    lam = params["lambda"]
+    if not hasattr(space, "low") or space.high <= space.low:
+        return 0.0
+    if space.log and lam > 0:
+        return (math.log(lam) - math.log(space.low)) / (math.log(space.high) - math.log(space.low))
+    return (lam - space.low) / (space.high - space.low)
+
+
+def _fallback(pool: Pool, cfg: StudyConfig, why: str) -> Decision:
+    t = ranked(pool.search, cfg.select.metric)[0]
+    return Decision(t, f"{why}; exported the best by {cfg.select.metric}, {_describe(t)}")
+
+
+def _gated(
+    top: FrozenTrial,
+    plain: FrozenTrial,
+    compared: Paired,
+    tests: int,
+    cfg: StudyConfig,
+    where: str,
+) -> Decision:
+    """``top`` when its advantage over ``plain`` is significant at ``alpha / tests``, else plain."""
+    alpha = cfg.select.alpha
+    p = compared.p_value("loss")
+    numbers = {**compared.to_dict(), "p_value": p, "level": alpha / tests, "candidate": top.number}
+    advantage = (
+        f"paired log-loss advantage {compared.loss:+.3f} ± {compared.loss_se:.3f} over "
+        f"{compared.n} images {where}, p = {p:.2g}"
+    )
+    level = f"{alpha:g}/{tests}" if tests > 1 else f"{alpha:g}"
+    if p < alpha / tests:
+        reason = f"left plain fine-tuning for {_describe(top)}: its {advantage} < {level}"
+        return Decision(top, reason, numbers)
+    reason = f"kept plain fine-tuning: {_describe(top)}'s {advantage}, not below {level}"
+    return Decision(plain, reason, numbers)
+
+
+def gate(pool: Pool, cfg: StudyConfig) -> Decision:
+    plain = pool.baseline("plain_finetuning")
+    top = ranked(pool.search, cfg.select.metric)[0]
+    if plain is None:
+        return _fallback(pool, cfg, "gate: no plain fine-tuning trial (search.baselines)")
+    if top is plain:
+        return Decision(plain, f"kept plain fine-tuning: it ranks first by {cfg.select.metric}")
+    ours, theirs = decode_oof(top.user_attrs), decode_oof(plain.user_attrs)
+    if ours is None or theirs is None:
+        return _fallback(
+            pool,
+            cfg,
+            "gate: these trials have no per-image evidence (made before tlsearch kept it)",
+        )
+    return _gated(top, plain, paired(ours, theirs), len(pool.search) - 1, cfg, "in the search")
+
+
+def _round(pool: Pool, cfg: StudyConfig) -> tuple[list[FrozenTrial], list[FrozenTrial]] | str:
+    """The confirmation round's candidates and their runs, or why they are not there."""
+    candidates = confirmation_candidates(pool, cfg)
+    if not candidates:
+        return "this study runs no confirmation round (select.confirm = 0)"
+    finished = [
+        t for t in candidates if t.number in pool.confirmations or t.number in pool.diverged
+    ]
+    if len(finished) < len(candidates):
+        return (
+            f"the confirmation round is not finished ({len(finished)} of {len(candidates)} trials)"
+        )
+    # A candidate whose run diverged on the fresh folds loses the round.
+    kept = [t for t in candidates if t.number in pool.confirmations]
+    if not kept:
+        return "every confirmation trial diverged"
+    return kept, [pool.confirmations[t.number] for t in kept]
+
+
+def confirm(pool: Pool, cfg: StudyConfig) -> Decision:
+    found = _round(pool, cfg)
+    if isinstance(found, str):
+        return _fallback(pool, cfg, f"confirm: {found}")
+    candidates, runs = found
+    metric = cfg.select.metric
+    winner = ranked(runs, metric)[0]
+    chosen = candidates[runs.index(winner)]
+    scores = ", ".join(
+        f"{_describe(c)} {_score(r, metric)}" for c, r in zip(candidates, runs, strict=True)
+    )
+    return Decision(
+        chosen,
+        f"confirm: {_describe(chosen)} ranks first on fresh folds ({scores})",
+        {"runs": {c.number: r.number for c, r in zip(candidates, runs, strict=True)}},
+    )
+
+
+def confirm_gate(pool: Pool, cfg: StudyConfig) -> Decision:
+    found = _round(pool, cfg)
+    if isinstance(found, str):
+        return _fallback(pool, cfg, f"confirm_gate: {found}")
+    candidates, runs = found
+    plain = pool.baseline("plain_finetuning")
+    if plain is None or candidates[-1] is not plain:
+        return confirm(pool, cfg)
+    winner = ranked(runs, cfg.select.metric)[0]
+    chosen = candidates[runs.index(winner)]
+    if chosen is plain:
+        return Decision(plain, "kept plain fine-tuning: it ranks first on fresh folds")
+    ours, theirs = decode_oof(winner.user_attrs), decode_oof(runs[-1].user_attrs)
+    if ours is None or theirs is None:
+        return confirm(pool, cfg)
+    tests = len(candidates) - 1
+    return _gated(chosen, plain, paired(ours, theirs), tests, cfg, "on fresh folds")

@@ -16,8 +16,22 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.errors import StorageError
 from tlsearch.params import format_params
-from tlsearch.selection import accuracy, accuracy_se, baseline_of, stored_selection
-from tlsearch.storage import create_storage, load_study_config, mask_url, open_study, storage_error
+from tlsearch.selection import (
+    Pool,
+    accuracy,
+    accuracy_se,
+    baseline_of,
+    is_confirmation,
+    stored_selection,
+)
+from tlsearch.storage import (
+    CONFIRM_ATTR,
+    create_storage,
+    load_study_config,
+    mask_url,
+    open_study,
+    storage_error,
+)
 
 __all__ = ["heartbeat_ages", "status_table", "study_status"]
 
@@ -66,6 +80,25 @@ def _trial_line(t: FrozenTrial) -> str:
         + (f", loss {loss:.4f}" if loss is not None else "")
         + (f": {format_params(t.params)}" if t.params else "")
     )
+
+
+def _selected(study: optuna.Study) -> list[str]:
+    """What the last export selected, and the rule's one-line reason."""
+    selected = stored_selection(study)
+    if selected is None:
+        return []
+    chosen = selected["selected"]
+    se = chosen.get("cv_se")
+    runners = ", ".join(str(r["trial_number"]) for r in selected["runners_up"])
+    lines = [
+        f"selected ({selected['rule']}, by the last export): trial {chosen['trial_number']}, "
+        f"cv {chosen['cv_mean']:.4f}"
+        + (f" ± {se:.4f} SE" if se is not None else "")
+        + f"; runners-up: {runners}"
+    ]
+    if selected.get("reason"):
+        lines.append(f"  why: {selected['reason']}")
+    return lines
 
 
 def _fmt_seconds(s: float) -> str:
@@ -118,28 +151,25 @@ def status_table(
     order = (*_FINISHED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
     counts = {s: sum(t.state == s for t in trials) for s in order}
     lines.append("trials: " + ", ".join(f"{counts[s]} {s.name.lower()}" for s in order))
-    finished = [t for t in trials if t.state in _FINISHED]
+    confirming = [t for t in trials if is_confirmation(t)]
+    finished = [t for t in trials if t.state in _FINISHED and not is_confirmation(t)]
     if n_trials is not None:
         lines.append(f"budget: {len(finished)} of {n_trials} trials done (complete or pruned)")
-
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if complete:
-        best = study.best_trial
-        lines.append(f"best: {_trial_line(best)}")
+    if confirming:
+        done = sum(t.state in _FINISHED for t in confirming)
+        lines.append(
+            f"confirmation round: {done} of {len(confirming)} trial(s) done (trials "
+            + ", ".join(str(t.user_attrs[CONFIRM_ATTR]) for t in confirming)
+            + " again on fresh folds)"
+        )
+    pool = Pool.of(study)
+    if pool.search:
+        lines.append(f"best: {_trial_line(pool.best())}")
         # Plain fine-tuning and scratch, scored on the same folds: what the search must beat.
-        for t in complete:
+        for t in pool.search:
             if baseline_of(t) is not None:
                 lines.append(f"baseline {baseline_of(t)}: {_trial_line(t)}")
-        selected = stored_selection(study)
-        if selected is not None:
-            chosen = selected["selected"]
-            se = chosen.get("cv_se")
-            lines.append(
-                f"selected ({selected['rule']}, by the last export): trial "
-                f"{chosen['trial_number']}, cv {chosen['cv_mean']:.4f}"
-                + (f" ± {se:.4f} SE" if se is not None else "")
-                + f"; runners-up: {', '.join(str(r['trial_number']) for r in selected['runners_up'])}"
-            )
+        lines += _selected(study)
     else:
         lines.append("best: no completed trial yet")
 

@@ -89,6 +89,7 @@ from tlsearch.study import (
     StudyContext,
     graceful_stop,
     make_objective,
+    queue_confirmation,
     run_trials,
     setup_study,
     stopped,
@@ -324,6 +325,7 @@ def run_worker(
             callbacks=[ProgressPrinter(ctx.cfg.n_trials, prefix=prefix)] if progress else [],
             stop=stop,
             attrs=worker_attrs(ctx.device),
+            confirm=lambda s: queue_confirmation(s, ctx.cfg),
         )
 
 

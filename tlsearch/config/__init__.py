@@ -9,6 +9,7 @@ from tlsearch.config.load import (
     stored_config,
 )
 from tlsearch.config.schema import (
+    CHANGED_DEFAULTS,
     LEGACY_VALUES,
     CVConfig,
     DataConfig,
@@ -21,11 +22,13 @@ from tlsearch.config.schema import (
     RegularizerConfig,
     SamplerConfig,
     SearchSpace,
+    SelectConfig,
     StudyConfig,
     parse_duration,
 )
 
 __all__ = [
+    "CHANGED_DEFAULTS",
     "LEGACY_VALUES",
     "CVConfig",
     "DataConfig",
@@ -38,6 +41,7 @@ __all__ = [
     "RegularizerConfig",
     "SamplerConfig",
     "SearchSpace",
+    "SelectConfig",
     "StudyConfig",
     "adopt_stored",
     "check_names",

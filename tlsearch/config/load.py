@@ -17,9 +17,15 @@ from typing import Any
 import tomllib
 from pydantic import ValidationError
 
-from tlsearch.config.schema import LEGACY_VALUES, ModelConfig, ParamRange, StudyConfig
+from tlsearch.config.schema import (
+    CHANGED_DEFAULTS,
+    LEGACY_VALUES,
+    ModelConfig,
+    ParamRange,
+    StudyConfig,
+)
 from tlsearch.errors import ConfigError
-from tlsearch.registry import MODELS, PRUNERS, REGULARIZERS, SAMPLERS, TASKS
+from tlsearch.registry import MODELS, PRUNERS, REGULARIZERS, SAMPLERS, SELECTION_RULES, TASKS
 
 __all__ = ["adopt_stored", "check_names", "config_from_dict", "load_config", "stored_config"]
 
@@ -84,6 +90,7 @@ _NAMED = (
     ("sampler", "name", SAMPLERS),
     ("pruner", "name", PRUNERS),
     ("model", "name", MODELS),
+    ("select", "rule", SELECTION_RULES),
 )
 
 
@@ -124,6 +131,7 @@ def check_names(cfg: StudyConfig, source: str = "config") -> StudyConfig:
         check(lambda name=name: REGULARIZERS.get(name))
     check(lambda: SAMPLERS.get(cfg.sampler.name))
     check(lambda: PRUNERS.get(cfg.pruner.name))
+    check(lambda: SELECTION_RULES.get(cfg.select.rule))
     entry = check(lambda: MODELS.get(cfg.model.name))
     options = entry and check(lambda: entry.validate_options(cfg.model.options, "model"))
     if options is not None and entry.blocks is not None:
@@ -231,7 +239,9 @@ def stored_config(raw: dict[str, Any], source: str, *, names: bool = True) -> St
 
 def adopt_stored(cfg: StudyConfig, stored: dict[str, Any] | None) -> StudyConfig:
     """``cfg`` resuming a study stored as ``stored``: each field added since the study was made
-    and not set in ``cfg``'s file keeps the value the study ran with (``LEGACY_VALUES``)."""
+    and not set in ``cfg``'s file keeps the value the study ran with (``LEGACY_VALUES``), and so
+    does each field whose default changed since (``CHANGED_DEFAULTS``) when the study holds the
+    old default."""
     if not stored:
         return cfg
     for key, legacy in LEGACY_VALUES.items():
@@ -242,5 +252,15 @@ def adopt_stored(cfg: StudyConfig, stored: dict[str, Any] | None) -> StudyConfig
         if table.model_dump(mode="json")[field] == legacy:
             continue
         table = table.model_copy(update={field: copy.deepcopy(legacy)})
+        cfg = cfg.model_copy(update={section: table})
+    for key, old in CHANGED_DEFAULTS.items():
+        section, field = key.split(".")
+        table = getattr(cfg, section)
+        alias = table.model_fields[field].alias or field
+        held = (stored.get(section) or {}).get(alias, (stored.get(section) or {}).get(field))
+        if field in table.model_fields_set or held != old:
+            continue
+        value = StudyConfig.model_validate({section: {alias: old}})
+        table = table.model_copy(update={field: getattr(getattr(value, section), field)})
         cfg = cfg.model_copy(update={section: table})
     return cfg

@@ -46,6 +46,8 @@ __all__ = [
     "RegularizerConfig",
     "SamplerConfig",
     "SearchSpace",
+    "SelectConfig",
+    "CHANGED_DEFAULTS",
     "LEGACY_VALUES",
     "StudyConfig",
     "parse_duration",
@@ -442,6 +444,23 @@ class PrunerConfig(_Section):
     p_threshold: float = Field(0.1, gt=0.0, lt=1.0)
 
 
+class SelectConfig(_Section):
+    """What ``tlsearch export`` (and ``final``) take as the study's answer, and the confirmation
+    round that feeds it (README, "Do no harm"). Not part of the search hash: no search trial
+    measures anything else for it."""
+
+    # A rule of tlsearch.registry.SELECTION_RULES (export --select overrides it).
+    rule: str = "best"
+    # After the search: the top `confirm` distinct configurations and plain fine-tuning trained
+    # again on fresh fold splits, as trials of the study (0: no confirmation round).
+    confirm: int = Field(0, ge=0)
+    # What ranks trials for the rules and the confirmation round: "value" (cv.metric) or "loss"
+    # (the mean held-out fold loss).
+    metric: Literal["value", "loss"] = "value"
+    # The gate's one-sided level, divided by the number of trials the candidate was picked from.
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+
+
 class StudyConfig(_Section):
     """The whole study. Every field has a default, so an empty file is a valid study."""
 
@@ -461,6 +480,7 @@ class StudyConfig(_Section):
     cv: CVConfig = CVConfig()
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
+    select: SelectConfig = SelectConfig()
 
     @field_validator("name")
     @classmethod
@@ -532,6 +552,7 @@ _NOT_RESULTS = (
     "finetune.device",
     "finetune.threads",
     "pretrain.cache_dir",
+    "select",
 )
 # What changes only speed (left out from version 2 on).
 _SPEED_ONLY = ("finetune.cache_frozen", "finetune.fold_batching")
@@ -550,7 +571,17 @@ LEGACY_VALUES: dict[str, Any] = {
     "regularizer.delta_attention": False,
     "search.delta_lambda": {"low": 1e-4, "high": 10.0, "log": True, "step": None},
     "data.images": {"resize": None, "channels": "rgb", "mean": None, "std": None},
+    # Added with the do-no-harm issue: a study made before it runs no confirmation round when
+    # resumed (select.rule is not here: an old study exports with today's rule, which says in
+    # one line what the study lacks).
+    "select.confirm": 0,
 }
+
+
+# Fields whose default changed since tlsearch 0.1, with the default a study made before held (as
+# its stored config writes it). Resuming such a study from a file that does not set the field
+# goes on with the old value, so the study keeps its search space and its hash.
+CHANGED_DEFAULTS: dict[str, Any] = {}
 
 
 def _sha(d: dict[str, Any]) -> str:

@@ -4,8 +4,10 @@ checkpoint it keeps (:mod:`~tlsearch.storage.checkpoints`)."""
 
 from tlsearch.storage.checkpoints import MAX_SHARED_BYTES, fetch_checkpoint, store_checkpoint
 from tlsearch.storage.rdb import (
+    CONFIRM_ATTR,
     COUNTED_STATES,
     STORAGE_ERRORS,
+    AlreadyQueued,
     BudgetExhausted,
     Heartbeat,
     StudyStorage,
@@ -41,9 +43,11 @@ __all__ = [
     "ATTR_SOURCE",
     "ATTR_VERSION",
     "BUDGET_STATES",
+    "CONFIRM_ATTR",
     "COUNTED_STATES",
     "MAX_SHARED_BYTES",
     "STORAGE_ERRORS",
+    "AlreadyQueued",
     "BudgetExhausted",
     "Heartbeat",
     "StudyStorage",

@@ -8,6 +8,10 @@ What :class:`StudyStorage` adds to ``RDBStorage``, and why:
   after Optuna has locked the study row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite runs one
   write transaction at a time), so no two workers can both take the last slot. A trial that fails
   frees its slot; a RUNNING trial whose worker died frees it when the heartbeat marks it failed.
+- **One confirmation trial per candidate.** The confirmation round's trials (user attribute
+  ``confirm_of``) are outside the budget; in the same transaction the storage refuses (with
+  :class:`AlreadyQueued`) a second one for a candidate that has one not failed, so workers that
+  queue the round at the same moment queue it once.
 - **Heartbeats from birth.** Optuna starts a trial's heartbeat only when the objective starts, so a
   worker killed just after creating a trial leaves a RUNNING trial no heartbeat check ever fails.
   Here a trial gets its first heartbeat in the transaction that creates (or dequeues) it, and a
@@ -28,6 +32,7 @@ Passwords come from the URL or ``$TLSEARCH_DB_PASSWORD`` and never leave this mo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -48,7 +53,9 @@ from sqlalchemy.engine import URL, make_url
 from tlsearch.errors import ConfigError, StorageError
 
 __all__ = [
+    "CONFIRM_ATTR",
     "COUNTED_STATES",
+    "AlreadyQueued",
     "STORAGE_ERRORS",
     "BudgetExhausted",
     "Heartbeat",
@@ -78,6 +85,38 @@ STORAGE_ERRORS = (StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
 
 class BudgetExhausted(Exception):
     """Raised by :meth:`StudyStorage.create_new_trial` when the study's budget is taken."""
+
+
+class AlreadyQueued(Exception):
+    """Raised by :meth:`StudyStorage.create_new_trial` for a confirmation trial whose candidate
+    has one already (queued, running or finished)."""
+
+
+# User attribute of the confirmation round's trials (tlsearch.selection): the number of the search
+# trial each trains again on fresh folds. They sit outside the budget, one per candidate.
+CONFIRM_ATTR = "confirm_of"
+
+
+def _confirmation_ids() -> sqlalchemy.Select:
+    ua = models.TrialUserAttributeModel
+    return sqlalchemy.select(ua.trial_id).where(ua.key == CONFIRM_ATTR)
+
+
+def _confirmation_of(session: Any, study_id: int, number: int) -> int | None:
+    """The id of a trial of the study that confirms trial ``number`` and has not failed."""
+    ua, trial = models.TrialUserAttributeModel, models.TrialModel
+    return (
+        session.query(trial.trial_id)
+        .join(ua, ua.trial_id == trial.trial_id)
+        .filter(
+            trial.study_id == study_id,
+            trial.state != TrialState.FAIL,
+            ua.key == CONFIRM_ATTR,
+            ua.value_json == json.dumps(number),
+        )
+        .limit(1)
+        .scalar()
+    )
 
 
 @dataclass(frozen=True)
@@ -179,14 +218,21 @@ class StudyStorage(optuna.storages.RDBStorage):
         else:
             self._budgets[study_id] = n_trials
 
-    def count_states(self, study_id: int) -> dict[TrialState, int]:
-        """Trials of the study per state, in one query."""
+    def count_states(
+        self, study_id: int, confirmations: bool | None = None
+    ) -> dict[TrialState, int]:
+        """Trials of the study per state, in one query: all of them, only the confirmation
+        round's (``confirmations=True``) or only the search's (``False``)."""
+        query = (
+            sqlalchemy.select(models.TrialModel.state, sqlalchemy.func.count())
+            .where(models.TrialModel.study_id == study_id)
+            .group_by(models.TrialModel.state)
+        )
+        if confirmations is not None:
+            tagged = models.TrialModel.trial_id.in_(_confirmation_ids())
+            query = query.where(tagged if confirmations else ~tagged)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sqlalchemy.select(models.TrialModel.state, sqlalchemy.func.count())
-                .where(models.TrialModel.study_id == study_id)
-                .group_by(models.TrialModel.state)
-            ).all()
+            rows = conn.execute(query).all()
         counts = dict.fromkeys(TrialState, 0)
         counts.update(
             {TrialState[s.name] if hasattr(s, "name") else TrialState[s]: n for s, n in rows}
@@ -197,14 +243,20 @@ class StudyStorage(optuna.storages.RDBStorage):
         self, study_id: int, template_trial: FrozenTrial | None, session: Any
     ) -> models.TrialModel:
         # Called by RDBStorage.create_new_trial inside its transaction, after the study row lock.
+        confirms = None if template_trial is None else template_trial.user_attrs.get(CONFIRM_ATTR)
+        if confirms is not None:
+            # The confirmation round's trials: one per candidate, whoever queues it.
+            if _confirmation_of(session, study_id, confirms) is not None:
+                raise AlreadyQueued(f"trial {confirms} is confirmed by a trial already")
         budget = self._budgets.get(study_id)
         counted = template_trial is None or template_trial.state in COUNTED_STATES
-        if budget is not None and counted:
+        if budget is not None and counted and confirms is None:
             taken = (
                 session.query(sqlalchemy.func.count(models.TrialModel.trial_id))
                 .filter(
                     models.TrialModel.study_id == study_id,
                     models.TrialModel.state.in_(COUNTED_STATES),
+                    models.TrialModel.trial_id.notin_(_confirmation_ids()),
                 )
                 .scalar()
             )

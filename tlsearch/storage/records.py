@@ -13,7 +13,13 @@ from optuna.trial import TrialState
 
 from tlsearch.config import StudyConfig, stored_config
 from tlsearch.errors import StorageError
-from tlsearch.storage.rdb import StudyStorage, create_storage, mask_url, sqlite_file_missing
+from tlsearch.storage.rdb import (
+    CONFIRM_ATTR,
+    StudyStorage,
+    create_storage,
+    mask_url,
+    sqlite_file_missing,
+)
 
 __all__ = [
     "ATTR_CHECKPOINT",
@@ -108,5 +114,9 @@ def open_study(storage_url: str, study_name: str | None = None) -> optuna.Study:
 
 
 def count_budget(study: optuna.Study) -> int:
-    """Trials of the study that used up part of its budget (complete or pruned)."""
-    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
+    """Trials of the study that used up part of its budget (complete or pruned; the
+    confirmation round's trials are outside it)."""
+    return sum(
+        CONFIRM_ATTR not in t.user_attrs
+        for t in study.get_trials(deepcopy=False, states=BUDGET_STATES)
+    )

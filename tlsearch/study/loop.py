@@ -9,7 +9,11 @@
 4. settle a trial that a signal or a storage outage interrupted: a finished result is written
    again, an unfinished trial is failed and queued again with its parameters; storage errors are
    retried for ``patience`` seconds, then end the loop with one
-   :class:`~tlsearch.errors.StorageError`.
+   :class:`~tlsearch.errors.StorageError`;
+5. once the budget is finished, queue the confirmation round (``select.confirm``: the top
+   configurations and plain fine-tuning trained again on fresh folds, :mod:`tlsearch.selection`)
+   and run its trials like any other: the storage queues each candidate's once, whichever worker
+   asks, and a resumed study finds them done.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.config import StudyConfig
 from tlsearch.device import thread_scope
+from tlsearch.selection import Pool, baseline_of, confirmation_candidates
 from tlsearch.storage import (
+    BUDGET_STATES,
+    CONFIRM_ATTR,
     STORAGE_ERRORS,
+    AlreadyQueued,
     BudgetExhausted,
     StudyStorage,
     count_budget,
@@ -42,7 +50,13 @@ from tlsearch.study.setup import (
 )
 from tlsearch.study.stop import Interrupted, StopFlag
 
-__all__ = ["STORAGE_PATIENCE", "run_study", "run_trials"]
+__all__ = [
+    "STORAGE_PATIENCE",
+    "queue_confirmation",
+    "round_finished",
+    "run_study",
+    "run_trials",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -190,8 +204,10 @@ def run_trials(
     stop: StopFlag | None = None,
     attrs: Mapping[str, Any] | None = None,
     patience: float = STORAGE_PATIENCE,
+    confirm: Callable[[optuna.Study], int] | None = None,
 ) -> int:
-    """Run trials in this process until the study's budget is finished; return how many ran here.
+    """Run trials in this process until the study's budget is finished, then the confirmation
+    round's trials; return how many ran here.
 
     Args:
         n_trials: the study's total budget (all workers together); None runs until ``timeout``.
@@ -201,6 +217,8 @@ def run_trials(
             ``KeyboardInterrupt`` settles the running trial and propagates.
         attrs: user attributes written on every trial this process runs (worker, device).
         patience: seconds of failing storage calls before giving up with a ``StorageError``.
+        confirm: once the budget is finished, queues the confirmation round's trials not queued
+            yet and returns how many the round has (:func:`queue_confirmation`).
     """
     stop = stop or StopFlag()
     guard = _Guard(objective, stop, attrs or {})
@@ -235,9 +253,14 @@ def run_trials(
                     # elsewhere. Counted inside the try: a storage outage here (a server restart
                     # near a study's end) is retried like any other.
                     assert n_trials is not None, "only a budget raises BudgetExhausted"
-                    counts = storage.count_states(study_id)
+                    counts = storage.count_states(study_id, confirmations=False)
                     if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
-                        break
+                        # 5) the search is finished: the confirmation round, if any, queued once
+                        # by whichever worker gets here first and run by all of them.
+                        queued = confirm(study) if confirm is not None else 0
+                        counts = storage.count_states(study_id, confirmations=True)
+                        if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= queued:
+                            break
                     if counts[TrialState.RUNNING] and not counts[TrialState.WAITING]:
                         if not waiting:
                             _log.info(
@@ -294,6 +317,45 @@ def run_trials(
     return ran
 
 
+def queue_confirmation(study: optuna.Study, cfg: StudyConfig) -> int:
+    """Queue the confirmation round's trials not queued yet; return how many the round has.
+
+    The candidates (:func:`tlsearch.selection.confirmation_candidates`) follow from the finished
+    search alone, so every worker computes the same; each is queued with its parameters and
+    ``confirm_of`` (and ``baseline``, for a baseline's), and the storage refuses a second one.
+    """
+    candidates = confirmation_candidates(Pool.of(study), cfg)
+    queued = {
+        t.user_attrs[CONFIRM_ATTR]
+        for t in study.get_trials(deepcopy=False)
+        if CONFIRM_ATTR in t.user_attrs and t.state != TrialState.FAIL
+    }
+    for t in candidates:
+        if t.number in queued:
+            continue
+        attrs: dict[str, Any] = {CONFIRM_ATTR: t.number}
+        if baseline_of(t) is not None:
+            attrs["baseline"] = baseline_of(t)
+        try:
+            study.enqueue_trial(dict(t.params), user_attrs=attrs, skip_if_exists=False)
+        except AlreadyQueued:
+            continue
+    return len(candidates)
+
+
+def round_finished(study: optuna.Study, cfg: StudyConfig) -> bool:
+    """Whether the study's budget and its confirmation round (if any) are finished."""
+    if cfg.n_trials is None or count_budget(study) < cfg.n_trials:
+        return False
+    wanted = {t.number for t in confirmation_candidates(Pool.of(study), cfg)}
+    done = {
+        t.user_attrs[CONFIRM_ATTR]
+        for t in study.get_trials(deepcopy=False, states=BUDGET_STATES)
+        if CONFIRM_ATTR in t.user_attrs
+    }
+    return wanted <= done
+
+
 def run_study(
     cfg: StudyConfig,
     *,
@@ -314,7 +376,7 @@ def run_study(
     study, storage, ctx = setup_study(
         cfg, device=device, allow_config_change=allow_config_change, heartbeat=heartbeat
     )
-    if cfg.n_trials is not None and count_budget(study) >= cfg.n_trials:
+    if round_finished(study, cfg):
         _log.info("study '%s' already has its %d trials", cfg.name, cfg.n_trials)
         return study
     cbs = list(callbacks or [])
@@ -334,6 +396,7 @@ def run_study(
             callbacks=cbs,
             stop=stop,
             attrs=worker_attrs(ctx.device),
+            confirm=lambda s: queue_confirmation(s, ctx.cfg),
         )
     _log.info("ran for %.1fs", time.perf_counter() - started)
     return study

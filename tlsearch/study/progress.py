@@ -10,8 +10,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.params import format_params
-from tlsearch.selection import accuracy, accuracy_se, baseline_of
-from tlsearch.storage import count_budget
+from tlsearch.selection import Pool, accuracy, accuracy_se, baseline_of
+from tlsearch.storage import CONFIRM_ATTR, count_budget
 
 __all__ = ["ProgressPrinter", "describe_value", "summary_table"]
 
@@ -36,12 +36,17 @@ class ProgressPrinter:
         else:
             what = trial.state.name.lower()
         name = baseline_of(trial)
-        line = f"{self.prefix}[{done}{of}] trial {trial.number}"
-        line += f" ({name.replace('_', ' ')}): {what}" if name else f": {what}"
-        try:
-            best = study.best_trial
-        except ValueError:
-            best = None
+        confirms = trial.user_attrs.get(CONFIRM_ATTR)
+        if confirms is not None:
+            # The confirmation round: a search trial's settings again, on fresh folds.
+            about = f"{name.replace('_', ' ')}, " if name else ""
+            line = f"{self.prefix}[confirmation] trial {trial.number} ({about}trial {confirms} "
+            line += f"on fresh folds): {what}"
+        else:
+            line = f"{self.prefix}[{done}{of}] trial {trial.number}"
+            line += f" ({name.replace('_', ' ')}): {what}" if name else f": {what}"
+        pool = Pool.of(study)
+        best = pool.best() if pool.search else None
         if best is not None:
             about = baseline_of(best) or format_params(best.params)
             line += f" | best cv {accuracy(best):.3f} (#{best.number}: {about})"

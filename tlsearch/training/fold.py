@@ -44,6 +44,7 @@ from tlsearch.training.adam import FusedAdam
 __all__ = [
     "BatchLoss",
     "Forward",
+    "Monitor",
     "batch_loss",
     "block_outputs",
     "channels_last",
@@ -53,6 +54,7 @@ __all__ = [
     "fit",
     "minibatches",
     "per_fold",
+    "predictions",
     "start_model",
     "to_tensors",
 ]
@@ -65,6 +67,10 @@ BatchLoss = Callable[[tuple[torch.Tensor | None, ...]], torch.Tensor]
 Forward = Callable[[torch.Tensor, bool], tuple[torch.Tensor, list[torch.Tensor]]]
 # Per fold: the divergence that ended its training, or None.
 Diverged = list[DivergedError | None]
+# Called after each epoch of step 5 with the epoch (1-based) and the model being trained (stacked:
+# every fold's); True stops the training there (a pruner's decision). The model is in training mode
+# again when it returns.
+Monitor = Callable[[int, BlockNet], bool]
 
 
 def finetune(
@@ -78,13 +84,15 @@ def finetune(
     seed: int,
     *,
     start: int = 0,
+    monitor: Monitor | None = None,
 ) -> BlockNet:
     """Fine-tune a copy of the pretrained model on ``(x, y)``; the pretrained state is not changed.
 
     With ``start = k`` (at most ``params.frozen_blocks``), ``x`` holds the output of the first k blocks
     (``BlockNet.features(x, stop=k)`` of the pretrained model in eval mode), which are then never run.
-    Raises :class:`DivergedError` when the training loss becomes NaN or infinite. Step 6, the score,
-    is :func:`evaluate` on the held-out samples.
+    Raises :class:`DivergedError` when the training loss becomes NaN or infinite. ``monitor`` is
+    called after each epoch of step 5 (:data:`Monitor`). Step 6, the score, is :func:`evaluate` (or
+    :func:`predictions`, image by image) on the held-out samples.
     """
     assert 0 <= start <= params.frozen_blocks, (start, params.frozen_blocks)
     # 1-3) load the pretrained blocks, a new head for the target's classes, freeze the first k
@@ -96,7 +104,17 @@ def finetune(
     # 4-5) warm up the head, then train with the penalty
     generator = torch.Generator().manual_seed(seed)
     (error,) = fit(
-        model, cfg, params, pretrained, forward, x, y, start, [generator], stacked=False
+        model,
+        cfg,
+        params,
+        pretrained,
+        forward,
+        x,
+        y,
+        start,
+        [generator],
+        stacked=False,
+        monitor=monitor,
     )
     if error is not None:
         raise error
@@ -152,11 +170,13 @@ def fit(
     start: int,
     generators: Sequence[torch.Generator],
     stacked: bool,
+    monitor: Monitor | None = None,
 ) -> Diverged:
     """Steps 4-5 for one model, or for the stacked models of several folds (one generator each).
 
     ``model`` is at its starting point (:func:`start_model`); ``forward`` runs it on inputs that
     enter block ``start``; ``x`` and ``y`` are the training set (stacked: ``(folds, n, ...)``).
+    ``monitor`` watches step 5, epoch by epoch (:data:`Monitor`).
     """
     ft = cfg.finetune
     n = y.shape[-1]
@@ -192,10 +212,10 @@ def fit(
     backbone = [p for p in model.blocks.parameters() if p.requires_grad]
     diverged: Diverged = [None] * len(generators)
 
-    def train(groups: list[dict[str, Any]], epochs: int) -> None:
+    def train(groups: list[dict[str, Any]], epochs: int, watch: Monitor | None = None) -> None:
         optimizer = _optimizer(groups, ft.optimizer, params.lr, ft.momentum, model)
         _train_epochs(
-            model, optimizer, loss, penalty, n, epochs, ft.batch_size, generators, diverged
+            model, optimizer, loss, penalty, n, epochs, ft.batch_size, generators, diverged, watch
         )
 
     # 4) optionally warm up the new head alone, so random head gradients do not wreck the backbone
@@ -215,7 +235,7 @@ def fit(
     elif backbone:
         for p in backbone:
             p.requires_grad_(False)
-    train(groups, ft.epochs)
+    train(groups, ft.epochs, monitor)
     return diverged
 
 
@@ -438,6 +458,37 @@ def evaluate(
     return correct / len(y), loss / len(y)
 
 
+@torch.no_grad()
+def predictions(
+    model: BlockNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 4096,
+    *,
+    start: int = 0,
+    stacked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 6 image by image: each sample's cross-entropy (minus the log-probability of its true
+    class) and whether the model got it right; ``x`` enters block ``start``.
+
+    ``stacked``: ``model`` holds several folds' models (as a :data:`Monitor` of
+    :func:`~tlsearch.training.finetune_folds` sees it), ``x`` is ``(folds, n, ...)`` and ``y``
+    ``(folds, n)``; so are the results.
+    """
+    model.eval()
+    if stacked:
+        logits = per_fold(model, lambda m, xb: m(xb, start=start))(x)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        return ce.view(y.shape), logits.argmax(-1) == y
+    losses, right = [], []
+    for first in range(0, len(y), batch_size):
+        logits = model(x[first : first + batch_size], start=start)
+        yb = y[first : first + batch_size]
+        losses.append(F.cross_entropy(logits, yb, reduction="none"))
+        right.append(logits.argmax(1) == yb)
+    return torch.cat(losses), torch.cat(right)
+
+
 def _optimizer(
     groups: list[dict[str, Any]], name: str, lr: float, momentum: float, model: BlockNet
 ) -> torch.optim.Optimizer | FusedAdam:
@@ -460,6 +511,7 @@ def _train_epochs(
     batch_size: int,
     generators: Sequence[torch.Generator],
     diverged: Diverged,
+    monitor: Monitor | None = None,
 ) -> None:
     """Train for ``epochs``; one generator per fold draws that fold's minibatch order.
 
@@ -467,7 +519,8 @@ def _train_epochs(
     it to ``.grad`` after the backward pass and is evaluated only for the divergence check, on the
     last batch of each epoch; any other is part of the loss that backpropagates. A fold whose
     training loss becomes NaN/inf is noted in ``diverged``; training stops once the first fold
-    diverged, since the folds are scored in order and the trial ends there.
+    diverged, since the folds are scored in order and the trial ends there, or when ``monitor``
+    says so after an epoch.
     """
     closed_form = penalty.closed_form_grad
     model.train()
@@ -495,6 +548,11 @@ def _train_epochs(
                 )
         if diverged[0] is not None:
             return
+        if monitor is not None:
+            stop = monitor(epoch + 1, model)
+            model.train()
+            if stop:
+                return
 
 
 def to_tensors(

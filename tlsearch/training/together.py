@@ -20,7 +20,7 @@ from tlsearch.config import StudyConfig
 from tlsearch.errors import DivergedError
 from tlsearch.models import BlockNet
 from tlsearch.params import TrialParams
-from tlsearch.training.fold import Forward, block_outputs, fit, per_fold, start_model
+from tlsearch.training.fold import Forward, Monitor, block_outputs, fit, per_fold, start_model
 
 __all__ = ["finetune_folds", "fold_batchable", "stack_models"]
 
@@ -52,12 +52,14 @@ def finetune_folds(
     seeds: Sequence[int],
     *,
     start: int = 0,
+    monitor: Monitor | None = None,
 ) -> list[BlockNet | DivergedError]:
     """Fine-tune one model per fold at once: what :func:`finetune` gives for each, up to rounding.
 
     ``x`` is ``(folds, n, ...)`` and ``y`` is ``(folds, n)``: every fold trains on the same number of
     samples, so all take the same steps. ``seeds[f]`` is fold f's seed. The models must be
     :func:`fold_batchable`. Returns each fold's model, or the :class:`DivergedError` that ended it.
+    ``monitor`` is called with the stacked model (every fold's parameters along dimension 0).
     """
     assert len(x) == len(y) == len(seeds), (len(x), len(y), len(seeds))
     assert 0 <= start <= params.frozen_blocks, (start, params.frozen_blocks)
@@ -72,7 +74,17 @@ def finetune_folds(
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     forward = _stacked_forward(stacked, start)
     diverged = fit(
-        stacked, cfg, params, pretrained, forward, x, y, start, generators, stacked=True
+        stacked,
+        cfg,
+        params,
+        pretrained,
+        forward,
+        x,
+        y,
+        start,
+        generators,
+        stacked=True,
+        monitor=monitor,
     )
     with torch.no_grad():
         for name, value in stacked.named_parameters():
