@@ -173,25 +173,41 @@ def _config_key(trial: FrozenTrial, cfg: StudyConfig) -> tuple:
     return (baseline_of(trial) == "scratch", *sorted((k, repr(v)) for k, v in params.items()))
 
 
+def references(pool: Pool, cfg: StudyConfig) -> list[FrozenTrial]:
+    """The trials the answer may fall back to (``select.reference``): plain fine-tuning, or both
+    baselines the study has."""
+    names = ["plain_finetuning"]
+    if cfg.select.reference == "baselines":
+        names.append("scratch")
+    return [t for t in map(pool.baseline, names) if t is not None]
+
+
+def reference(trials: Sequence[FrozenTrial], pool: Pool, cfg: StudyConfig) -> FrozenTrial | None:
+    """Of ``trials`` (the references, or their confirmation runs), the one the answer falls back
+    to: the first, or with ``select.reference = "baselines"`` the one with the lowest CV loss."""
+    if not trials:
+        return None
+    return ranked(trials, "loss")[0] if cfg.select.reference == "baselines" else trials[0]
+
+
 def confirmation_candidates(pool: Pool, cfg: StudyConfig) -> list[FrozenTrial]:
     """The search trials the confirmation round trains again: the top ``select.confirm`` distinct
-    configurations by ``select.metric``, then plain fine-tuning (when the study has it and it is
-    not among them). Empty when ``select.confirm`` is 0."""
+    configurations by ``select.metric``, then the references (:func:`references`: plain
+    fine-tuning, and scratch with ``select.reference = "baselines"``). Empty when
+    ``select.confirm`` is 0."""
     if cfg.select.confirm <= 0 or not pool.search:
         return []
+    refs = references(pool, cfg)
     chosen: list[FrozenTrial] = []
-    seen: set[tuple] = set()
-    plain = pool.baseline("plain_finetuning")
-    if plain is not None:
-        seen.add(_config_key(plain, cfg))
+    seen = {_config_key(t, cfg) for t in refs}
     for t in ranked(pool.search, cfg.select.metric):
         key = _config_key(t, cfg)
-        if t is not plain and key not in seen:
+        if all(t is not r for r in refs) and key not in seen:
             seen.add(key)
             chosen.append(t)
         if len(chosen) == cfg.select.confirm:
             break
-    return chosen + ([plain] if plain is not None else [])
+    return chosen + refs
 
 
 @dataclass(frozen=True)
@@ -334,14 +350,9 @@ def _fallback(pool: Pool, cfg: StudyConfig, why: str) -> Decision:
 
 
 def _gated(
-    top: FrozenTrial,
-    plain: FrozenTrial,
-    compared: Paired,
-    tests: int,
-    cfg: StudyConfig,
-    where: str,
+    top: FrozenTrial, ref: FrozenTrial, compared: Paired, tests: int, cfg: StudyConfig, where: str
 ) -> Decision:
-    """``top`` when its advantage over ``plain`` is significant at ``alpha / tests``, else plain."""
+    """``top`` when its advantage over ``ref`` is significant at ``alpha / tests``, else ref."""
     alpha = cfg.select.alpha
     p = compared.p_value("loss")
     numbers = {**compared.to_dict(), "p_value": p, "level": alpha / tests, "candidate": top.number}
@@ -351,27 +362,27 @@ def _gated(
     )
     level = f"{alpha:g}/{tests}" if tests > 1 else f"{alpha:g}"
     if p < alpha / tests:
-        reason = f"left plain fine-tuning for {_describe(top)}: its {advantage} < {level}"
+        reason = f"left {_describe(ref)} for {_describe(top)}: its {advantage} < {level}"
         return Decision(top, reason, numbers)
-    reason = f"kept plain fine-tuning: {_describe(top)}'s {advantage}, not below {level}"
-    return Decision(plain, reason, numbers)
+    reason = f"kept {_describe(ref)}: {_describe(top)}'s {advantage}, not below {level}"
+    return Decision(ref, reason, numbers)
 
 
 def gate(pool: Pool, cfg: StudyConfig) -> Decision:
-    plain = pool.baseline("plain_finetuning")
-    top = ranked(pool.search, cfg.select.metric)[0]
-    if plain is None:
+    ref = reference(references(pool, cfg), pool, cfg)
+    if ref is None:
         return _fallback(pool, cfg, "gate: no plain fine-tuning trial (search.baselines)")
-    if top is plain:
-        return Decision(plain, f"kept plain fine-tuning: it ranks first by {cfg.select.metric}")
-    ours, theirs = decode_oof(top.user_attrs), decode_oof(plain.user_attrs)
+    top = ranked(pool.search, cfg.select.metric)[0]
+    if top is ref:
+        return Decision(ref, f"kept {_describe(ref)}: it ranks first by {cfg.select.metric}")
+    ours, theirs = decode_oof(top.user_attrs), decode_oof(ref.user_attrs)
     if ours is None or theirs is None:
         return _fallback(
             pool,
             cfg,
             "gate: these trials have no per-image evidence (made before tlsearch kept it)",
         )
-    return _gated(top, plain, paired(ours, theirs), len(pool.search) - 1, cfg, "in the search")
+    return _gated(top, ref, paired(ours, theirs), len(pool.search) - 1, cfg, "in the search")
 
 
 def _round(pool: Pool, cfg: StudyConfig) -> tuple[list[FrozenTrial], list[FrozenTrial]] | str:
@@ -416,15 +427,21 @@ def confirm_gate(pool: Pool, cfg: StudyConfig) -> Decision:
     if isinstance(found, str):
         return _fallback(pool, cfg, f"confirm_gate: {found}")
     candidates, runs = found
-    plain = pool.baseline("plain_finetuning")
-    if plain is None or candidates[-1] is not plain:
+    refs = [r for c, r in zip(candidates, runs, strict=True) if baseline_of(c) is not None]
+    ref_run = reference(
+        [r for r in refs if any(baseline_of(r) == baseline_of(t) for t in references(pool, cfg))],
+        pool,
+        cfg,
+    )
+    if ref_run is None:
         return confirm(pool, cfg)
+    ref = candidates[runs.index(ref_run)]
     winner = ranked(runs, cfg.select.metric)[0]
     chosen = candidates[runs.index(winner)]
-    if chosen is plain:
-        return Decision(plain, "kept plain fine-tuning: it ranks first on fresh folds")
-    ours, theirs = decode_oof(winner.user_attrs), decode_oof(runs[-1].user_attrs)
+    if chosen is ref:
+        return Decision(ref, f"kept {_describe(ref)}: it ranks first on fresh folds")
+    ours, theirs = decode_oof(winner.user_attrs), decode_oof(ref_run.user_attrs)
     if ours is None or theirs is None:
         return confirm(pool, cfg)
     tests = len(candidates) - 1
-    return _gated(chosen, plain, paired(ours, theirs), tests, cfg, "on fresh folds")
+    return _gated(chosen, ref, paired(ours, theirs), tests, cfg, "on fresh folds")

@@ -459,6 +459,9 @@ class SelectConfig(_Section):
     metric: Literal["value", "loss"] = "value"
     # The gate's one-sided level, divided by the number of trials the candidate was picked from.
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    # What the answer falls back to without evidence: "plain_finetuning", or "baselines", the one
+    # of plain fine-tuning and scratch with the lower CV loss (where transfer does not pay).
+    reference: Literal["plain_finetuning", "baselines"] = "plain_finetuning"
 
 
 class StudyConfig(_Section):
