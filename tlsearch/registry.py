@@ -47,6 +47,7 @@ __all__ = [
     "SAMPLERS",
     "SELECTION_RULES",
     "TASKS",
+    "TERMS",
     "BlockNetOptions",
     "Entry",
     "Registry",
@@ -350,6 +351,11 @@ REGULARIZERS.register("none", "tlsearch.regularizers.none:NoPenalty")
 REGULARIZERS.register("l2", "tlsearch.regularizers.l2:L2")
 REGULARIZERS.register("l2sp", "tlsearch.regularizers.l2sp:L2SP")
 REGULARIZERS.register("delta", "tlsearch.regularizers.delta:Delta")
+
+# Loss terms added on top of whichever penalty trains (tlsearch.regularizers.base.DataTerm): a
+# class whose from_settings(regularizer settings, trial params) gives the term, or None when off.
+TERMS = Registry("loss term", "regularizer", group="tlsearch.terms")
+TERMS.register("bss", "tlsearch.regularizers.bss:BSS")
 
 TASKS = Registry("task", "data.task", group="tlsearch.tasks")
 for _name in (

@@ -11,15 +11,14 @@ Two fast paths give the plain path's models, up to float rounding:
   the same steps (:func:`start_model`, :func:`fit`).
 
 The loss of a step is :func:`batch_loss` plus the penalty's weight term. :func:`batch_loss` is the
-mean cross-entropy plus the *data terms*, those that need the batch's features: DELTA's distance
-between the trained blocks' feature maps and the pretrained ones (computed once per fold, on the
-fold's training set, and indexed by each batch's indices like the inputs; with
-``regularizer.delta_attention`` also its channel weights, :func:`delta_attention`) and BSS on the
-head's input. A :data:`Forward` runs the blocks keeping their outputs only when a data term reads
-them: with L2 or L2-SP and no BSS a step is what it was before data terms existed. The fast paths work
-for both (the cache: blocks below ``start`` are frozen, so their outputs are the pretrained ones and
-DELTA skips them). The closed-form gradient (``Regularizer.accumulate_grad_``) covers only weight
-terms; data terms always backpropagate.
+mean cross-entropy plus the *data terms* (:class:`~tlsearch.regularizers.base.DataTerm`: DELTA's
+distance between feature maps, BSS on the head's input), whatever they are: the loop prepares each
+once per fold and adds each in every step, and names none. A :data:`Forward` runs the blocks keeping
+their outputs only when a data term reads them: with L2 or L2-SP and no BSS a step is what it was
+before data terms existed. The fast paths work for both (the cache: blocks below ``start`` are
+frozen, so their outputs are the pretrained ones and DELTA skips them). The closed-form gradient
+(``Regularizer.accumulate_grad_``) covers only weight terms; data terms always backpropagate.
+A :data:`Monitor` watches step 5 epoch by epoch (the trial's learning curves and its pruner).
 """
 
 from __future__ import annotations
@@ -36,9 +35,9 @@ import torch.nn.functional as F
 from tlsearch.config import StudyConfig
 from tlsearch.device import rebalance
 from tlsearch.errors import DivergedError
-from tlsearch.models import BlockNet, backbone_state, create_model
+from tlsearch.models import BlockNet, backbone_state, create_model, per_fold
 from tlsearch.params import TrialParams
-from tlsearch.regularizers import BSS, Regularizer, create_regularizer
+from tlsearch.regularizers import DataTerm, Regularizer, Start, create_regularizer, data_terms
 from tlsearch.training.adam import FusedAdam
 
 __all__ = [
@@ -48,12 +47,10 @@ __all__ = [
     "batch_loss",
     "block_outputs",
     "channels_last",
-    "delta_attention",
     "evaluate",
     "finetune",
     "fit",
     "minibatches",
-    "per_fold",
     "predictions",
     "start_model",
     "to_tensors",
@@ -191,23 +188,19 @@ def fit(
         penalize=cfg.regularizer.penalize,
         scale=scale,
         stacked=stacked,
+        settings=cfg.regularizer,
     )
-    # The data terms, only where a block trains: otherwise no feature map moves (DELTA's term is
-    # 0) and the head's input is fixed, and so is its spectrum (BSS's).
+    # The terms computed from the batch (DELTA's, BSS), only where a block trains: otherwise no
+    # feature map moves and the head's input is fixed, and so is its spectrum.
     trains = params.frozen_blocks < len(model.blocks) and params.backbone_lr_mult > 0
-    delta = penalty if penalty.feature_maps and penalty.lambda_ > 0 and trains else None
-    bss = BSS(params.bss_eta, cfg.regularizer.bss_k) if params.bss_eta > 0 and trains else None
-    attention = None
-    if delta is not None and cfg.regularizer.delta_attention:
-        # Each fold's own seed (its minibatch generator's), for its head's initialisation.
-        seeds = [g.initial_seed() for g in generators]
-
-        def attention(refs: list[torch.Tensor]) -> list[torch.Tensor]:
-            return delta_attention(model, refs, y, params.frozen_blocks, seeds, stacked)
-
-    loss = batch_loss(
-        model, forward, x, y, params.frozen_blocks - start, delta, bss, stacked, attention
+    terms = data_terms(penalty, cfg.regularizer, params) if trains else []
+    # Each fold's own seed (its minibatch generator's), for what a term draws (DELTA's head).
+    seeds = [g.initial_seed() for g in generators]
+    outputs = lambda xb: forward(xb, True)[1]  # noqa: E731 - what a term's prepare() runs
+    begin = Start(
+        model, outputs, x, y, params.frozen_blocks - start, params.frozen_blocks, seeds, stacked
     )
+    loss = batch_loss(forward, x, y, terms, begin, stacked)
     head = list(model.head.parameters())
     backbone = [p for p in model.blocks.parameters() if p.requires_grad]
     diverged: Diverged = [None] * len(generators)
@@ -240,36 +233,23 @@ def fit(
 
 
 def batch_loss(
-    model: BlockNet,
     forward: Forward,
     x: torch.Tensor,
     y: torch.Tensor,
-    first_trained: int,
-    delta: Regularizer | None,
-    bss: BSS | None,
+    terms: Sequence[DataTerm],
+    start: Start,
     stacked: bool,
-    attention: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> BatchLoss:
-    """Each fold's mean cross-entropy on its minibatch, plus the data terms given: ``delta``'s
-    :meth:`~tlsearch.regularizers.base.Regularizer.data_penalty` and ``bss``.
+    """Each fold's mean cross-entropy on its minibatch, plus each of ``terms``
+    (:class:`~tlsearch.regularizers.base.DataTerm`), prepared here with the model at its ``start``.
 
-    ``forward``'s outputs from index ``first_trained`` on are the trained blocks'. For ``delta``
-    their pretrained values are computed here, once, on the whole training set ``x`` (``model``
-    is still at its start; eval mode, no gradient), and each batch takes the rows its indices
-    name. Stacked, ``x`` and ``y`` are ``(folds, n, ...)`` and fold f takes its own rows. With
-    neither term a step runs the model for its logits alone. ``attention``, when given, maps those
-    pretrained outputs to DELTA's channel weights (:func:`delta_attention`), set on ``delta`` here.
+    Stacked, ``x`` and ``y`` are ``(folds, n, ...)`` and fold f takes its own rows. Without terms
+    a step runs the model for its logits alone: with L2 or L2-SP and no BSS a step is what it was
+    before data terms existed.
     """
-    refs: list[torch.Tensor] = []
-    if delta is not None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            refs = forward(x, True)[1][first_trained:]
-            if attention is not None:
-                delta.attention = attention(refs)
-        model.train(was_training)
-    maps = delta is not None or bss is not None
+    for term in terms:
+        term.prepare(start)
+    maps = bool(terms)
     rows = torch.arange(len(x), device=x.device)[:, None] if stacked else None
 
     def loss(idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
@@ -287,159 +267,11 @@ def batch_loss(
         else:
             ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
             value = ce.view(yb.shape).mean(1)
-        if delta is not None:
-            value = value + delta.data_penalty(outputs[first_trained:], [r[rows_of] for r in refs])
-        if bss is not None:
-            value = value + bss(outputs[-1])
+        for term in terms:
+            value = value + term.batch_term(outputs, rows_of)
         return value
 
     return loss
-
-
-# DELTA's channel attention (regularizer.delta_attention): the linear head's fit and the softmax.
-ATTENTION_STEPS = 100  # full-batch Adam steps of the head, on standardised features
-ATTENTION_LR = 0.05
-ATTENTION_TEMPERATURE = 5.0  # on the z-scored loss increases, as tllib (and the DELTA code)
-ATTENTION_CHUNK = 1 << 22  # elements of channel-zeroed feature maps run through the blocks at once
-
-
-@torch.no_grad()
-def delta_attention(
-    model: BlockNet,
-    refs: Sequence[torch.Tensor],
-    y: torch.Tensor,
-    first_block: int,
-    seeds: Sequence[int],
-    stacked: bool,
-) -> list[torch.Tensor]:
-    """DELTA's channel weights (Li et al., ICLR 2019, section 3.3: "supervised attention"), per
-    trained block, from the pretrained network on the fold's training set.
-
-    ``model`` is at its start (the pretrained blocks, eval mode); ``refs[i]`` is the output of
-    block ``first_block + i`` on the training set (every block from ``first_block`` on, the last
-    the penultimate features ``z``), ``y`` its labels; stacked, both carry the fold dimension and
-    fold f gets its own weights, from its own samples (``seeds[f]`` seeds its head). Steps:
-
-    1. fit a linear head ``g`` for the target's classes on the standardised ``z``:
-       :data:`ATTENTION_STEPS` full-batch Adam steps from a start drawn by a generator of its own
-       (seeded from the fold's seed: the global random stream is not touched); ``L`` is its mean
-       cross-entropy on the training set;
-    2. for each trained block j and channel c of its output (dim 1 of a sample's map; a unit of a
-       fully connected block), zero that channel on every sample, run blocks j+1… and ``g``:
-       ``Δ_jc = max(L_{-jc} − L, 0)``;
-    3. ``a_j = C_j · softmax(Δ̂_j / T)`` over the C_j channels of block j, where ``Δ̂_j`` is ``Δ_j``
-       z-scored over those channels and T = :data:`ATTENTION_TEMPERATURE` = 5, as tllib's DELTA
-       does: raw loss increases of one channel among many are small, and softmax(Δ/5) of them
-       would be uniform. The weights average 1 (all equal, as when no channel matters, is plain
-       DELTA), so λ keeps its meaning.
-
-    Cost: per fold, one forward of the blocks after j per channel of each trained block j
-    (channels batched, :data:`ATTENTION_CHUNK` elements at a time), plus the head's fit.
-    """
-    maps = [r if stacked else r.unsqueeze(0) for r in refs]  # (folds, n, ...)
-    labels = y if stacked else y.unsqueeze(0)
-    folds, n = labels.shape
-    z = maps[-1].flatten(2)
-    mean = z.mean(1, keepdim=True)
-    std = z.std(1, correction=0, keepdim=True)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    weight, bias = _attention_head((z - mean) / std, labels, model.head.weight.shape[-2], seeds)
-
-    def losses(features: torch.Tensor) -> torch.Tensor:
-        """Each fold's mean cross-entropy of ``g``: ``(folds, m, n, d)`` → ``(folds, m)``."""
-        flat = ((features.flatten(3) - mean[:, None]) / std[:, None]).flatten(1, 2)
-        logits = torch.baddbmm(bias[:, None], flat, weight.transpose(1, 2))
-        target = labels[:, None].expand(folds, len(flat[0]) // n, n)
-        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-        return ce.view(target.shape).mean(-1)
-
-    base = losses(maps[-1][:, None])  # (folds, 1)
-    rest = _rest_of_blocks(model, stacked)
-    weights = []
-    for i, fm in enumerate(maps):
-        channels = fm.shape[2]
-        per_channel = max(1, ATTENTION_CHUNK // max(1, fm[:, :, 0].numel()))
-        increase = []
-        for first in range(0, channels, per_channel):
-            m = min(per_channel, channels - first)
-            keep = torch.ones(m, channels, dtype=fm.dtype, device=fm.device)
-            keep[torch.arange(m), first + torch.arange(m)] = 0
-            # m copies of the maps, copy k with channel first + k zeroed: (folds, m·n, C, ...)
-            zeroed = fm[:, None] * keep.view(1, m, 1, channels, *[1] * (fm.dim() - 3))
-            out = rest(zeroed.flatten(1, 2), first_block + i + 1)
-            increase.append(losses(out.reshape(folds, m, n, *out.shape[2:])) - base)
-        delta = torch.cat(increase, 1).clamp_min(0)
-        spread = delta.std(1, correction=0, keepdim=True)
-        scaled = torch.where(spread > 1e-6, (delta - delta.mean(1, keepdim=True)) / spread, 0.0)
-        a = channels * torch.softmax(scaled / ATTENTION_TEMPERATURE, dim=1)
-        weights.append(a if stacked else a[0])
-    return weights
-
-
-def _attention_head(
-    z: torch.Tensor, y: torch.Tensor, classes: int, seeds: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear head per fold on features ``z`` ``(folds, n, d)``: weight ``(folds, classes, d)``
-    and bias ``(folds, classes)``; fold f starts from a draw of its own generator. Adam treats each
-    element alone, so fitting the folds together is fitting each alone."""
-    d = z.shape[-1]
-    bound = 1 / math.sqrt(d)
-    start = []
-    for seed in seeds:
-        digest = hashlib.sha256(f"tlsearch.delta_attention:{seed}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        start.append((torch.rand(classes, d, generator=g, dtype=z.dtype) * 2 - 1) * bound)
-    weight = torch.stack(start).to(z.device).requires_grad_()
-    bias = torch.zeros(len(seeds), classes, dtype=z.dtype, device=z.device, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=ATTENTION_LR)
-    with torch.enable_grad():
-        for _ in range(ATTENTION_STEPS):
-            logits = torch.baddbmm(bias[:, None], z, weight.transpose(1, 2))
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-            optimizer.zero_grad()
-            loss.view(y.shape).mean(1).sum().backward()
-            optimizer.step()
-    return weight.detach(), bias.detach()
-
-
-def _rest_of_blocks(model: BlockNet, stacked: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """``rest(h, j)``: blocks j… of ``model`` on ``h`` ``(folds, m, ...)`` (each fold's own
-    blocks when stacked), the head's input."""
-
-    def rest(h: torch.Tensor, start: int) -> torch.Tensor:
-        if start == len(model.blocks):
-            return h
-        if not stacked:
-            return model.features(h[0], start).unsqueeze(0)
-        return per_fold(model, lambda m, xb: m.features(xb, start))(h)
-
-    return rest
-
-
-def per_fold(model: BlockNet, fn: Callable[[BlockNet, torch.Tensor], Any]) -> Callable[..., Any]:
-    """``fn(model_f, x_f)`` for every fold f of the stacked ``model`` at once: a ``torch.func.vmap``
-    over the leading fold dimension of its parameters and of the input.
-
-    The stacked leaves themselves are handed over, so the optimizer's in-place updates show in
-    every later call.
-    """
-    module = _Call(model, fn)
-    params = {f"model.{name}": p for name, p in model.named_parameters()}
-    run = torch.func.vmap(lambda p, xb: torch.func.functional_call(module, p, (xb,)))
-    return lambda x: run(params, x)
-
-
-class _Call(torch.nn.Module):
-    """``fn(model, x)`` as a module's forward, for ``functional_call`` (which calls a module's
-    forward); its parameters are ``model.<name>``."""
-
-    def __init__(self, model: BlockNet, fn: Callable[[BlockNet, torch.Tensor], Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.fn(self.model, x)
 
 
 @torch.no_grad()

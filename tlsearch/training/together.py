@@ -10,7 +10,6 @@ a data term reads them (DELTA, BSS: ``torch.linalg.svdvals`` is batched over fol
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,11 +17,11 @@ from torch import nn
 
 from tlsearch.config import StudyConfig
 from tlsearch.errors import DivergedError
-from tlsearch.models import BlockNet
+from tlsearch.models import BlockNet, per_fold, stack_models
 from tlsearch.params import TrialParams
-from tlsearch.training.fold import Forward, Monitor, block_outputs, fit, per_fold, start_model
+from tlsearch.training.fold import Forward, Monitor, block_outputs, fit, start_model
 
-__all__ = ["finetune_folds", "fold_batchable", "stack_models"]
+__all__ = ["finetune_folds", "fold_batchable"]
 
 
 def fold_batchable(model: BlockNet, frozen_blocks: int) -> bool:
@@ -93,16 +92,6 @@ def finetune_folds(
     return [
         model if error is None else error for model, error in zip(models, diverged, strict=True)
     ]
-
-
-def stack_models(models: Sequence[BlockNet]) -> BlockNet:
-    """A copy of ``models[0]`` whose parameters hold every model's, along a new leading dimension."""
-    stacked = copy.deepcopy(models[0])
-    for name, p in models[0].named_parameters():
-        owner, _, attr = name.rpartition(".")
-        value = torch.stack([m.get_parameter(name).detach() for m in models])
-        setattr(stacked.get_submodule(owner), attr, nn.Parameter(value, p.requires_grad))
-    return stacked
 
 
 def _stacked_forward(model: BlockNet, start: int) -> Forward:
