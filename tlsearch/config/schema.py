@@ -6,10 +6,15 @@ into one line per problem that names the field path. The schema looks nothing up
 regularizers, tasks, samplers and pruners exist, and what options a model takes, is checked after it
 loads, against :mod:`tlsearch.registry`.
 
-The penalty convention, since λ means nothing without it: every regularizer adds
-``λ/2 · Σ_p ‖p − p⁰‖²`` (``p⁰ = 0`` for ``l2``) over the parameters it covers to the *mean* cross-entropy
-of the batch. ``regularizer.scale = "per_sample"`` divides that by m, the number of training samples of
-the fold, which is the textbook ``λ/2m · Σθ²``.
+The penalty convention, since λ means nothing without it: ``l2`` and ``l2sp`` add
+``λ/2 · Σ_p ‖p − p⁰‖²`` (``p⁰ = 0`` for ``l2``, the pretrained value for ``l2sp``) over the
+parameters they cover to the *mean* cross-entropy of the batch; ``regularizer.scale = "per_sample"``
+divides that by m, the number of training samples of the fold, which is the textbook
+``λ/2m · Σθ²``. ``delta`` adds ``λ/2 · mean_b Σ_j ‖FM_j(w, x_b) − FM_j(w⁰, x_b)‖²`` over the trained
+blocks' feature maps (a mean over the batch like the cross-entropy, so ``scale`` does not apply to
+it) and has a λ range of its own (``search.delta_lambda``); ``l2sp`` and ``delta`` add
+``β/2 · ‖w_head‖²`` for the new head. BSS (``regularizer.bss_eta``) adds ``η · Σ σ²`` of the k
+smallest singular values of the batch's penultimate features on top of any of them.
 """
 
 from __future__ import annotations
@@ -257,7 +262,9 @@ class FinetuneConfig(_Section):
     head_warmup_epochs: int = Field(0, ge=0)
     # "auto": CUDA when available; or "cpu", "cuda", "cuda:1".
     device: str = "auto"
-    # Torch intra-op threads; 0 leaves torch's default.
+    # Torch intra-op threads. 0: the thread policy (tlsearch.device.choose_threads) decides, before
+    # each trial and between epochs: this process's share of the cores among the study's workers
+    # on this host, less the cores other processes keep busy (OMP_NUM_THREADS, if set, fixes it).
     threads: int = Field(0, ge=0)
     # Frozen blocks run in eval mode, so their output on the target data depends only on the
     # checkpoint, the depth and the data: compute it once per process and depth, train on it.
@@ -317,7 +324,8 @@ def _at_least_zero(value: Param, note: str = "") -> Param:
 class RegularizerConfig(_Section):
     """Which penalty pulls the fine-tuned weights, and over which parameters."""
 
-    # "l2sp" (toward the pretrained weights), "l2" (toward zero) or "none"; a list searches them.
+    # "l2sp" (toward the pretrained weights), "l2" (toward zero), "delta" (the trained blocks'
+    # feature maps toward the pretrained ones) or "none"; a list searches them.
     name: str | list[str] = "l2sp"
     # β of L2-SP: λ/2·Σ over the new head's weights (Li et al. 2018 use 0.01).
     head_lambda: float = Field(0.01, ge=0.0)

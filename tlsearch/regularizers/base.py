@@ -10,7 +10,7 @@ over the *trainable* parameters the regularizer covers (frozen ones have no grad
 code; ``"all"`` adds biases and norm-layer parameters, as tllib does.
 
 With ``stacked=True`` the model's parameters carry a leading fold dimension (k fold models trained
-together, see :func:`tlsearch.finetune.finetune_folds`) and ``forward()`` returns the k penalties, one per
+together, see :func:`tlsearch.training.finetune_folds`) and ``forward()`` returns the k penalties, one per
 fold; their sum has, for each fold's slice, that fold's gradient.
 
 Adding a regularizer is one :class:`Regularizer` subclass and its registry entry
