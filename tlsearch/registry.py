@@ -374,7 +374,7 @@ for _name in ("tpe", "random", "gp", "cmaes", "qmc"):
     SAMPLERS.register(_name, f"tlsearch.samplers:{_name}")
 
 PRUNERS = Registry("pruner", "pruner.name")
-for _name in ("median", "percentile", "wilcoxon", "none"):
+for _name in ("median", "percentile", "wilcoxon", "successive_halving", "hyperband", "none"):
     PRUNERS.register(_name, f"tlsearch.samplers:{_name}_pruner")
 
 # What `tlsearch export` takes as a study's answer (select.rule, export --select): see

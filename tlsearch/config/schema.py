@@ -442,14 +442,39 @@ class SamplerConfig(_Section):
 
 
 class PrunerConfig(_Section):
-    # median, percentile, wilcoxon or none (Optuna's pruners; see tlsearch.samplers).
+    # median, percentile, wilcoxon, successive_halving, hyperband or none (Optuna's pruners; see
+    # tlsearch.samplers).
     name: str = "median"
-    # Median/percentile: trials completed before any pruning, folds before a trial may be pruned.
+    # What a trial reports as it trains, the pruner's step axis: "folds", its running CV metric
+    # after each fold (step = fold index); "epochs", every 5 epochs the CV metric of all its folds
+    # at that epoch, the folds trained side by side (step = epoch: a trial stopped at epoch e
+    # has trained every fold e epochs).
+    steps: Literal["folds", "epochs"] = "folds"
+    # Median/percentile: trials completed before any pruning, steps before a trial may be pruned.
     n_startup_trials: int = Field(5, ge=0)
     n_warmup_steps: int = Field(1, ge=0)
     percentile: float = Field(25.0, gt=0.0, lt=100.0)
     # Wilcoxon: the p-value below which a trial is pruned.
     p_threshold: float = Field(0.1, gt=0.0, lt=1.0)
+    # Successive halving and Hyperband (steps = "epochs"): the first rung after this many epochs,
+    # each next one `reduction_factor` times further; at each, a trial goes on only when it is in
+    # the top 1/`reduction_factor` of the trials that reached it.
+    min_epochs: int = Field(5, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> PrunerConfig:
+        if self.name == "wilcoxon" and self.steps == "epochs":
+            raise ValueError(
+                "pruner.steps: the Wilcoxon pruner compares fold scores, so it needs "
+                'steps = "folds"'
+            )
+        if self.name in ("successive_halving", "hyperband") and self.steps == "folds":
+            raise ValueError(
+                f"pruner.steps: {self.name} stops trials on partial training: it needs steps = "
+                '"epochs"'
+            )
+        return self
 
 
 class SelectConfig(_Section):
@@ -579,6 +604,10 @@ LEGACY_VALUES: dict[str, Any] = {
     "regularizer.delta_attention": False,
     "search.delta_lambda": {"low": 1e-4, "high": 10.0, "log": True, "step": None},
     "data.images": {"resize": None, "channels": "rgb", "mean": None, "std": None},
+    # Added with the half-compute issue: a study made before it reports after each fold.
+    "pruner.steps": "folds",
+    "pruner.min_epochs": 5,
+    "pruner.reduction_factor": 3,
     # Added with the do-no-harm issue: a study made before it runs no confirmation round when
     # resumed (select.rule is not here: an old study exports with today's rule, which says in
     # one line what the study lacks).

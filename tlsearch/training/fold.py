@@ -18,7 +18,8 @@ their outputs only when a data term reads them: with L2 or L2-SP and no BSS a st
 before data terms existed. The fast paths work for both (the cache: blocks below ``start`` are
 frozen, so their outputs are the pretrained ones and DELTA skips them). The closed-form gradient
 (``Regularizer.accumulate_grad_``) covers only weight terms; data terms always backpropagate.
-A :data:`Monitor` watches step 5 epoch by epoch (the trial's learning curves and its pruner).
+A :class:`Run` trains step 5 one epoch at a time, so that a trial can watch its folds' learning
+curves, train several folds in turn and stop early.
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ from tlsearch.training.adam import FusedAdam
 __all__ = [
     "BatchLoss",
     "Forward",
-    "Monitor",
+    "Run",
     "batch_loss",
     "block_outputs",
     "channels_last",
     "evaluate",
     "finetune",
     "fit",
+    "fold_run",
     "minibatches",
     "predictions",
     "start_model",
@@ -64,10 +66,6 @@ BatchLoss = Callable[[tuple[torch.Tensor | None, ...]], torch.Tensor]
 Forward = Callable[[torch.Tensor, bool], tuple[torch.Tensor, list[torch.Tensor]]]
 # Per fold: the divergence that ended its training, or None.
 Diverged = list[DivergedError | None]
-# Called after each epoch of step 5 with the epoch (1-based) and the model being trained (stacked:
-# every fold's); True stops the training there (a pruner's decision). The model is in training mode
-# again when it returns.
-Monitor = Callable[[int, BlockNet], bool]
 
 
 def finetune(
@@ -81,16 +79,36 @@ def finetune(
     seed: int,
     *,
     start: int = 0,
-    monitor: Monitor | None = None,
 ) -> BlockNet:
     """Fine-tune a copy of the pretrained model on ``(x, y)``; the pretrained state is not changed.
 
     With ``start = k`` (at most ``params.frozen_blocks``), ``x`` holds the output of the first k blocks
     (``BlockNet.features(x, stop=k)`` of the pretrained model in eval mode), which are then never run.
-    Raises :class:`DivergedError` when the training loss becomes NaN or infinite. ``monitor`` is
-    called after each epoch of step 5 (:data:`Monitor`). Step 6, the score, is :func:`evaluate` (or
-    :func:`predictions`, image by image) on the held-out samples.
+    Raises :class:`DivergedError` when the training loss becomes NaN or infinite. Step 6, the score,
+    is :func:`evaluate` (or :func:`predictions`, image by image) on the held-out samples.
+    :func:`fold_run` is the same, epoch by epoch.
     """
+    run = fold_run(pretrained, cfg, params, x, y, num_classes, input_shape, seed, start=start)
+    run.finish()
+    (result,) = run.results()
+    if isinstance(result, DivergedError):
+        raise result
+    return result
+
+
+def fold_run(
+    pretrained: Mapping[str, torch.Tensor],
+    cfg: StudyConfig,
+    params: TrialParams,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    seed: int,
+    *,
+    start: int = 0,
+) -> Run:
+    """:func:`finetune` as a :class:`Run`: the model at its start, trained one epoch per step."""
     assert 0 <= start <= params.frozen_blocks, (start, params.frozen_blocks)
     # 1-3) load the pretrained blocks, a new head for the target's classes, freeze the first k
     model = start_model(pretrained, cfg, params, num_classes, input_shape, seed, x.device)
@@ -98,24 +116,72 @@ def finetune(
     def forward(xb: torch.Tensor, maps: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return block_outputs(model, xb, start) if maps else (model(xb, start=start), [])
 
-    # 4-5) warm up the head, then train with the penalty
+    # 4-5) warm up the head, then train with the penalty, one epoch per step of the run
     generator = torch.Generator().manual_seed(seed)
-    (error,) = fit(
-        model,
-        cfg,
-        params,
-        pretrained,
-        forward,
-        x,
-        y,
-        start,
-        [generator],
-        stacked=False,
-        monitor=monitor,
+    diverged: Diverged = [None]
+    epochs = fit(
+        model, cfg, params, pretrained, forward, x, y, start, [generator], False, diverged
     )
-    if error is not None:
-        raise error
-    return model
+    return Run(model, epochs, diverged, lambda: [model])
+
+
+class Run:
+    """A model (or several folds' stacked) training, one epoch of step 5 per :meth:`step`.
+
+    Runs of several folds may advance in turn, epoch by epoch: each keeps the global random
+    stream (dropout's) as it left it, so a fold trains as it would alone.
+    """
+
+    def __init__(
+        self,
+        model: BlockNet,
+        epochs: Iterator[int],
+        diverged: Diverged,
+        models: Callable[[], list[BlockNet]],
+    ) -> None:
+        self.model = model
+        self.diverged = diverged
+        self.epoch = 0
+        self._epochs = epochs
+        self._models = models
+        self._rng = _rng_state(model)
+        self.done = False
+
+    def step(self) -> bool:
+        """Train one more epoch; False when there was none left (or a fold diverged)."""
+        if self.done:
+            return False
+        outside = _rng_state(self.model)
+        _set_rng_state(self.model, self._rng)
+        try:
+            self.epoch = next(self._epochs)
+        except StopIteration:
+            self.done = True
+        finally:
+            self._rng = _rng_state(self.model)
+            _set_rng_state(self.model, outside)
+        return not self.done
+
+    def finish(self) -> None:
+        """Train to the end."""
+        while self.step():
+            pass
+
+    def results(self) -> list[BlockNet | DivergedError]:
+        """Each fold's trained model, or the divergence that ended it."""
+        return [m if e is None else e for m, e in zip(self._models(), self.diverged, strict=True)]
+
+
+def _rng_state(model: BlockNet) -> tuple[torch.Tensor, torch.Tensor | None]:
+    device = next(model.parameters()).device
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(model: BlockNet, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], next(model.parameters()).device)
 
 
 def start_model(
@@ -167,13 +233,14 @@ def fit(
     start: int,
     generators: Sequence[torch.Generator],
     stacked: bool,
-    monitor: Monitor | None = None,
-) -> Diverged:
-    """Steps 4-5 for one model, or for the stacked models of several folds (one generator each).
+    diverged: Diverged,
+) -> Iterator[int]:
+    """Steps 4-5 for one model, or for the stacked models of several folds (one generator each),
+    yielding after each epoch of step 5 its number (from 1): a :class:`Run` advances it.
 
     ``model`` is at its starting point (:func:`start_model`); ``forward`` runs it on inputs that
     enter block ``start``; ``x`` and ``y`` are the training set (stacked: ``(folds, n, ...)``).
-    ``monitor`` watches step 5, epoch by epoch (:data:`Monitor`).
+    ``diverged`` gets each fold's divergence; training ends at the first.
     """
     ft = cfg.finetune
     n = y.shape[-1]
@@ -203,23 +270,23 @@ def fit(
     loss = batch_loss(forward, x, y, terms, begin, stacked)
     head = list(model.head.parameters())
     backbone = [p for p in model.blocks.parameters() if p.requires_grad]
-    diverged: Diverged = [None] * len(generators)
 
-    def train(groups: list[dict[str, Any]], epochs: int, watch: Monitor | None = None) -> None:
+    def train(groups: list[dict[str, Any]], epochs: int) -> Iterator[int]:
         optimizer = _optimizer(groups, ft.optimizer, params.lr, ft.momentum, model)
-        _train_epochs(
-            model, optimizer, loss, penalty, n, epochs, ft.batch_size, generators, diverged, watch
+        return _train_epochs(
+            model, optimizer, loss, penalty, n, epochs, ft.batch_size, generators, diverged
         )
 
     # 4) optionally warm up the new head alone, so random head gradients do not wreck the backbone
     if ft.head_warmup_epochs and backbone:
         for p in backbone:
             p.requires_grad_(False)
-        train([{"params": head}], ft.head_warmup_epochs)
+        for _ in train([{"params": head}], ft.head_warmup_epochs):
+            pass
         for p in backbone:
             p.requires_grad_(True)
         if diverged[0] is not None:
-            return diverged
+            return
 
     # 5) fine-tune head and unfrozen blocks with the penalty, the blocks at lr × backbone_lr_mult
     groups = [{"params": head}]
@@ -228,8 +295,7 @@ def fit(
     elif backbone:
         for p in backbone:
             p.requires_grad_(False)
-    train(groups, ft.epochs, monitor)
-    return diverged
+    yield from train(groups, ft.epochs)
 
 
 def batch_loss(
@@ -303,9 +369,9 @@ def predictions(
     """Step 6 image by image: each sample's cross-entropy (minus the log-probability of its true
     class) and whether the model got it right; ``x`` enters block ``start``.
 
-    ``stacked``: ``model`` holds several folds' models (as a :data:`Monitor` of
-    :func:`~tlsearch.training.finetune_folds` sees it), ``x`` is ``(folds, n, ...)`` and ``y``
-    ``(folds, n)``; so are the results.
+    ``stacked``: ``model`` holds several folds' models (a :class:`Run` of
+    :func:`~tlsearch.training.folds_run`), ``x`` is ``(folds, n, ...)`` and ``y`` ``(folds, n)``;
+    so are the results.
     """
     model.eval()
     if stacked:
@@ -343,16 +409,15 @@ def _train_epochs(
     batch_size: int,
     generators: Sequence[torch.Generator],
     diverged: Diverged,
-    monitor: Monitor | None = None,
-) -> None:
-    """Train for ``epochs``; one generator per fold draws that fold's minibatch order.
+) -> Iterator[int]:
+    """Train for ``epochs``, yielding each epoch's number (from 1) after it; one generator per
+    fold draws that fold's minibatch order.
 
     The training loss is ``batch_loss`` plus ``penalty``. A penalty with a closed-form gradient adds
     it to ``.grad`` after the backward pass and is evaluated only for the divergence check, on the
     last batch of each epoch; any other is part of the loss that backpropagates. A fold whose
     training loss becomes NaN/inf is noted in ``diverged``; training stops once the first fold
-    diverged, since the folds are scored in order and the trial ends there, or when ``monitor``
-    says so after an epoch.
+    diverged, since the folds are scored in order and the trial ends there.
     """
     closed_form = penalty.closed_form_grad
     model.train()
@@ -380,11 +445,8 @@ def _train_epochs(
                 )
         if diverged[0] is not None:
             return
-        if monitor is not None:
-            stop = monitor(epoch + 1, model)
-            model.train()
-            if stop:
-                return
+        yield epoch + 1
+        model.train()  # whoever watched may have evaluated it
 
 
 def to_tensors(
