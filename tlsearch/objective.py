@@ -339,7 +339,7 @@ class KFoldObjective:
             record.curve([f for f, _, _ in now], epoch, [(c, r) for _, c, r in now])
             if pruner is None:
                 continue
-            accs = [float(r.float().mean()) for _, _, r in now]
+            accs = [int(r.sum()) / len(r) for _, _, r in now]
             losses = [float(c.sum()) / len(c) for _, c, _ in now]
             pruner.report(self.metric.value(accs, losses), epoch)
             if epoch < last and pruner.should_prune():
@@ -434,8 +434,8 @@ class _Record:
         if epoch not in self.epochs:
             self.epochs.append(epoch)
         for fold, (ce, right) in zip(folds, held, strict=True):
-            self.curve_loss[self.position[fold]].append(float(ce.mean()))
-            self.curve_accuracy[self.position[fold]].append(float(right.float().mean()))
+            self.curve_loss[self.position[fold]].append(float(ce.sum()) / len(ce))
+            self.curve_accuracy[self.position[fold]].append(int(right.sum()) / len(right))
 
     def fold(
         self, fold: int, va: torch.Tensor, ce: torch.Tensor, right: torch.Tensor, seconds: float
@@ -444,7 +444,7 @@ class _Record:
         repeat, rows = self.position[fold] // self.k, va.cpu().numpy()
         self.p_true[repeat, rows] = torch.exp(-ce).double().cpu().numpy()
         self.correct[repeat, rows] = right.cpu().numpy()
-        acc, loss = float(right.float().mean()), float(ce.sum()) / len(ce)
+        acc, loss = int(right.sum()) / len(right), float(ce.sum()) / len(ce)
         self.scores.append(acc)
         self.losses.append(loss)
         self.seconds.append(round(seconds, 3))
