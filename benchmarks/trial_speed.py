@@ -224,12 +224,15 @@ class Variant:
 def tlsearch_variant(
     base: StudyConfig, tmp: Path, name: str, threads: int, params: list[dict[str, Any]], **ft: Any
 ) -> tuple[Variant, StudyContext, KFoldObjective]:
-    """tlsearch as ``tlsearch run`` drives it, in its own SQLite file, with ``params`` queued."""
+    """tlsearch as ``tlsearch run`` drives it, in its own SQLite file, with ``params`` queued:
+    exactly those trials, in that order (no baseline trials, no pruner, no confirmation round)."""
     cfg = base.model_copy(
         update={
             "name": name,
             "storage": f"sqlite:///{tmp / name.replace(' ', '-')}{threads}.db",
-            "pruner": base.pruner.model_copy(update={"name": "none"}),
+            "pruner": base.pruner.model_copy(update={"name": "none", "steps": "folds"}),
+            "search": base.search.model_copy(update={"baselines": []}),
+            "select": base.select.model_copy(update={"confirm": 0}),
             "finetune": base.finetune.model_copy(update={"threads": threads, **ft}),
         }
     )
@@ -491,11 +494,14 @@ def folds_together(objective: KFoldObjective, depth: int, repeats: int = 2) -> t
     params = probe_params(cfg, depth)
     x = objective.frozen_features(depth)
     args = (objective.num_classes, objective.input_shape)
-    train = torch.stack([tr for tr, _ in objective.folds])
+    search = objective.search_folds  # the confirmation round's fresh folds are not a trial's
+    train = torch.stack([objective.folds[f][0] for f in search])
+    seeds = [objective.seeds[f] for f in search]
     one, together = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for (tr, _), seed in zip(objective.folds, objective.seeds, strict=True):
+        for f, seed in zip(search, seeds, strict=True):
+            tr = objective.folds[f][0]
             tlsearch.finetune(
                 objective.pretrained, cfg, params, x[tr], objective.y[tr], *args, seed, start=depth
             )
@@ -508,7 +514,7 @@ def folds_together(objective: KFoldObjective, depth: int, repeats: int = 2) -> t
             x[train],
             objective.y[train],
             *args,
-            objective.seeds,
+            seeds,
             start=depth,
         )
         together.append(time.perf_counter() - t0)

@@ -326,18 +326,19 @@ CASES: dict[str, Case] = {
         "(choose from cmaes, gp, qmc, random, tpe" + PLUG_IN,
     ),
     "unknown pruner": Case(
-        study(pruner={"name": "hyperband"}),
+        study(pruner={"name": "bohb"}),
         RUN,
         2,
-        ERR + "bad.toml: pruner.name: unknown pruner 'hyperband' "
-        "(choose from median, none, percentile, wilcoxon" + PLUG_IN,
+        ERR + "bad.toml: pruner.name: unknown pruner 'bohb' "
+        "(choose from hyperband, median, none, percentile, successive_halving, wilcoxon" + PLUG_IN,
     ),
     "unknown task": Case(
         study(data={"task": "cifar10"}),
         RUN,
         2,
         ERR + "bad.toml: data.task: unknown task 'cifar10' (choose from digits-noisy, "
-        "digits-split, mnist-noisy, mnist-rotated, mnist-split" + PLUG_IN,
+        "digits-split, mnist-inverted, mnist-noisy, mnist-occluded, mnist-rotated, mnist-split"
+        + PLUG_IN,
     ),
     "path: home of an unknown user": Case(
         study(pretrain={"cache_dir": "~no-such-user/cache"}),

@@ -60,3 +60,29 @@ def test_benchmark_uses_the_public_api(script: Path) -> None:
     public = {f"tlsearch.{name}" for name in tlsearch.__all__}
     assert imported - public == NOT_PUBLIC.get(script.name, set())
     assert attributes <= set(tlsearch.__all__), attributes - set(tlsearch.__all__)
+
+
+def test_trial_speed_runs_exactly_the_trials_it_labels(tmp_path: Path) -> None:
+    """benchmarks/trial_speed.py's tlsearch studies run the queued trials alone, in their order:
+    a study's baseline trials ran first before, so the trial labelled frozen_blocks = 2 ran at
+    depth 0."""
+    from conftest import FAST, merge
+
+    import tlsearch
+
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    try:
+        import trial_speed
+    finally:
+        sys.path.pop(0)
+    base = tlsearch.config_from_dict(
+        merge(FAST, {"pretrain": {"cache_dir": str(tmp_path / "cache")}, "n_trials": 30})
+    )
+    params = trial_speed.trial_params(base, per_depth=1)
+    variant, _, _ = trial_speed.tlsearch_variant(base, tmp_path, "tlsearch", 1, params)
+    for _ in params:
+        variant.step()
+    ran = variant.study.get_trials(deepcopy=False)
+    assert [t.params["frozen_blocks"] for t in ran] == [p["frozen_blocks"] for p in params]
+    assert [t.params["frozen_blocks"] for t in ran] == [0, 1, 2]
+    assert not any("baseline" in t.user_attrs for t in ran)

@@ -308,9 +308,13 @@ def test_run_export_final(tmp_path: Path) -> None:
     final = run_cli("final", "best.json", cwd=tmp_path)
     assert final.returncode == 0, final.stderr
     lines = final.stdout.splitlines()
+    assert (
+        lines[0]
+        == f"selected by {best.data['selection']['rule']}: " + (best.data["selection"]["reason"])
+    )
     models = ["tuned", "plain_finetuning", "scratch"]
-    assert [ln.split(":")[0].strip() for ln in lines[:3]] == models, lines
-    assert lines[3].startswith("plain fine-tuning settings: "), lines
+    assert [ln.split(":")[0].strip() for ln in lines[1:4]] == models, lines
+    assert lines[4].startswith("plain fine-tuning settings: "), lines
     metrics = json.loads((tmp_path / "best.final.json").read_text())
     assert metrics["study_name"] == "tiny"
     assert metrics["tuned"]["cv_mean"] == trial.user_attrs["cv_mean"]

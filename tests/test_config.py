@@ -113,9 +113,10 @@ BAD = {
         "search.frozen_blocks: 5 exceeds the 2 blocks of model 'mlp'",
     ),
     "unknown pruner": (
-        {"pruner": {"name": "hyperband"}},
-        "cfg.toml: pruner.name: unknown pruner 'hyperband' "
-        f"(choose from median, none, percentile, wilcoxon; {ADD_MORE})",
+        {"pruner": {"name": "bohb"}},
+        "cfg.toml: pruner.name: unknown pruner 'bohb' "
+        "(choose from hyperband, median, none, percentile, successive_halving, wilcoxon; "
+        f"{ADD_MORE})",
     ),
     "unknown sampler": (
         {"sampler": {"name": "bohb"}},
@@ -125,7 +126,8 @@ BAD = {
     "unknown task": (
         {"data": {"task": "cifar"}},
         "cfg.toml: data.task: unknown task 'cifar' (choose from digits-noisy, digits-split, "
-        f"mnist-noisy, mnist-rotated, mnist-split; {ADD_MORE})",
+        "mnist-inverted, mnist-noisy, mnist-occluded, mnist-rotated, mnist-split; "
+        f"{ADD_MORE})",
     ),
     "source without target": (
         {"data": {"source": {"path": "a.npz"}}},

@@ -62,9 +62,11 @@ def test_note_describes_the_study_and_is_written_once(tmp_path: Path) -> None:
         "- **CV scheme**: 2-fold stratified cross-validation on the target training split "
         "(seed 0); a trial's value (`cv_accuracy_then_loss`) is the mean fold accuracy, ties "
         "broken by the mean fold loss; its intermediate value at step i is that of folds 0 … i",
-        "- **Search**: sampler `random`, pruner `none`, 3 trials",
     ]:
         assert line in note.splitlines()
+    (search,) = [ln for ln in note.splitlines() if ln.startswith("- **Search**")]
+    assert search.startswith("- **Search**: sampler `random`, pruner `none`, 3 trials")
+    assert search.endswith(f"the export's rule: `{cfg.select.rule}`")
     assert "**Regularizer**: `l2sp`" in note
 
     # Resuming writes nothing new: optuna-dashboard keeps every version of a note.

@@ -15,14 +15,13 @@ from conftest import TINY, merge
 
 from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import DivergedError
-from tlsearch.models import create_model
+from tlsearch.models import create_model, stack_models
 from tlsearch.objective import KFoldObjective
 from tlsearch.params import TrialParams
 from tlsearch.pretrain import load_checkpoint
 from tlsearch.regularizers import create_regularizer
 from tlsearch.study import prepare
 from tlsearch.training import evaluate, finetune, finetune_folds, fold_batchable
-from tlsearch.training.together import stack_models
 
 INPUT = (1, 8, 8)
 MLP = {"name": "mlp", "hidden": [32, 16]}

@@ -56,7 +56,13 @@ def two_seeds(exported: Path) -> tuple[dict, list[str]]:
 def test_final_command(exported: Path, two_seeds: tuple[dict, list[str]]) -> None:
     tmp = exported.parent
     metrics, printed = two_seeds
-    # A line per model, plain fine-tuning's settings, three differences, two sentences.
+    # How the export chose (the rule's own line), a line per model, plain fine-tuning's
+    # settings, three differences, two sentences.
+    chosen = json.loads((tmp / "best.json").read_text())["selection"]
+    assert (
+        printed[0] == f"selected by {chosen['rule']}: {chosen['reason']}" == metrics["selection"]
+    )
+    printed = printed[1:]
     assert [line.split(":")[0].strip() for line in printed[:3]] == list(MODELS)
     assert printed[3] == (
         "plain fine-tuning settings: lambda=0.01 lr=0.001 frozen_blocks=0 backbone_lr_mult=1 "
@@ -228,7 +234,8 @@ def test_verdict_sentences() -> None:
         "+6.6 … +12.6 pp).",
     ]
     assert verdict(stated, chose="plain_finetuning")[0] == (
-        "The search did not beat plain fine-tuning here: it chose plain fine-tuning's own settings."
+        "The search did not beat plain fine-tuning here: it kept plain fine-tuning's own "
+        "settings, no configuration having shown an advantage beyond the noise in the study."
     )
 
     # From per-image correctness: tuned right on 80 % of 400 images, plain on 70 %, scratch on

@@ -15,6 +15,7 @@ from tlsearch.config import config_from_dict
 from tlsearch.data import Dataset
 from tlsearch.errors import ConfigError
 from tlsearch.objective import check_folds
+from tlsearch.storage import open_study
 from tlsearch.study import prepare, run_study
 
 
@@ -187,3 +188,79 @@ def test_no_pruner_runs_every_fold(tiny) -> None:
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert all(len(t.user_attrs["fold_scores"]) == 3 for t in trials)
     assert trials[3].value < trials[0].value
+
+
+# ---------------------------------------------------------------------------------------------
+# Epochs as a fidelity: learning curves, folds side by side, successive halving
+
+
+def test_learning_curves_are_the_folds_own_held_out_scores(tiny) -> None:
+    """Every 5 epochs (and the last) each fold's held-out loss and accuracy: at the last epoch
+    they are the fold's score; fold after fold or side by side, the same trial."""
+    cfg = tiny(n_trials=1, finetune={"epochs": 7}, pruner={"name": "none"})
+    (trial,) = run_study(config_from_dict(cfg)).get_trials()
+    curve = trial.user_attrs["curve"]
+    assert curve["epochs"] == [5, 7]
+    assert [f[-1] for f in curve["accuracy"]] == trial.user_attrs["fold_scores"]
+    assert [f[-1] for f in curve["loss"]] == pytest.approx(trial.user_attrs["fold_losses"], 1e-4)
+    oof = trial.user_attrs["oof"]
+    assert len(oof["p_true"]) == 1 and len(oof["p_true"][0]) == 100
+    side = config_from_dict({**cfg, "name": "side", "pruner": {"name": "none", "steps": "epochs"}})
+    (again,) = run_study(side).get_trials()
+    assert again.user_attrs["fold_scores"] == trial.user_attrs["fold_scores"]
+    assert again.user_attrs["fold_losses"] == pytest.approx(trial.user_attrs["fold_losses"])
+    assert again.user_attrs["curve"]["accuracy"] == curve["accuracy"]
+    # Side by side, the report at epoch e is the CV metric of every fold at epoch e.
+    assert sorted(again.intermediate_values) == [5, 7]
+    assert again.intermediate_values[7] == again.value
+
+
+def _halving(tiny, name: str, n_trials: int) -> dict[str, Any]:
+    return tiny(
+        name=name,
+        n_trials=n_trials,
+        data={"shots": 20},
+        finetune={"epochs": 15},
+        search={"lr": {"low": 1e-7, "high": 1e-1, "log": True}, "backbone_lr_mult": 1.0},
+        cv={"k": 2, "metric": "accuracy"},
+        pruner={"name": "successive_halving", "steps": "epochs", "min_epochs": 5},
+    )
+
+
+def test_successive_halving_stops_a_bad_trial_at_a_rung_and_keeps_its_curve(tiny) -> None:
+    cfg = config_from_dict(_halving(tiny, "sha", 4))
+    queued = optuna.create_study(storage=cfg.storage, study_name=cfg.name, direction="maximize")
+    for params in (GOOD, GOOD, BAD):
+        queued.enqueue_trial(params)
+    queued.enqueue_trial(BAD, user_attrs={"baseline": "plain_finetuning"})
+    trials = run_study(cfg).get_trials()
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
+    bad = trials[2]
+    # At the first rung (epoch 5) it is not in the top third of the three trials there.
+    assert bad.state == TrialState.PRUNED and bad.user_attrs["pruned_at_epoch"] == 5
+    assert bad.system_attrs["completed_rung_0"] == bad.intermediate_values[5]
+    assert bad.user_attrs["curve"]["epochs"] == [5]
+    assert all(len(f) == 1 for f in bad.user_attrs["curve"]["loss"])
+    assert "oof" not in bad.user_attrs
+    # A baseline as bad is measured to the end: it is what the search is compared with.
+    assert trials[3].state == TrialState.COMPLETE
+    assert sorted(trials[3].intermediate_values) == [5, 10, 15]
+
+
+def test_a_resumed_study_and_a_late_worker_meet_the_same_rungs(tiny) -> None:
+    """Rung values are stored with each trial: a study stopped after two trials and resumed,
+    or one whose later trials another worker runs, stops the same trials at the same epochs
+    as one run straight through."""
+    straight = config_from_dict(_halving(tiny, "straight", 5))
+    run_study(straight)
+    stopped = config_from_dict(_halving(tiny, "resumed", 2))
+    run_study(stopped)
+    resumed = run_study(config_from_dict(_halving(tiny, "resumed", 5)))
+
+    def decisions(study: optuna.Study) -> list[tuple[Any, ...]]:
+        return [
+            (t.state, t.params, t.user_attrs.get("pruned_at_epoch"), sorted(t.intermediate_values))
+            for t in study.get_trials()
+        ]
+
+    assert decisions(resumed) == decisions(open_study(straight.storage, "straight"))

@@ -16,11 +16,10 @@ import torch
 
 from tlsearch.config import ModelConfig
 from tlsearch.errors import ConfigError
-from tlsearch.models import BlockNet, create_model
+from tlsearch.models import BlockNet, create_model, stack_models
 from tlsearch.registry import REGULARIZERS
-from tlsearch.regularizers import BSS, Regularizer, create_regularizer
+from tlsearch.regularizers import BSS, DataTerm, Regularizer, create_regularizer
 from tlsearch.training import block_outputs
-from tlsearch.training.together import stack_models
 
 
 def _tiny_net(batch_norm: bool = False) -> BlockNet:
@@ -296,7 +295,7 @@ def test_delta_data_term_matches_its_formula(attention: bool) -> None:
         g = torch.Generator().manual_seed(2)
         weights = [torch.rand(m.shape[1], generator=g, dtype=torch.float64) for m in maps]
     penalty = _delta(0.7, attention=weights)
-    assert penalty.feature_maps
+    assert isinstance(penalty, DataTerm)
 
     value = penalty.data_penalty(maps, refs)
     value.backward()

@@ -26,6 +26,7 @@ from tlsearch.storage import ATTR_CONFIG
 PNG = b"\x89PNG\r\n\x1a\n"
 STUDY_FIGURES = {
     "lambda_curve": "CV accuracy vs λ",
+    "learning_curves": "Learning curves",
     "history": "Optimization history",
     "importances": "Parameter importances",
     "frozen_blocks": "CV accuracy vs frozen depth",
@@ -317,3 +318,19 @@ def test_test_comparison_draws_the_intervals(tmp_path: Path) -> None:
     assert [b.get_height() for b in ax.patches] == [0.6789, 0.7456, 0.8123]
     assert _error_bars(ax) == [(0.79, 0.79)]
     assert ax.get_title() == "Held-out test accuracy"
+
+
+def test_learning_curves_lay_the_folds_end_to_end(tmp_path: Path) -> None:
+    """A pruned trial's curve ends where the pruner stopped it: here in fold 1 at epoch 5."""
+    from tlsearch.report import data
+
+    curve = {
+        "epochs": [5, 10, 15],
+        "loss": [[1.0, 0.8, 0.7], [1.1]],
+        "accuracy": [[0.2, 0.3, 0.4], [0.1]],
+    }
+    study, _ = finished_tiny_study(tmp_path, {"fold_scores": [0.4], "curve": curve}, 0.4)
+    curves = data.curves(study, epochs=15)
+    assert curves[0].label.endswith("(best)") and not curves[0].pruned
+    (pruned,) = [c for c in curves if c.pruned]
+    assert pruned.folds == [([5, 10, 15], [1.0, 0.8, 0.7]), ([20], [1.1])]

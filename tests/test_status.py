@@ -87,8 +87,8 @@ def test_status_counts_best_running_and_eta(tmp_path: Path) -> None:
         "started",
         "running",
         "heartbeat",
-        "folds",
-        "done",
+        "steps",
+        "reported",
         "params",
     ]
     row = lines[header + 1].split()

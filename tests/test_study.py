@@ -149,9 +149,9 @@ def test_every_sampler_builds(tiny, name: str) -> None:
 
 @pytest.mark.parametrize("name", PRUNERS.names())
 def test_every_pruner_builds(tiny, name: str) -> None:
-    assert isinstance(
-        make_pruner(config_from_dict(tiny(pruner={"name": name}))), optuna.pruners.BasePruner
-    )
+    steps = "epochs" if name in ("successive_halving", "hyperband") else "folds"
+    cfg = config_from_dict(tiny(pruner={"name": name, "steps": steps}))
+    assert isinstance(make_pruner(cfg), optuna.pruners.BasePruner)
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")

@@ -8,12 +8,12 @@ from conftest import TINY, merge
 
 from tlsearch.config import ModelConfig, StudyConfig, config_from_dict
 from tlsearch.errors import DivergedError
-from tlsearch.models import create_model
+from tlsearch.models import create_model, stack_models
 from tlsearch.params import TrialParams
 from tlsearch.registry import REGULARIZERS
+from tlsearch.regularizers import delta
 from tlsearch.training import block_outputs, evaluate, finetune, fold
 from tlsearch.training.adam import FusedAdam
-from tlsearch.training.together import stack_models
 
 INPUT = (1, 8, 8)
 
@@ -305,7 +305,7 @@ def test_block_outputs_are_kept_only_for_a_data_term(
 def _attention_by_hand(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, frozen: int, seed: int
 ) -> list[torch.Tensor]:
-    """The weights written out: the head fold.delta_attention fits, then channel by channel,
+    """The weights written out: the head delta.channel_attention fits, then channel by channel,
     zero it, run the later blocks and the head, Δ = max(loss rise, 0), C · softmax(zscore(Δ)/5)."""
     model.eval()
     with torch.no_grad():
@@ -313,7 +313,7 @@ def _attention_by_hand(
         z = maps[-1]
         mean, std = z.mean(0), z.std(0, correction=0)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
-        weight, bias = fold._attention_head(((z - mean) / std)[None], y[None], 4, [seed])
+        weight, bias = delta._attention_head(((z - mean) / std)[None], y[None], 4, [seed])
 
         def loss(features: torch.Tensor) -> float:
             logits = (features - mean) / std @ weight[0].T + bias[0]
@@ -349,13 +349,13 @@ def test_delta_attention_is_the_channel_loop(frozen: int) -> None:
         with torch.no_grad():
             return block_outputs(model, xb)[1][frozen:]
 
-    alone = fold.delta_attention(models[0], refs(models[0], x), y, frozen, [10], stacked=False)
+    alone = delta.channel_attention(models[0], refs(models[0], x), y, frozen, [10], stacked=False)
     for got, w in zip(alone, want[0], strict=True):
         torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-5)
     stacked = stack_models(models)
     per_fold = [refs(m, xb) for m, xb in zip(models, xs, strict=True)]
     maps = [torch.stack(r) for r in zip(*per_fold, strict=True)]
-    together = fold.delta_attention(stacked, maps, ys, frozen, [10, 11], stacked=True)
+    together = delta.channel_attention(stacked, maps, ys, frozen, [10, 11], stacked=True)
     for got, *each in zip(together, *want, strict=True):
         torch.testing.assert_close(got, torch.stack(each), rtol=1e-4, atol=1e-5)
 
@@ -373,7 +373,7 @@ def test_delta_attention_favours_the_channel_that_carries_the_signal() -> None:
     y = (x[:, 0] > 0.5).long()
     with torch.no_grad():
         refs = block_outputs(model, x)[1]
-    first, second = fold.delta_attention(model, refs, y, 0, [0], stacked=False)
+    first, second = delta.channel_attention(model, refs, y, 0, [0], stacked=False)
     for a in (first, second):
         assert float(a.mean()) == pytest.approx(1.0, rel=1e-6)
     assert first[0] > 1.0 and first[0] > 1.2 * first[1:].max()
@@ -385,13 +385,13 @@ def test_delta_attention_is_computed_only_when_asked(monkeypatch: pytest.MonkeyP
     weights are computed once per fold, change the result and leave the global random stream as
     training without them does."""
     calls: list[int] = []
-    real = fold.delta_attention
+    real = delta.channel_attention
 
     def spy(*args: object, **kwargs: object) -> list[torch.Tensor]:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fold, "delta_attention", spy)
+    monkeypatch.setattr(delta, "channel_attention", spy)
     model = {"name": "mlp", "hidden": [16, 8]}
     pre = _pretrained(_cfg(model))
     x, y = _target()

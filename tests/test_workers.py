@@ -38,6 +38,7 @@ from tlsearch import device
 from tlsearch._io import sha256_file
 from tlsearch.device import default_threads
 from tlsearch.errors import ConfigError
+from tlsearch.evidence import decode_oof
 from tlsearch.storage import ATTR_CHECKPOINT, Heartbeat, create_storage
 from tlsearch.study import run_trials
 from tlsearch.workers import claim_gpu, plan_devices
@@ -124,6 +125,12 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path: Path) -> None:
     retry = _retry_of(study.trials, trial.number)
     assert retry.state == TrialState.COMPLETE and retry.params == trial.params
     assert len(finished(url, "tiny")) == 2
+    # Every complete trial keeps its per-image evidence in the shared storage, the retried one
+    # too (the killed one has none: it never finished).
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert decode_oof(t.user_attrs) is not None, t.number
+        assert decode_oof(t.user_attrs).p_true.shape == (1, 100)
+    assert decode_oof(study.trials[trial.number].user_attrs) is None
 
 
 def test_sigterm_and_sigint_fail_and_requeue_the_running_trial(tmp_path: Path) -> None:

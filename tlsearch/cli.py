@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tlsearch._version import __version__
 from tlsearch.errors import TlsearchError
@@ -330,21 +331,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tlsearch",
-        description="Cross-validated search for the regularization strength (λ), learning rate "
-        "and frozen depth of transfer learning, on Optuna.",
-    )
-    parser.add_argument("--version", action="version", version=f"tlsearch {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
-    # -q after the subcommand too ("tlsearch run -q ..."); SUPPRESS keeps the one given before it.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _run_command(sub: Any, common: argparse.ArgumentParser) -> None:
     run = sub.add_parser(
         "run",
         parents=[common],
@@ -375,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_flag(run)
     run.set_defaults(func=cmd_run)
 
+
+def _create_command(sub: Any, common: argparse.ArgumentParser) -> None:
     create = sub.add_parser(
         "create",
         parents=[common],
@@ -386,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_flag(create)
     create.set_defaults(func=cmd_create)
 
+
+def _worker_command(sub: Any, common: argparse.ArgumentParser) -> None:
     worker = sub.add_parser(
         "worker",
         parents=[common],
@@ -431,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_flag(worker)
     worker.set_defaults(func=cmd_worker)
 
+
+def _export_command(sub: Any, common: argparse.ArgumentParser) -> None:
     export = sub.add_parser(
         "export",
         parents=[common],
@@ -457,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export)
 
+
+def _final_command(sub: Any, common: argparse.ArgumentParser) -> None:
     final = sub.add_parser(
         "final",
         parents=[common],
@@ -480,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_flag(final)
     final.set_defaults(func=cmd_final)
 
+
+def _status_command(sub: Any, common: argparse.ArgumentParser) -> None:
     status = sub.add_parser(
         "status",
         parents=[common],
@@ -491,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_flags(status, required=True, name_required=False)
     status.set_defaults(func=cmd_status)
 
+
+def _report_command(sub: Any, common: argparse.ArgumentParser) -> None:
     report = sub.add_parser(
         "report",
         parents=[common],
@@ -507,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_flag(report)
     report.set_defaults(func=cmd_report)
 
+
+def _dashboard_command(sub: Any, common: argparse.ArgumentParser) -> None:
     dashboard = sub.add_parser(
         "dashboard",
         parents=[common],
@@ -522,6 +523,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)",
     )
     dashboard.set_defaults(func=cmd_dashboard)
+
+
+# Every subcommand, in the order `tlsearch --help` lists them: each adds its parser and flags.
+_COMMANDS = (
+    _run_command,
+    _create_command,
+    _worker_command,
+    _export_command,
+    _final_command,
+    _status_command,
+    _report_command,
+    _dashboard_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlsearch",
+        description="Cross-validated search for the regularization strength (λ), learning rate "
+        "and frozen depth of transfer learning, on Optuna.",
+    )
+    parser.add_argument("--version", action="version", version=f"tlsearch {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    # -q after the subcommand too ("tlsearch run -q ..."); SUPPRESS keeps the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(sub, common)
     return parser
 
 

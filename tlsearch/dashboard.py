@@ -86,15 +86,29 @@ def describe_study(cfg: StudyConfig, task_description: str | None = None) -> dic
         "accuracy_then_loss": "the mean fold accuracy, ties broken by the mean fold loss",
     }[cfg.cv.metric]
     repeats = f", {cfg.cv.repeats} repeats" if cfg.cv.repeats > 1 else ""
+    if cfg.pruner.steps == "epochs":
+        steps = (
+            "its intermediate value at step e is that of every fold after e epochs (the folds "
+            "train side by side; a report every 5 epochs)"
+        )
+    else:
+        steps = "its intermediate value at step i is that of " + (
+            "fold i alone" if reports_fold_scores(cfg) else "folds 0 … i"
+        )
     cv = (
         f"{cfg.cv.k}-fold {'stratified ' if cfg.cv.stratified else ''}cross-validation on the "
         f"target training split (seed {cfg.cv.seed}{repeats}); a trial's value "
-        f"(`{cfg.cv.metric_name}`) is {value}; its intermediate value at step i is that of "
-        + ("fold i alone" if reports_fold_scores(cfg) else "folds 0 … i")
+        f"(`{cfg.cv.metric_name}`) is {value}; {steps}"
     )
     search = f"sampler `{cfg.sampler.name}`, pruner `{cfg.pruner.name}`, " + (
         f"{cfg.n_trials} trials" if cfg.n_trials is not None else f"until {cfg.timeout:g}s"
     )
+    if cfg.select.confirm:
+        search += (
+            f", then a confirmation round (the top {cfg.select.confirm} configurations and plain "
+            "fine-tuning again on fresh folds)"
+        )
+    search += f"; the export's rule: `{cfg.select.rule}`"
     return {
         "Data": data,
         "Model": model,

@@ -204,8 +204,8 @@ def verdict(comparisons: Sequence[Mapping[str, Any]], chose: str | None = None) 
     search = by["tuned", "plain_finetuning"]
     if chose == "plain_finetuning":
         first = (
-            "The search did not beat plain fine-tuning here: it chose plain fine-tuning's own "
-            "settings."
+            "The search did not beat plain fine-tuning here: it kept plain fine-tuning's own "
+            "settings, no configuration having shown an advantage beyond the noise in the study."
         )
     elif search["interval"][0] > 0:
         first = f"The search beat plain fine-tuning here (difference {_difference(search)})."
@@ -395,16 +395,27 @@ def run_final(best_path: str | Path, device: str | None = None, seeds: int = 1) 
         "target_train_size": len(ctx.task.target_train),
         "seeds": list(range(seeds)),
         "weights": str(weights_path),
+        # How the export chose its trial, in the rule's own words (tlsearch.selection).
+        "selection": _selection_line(best.data),
         **_summary(runs, cv, chose),
     }
     write_json(json_path, data)
     return data
 
 
+def _selection_line(export: Mapping[str, Any]) -> str | None:
+    """``selected by RULE: REASON`` from the export, or None (an export from before rules said
+    why)."""
+    selection = export.get("selection") or {}
+    if not selection.get("reason"):
+        return None
+    return f"selected by {selection.get('rule')}: {selection['reason']}"
+
+
 def format_final(data: Mapping[str, Any]) -> list[str]:
-    """``tlsearch final``'s printed lines: a line per model, plain fine-tuning's settings, the
-    paired differences and the verdict."""
-    lines = []
+    """``tlsearch final``'s printed lines: how the export chose, a line per model, plain
+    fine-tuning's settings, the paired differences and the verdict."""
+    lines = [data["selection"]] if data.get("selection") else []
     for name in MODELS:
         m = data[name]
         low, high = m["test_interval"]

@@ -36,11 +36,11 @@ from tlsearch.samplers import first_prunable_fold, reports_fold_scores
 from tlsearch.stats import mean_se
 from tlsearch.storage import CONFIRM_ATTR
 from tlsearch.training import (
-    Monitor,
+    Run,
     channels_last,
-    finetune,
-    finetune_folds,
     fold_batchable,
+    fold_run,
+    folds_run,
     predictions,
     to_tensors,
 )
@@ -117,6 +117,8 @@ class KFoldObjective:
         self.metric = CVMetric(cfg.cv.metric, [len(va) for _, va in self.folds[:search]])
         self._scratch: dict[str, torch.Tensor] | None = None
         self.report_folds = reports_fold_scores(cfg)
+        # pruner.steps: report after each fold, or every few epochs with the folds side by side.
+        self.by_epoch = cfg.pruner.steps == "epochs"
         # The pretrained blocks in eval mode, for the frozen features (no head, no gradients).
         self._source = _pretrained_blocks(cfg, self.pretrained, input_shape, num_classes)
         self._frozen_features: dict[int, torch.Tensor] = {}
@@ -158,42 +160,37 @@ class KFoldObjective:
         size = sum(p.numel() for p in trained.parameters())
         if self.x.device.type == "cpu" and (conv or size > _CPU_BATCH_MAX_PARAMS):
             return singles
-        if folds != self.search_folds:
-            return [folds]
+        if folds != self.search_folds or self.by_epoch:
+            return [folds]  # no fold is skipped: a pruner stops all of them, or none
         first = min(first_prunable_fold(self.cfg), len(folds) - 1)
         return [folds[: first + 1]] + singles[first + 1 :]
 
-    def _fit(
+    def _run(
         self,
         init: Mapping[str, torch.Tensor],
         params: TrialParams,
         x: torch.Tensor,
         start: int,
         group: list[int],
-        monitor: Monitor | None = None,
-    ) -> dict[int, BlockNet | DivergedError]:
-        """The fine-tuned model of each fold in ``group``, or the divergence that ended it."""
+    ) -> Run:
+        """The folds of ``group`` at their start, to train epoch by epoch (one model, or the
+        group's stacked)."""
         if len(group) == 1:
             (fold,) = group
             tr = self.folds[fold][0]
-            try:
-                model = finetune(
-                    init,
-                    self.cfg,
-                    params,
-                    x[tr],
-                    self.y[tr],
-                    self.num_classes,
-                    self.input_shape,
-                    self.seeds[fold],
-                    start=start,
-                    monitor=monitor,
-                )
-            except DivergedError as e:
-                return {fold: e}
-            return {fold: model}
+            return fold_run(
+                init,
+                self.cfg,
+                params,
+                x[tr],
+                self.y[tr],
+                self.num_classes,
+                self.input_shape,
+                self.seeds[fold],
+                start=start,
+            )
         train = torch.stack([self.folds[fold][0] for fold in group])
-        models = finetune_folds(
+        return folds_run(
             init,
             self.cfg,
             params,
@@ -203,29 +200,18 @@ class KFoldObjective:
             self.input_shape,
             [self.seeds[fold] for fold in group],
             start=start,
-            monitor=monitor,
         )
-        return dict(zip(group, models, strict=True))
 
-    def _watch(self, record: _Record, group: list[int], x: torch.Tensor, start: int) -> Monitor:
-        """Record each fold's held-out loss and accuracy every :data:`CURVE_EVERY` epochs."""
+    def _held_out(
+        self, run: Run, group: list[int], x: torch.Tensor, start: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each fold of ``group``: its held-out samples' losses and correctness now."""
         val = [self.folds[fold][1] for fold in group]
-        stacked = len(group) > 1
-        xv = torch.stack([x[va] for va in val]) if stacked else x[val[0]]
-        yv = torch.stack([self.y[va] for va in val]) if stacked else self.y[val[0]]
-        last = self.cfg.finetune.epochs
-
-        def watch(epoch: int, model: BlockNet) -> bool:
-            if epoch % CURVE_EVERY and epoch != last:
-                return False
-            ce, right = predictions(model, xv, yv, start=start, stacked=stacked)
-            if not stacked:
-                ce, right = ce[None], right[None]
-            for fold, c, r in zip(group, ce, right, strict=True):
-                record.curve_point(fold, epoch, c, r)
-            return False
-
-        return watch
+        if len(group) == 1:
+            return [predictions(run.model, x[val[0]], self.y[val[0]], start=start)]
+        xv, yv = torch.stack([x[va] for va in val]), torch.stack([self.y[va] for va in val])
+        ce, right = predictions(run.model, xv, yv, start=start, stacked=True)
+        return list(zip(ce, right, strict=True))
 
     def scratch_init(self) -> dict[str, torch.Tensor]:
         """A random init of the model, for the ``scratch`` baseline: what fine-tuning starts from
@@ -265,45 +251,150 @@ class KFoldObjective:
         cached = self.cfg.finetune.cache_frozen and baseline != "scratch"
         start = params.frozen_blocks if cached else 0
         x = self.frozen_features(start)
-        groups = iter(self.fold_groups(params, folds))
-        fitted: dict[int, BlockNet | DivergedError] = {}
-        for i, fold in enumerate(folds):
-            if fold not in fitted:
-                t_fit = time.perf_counter()
-                group = next(groups)
-                watch = self._watch(record, group, x, start)
-                fitted = self._fit(init, params, x, start, group, watch)
-                # Folds trained together share their training time evenly.
-                share = (time.perf_counter() - t_fit) / len(group)
-            t_eval = time.perf_counter()
-            model = fitted[fold]
-            if isinstance(model, DivergedError):
-                record.write()
-                reason = f"fold {i}: {model}"
-                trial.set_user_attr("fail_reason", reason)
-                raise optuna.TrialPruned(reason)
-            va = self.folds[fold][1]
-            ce, right = predictions(model, x[va], self.y[va], start=start)
-            acc, loss = record.fold(fold, va, ce, right, share + time.perf_counter() - t_eval)
-            if fresh:
-                continue
-            # What the pruner compares: this fold's value (Wilcoxon) or the running mean.
-            step = self.metric.value([acc], [loss]) if self.report_folds else None
-            trial.report(
-                step if step is not None else self.metric.value(record.scores, record.losses), i
-            )
-            if i < len(folds) - 1 and trial.should_prune():
-                record.write()
-                trial.set_user_attr("pruned_after_folds", i + 1)
-                raise optuna.TrialPruned(f"pruned after fold {i}")
-
+        groups = self.fold_groups(params, folds)
+        # Baselines are what the search is measured against: they report, and always finish.
+        pruner = None if fresh else (trial if baseline is None else _Reporter(trial))
+        if self.by_epoch:
+            models = self._side_by_side(init, params, x, start, groups, record, pruner)
+        else:
+            models = self._fold_after_fold(init, params, x, start, groups, record, pruner)
         record.write(complete=True)
         scores, losses = record.scores, record.losses
         trial.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
         trial.set_user_attr("cv_std", statistics.pstdev(scores))
         trial.set_user_attr("cv_loss", round(statistics.fmean(losses), 12))
         trial.set_user_attr("cv_se", self.metric.standard_error(scores, losses))
+        assert len(models) == len(folds), (len(models), len(folds))
         return self.metric.value(scores, losses)
+
+    def _fold_after_fold(
+        self,
+        init: Mapping[str, torch.Tensor],
+        params: TrialParams,
+        x: torch.Tensor,
+        start: int,
+        groups: list[list[int]],
+        record: _Record,
+        pruner: optuna.Trial | None,
+    ) -> dict[int, BlockNet]:
+        """``pruner.steps = "folds"``: each fold (or batched group) trains to the end in turn;
+        after each fold the trial reports (step = fold) and the pruner may stop it."""
+        fitted: dict[int, BlockNet | DivergedError] = {}
+        models: dict[int, BlockNet] = {}
+        folds = [fold for group in groups for fold in group]
+        pending = iter(groups)
+        share = 0.0
+        for i, fold in enumerate(folds):
+            if fold not in fitted:
+                t_fit = time.perf_counter()
+                group = next(pending)
+                run = self._run(init, params, x, start, group)
+                while run.step():
+                    if _evaluated(run.epoch, self.cfg.finetune.epochs):
+                        record.curve(group, run.epoch, self._held_out(run, group, x, start))
+                fitted = dict(zip(group, run.results(), strict=True))
+                # Folds trained together share their training time evenly.
+                share = (time.perf_counter() - t_fit) / len(group)
+            model = _trained(fitted[fold], i, record)
+            acc, loss = self._score(record, fold, model, x, start, share)
+            models[fold] = model
+            if pruner is None:
+                continue
+            # What the pruner compares: this fold's value (Wilcoxon) or the running mean.
+            step = self.metric.value([acc], [loss]) if self.report_folds else None
+            pruner.report(
+                step if step is not None else self.metric.value(record.scores, record.losses), i
+            )
+            if i < len(folds) - 1 and pruner.should_prune():
+                record.write()
+                pruner.set_user_attr("pruned_after_folds", i + 1)
+                raise optuna.TrialPruned(f"pruned after fold {i}")
+        return models
+
+    def _side_by_side(
+        self,
+        init: Mapping[str, torch.Tensor],
+        params: TrialParams,
+        x: torch.Tensor,
+        start: int,
+        groups: list[list[int]],
+        record: _Record,
+        pruner: optuna.Trial | None,
+    ) -> dict[int, BlockNet]:
+        """``pruner.steps = "epochs"``: every fold trains one epoch in turn; every
+        :data:`CURVE_EVERY` epochs the trial reports the CV metric of all its folds at that epoch
+        (step = epoch) and the pruner may stop it, having trained every fold that far."""
+        t0 = time.perf_counter()
+        runs = [(group, self._run(init, params, x, start, group)) for group in groups]
+        last = self.cfg.finetune.epochs
+        while all([run.step() for _, run in runs]):
+            epoch = runs[0][1].epoch
+            if not _evaluated(epoch, last):
+                continue
+            now = [
+                (fold, *held)
+                for group, run in runs
+                for fold, held in zip(group, self._held_out(run, group, x, start), strict=True)
+            ]
+            record.curve([f for f, _, _ in now], epoch, [(c, r) for _, c, r in now])
+            if pruner is None:
+                continue
+            accs = [int(r.sum()) / len(r) for _, _, r in now]
+            losses = [float(c.sum()) / len(c) for _, c, _ in now]
+            pruner.report(self.metric.value(accs, losses), epoch)
+            if epoch < last and pruner.should_prune():
+                record.write()
+                pruner.set_user_attr("pruned_at_epoch", epoch)
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+        share = (time.perf_counter() - t0) / sum(len(g) for g in groups)
+        fitted = {f: m for group, run in runs for f, m in zip(group, run.results(), strict=True)}
+        models = {}
+        for i, fold in enumerate(f for group in groups for f in group):
+            models[fold] = _trained(fitted[fold], i, record)
+            self._score(record, fold, models[fold], x, start, share)
+        return models
+
+    def _score(
+        self, record: _Record, fold: int, model: BlockNet, x: torch.Tensor, start: int, fit: float
+    ) -> tuple[float, float]:
+        """Step 6 for one fold: its held-out images scored and recorded; accuracy and loss."""
+        t_eval = time.perf_counter()
+        va = self.folds[fold][1]
+        ce, right = predictions(model, x[va], self.y[va], start=start)
+        return record.fold(fold, va, ce, right, fit + time.perf_counter() - t_eval)
+
+
+def _evaluated(epoch: int, last: int) -> bool:
+    """Whether a fold's held-out images are scored after this epoch (its learning curve)."""
+    return epoch % CURVE_EVERY == 0 or epoch == last
+
+
+def _trained(result: BlockNet | DivergedError, i: int, record: _Record) -> BlockNet:
+    """The fold's trained model; a divergence ends the trial, pruned with its reason."""
+    if isinstance(result, DivergedError):
+        record.write()
+        reason = f"fold {i}: {result}"
+        record.trial.set_user_attr("fail_reason", reason)
+        raise optuna.TrialPruned(reason)
+    return result
+
+
+class _Reporter:
+    """A baseline trial as the pruner sees it: it reports (its values set the bar other trials
+    are compared with, and are recorded at each rung) but is never stopped."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def report(self, value: float, step: int) -> None:
+        self.trial.report(value, step)
+
+    def should_prune(self) -> bool:
+        self.trial.should_prune()  # records its value at a successive-halving rung
+        return False
+
+    def set_user_attr(self, key: str, value: object) -> None:
+        self.trial.set_user_attr(key, value)
 
 
 # Fresh repeats of k folds a confirmation trial is scored on (tlsearch.selection).
@@ -336,11 +427,15 @@ class _Record:
         self.curve_loss: list[list[float]] = [[] for _ in folds]
         self.curve_accuracy: list[list[float]] = [[] for _ in folds]
 
-    def curve_point(self, fold: int, epoch: int, ce: torch.Tensor, right: torch.Tensor) -> None:
+    def curve(
+        self, folds: list[int], epoch: int, held: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Each of ``folds``' held-out loss and accuracy at ``epoch``: a point of its curve."""
         if epoch not in self.epochs:
             self.epochs.append(epoch)
-        self.curve_loss[self.position[fold]].append(float(ce.mean()))
-        self.curve_accuracy[self.position[fold]].append(float(right.float().mean()))
+        for fold, (ce, right) in zip(folds, held, strict=True):
+            self.curve_loss[self.position[fold]].append(float(ce.sum()) / len(ce))
+            self.curve_accuracy[self.position[fold]].append(int(right.sum()) / len(right))
 
     def fold(
         self, fold: int, va: torch.Tensor, ce: torch.Tensor, right: torch.Tensor, seconds: float
@@ -349,7 +444,7 @@ class _Record:
         repeat, rows = self.position[fold] // self.k, va.cpu().numpy()
         self.p_true[repeat, rows] = torch.exp(-ce).double().cpu().numpy()
         self.correct[repeat, rows] = right.cpu().numpy()
-        acc, loss = float(right.float().mean()), float(ce.sum()) / len(ce)
+        acc, loss = int(right.sum()) / len(right), float(ce.sum()) / len(ce)
         self.scores.append(acc)
         self.losses.append(loss)
         self.seconds.append(round(seconds, 3))

@@ -47,6 +47,7 @@ __all__ = [
     "SAMPLERS",
     "SELECTION_RULES",
     "TASKS",
+    "TERMS",
     "BlockNetOptions",
     "Entry",
     "Registry",
@@ -351,6 +352,11 @@ REGULARIZERS.register("l2", "tlsearch.regularizers.l2:L2")
 REGULARIZERS.register("l2sp", "tlsearch.regularizers.l2sp:L2SP")
 REGULARIZERS.register("delta", "tlsearch.regularizers.delta:Delta")
 
+# Loss terms added on top of whichever penalty trains (tlsearch.regularizers.base.DataTerm): a
+# class whose from_settings(regularizer settings, trial params) gives the term, or None when off.
+TERMS = Registry("loss term", "regularizer", group="tlsearch.terms")
+TERMS.register("bss", "tlsearch.regularizers.bss:BSS")
+
 TASKS = Registry("task", "data.task", group="tlsearch.tasks")
 for _name in (
     "mnist-noisy",
@@ -368,7 +374,7 @@ for _name in ("tpe", "random", "gp", "cmaes", "qmc"):
     SAMPLERS.register(_name, f"tlsearch.samplers:{_name}")
 
 PRUNERS = Registry("pruner", "pruner.name")
-for _name in ("median", "percentile", "wilcoxon", "none"):
+for _name in ("median", "percentile", "wilcoxon", "successive_halving", "hyperband", "none"):
     PRUNERS.register(_name, f"tlsearch.samplers:{_name}_pruner")
 
 # What `tlsearch export` takes as a study's answer (select.rule, export --select): see

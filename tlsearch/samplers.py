@@ -151,6 +151,28 @@ def wilcoxon_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     )
 
 
+def successive_halving_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    """Asynchronous successive halving (Li et al. 2020, ASHA) on epochs: a trial reaching a rung
+    goes on only when it is in the top 1/η of the trials that reached it, so workers never wait;
+    a trial's rung values are stored with it, so a resumed study or a late worker compares with
+    the same ones."""
+    p = cfg.pruner
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=p.min_epochs, reduction_factor=p.reduction_factor
+    )
+
+
+def hyperband_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    """Hyperband (Li et al. 2018): successive halving in brackets of different first rungs, each
+    trial's bracket fixed by its number."""
+    p = cfg.pruner
+    return optuna.pruners.HyperbandPruner(
+        min_resource=p.min_epochs,
+        max_resource=cfg.finetune.epochs,
+        reduction_factor=p.reduction_factor,
+    )
+
+
 def median_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return _percentile(cfg, 50.0)
 
@@ -167,9 +189,10 @@ def _percentile(cfg: StudyConfig, percentile: float) -> optuna.pruners.BasePrune
 
 
 def first_prunable_fold(cfg: StudyConfig) -> int:
-    """The first fold after which the configured pruner may stop a trial."""
+    """The first fold after which the configured pruner may stop a trial (with
+    ``pruner.steps = "epochs"`` the folds train side by side and none is skipped: the last)."""
     p = cfg.pruner
-    if p.name == "none":
+    if p.name == "none" or p.steps == "epochs":
         return cfg.cv.k * cfg.cv.repeats - 1
     if p.name == "wilcoxon":
         # WilcoxonPruner tests no fewer than max(2, n_startup_steps) paired fold scores.

@@ -139,22 +139,39 @@ def status_table(
         now: the local time trial start times are compared with (Optuna stores local times).
     """
     now = now or dt.datetime.now()
-    heartbeats = heartbeats or {}
     trials = study.get_trials(deepcopy=False)
     try:
         n_trials = load_study_config(study, names=False).n_trials
     except StorageError:
         n_trials = None
     where = f" in {storage_label}" if storage_label else ""
-    lines = [f"study '{study.study_name}'{where}"]
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    elapsed = {
+        t.number: (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+        for t in running
+    }
+    finished = [t for t in trials if t.state in _FINISHED and not is_confirmation(t)]
+    return "\n".join(
+        [
+            f"study '{study.study_name}'{where}",
+            *_budget_lines(trials, finished, n_trials),
+            *_result_lines(study),
+            *_running_lines(running, elapsed, heartbeats or {}),
+            _eta_line(finished, running, elapsed, n_trials, now),
+        ]
+    )
 
+
+def _budget_lines(
+    trials: list[FrozenTrial], finished: list[FrozenTrial], n_trials: int | None
+) -> list[str]:
+    """Trials by state, the budget used, and the confirmation round's progress."""
     order = (*_FINISHED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
     counts = {s: sum(t.state == s for t in trials) for s in order}
-    lines.append("trials: " + ", ".join(f"{counts[s]} {s.name.lower()}" for s in order))
-    confirming = [t for t in trials if is_confirmation(t)]
-    finished = [t for t in trials if t.state in _FINISHED and not is_confirmation(t)]
+    lines = ["trials: " + ", ".join(f"{counts[s]} {s.name.lower()}" for s in order)]
     if n_trials is not None:
         lines.append(f"budget: {len(finished)} of {n_trials} trials done (complete or pruned)")
+    confirming = [t for t in trials if is_confirmation(t)]
     if confirming:
         done = sum(t.state in _FINISHED for t in confirming)
         lines.append(
@@ -162,66 +179,72 @@ def status_table(
             + ", ".join(str(t.user_attrs[CONFIRM_ATTR]) for t in confirming)
             + " again on fresh folds)"
         )
+    return lines
+
+
+def _result_lines(study: optuna.Study) -> list[str]:
+    """The search's best trial, the baselines (what the search must beat), the last selection."""
     pool = Pool.of(study)
-    if pool.search:
-        lines.append(f"best: {_trial_line(pool.best())}")
-        # Plain fine-tuning and scratch, scored on the same folds: what the search must beat.
-        for t in pool.search:
-            if baseline_of(t) is not None:
-                lines.append(f"baseline {baseline_of(t)}: {_trial_line(t)}")
-        lines += _selected(study)
-    else:
-        lines.append("best: no completed trial yet")
+    if not pool.search:
+        return ["best: no completed trial yet"]
+    lines = [f"best: {_trial_line(pool.best())}"]
+    for t in pool.search:
+        if baseline_of(t) is not None:
+            lines.append(f"baseline {baseline_of(t)}: {_trial_line(t)}")
+    return lines + _selected(study)
 
-    running = [t for t in trials if t.state == TrialState.RUNNING]
-    elapsed = {
-        t.number: (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
-        for t in running
-    }
-    if running:
-        lines.append(f"running ({len(running)}):")
-        rows = []
-        for t in running:
-            beat = heartbeats.get(t.number)
-            rows.append(
-                [
-                    str(t.number),
-                    f"{t.datetime_start:%Y-%m-%d %H:%M:%S}" if t.datetime_start else "-",
-                    _fmt_seconds(elapsed[t.number]),
-                    f"{_fmt_seconds(beat)} ago" if beat is not None else "-",
-                    str(len(t.intermediate_values)),
-                    format_params(t.params),
-                ]
-            )
-        header = ["trial", "started", "running", "heartbeat", "folds done", "params"]
-        lines += ["  " + line for line in _table(header, rows)]
-    else:
-        lines.append("running: none")
 
+def _running_lines(
+    running: list[FrozenTrial], elapsed: dict[int, float], heartbeats: dict[int, float]
+) -> list[str]:
+    if not running:
+        return ["running: none"]
+    rows = []
+    for t in running:
+        beat = heartbeats.get(t.number)
+        rows.append(
+            [
+                str(t.number),
+                f"{t.datetime_start:%Y-%m-%d %H:%M:%S}" if t.datetime_start else "-",
+                _fmt_seconds(elapsed[t.number]),
+                f"{_fmt_seconds(beat)} ago" if beat is not None else "-",
+                str(len(t.intermediate_values)),
+                format_params(t.params),
+            ]
+        )
+    header = ["trial", "started", "running", "heartbeat", "steps reported", "params"]
+    return [f"running ({len(running)}):", *("  " + line for line in _table(header, rows))]
+
+
+def _eta_line(
+    finished: list[FrozenTrial],
+    running: list[FrozenTrial],
+    elapsed: dict[int, float],
+    n_trials: int | None,
+    now: dt.datetime,
+) -> str:
+    """(mean trial time × trials left − time the running ones spent) ÷ the running workers."""
     durations = [d for d in map(_duration, finished) if d is not None]
     if n_trials is None:
-        lines.append("ETA: no trial budget (n_trials unset); workers stop at their timeout")
-    elif len(finished) >= n_trials:
-        lines.append("ETA: the budget is used; the study is done")
-    elif not durations:
-        lines.append("ETA: unknown until a trial finishes")
-    else:
-        mean = statistics.fmean(durations)
-        remaining = n_trials - len(finished)
-        workers = max(1, len(running))
-        spent = sum(min(e, mean) for e in elapsed.values())
-        eta = max(0.0, mean * remaining - spent) / workers
-        # Every term of the estimate, so a reader can check it: (mean × left − spent) ÷ workers.
-        terms = (
-            f"({_fmt_seconds(mean)} mean of {len(durations)} finished × {remaining} left"
-            f" − {_fmt_seconds(spent)} spent by running trials) ÷ {workers} worker(s)"
-        )
-        if running:
-            done_at = now + dt.timedelta(seconds=eta)
-            lines.append(f"ETA: {terms} ≈ {_fmt_seconds(eta)}, done near {done_at:%H:%M}")
-        else:
-            lines.append(f"ETA: {terms} ≈ {_fmt_seconds(eta)} (no worker is running now)")
-    return "\n".join(lines)
+        return "ETA: no trial budget (n_trials unset); workers stop at their timeout"
+    if len(finished) >= n_trials:
+        return "ETA: the budget is used; the study is done"
+    if not durations:
+        return "ETA: unknown until a trial finishes"
+    mean = statistics.fmean(durations)
+    remaining = n_trials - len(finished)
+    workers = max(1, len(running))
+    spent = sum(min(e, mean) for e in elapsed.values())
+    eta = max(0.0, mean * remaining - spent) / workers
+    # Every term of the estimate, so a reader can check it: (mean × left − spent) ÷ workers.
+    terms = (
+        f"({_fmt_seconds(mean)} mean of {len(durations)} finished × {remaining} left"
+        f" − {_fmt_seconds(spent)} spent by running trials) ÷ {workers} worker(s)"
+    )
+    if running:
+        done_at = now + dt.timedelta(seconds=eta)
+        return f"ETA: {terms} ≈ {_fmt_seconds(eta)}, done near {done_at:%H:%M}"
+    return f"ETA: {terms} ≈ {_fmt_seconds(eta)} (no worker is running now)"
 
 
 def study_status(storage_url: str, study_name: str | None = None) -> str:

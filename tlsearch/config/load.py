@@ -55,7 +55,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             )
         # Checks across sections name their field themselves ("search.frozen_blocks: ...").
         named = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg)
-        if not loc and named:
+        if named and (not loc or named.group(1).startswith(".".join(loc) + ".")):
             loc, msg = [named.group(1)], named.group(2)
         line = _one_line(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}")
         if line not in lines:

@@ -6,10 +6,15 @@ into one line per problem that names the field path. The schema looks nothing up
 regularizers, tasks, samplers and pruners exist, and what options a model takes, is checked after it
 loads, against :mod:`tlsearch.registry`.
 
-The penalty convention, since λ means nothing without it: every regularizer adds
-``λ/2 · Σ_p ‖p − p⁰‖²`` (``p⁰ = 0`` for ``l2``) over the parameters it covers to the *mean* cross-entropy
-of the batch. ``regularizer.scale = "per_sample"`` divides that by m, the number of training samples of
-the fold, which is the textbook ``λ/2m · Σθ²``.
+The penalty convention, since λ means nothing without it: ``l2`` and ``l2sp`` add
+``λ/2 · Σ_p ‖p − p⁰‖²`` (``p⁰ = 0`` for ``l2``, the pretrained value for ``l2sp``) over the
+parameters they cover to the *mean* cross-entropy of the batch; ``regularizer.scale = "per_sample"``
+divides that by m, the number of training samples of the fold, which is the textbook
+``λ/2m · Σθ²``. ``delta`` adds ``λ/2 · mean_b Σ_j ‖FM_j(w, x_b) − FM_j(w⁰, x_b)‖²`` over the trained
+blocks' feature maps (a mean over the batch like the cross-entropy, so ``scale`` does not apply to
+it) and has a λ range of its own (``search.delta_lambda``); ``l2sp`` and ``delta`` add
+``β/2 · ‖w_head‖²`` for the new head. BSS (``regularizer.bss_eta``) adds ``η · Σ σ²`` of the k
+smallest singular values of the batch's penultimate features on top of any of them.
 """
 
 from __future__ import annotations
@@ -257,7 +262,9 @@ class FinetuneConfig(_Section):
     head_warmup_epochs: int = Field(0, ge=0)
     # "auto": CUDA when available; or "cpu", "cuda", "cuda:1".
     device: str = "auto"
-    # Torch intra-op threads; 0 leaves torch's default.
+    # Torch intra-op threads. 0: the thread policy (tlsearch.device.choose_threads) decides, before
+    # each trial and between epochs: this process's share of the cores among the study's workers
+    # on this host, less the cores other processes keep busy (OMP_NUM_THREADS, if set, fixes it).
     threads: int = Field(0, ge=0)
     # Frozen blocks run in eval mode, so their output on the target data depends only on the
     # checkpoint, the depth and the data: compute it once per process and depth, train on it.
@@ -317,7 +324,8 @@ def _at_least_zero(value: Param, note: str = "") -> Param:
 class RegularizerConfig(_Section):
     """Which penalty pulls the fine-tuned weights, and over which parameters."""
 
-    # "l2sp" (toward the pretrained weights), "l2" (toward zero) or "none"; a list searches them.
+    # "l2sp" (toward the pretrained weights), "l2" (toward zero), "delta" (the trained blocks'
+    # feature maps toward the pretrained ones) or "none"; a list searches them.
     name: str | list[str] = "l2sp"
     # β of L2-SP: λ/2·Σ over the new head's weights (Li et al. 2018 use 0.01).
     head_lambda: float = Field(0.01, ge=0.0)
@@ -434,14 +442,39 @@ class SamplerConfig(_Section):
 
 
 class PrunerConfig(_Section):
-    # median, percentile, wilcoxon or none (Optuna's pruners; see tlsearch.samplers).
+    # median, percentile, wilcoxon, successive_halving, hyperband or none (Optuna's pruners; see
+    # tlsearch.samplers).
     name: str = "median"
-    # Median/percentile: trials completed before any pruning, folds before a trial may be pruned.
+    # What a trial reports as it trains, the pruner's step axis: "folds", its running CV metric
+    # after each fold (step = fold index); "epochs", every 5 epochs the CV metric of all its folds
+    # at that epoch, the folds trained side by side (step = epoch: a trial stopped at epoch e
+    # has trained every fold e epochs).
+    steps: Literal["folds", "epochs"] = "folds"
+    # Median/percentile: trials completed before any pruning, steps before a trial may be pruned.
     n_startup_trials: int = Field(5, ge=0)
     n_warmup_steps: int = Field(1, ge=0)
     percentile: float = Field(25.0, gt=0.0, lt=100.0)
     # Wilcoxon: the p-value below which a trial is pruned.
     p_threshold: float = Field(0.1, gt=0.0, lt=1.0)
+    # Successive halving and Hyperband (steps = "epochs"): the first rung after this many epochs,
+    # each next one `reduction_factor` times further; at each, a trial goes on only when it is in
+    # the top 1/`reduction_factor` of the trials that reached it.
+    min_epochs: int = Field(5, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> PrunerConfig:
+        if self.name == "wilcoxon" and self.steps == "epochs":
+            raise ValueError(
+                "pruner.steps: the Wilcoxon pruner compares fold scores, so it needs "
+                'steps = "folds"'
+            )
+        if self.name in ("successive_halving", "hyperband") and self.steps == "folds":
+            raise ValueError(
+                f"pruner.steps: {self.name} stops trials on partial training: it needs steps = "
+                '"epochs"'
+            )
+        return self
 
 
 class SelectConfig(_Section):
@@ -574,6 +607,10 @@ LEGACY_VALUES: dict[str, Any] = {
     "regularizer.delta_attention": False,
     "search.delta_lambda": {"low": 1e-4, "high": 10.0, "log": True, "step": None},
     "data.images": {"resize": None, "channels": "rgb", "mean": None, "std": None},
+    # Added with the half-compute issue: a study made before it reports after each fold.
+    "pruner.steps": "folds",
+    "pruner.min_epochs": 5,
+    "pruner.reduction_factor": 3,
     # Added with the do-no-harm issue: a study made before it runs no confirmation round when
     # resumed (select.rule is not here: an old study exports with today's rule, which says in
     # one line what the study lacks).

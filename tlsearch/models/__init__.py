@@ -1,4 +1,5 @@
-"""Networks as blocks plus a head, built by name from :data:`tlsearch.registry.MODELS`."""
+"""Networks as blocks plus a head, built by name from :data:`tlsearch.registry.MODELS`; several
+folds' models stacked into one (:mod:`~tlsearch.models.stacked`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,21 @@ from typing import TYPE_CHECKING
 import torch
 
 from tlsearch.models.blocknet import BlockNet, cnn, mlp
+from tlsearch.models.stacked import per_fold, stack_models
 from tlsearch.registry import MODELS
 
 if TYPE_CHECKING:
     from tlsearch.config import ModelConfig
 
-__all__ = ["BlockNet", "backbone_state", "cnn", "create_model", "mlp"]
+__all__ = [
+    "BlockNet",
+    "backbone_state",
+    "cnn",
+    "create_model",
+    "mlp",
+    "per_fold",
+    "stack_models",
+]
 
 HEAD = "head."
 

@@ -1,8 +1,11 @@
 """Penalties that pull fine-tuned weights toward zero or toward the pretrained starting point, or
-(DELTA) the trained blocks' feature maps toward the pretrained ones; and BSS, added on top of any.
+(DELTA) the trained blocks' feature maps toward the pretrained ones; and terms added on top of any
+(BSS).
 
-One file per penalty; each is registered by name in :data:`tlsearch.registry.REGULARIZERS`.
-See :mod:`tlsearch.regularizers.base` for the convention every penalty follows.
+One file per penalty or term; penalties are registered by name in
+:data:`tlsearch.registry.REGULARIZERS`, terms in :data:`tlsearch.registry.TERMS`. See
+:mod:`tlsearch.regularizers.base` for the convention every penalty follows and the
+:class:`~tlsearch.regularizers.base.DataTerm` interface the training loop calls.
 """
 
 from __future__ import annotations
@@ -12,16 +15,29 @@ from typing import Any
 
 import torch
 
+from tlsearch.config import RegularizerConfig
 from tlsearch.models import BlockNet
-from tlsearch.registry import REGULARIZERS
-from tlsearch.regularizers.base import Regularizer
+from tlsearch.params import TrialParams
+from tlsearch.registry import REGULARIZERS, TERMS
+from tlsearch.regularizers.base import DataTerm, Regularizer, Start
 from tlsearch.regularizers.bss import BSS
 from tlsearch.regularizers.delta import Delta
 from tlsearch.regularizers.l2 import L2
 from tlsearch.regularizers.l2sp import L2SP
 from tlsearch.regularizers.none import NoPenalty
 
-__all__ = ["BSS", "L2", "L2SP", "Delta", "NoPenalty", "Regularizer", "create_regularizer"]
+__all__ = [
+    "BSS",
+    "L2",
+    "L2SP",
+    "DataTerm",
+    "Delta",
+    "NoPenalty",
+    "Regularizer",
+    "Start",
+    "create_regularizer",
+    "data_terms",
+]
 
 
 def create_regularizer(
@@ -33,5 +49,20 @@ def create_regularizer(
 ) -> Regularizer:
     """The penalty registered as ``name`` over ``model``'s trainable parameters; ``options`` are
     :class:`~tlsearch.regularizers.base.Regularizer`'s keywords (``head_lambda``, ``penalize``,
-    ``scale``, ``stacked``; DELTA also takes ``attention``)."""
+    ``scale``, ``stacked``, ``settings``)."""
     return REGULARIZERS.create(name, model, pretrained, lambda_, **options)
+
+
+def data_terms(
+    penalty: Regularizer, settings: RegularizerConfig, params: TrialParams
+) -> list[DataTerm]:
+    """The terms computed from the batch that a trial trains with: the penalty's own (DELTA's,
+    when its λ is above 0), then each registered term the settings and the trial turn on."""
+    terms: list[DataTerm] = []
+    if isinstance(penalty, DataTerm) and penalty.lambda_ > 0:
+        terms.append(penalty)
+    for name in TERMS.names():
+        term = TERMS.get(name).load().from_settings(settings, params)
+        if term is not None:
+            terms.append(term)
+    return terms

@@ -10,7 +10,7 @@ over the *trainable* parameters the regularizer covers (frozen ones have no grad
 code; ``"all"`` adds biases and norm-layer parameters, as tllib does.
 
 With ``stacked=True`` the model's parameters carry a leading fold dimension (k fold models trained
-together, see :func:`tlsearch.finetune.finetune_folds`) and ``forward()`` returns the k penalties, one per
+together, see :func:`tlsearch.training.finetune_folds`) and ``forward()`` returns the k penalties, one per
 fold; their sum has, for each fold's slice, that fold's gradient.
 
 Adding a regularizer is one :class:`Regularizer` subclass and its registry entry
@@ -23,23 +23,31 @@ sixth of a fine-tuning step of the default CNN on the CPU). ``forward()`` stays 
 test checks each closed form against autograd.
 
 A penalty may also have a *data term*, a function of the batch rather than of the weights alone
-(DELTA's distance between feature maps, :mod:`tlsearch.regularizers.delta`): it sets
-``feature_maps`` and implements :meth:`Regularizer.data_penalty`. The training loop then runs each
-batch through the blocks keeping every trained block's output, and hands ``data_penalty`` those
-outputs and the pretrained blocks' outputs on the same samples (computed once per fold). The data
-term is part of the loss that backpropagates; only the weight term can have a closed form.
+(DELTA's distance between feature maps, :mod:`tlsearch.regularizers.delta`): it is then also a
+:class:`DataTerm`, the one interface the training loop has for every term computed from a batch's
+block outputs, penalty or not (BSS, :mod:`tlsearch.regularizers.bss`, is a registered term of its
+own). Before a fold trains, each term's :meth:`DataTerm.prepare` sees the model at its start and the
+fold's training set (:class:`Start`: DELTA computes its pretrained feature maps and channel
+attention there); in each step the loop runs the batch through the blocks keeping their outputs
+and adds each term's :meth:`DataTerm.batch_term`. Data terms backpropagate with the cross-entropy;
+only a weight term can have a closed form.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tlsearch.models import BlockNet
 
-__all__ = ["Regularizer", "add_scaled_", "sq_distance"]
+if TYPE_CHECKING:
+    from tlsearch.config import RegularizerConfig
+
+__all__ = ["DataTerm", "Regularizer", "Start", "add_scaled_", "sq_distance"]
 
 
 def covered(
@@ -83,15 +91,55 @@ def add_scaled_(params: list[nn.Parameter], coef: float, refs: list[torch.Tensor
     torch._foreach_add_(grads, diffs, alpha=coef)
 
 
+@dataclass(frozen=True)
+class Start:
+    """What a :class:`DataTerm` sees once per fold, before it trains.
+
+    Attributes:
+        model: the model at its starting point (the pretrained blocks, a new head).
+        outputs: the model's block outputs on inputs like ``x`` (from the first block it runs).
+        x: the fold's training inputs (stacked: ``(folds, n, ...)``), entering the first block run.
+        y: their labels (stacked: ``(folds, n)``).
+        first_trained: the index, in those outputs, of the first block that trains.
+        first_block: that block's index in ``model.blocks``.
+        seeds: each fold's seed.
+        stacked: whether the model holds several folds' parameters.
+    """
+
+    model: BlockNet
+    outputs: Callable[[torch.Tensor], list[torch.Tensor]]
+    x: torch.Tensor
+    y: torch.Tensor
+    first_trained: int
+    first_block: int
+    seeds: Sequence[int]
+    stacked: bool
+
+
+class DataTerm:
+    """A term of the training loss computed from a batch's block outputs (the training loop's one
+    interface for them: it names none). ``batch_term(outputs, rows)`` is added to each step's
+    loss: ``outputs`` are the blocks' outputs on the batch (the last one the head's input),
+    ``rows`` indexes the batch's samples in the fold's training set, as a training-set tensor of
+    the fold (stacked: of each fold) is indexed. One value, or one per fold when stacked."""
+
+    def prepare(self, start: Start) -> None:
+        """Once per fold, before it trains (nothing by default)."""
+
+    def batch_term(self, outputs: Sequence[torch.Tensor], rows: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class Regularizer(nn.Module):
     """Base class: holds the covered parameters of ``model`` and returns the penalty as a scalar.
 
     Subclasses set ``name`` and implement :meth:`forward`. ``lambda_`` is the searched λ,
     ``head_lambda`` the fixed β some penalties use for the new head, ``scale`` the factor (1 or 1/m) in front;
-    ``stacked`` says the parameters carry a leading fold dimension (one penalty per fold).
-    Subclasses whose gradient has a closed form set ``closed_form_grad`` and implement
-    :meth:`accumulate_grad_`; those with a data term set ``feature_maps`` and implement
-    :meth:`data_penalty`.
+    ``stacked`` says the parameters carry a leading fold dimension (one penalty per fold);
+    ``settings`` is the study's ``regularizer`` section, for options of a penalty's own (DELTA's
+    attention). Subclasses whose gradient has a closed form set ``closed_form_grad`` and implement
+    :meth:`accumulate_grad_`; those with a data term are also a :class:`DataTerm` and implement
+    :meth:`data_penalty`, the term's formula.
 
     Attributes a subclass reads: ``backbone`` and ``head``, the covered trainable parameters of
     the blocks and of the new head; ``backbone_refs``, their pretrained starting points (in the
@@ -100,7 +148,6 @@ class Regularizer(nn.Module):
 
     name: str = ""
     closed_form_grad: bool = False
-    feature_maps: bool = False
 
     def __init__(
         self,
@@ -111,8 +158,10 @@ class Regularizer(nn.Module):
         penalize: str = "weights",
         scale: float = 1.0,
         stacked: bool = False,
+        settings: RegularizerConfig | None = None,
     ) -> None:
         super().__init__()
+        self.settings = settings
         self.lambda_ = float(lambda_)
         self.head_lambda = float(head_lambda)
         self.scale = float(scale)

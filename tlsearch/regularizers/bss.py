@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
+
+from tlsearch.regularizers.base import DataTerm
+
+if TYPE_CHECKING:
+    from tlsearch.config import RegularizerConfig
+    from tlsearch.params import TrialParams
 
 __all__ = ["BSS"]
 
 
-class BSS(nn.Module):
+class BSS(nn.Module, DataTerm):
     """Batch Spectral Shrinkage (Chen, Wang, Fu, Long & Wang, NeurIPS 2019, "Catastrophic
     Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe Transfer Learning").
 
@@ -16,8 +25,9 @@ class BSS(nn.Module):
     penultimate features (the head's input, one row per sample). Small singular directions are
     where fine-tuning on few labels learns what does not transfer; shrinking them suppresses it.
     It is not a penalty of its own but a term added on top of whichever one is chosen
-    (``regularizer.bss_eta``, ``regularizer.bss_k``), and, like the cross-entropy it is added to,
-    a function of the batch: it is not multiplied by ``regularizer.scale``.
+    (``regularizer.bss_eta``, ``regularizer.bss_k``; registered in
+    :data:`tlsearch.registry.TERMS`), and, like the cross-entropy it is added to, a function of
+    the batch: it is not multiplied by ``regularizer.scale``.
 
     ``forward`` takes ``(batch, features)``, or ``(folds, batch, features)`` for folds trained
     together (``torch.linalg.svdvals`` is batched), and returns a scalar or one value per fold.
@@ -30,6 +40,14 @@ class BSS(nn.Module):
         assert eta >= 0 and k >= 1, (eta, k)
         self.eta = float(eta)
         self.k = int(k)
+
+    @classmethod
+    def from_settings(cls, settings: RegularizerConfig, params: TrialParams) -> BSS | None:
+        """The term a trial trains with: η from the trial (searched or fixed), None when 0."""
+        return cls(params.bss_eta, settings.bss_k) if params.bss_eta > 0 else None
+
+    def batch_term(self, outputs: Sequence[torch.Tensor], rows: Any) -> torch.Tensor:
+        return self(outputs[-1])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # svdvals, not svd: only the values are needed, and its gradient stays finite where

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from tlsearch.regularizers.base import Regularizer, add_scaled_, sq_distance
+from tlsearch.models import BlockNet, per_fold
+from tlsearch.regularizers.base import DataTerm, Regularizer, Start, add_scaled_, sq_distance
 
-__all__ = ["Delta"]
+__all__ = ["Delta", "channel_attention"]
 
 
-class Delta(Regularizer):
+class Delta(Regularizer, DataTerm):
     """DELTA (Li, Xiong, Wang, Rao, Liu, Chen & Huan, ICLR 2019, "DELTA: DEep Learning Transfer
     using Feature Map with Attention").
 
@@ -41,15 +46,37 @@ class Delta(Regularizer):
 
     name = "delta"
     closed_form_grad = True
-    feature_maps = True
-    # The channel weights a_j, one tensor per trained block; None: all 1 (set by the training loop).
+    # The channel weights a_j, one tensor per trained block; None: all 1 (set by prepare).
     attention: list[torch.Tensor] | None = None
+    # The pretrained blocks' outputs on the fold's training set, from the first trained block on.
+    refs: list[torch.Tensor] | None = None
+    first_trained = 0
 
     def forward(self) -> torch.Tensor:
         return self.scale * self.head_lambda / 2 * sq_distance(self.head, None, self.stacked)
 
     def accumulate_grad_(self) -> None:
         add_scaled_(self.head, self.scale * self.head_lambda, None)
+
+    def prepare(self, start: Start) -> None:
+        """The pretrained feature maps FM_j(w⁰, x) of the fold's training set and, with
+        ``regularizer.delta_attention``, the channel weights: the model is at its start."""
+        model = start.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.refs = start.outputs(start.x)[start.first_trained :]
+            if self.settings is not None and self.settings.delta_attention:
+                self.attention = channel_attention(
+                    model, self.refs, start.y, start.first_block, start.seeds, start.stacked
+                )
+        model.train(was_training)
+        self.first_trained = start.first_trained
+
+    def batch_term(self, outputs: Sequence[torch.Tensor], rows: Any) -> torch.Tensor:
+        assert self.refs is not None, "prepare() runs before the first batch"
+        maps = outputs[self.first_trained :]
+        return self.data_penalty(maps, [r[rows] for r in self.refs])
 
     def data_penalty(
         self, maps: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]
@@ -66,3 +93,123 @@ class Delta(Regularizer):
                 per_sample = (per_channel * self.attention[j].unsqueeze(-2)).sum(-1)
             terms.append(per_sample.mean(-1))
         return self.lambda_ / 2 * torch.stack(terms).sum(0)
+
+
+# The channel attention (regularizer.delta_attention): the linear head's fit and the softmax.
+ATTENTION_STEPS = 100  # full-batch Adam steps of the head, on standardised features
+ATTENTION_LR = 0.05
+ATTENTION_TEMPERATURE = 5.0  # on the z-scored loss increases, as tllib (and the DELTA code)
+ATTENTION_CHUNK = 1 << 22  # elements of channel-zeroed feature maps run through the blocks at once
+
+
+@torch.no_grad()
+def channel_attention(
+    model: BlockNet,
+    refs: Sequence[torch.Tensor],
+    y: torch.Tensor,
+    first_block: int,
+    seeds: Sequence[int],
+    stacked: bool,
+) -> list[torch.Tensor]:
+    """DELTA's channel weights (Li et al., ICLR 2019, section 3.3: "supervised attention"), per
+    trained block, from the pretrained network on the fold's training set.
+
+    ``model`` is at its start (the pretrained blocks, eval mode); ``refs[i]`` is the output of
+    block ``first_block + i`` on the training set (every block from ``first_block`` on, the last
+    the penultimate features ``z``), ``y`` its labels; stacked, both carry the fold dimension and
+    fold f gets its own weights, from its own samples (``seeds[f]`` seeds its head). Steps:
+
+    1. fit a linear head ``g`` for the target's classes on the standardised ``z``:
+       :data:`ATTENTION_STEPS` full-batch Adam steps from a start drawn by a generator of its own
+       (seeded from the fold's seed: the global random stream is not touched); ``L`` is its mean
+       cross-entropy on the training set;
+    2. for each trained block j and channel c of its output (dim 1 of a sample's map; a unit of a
+       fully connected block), zero that channel on every sample, run blocks j+1… and ``g``:
+       ``Δ_jc = max(L_{-jc} − L, 0)``;
+    3. ``a_j = C_j · softmax(Δ̂_j / T)`` over the C_j channels of block j, where ``Δ̂_j`` is ``Δ_j``
+       z-scored over those channels and T = :data:`ATTENTION_TEMPERATURE` = 5, as tllib's DELTA
+       does: raw loss increases of one channel among many are small, and softmax(Δ/5) of them
+       would be uniform. The weights average 1 (all equal, as when no channel matters, is plain
+       DELTA), so λ keeps its meaning.
+
+    Cost: per fold, one forward of the blocks after j per channel of each trained block j
+    (channels batched, :data:`ATTENTION_CHUNK` elements at a time), plus the head's fit.
+    """
+    maps = [r if stacked else r.unsqueeze(0) for r in refs]  # (folds, n, ...)
+    labels = y if stacked else y.unsqueeze(0)
+    folds, n = labels.shape
+    z = maps[-1].flatten(2)
+    mean = z.mean(1, keepdim=True)
+    std = z.std(1, correction=0, keepdim=True)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    weight, bias = _attention_head((z - mean) / std, labels, model.head.weight.shape[-2], seeds)
+
+    def losses(features: torch.Tensor) -> torch.Tensor:
+        """Each fold's mean cross-entropy of ``g``: ``(folds, m, n, d)`` → ``(folds, m)``."""
+        flat = ((features.flatten(3) - mean[:, None]) / std[:, None]).flatten(1, 2)
+        logits = torch.baddbmm(bias[:, None], flat, weight.transpose(1, 2))
+        target = labels[:, None].expand(folds, len(flat[0]) // n, n)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        return ce.view(target.shape).mean(-1)
+
+    base = losses(maps[-1][:, None])  # (folds, 1)
+    rest = _rest_of_blocks(model, stacked)
+    weights = []
+    for i, fm in enumerate(maps):
+        channels = fm.shape[2]
+        per_channel = max(1, ATTENTION_CHUNK // max(1, fm[:, :, 0].numel()))
+        increase = []
+        for first in range(0, channels, per_channel):
+            m = min(per_channel, channels - first)
+            keep = torch.ones(m, channels, dtype=fm.dtype, device=fm.device)
+            keep[torch.arange(m), first + torch.arange(m)] = 0
+            # m copies of the maps, copy k with channel first + k zeroed: (folds, m·n, C, ...)
+            zeroed = fm[:, None] * keep.view(1, m, 1, channels, *[1] * (fm.dim() - 3))
+            out = rest(zeroed.flatten(1, 2), first_block + i + 1)
+            increase.append(losses(out.reshape(folds, m, n, *out.shape[2:])) - base)
+        delta = torch.cat(increase, 1).clamp_min(0)
+        spread = delta.std(1, correction=0, keepdim=True)
+        scaled = torch.where(spread > 1e-6, (delta - delta.mean(1, keepdim=True)) / spread, 0.0)
+        a = channels * torch.softmax(scaled / ATTENTION_TEMPERATURE, dim=1)
+        weights.append(a if stacked else a[0])
+    return weights
+
+
+def _attention_head(
+    z: torch.Tensor, y: torch.Tensor, classes: int, seeds: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear head per fold on features ``z`` ``(folds, n, d)``: weight ``(folds, classes, d)``
+    and bias ``(folds, classes)``; fold f starts from a draw of its own generator. Adam treats each
+    element alone, so fitting the folds together is fitting each alone."""
+    d = z.shape[-1]
+    bound = 1 / math.sqrt(d)
+    start = []
+    for seed in seeds:
+        digest = hashlib.sha256(f"tlsearch.delta_attention:{seed}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        start.append((torch.rand(classes, d, generator=g, dtype=z.dtype) * 2 - 1) * bound)
+    weight = torch.stack(start).to(z.device).requires_grad_()
+    bias = torch.zeros(len(seeds), classes, dtype=z.dtype, device=z.device, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=ATTENTION_LR)
+    with torch.enable_grad():
+        for _ in range(ATTENTION_STEPS):
+            logits = torch.baddbmm(bias[:, None], z, weight.transpose(1, 2))
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            optimizer.zero_grad()
+            loss.view(y.shape).mean(1).sum().backward()
+            optimizer.step()
+    return weight.detach(), bias.detach()
+
+
+def _rest_of_blocks(model: BlockNet, stacked: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``rest(h, j)``: blocks j… of ``model`` on ``h`` ``(folds, m, ...)`` (each fold's own
+    blocks when stacked), the head's input."""
+
+    def rest(h: torch.Tensor, start: int) -> torch.Tensor:
+        if start == len(model.blocks):
+            return h
+        if not stacked:
+            return model.features(h[0], start).unsqueeze(0)
+        return per_fold(model, lambda m, xb: m.features(xb, start))(h)
+
+    return rest

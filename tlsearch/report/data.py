@@ -19,12 +19,15 @@ from optuna.trial import FrozenTrial, TrialState
 from tlsearch.config import StudyConfig
 from tlsearch.dashboard import describe_study
 from tlsearch.errors import TlsearchError
+from tlsearch.evidence import CURVE_ATTR
 from tlsearch.export import FINAL_MODELS, trials_frame
 from tlsearch.params import fixed_params
 from tlsearch.selection import (
+    Pool,
     accuracy,
     accuracy_se,
     baseline_of,
+    is_confirmation,
     standard_error,
     stored_selection,
 )
@@ -83,7 +86,8 @@ def study_config(study: optuna.Study) -> StudyConfig | None:
 
 
 def points(study: optuna.Study, cfg: StudyConfig | None) -> list[Point]:
-    """The finished trials: complete ones, and pruned ones that scored at least one fold.
+    """The search's finished trials: complete ones, and pruned ones that scored at least one fold
+    (the confirmation round's are scored on other folds and left out).
 
     A trial's parameters are those it trained with (a baseline's in full, fixed ones included).
     """
@@ -94,6 +98,8 @@ def points(study: optuna.Study, cfg: StudyConfig | None) -> list[Point]:
         threshold = best.value - (standard_error(best) or 0.0)
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if is_confirmation(t):  # scored on other folds: not a point of the search
+            continue
         folds = [float(s) for s in t.user_attrs.get("fold_scores") or []]
         complete = t.state == TrialState.COMPLETE
         if complete:
@@ -109,12 +115,58 @@ def points(study: optuna.Study, cfg: StudyConfig | None) -> list[Point]:
     return out
 
 
+@dataclass
+class Curve:
+    """One trial's learning curves: each fold's held-out loss at the epochs it was evaluated,
+    laid end to end (fold i's epoch e at ``i · epochs + e``, the trial's fold-epochs so far)."""
+
+    number: int
+    label: str
+    pruned: bool
+    # Per fold: (fold-epochs, held-out loss) at each evaluation.
+    folds: list[tuple[list[int], list[float]]]
+
+
+def curves(study: optuna.Study, epochs: int, most: int = 3) -> list[Curve]:
+    """The learning curves of a few trials: the search's best, plain fine-tuning, and the
+    ``most`` pruned trials that trained longest (where a pruner stopped them)."""
+    pool = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if isinstance(t.user_attrs.get(CURVE_ATTR), dict) and not is_confirmation(t)
+    ]
+    complete = [t for t in pool if t.state == TrialState.COMPLETE]
+    chosen: list[tuple[FrozenTrial, str]] = []
+    if complete:
+        top = max(complete, key=lambda t: (t.value, -t.number))
+        chosen.append((top, f"trial {top.number} (best)"))
+    plain = next((t for t in complete if baseline_of(t) == "plain_finetuning"), None)
+    if plain is not None and all(plain is not t for t, _ in chosen):
+        chosen.append((plain, f"trial {plain.number} (plain fine-tuning)"))
+    pruned = [t for t in pool if t.state == TrialState.PRUNED]
+    pruned.sort(key=lambda t: (-_trained(t), t.number))
+    chosen += [(t, f"trial {t.number} (pruned)") for t in pruned[:most]]
+    out = []
+    for t, label in chosen:
+        curve = t.user_attrs[CURVE_ATTR]
+        folds = [
+            ([i * epochs + e for e in curve["epochs"][: len(losses)]], list(losses))
+            for i, losses in enumerate(curve["loss"])
+            if losses
+        ]
+        out.append(Curve(t.number, label, t.state == TrialState.PRUNED, folds))
+    return out
+
+
+def _trained(t: FrozenTrial) -> int:
+    """How many curve points a trial reached: how long it trained."""
+    return sum(len(f) for f in t.user_attrs[CURVE_ATTR]["loss"])
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best complete trial, or None before the first one."""
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
+    """The search's best complete trial (never a confirmation trial), or None before the first."""
+    pool = Pool.of(study)
+    return pool.best() if pool.search else None
 
 
 def importances(study: optuna.Study) -> Importances:
@@ -179,6 +231,8 @@ def summary_rows(
                 + ", ".join(f"#{r['trial_number']}" for r in selected["runners_up"]),
             ]
         )
+        if selected.get("reason"):
+            rows.append(["why", selected["reason"]])
     if cfg is not None:
         described = describe_study(cfg, study.user_attrs.get("task"))
         rows += [[k, v.replace("`", "")] for k, v in described.items()]

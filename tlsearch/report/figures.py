@@ -7,6 +7,8 @@
 - ``importances``: parameter importances from :func:`optuna.importance.get_param_importances`;
 - ``frozen_depth`` (saved as ``frozen_blocks.png``): CV accuracy against the number of frozen blocks;
 - ``lr_vs_lambda``: the learning rate against λ, coloured by CV accuracy;
+- ``learning_curves``: each fold's held-out loss by epoch for a few trials, the folds end to end,
+  pruned trials marked where they stopped;
 - ``test_comparison`` (given ``BEST.final.json`` from ``tlsearch final``): held-out test
   accuracy of the tuned model, plain fine-tuning and training from scratch, with their 95 %
   intervals, each seed's accuracy and the search's CV estimates.
@@ -26,7 +28,7 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
 from tlsearch.export import FINAL_MODELS
-from tlsearch.report.data import Importances, Point
+from tlsearch.report.data import Curve, Importances, Point
 
 _SIZE = (7.0, 4.3)
 _DPI = 110
@@ -58,13 +60,24 @@ def _log_x(ax: Any, values: list[float]) -> None:
         ax.set_xscale("symlog", linthresh=min(positive))
 
 
-def lambda_curve(points: list[Point], best: FrozenTrial | None) -> Figure:
+def lambda_curve(points: list[Point], best: FrozenTrial | None, delta: bool = False) -> Figure:
     """CV accuracy against λ: each trial ± one standard error with its folds, the trials within one
-    SE of the best ringed, the best starred, plain fine-tuning and scratch marked."""
+    SE of the best ringed, the best starred, plain fine-tuning and scratch marked.
+
+    ``delta``: DELTA's trials against DELTA's λ; otherwise every other penalty's. The two never
+    share an axis: one scales a distance between feature maps, the other between weights."""
     fig, ax = _figure()
-    ax.set_title("Cross-validated accuracy vs λ")
+    ax.set_title(
+        "Cross-validated accuracy vs DELTA's λ" if delta else "Cross-validated accuracy vs λ"
+    )
     scratch = [p for p in points if p.baseline == "scratch" and not p.pruned]
-    pts = [p for p in points if "lambda" in p.params and p.baseline != "scratch"]
+    pts = [
+        p
+        for p in points
+        if "lambda" in p.params
+        and p.baseline != "scratch"
+        and (p.params.get("regularizer") == "delta") == delta
+    ]
     if not pts:
         _empty(ax, "no finished trial yet")
         return fig
@@ -121,7 +134,8 @@ def lambda_curve(points: list[Point], best: FrozenTrial | None) -> Figure:
         ax.axhline(p.value, color="C3", ls="--", lw=1, label=f"scratch (trial {p.number})")
     _log_x(ax, [p.params["lambda"] for p in pts])
     _clip_to_complete(ax, pts, also=[p.value for p in scratch])
-    ax.set_xlabel("λ (penalty strength, log scale)")
+    what = "DELTA's λ (feature-map distance" if delta else "λ (penalty strength"
+    ax.set_xlabel(f"{what}, log scale)")
     ax.set_ylabel("CV accuracy (mean ± 1 SE over folds)")
     # Legend beside the plot, depths in order: the points fill the whole λ range.
     handles, labels = ax.get_legend_handles_labels()
@@ -187,6 +201,39 @@ def history(points: list[Point]) -> Figure:
         ax.step(xs, ys, where="post", color="C3", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel("CV accuracy")
+    _legend_beside(ax)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def learning_curves(curves: list[Curve], epochs: int, folds: int) -> Figure:
+    """Held-out loss by epoch: one colour per trial, one line per fold, the folds end to end."""
+    fig, ax = _figure()
+    ax.set_title("Learning curves: held-out loss of each fold")
+    if not curves:
+        _empty(ax, "no trial with learning curves yet (studies made before tlsearch kept them)")
+        return fig
+    for i, c in enumerate(curves):
+        colour = "0.55" if c.pruned else f"C{i % 10}"
+        for n, (xs, ys) in enumerate(c.folds):
+            ax.plot(
+                xs,
+                ys,
+                color=colour,
+                ls="--" if c.pruned else "-",
+                lw=1.2,
+                marker=".",
+                ms=3,
+                label=c.label if n == 0 else None,
+            )
+        if c.pruned and c.folds:
+            xs, ys = c.folds[-1]
+            ax.scatter(xs[-1], ys[-1], marker="x", s=40, color="C3", zorder=4)
+    for fold in range(1, folds):
+        ax.axvline(fold * epochs, color="0.85", lw=0.8, zorder=0)
+    ax.scatter([], [], marker="x", color="C3", label="pruned here")
+    ax.set_xlabel(f"epochs trained, fold after fold ({epochs} per fold)")
+    ax.set_ylabel("held-out loss (mean cross-entropy)")
     _legend_beside(ax)
     ax.grid(alpha=0.3)
     return fig

@@ -9,14 +9,17 @@ import base64
 import datetime as dt
 import html
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import optuna
 from matplotlib.figure import Figure
+from optuna.trial import FrozenTrial
 
 from tlsearch._io import atomic_write
 from tlsearch._version import __version__
+from tlsearch.config import StudyConfig
 from tlsearch.errors import TlsearchError
 from tlsearch.export import read_final
 from tlsearch.report import data, figures
@@ -51,13 +54,50 @@ def write_report(
     except OSError as e:
         raise TlsearchError(f"cannot create {out}: {e.strerror}") from None
     cfg = data.study_config(study)
-    points = data.points(study, cfg)
     best = data.best_trial(study)
+    name = html.escape(study.study_name)
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>tlsearch report: {name}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>tlsearch report: study '{name}'</h1>",
+        f"<p class='meta'>generated {dt.datetime.now():%Y-%m-%d %H:%M} by tlsearch "
+        f"{__version__}</p>",
+        "<h2>Study</h2>" + _table(None, data.summary_rows(study, cfg, best)),
+        *_final_section(final),
+    ]
+    for file, title, make, caption in _figures(study, cfg, best, final):
+        png = _png(make(), out / f"{file}.png")
+        parts.append(
+            f"<h2 id='{file}'>{html.escape(title)}</h2><figure>"
+            f"<img src='data:image/png;base64,{png}' alt='{html.escape(title)}'>"
+            f"<figcaption>{html.escape(caption.strip())} ({file}.png)</figcaption></figure>"
+        )
+    header, rows = data.trial_rows(study)
+    parts.append("<h2>Trials</h2>" + (_table(header, rows) if rows else "<p>no trial yet</p>"))
+    parts.append("</body></html>")
+    path = out / "report.html"
+    atomic_write(path, lambda p: p.write_text("\n".join(parts) + "\n", encoding="utf-8"))
+    return path
+
+
+# A figure of the report: (file name, title, how to draw it, caption).
+Shown = tuple[str, str, Callable[[], Figure], str]
+
+
+def _figures(
+    study: optuna.Study,
+    cfg: StudyConfig | None,
+    best: FrozenTrial | None,
+    final: Mapping[str, Any] | None,
+) -> list[Shown]:
+    """The figures, in the order the report shows them."""
+    points = data.points(study, cfg)
     importances = data.importances(study)
     k = cfg.cv.k if cfg is not None else "k"
-
-    # (file name, title, figure, caption), in the order the report shows them.
-    shown: list[tuple[str, str, Callable[[], Figure], str]] = [
+    epochs = cfg.finetune.epochs if cfg is not None else 1
+    folds = cfg.cv.k * cfg.cv.repeats if cfg is not None else 1
+    shown: list[Shown] = [
         (
             "lambda_curve",
             "CV accuracy vs λ",
@@ -66,6 +106,26 @@ def write_report(
             "standard deviation; the faint dots are the single folds. Colour: frozen blocks. "
             "Hollow grey points are pruned trials (the mean of the folds they ran). The dotted "
             "line is the λ of plain fine-tuning, final's baseline.",
+        ),
+    ]
+    if any(p.params.get("regularizer") == "delta" for p in points):
+        shown.append(
+            (
+                "delta_lambda_curve",
+                "CV accuracy vs DELTA's λ",
+                lambda: figures.lambda_curve(points, best, delta=True),
+                "As above for the trials that trained with DELTA: its λ scales a distance between "
+                "feature maps, not between weights, so it has an axis of its own.",
+            )
+        )
+    shown += [
+        (
+            "learning_curves",
+            "Learning curves",
+            lambda: figures.learning_curves(data.curves(study, epochs), epochs, folds),
+            "Each fold's held-out loss every few epochs, the folds one after the other, for the "
+            "best trial, plain fine-tuning and the pruned trials that trained longest (dashed, "
+            "a cross where the pruner stopped them).",
         ),
         (
             "history",
@@ -109,45 +169,28 @@ def write_report(
                 "one standard error, where the study has one.",
             )
         )
+    return shown
 
-    name = html.escape(study.study_name)
+
+def _final_section(final: Mapping[str, Any] | None) -> list[str]:
+    """The held-out test results of ``tlsearch final``, its paired differences and verdict."""
+    if final is None:
+        return []
     parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>tlsearch report: {name}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>tlsearch report: study '{name}'</h1>",
-        f"<p class='meta'>generated {dt.datetime.now():%Y-%m-%d %H:%M} by tlsearch "
-        f"{__version__}</p>",
-        "<h2>Study</h2>" + _table(None, data.summary_rows(study, cfg, best)),
+        "<h2>Held-out test (tlsearch final)</h2>"
+        + _table(data.FINAL_HEADER, data.final_rows(final))
+        + f"<p>{html.escape(data.plain_settings(final))}</p>"
     ]
-    if final is not None:
+    comparisons = data.comparison_rows(final)
+    if comparisons:
         parts.append(
-            "<h2>Held-out test (tlsearch final)</h2>"
-            + _table(data.FINAL_HEADER, data.final_rows(final))
-            + f"<p>{html.escape(data.plain_settings(final))}</p>"
+            "<p>Paired differences on the same test images: the interval is a normal "
+            "approximation on the per-image differences; McNemar's exact test counts the "
+            "images one model got right more often than the other.</p>"
+            + _table(data.COMPARISON_HEADER, comparisons)
         )
-        comparisons = data.comparison_rows(final)
-        if comparisons:
-            parts.append(
-                "<p>Paired differences on the same test images: the interval is a normal "
-                "approximation on the per-image differences; McNemar's exact test counts the "
-                "images one model got right more often than the other.</p>"
-                + _table(data.COMPARISON_HEADER, comparisons)
-            )
-        parts += [f"<p><strong>{html.escape(v)}</strong></p>" for v in final.get("verdict", [])]
-    for file, title, make, caption in shown:
-        png = _png(make(), out / f"{file}.png")
-        parts.append(
-            f"<h2 id='{file}'>{html.escape(title)}</h2><figure>"
-            f"<img src='data:image/png;base64,{png}' alt='{html.escape(title)}'>"
-            f"<figcaption>{html.escape(caption.strip())} ({file}.png)</figcaption></figure>"
-        )
-    header, rows = data.trial_rows(study)
-    parts.append("<h2>Trials</h2>" + (_table(header, rows) if rows else "<p>no trial yet</p>"))
-    parts.append("</body></html>")
-    path = out / "report.html"
-    atomic_write(path, lambda p: p.write_text("\n".join(parts) + "\n", encoding="utf-8"))
-    return path
+    parts += [f"<p><strong>{html.escape(v)}</strong></p>" for v in final.get("verdict", [])]
+    return parts
 
 
 def _png(fig: Figure, path: Path) -> str:

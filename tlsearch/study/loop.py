@@ -76,18 +76,25 @@ class _Guard:
         self.number: int | None = None
         self.outcome: tuple[TrialState, float | None] | None = None
         self.told = True
+        # The running trial ended with an error the loop handles itself (a signal, the storage,
+        # another worker): Optuna's report of that failure is not shown (_QuietFailures).
+        self.handled = False
 
     def __call__(self, trial: optuna.Trial) -> float:
-        self.number, self.outcome, self.told = trial.number, None, False
+        self.number, self.outcome, self.told, self.handled = trial.number, None, False, False
         for key, value in self.attrs.items():
             trial.set_user_attr(key, value)
         if self.stop.requested:
+            self.handled = True
             raise Interrupted("stop requested before the trial started")
         self.stop.in_trial = True
         try:
             value = self.objective(trial)
         except optuna.TrialPruned:
             self.outcome = (TrialState.PRUNED, None)
+            raise
+        except BaseException as e:
+            self.handled = _find_cause(e, _is_handled) is not None
             raise
         finally:
             self.stop.in_trial = False
@@ -96,23 +103,18 @@ class _Guard:
 
 
 class _QuietFailures(logging.Filter):
-    """Drop Optuna's traceback for trials that a signal, the storage or another worker ended; the
-    loop logs one line for each."""
+    """Drop Optuna's report of a trial that a signal, the storage or another worker ended (its
+    traceback and "failed with value" warnings): the loop logs one line for each. Decided by the
+    :class:`_Guard` that saw the objective's exception, not by reading Optuna's messages."""
 
     _optuna_logger = logging.getLogger("optuna.study._optimize")
 
-    def __init__(self) -> None:
+    def __init__(self, guard: _Guard) -> None:
         super().__init__()
-        self._quiet: set[str] = set()
+        self.guard = guard
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        trial = " ".join(message.split()[:2])  # "Trial 12"
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and _find_cause(exc, _is_handled) is not None:
-            self._quiet.add(trial)
-            return False
-        return not (trial in self._quiet and "failed with value" in message)
+        return not (self.guard.handled and record.levelno >= logging.WARNING)
 
     def attach(self) -> None:
         self._optuna_logger.addFilter(self)
@@ -222,8 +224,7 @@ def run_trials(
     """
     stop = stop or StopFlag()
     guard = _Guard(objective, stop, attrs or {})
-    study_id = storage.get_study_id_from_name(study.study_name)
-    storage.set_budget(study_id, n_trials)
+    loop = _Loop(study, storage, guard, n_trials, confirm, patience)
     ran = 0
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -235,10 +236,8 @@ def run_trials(
 
     cbs = [*callbacks, after_trial]
     deadline = None if timeout is None else time.monotonic() + timeout
-    failing_since: float | None = None
-    waiting = False
     exhausted = False
-    quiet = _QuietFailures()
+    quiet = _QuietFailures(guard)
     quiet.attach()
     stop.in_loop = True
     try:
@@ -249,28 +248,12 @@ def run_trials(
                 break
             try:
                 if exhausted:
-                    # 3) the budget is taken: finished, or held by trials running or queued
-                    # elsewhere. Counted inside the try: a storage outage here (a server restart
+                    # 3) and 5), counted inside the try: a storage outage here (a server restart
                     # near a study's end) is retried like any other.
-                    assert n_trials is not None, "only a budget raises BudgetExhausted"
-                    counts = storage.count_states(study_id, confirmations=False)
-                    if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
-                        # 5) the search is finished: the confirmation round, if any, queued once
-                        # by whichever worker gets here first and run by all of them.
-                        queued = confirm(study) if confirm is not None else 0
-                        counts = storage.count_states(study_id, confirmations=True)
-                        if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= queued:
-                            break
-                    if counts[TrialState.RUNNING] and not counts[TrialState.WAITING]:
-                        if not waiting:
-                            _log.info(
-                                "%d trial(s) still running elsewhere; waiting for them (a dead "
-                                "worker's trial is retried %d s after its last heartbeat)",
-                                counts[TrialState.RUNNING],
-                                storage.grace_period or 0,
-                            )
-                        waiting = True
-                        failing_since = None
+                    state = loop.after_budget()
+                    if state == "done":
+                        break
+                    if state == "wait":
                         time.sleep(storage.heartbeat_interval or 1)
                         continue
                     exhausted = False
@@ -278,7 +261,7 @@ def run_trials(
                 study.optimize(guard, n_trials=left, timeout=seconds, callbacks=cbs)  # 1) 2)
                 break
             except BudgetExhausted:
-                failing_since = None
+                loop.failing_since = None
                 exhausted = True
             except KeyboardInterrupt as e:
                 _settle_or_leave(study, storage, guard)
@@ -286,35 +269,86 @@ def run_trials(
                     break
                 raise
             except Exception as e:
-                cause = _find_cause(e, _is_storage_error)
-                if cause is not None:
-                    now = time.monotonic()
-                    failing_since = failing_since or now
-                    if now - failing_since > patience:
-                        _settle_or_leave(study, storage, guard)
-                        raise storage_error(
-                            storage.url, cause, f"failing for {patience:.0f} s"
-                        ) from e
-                    pause = min(10.0, 1.0 + now - failing_since)
-                    _log.warning(
-                        "storage error (%s); retrying in %.0f s", describe_error(cause), pause
-                    )
-                    time.sleep(pause)
-                    continue
-                if guard.number is None or _find_cause(e, _is_taken_over) is None:
-                    raise
-                # Another worker failed our trial while it ran (it saw no heartbeat within the
-                # grace period); the retry it queued, or the one _settle queues, runs instead.
-                _log.warning(
-                    "trial %d was failed by another worker while it ran here (no heartbeat "
-                    "within the grace period?); it is retried",
-                    guard.number,
-                )
-                continue
+                loop.recover(e)  # 4) or raises
     finally:
         stop.in_loop = False
         quiet.detach()
     return ran
+
+
+class _Loop:
+    """What :func:`run_trials` keeps between tries: the budget's state once it is taken, and how
+    long the storage has been failing."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        storage: StudyStorage,
+        guard: _Guard,
+        n_trials: int | None,
+        confirm: Callable[[optuna.Study], int] | None,
+        patience: float,
+    ) -> None:
+        self.study, self.storage, self.guard = study, storage, guard
+        self.study_id = storage.get_study_id_from_name(study.study_name)
+        storage.set_budget(self.study_id, n_trials)
+        self.n_trials = n_trials
+        self.confirm = confirm
+        self.patience = patience
+        self.failing_since: float | None = None
+        self.waiting = False
+
+    def after_budget(self) -> str:
+        """The budget is taken: "done" (finished, and the confirmation round too), "wait" (held
+        by trials running elsewhere: one may fail and free its slot, or die and come back as a
+        queued retry) or "run" (queued trials, or a freed slot)."""
+        assert self.n_trials is not None, "only a budget raises BudgetExhausted"
+        counts = self.storage.count_states(self.study_id, confirmations=False)
+        if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= self.n_trials:
+            # 5) the search is finished: the confirmation round, if any, queued once by
+            # whichever worker gets here first and run by all of them.
+            queued = self.confirm(self.study) if self.confirm is not None else 0
+            counts = self.storage.count_states(self.study_id, confirmations=True)
+            if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= queued:
+                return "done"
+        if counts[TrialState.RUNNING] and not counts[TrialState.WAITING]:
+            if not self.waiting:
+                _log.info(
+                    "%d trial(s) still running elsewhere; waiting for them (a dead worker's trial "
+                    "is retried %d s after its last heartbeat)",
+                    counts[TrialState.RUNNING],
+                    self.storage.grace_period or 0,
+                )
+            self.waiting = True
+            self.failing_since = None
+            return "wait"
+        return "run"
+
+    def recover(self, e: Exception) -> None:
+        """Go on after ``e`` where the loop can: a storage error within ``patience`` seconds
+        (after a pause), or a trial another worker failed while it ran here; else raise."""
+        cause = _find_cause(e, _is_storage_error)
+        if cause is not None:
+            now = time.monotonic()
+            self.failing_since = self.failing_since or now
+            if now - self.failing_since > self.patience:
+                _settle_or_leave(self.study, self.storage, self.guard)
+                raise storage_error(
+                    self.storage.url, cause, f"failing for {self.patience:.0f} s"
+                ) from e
+            pause = min(10.0, 1.0 + now - self.failing_since)
+            _log.warning("storage error (%s); retrying in %.0f s", describe_error(cause), pause)
+            time.sleep(pause)
+            return
+        if self.guard.number is None or _find_cause(e, _is_taken_over) is None:
+            raise e
+        # Another worker failed our trial while it ran (it saw no heartbeat within the grace
+        # period); the retry it queued, or the one _settle queues, runs instead.
+        _log.warning(
+            "trial %d was failed by another worker while it ran here (no heartbeat within the "
+            "grace period?); it is retried",
+            self.guard.number,
+        )
 
 
 def queue_confirmation(study: optuna.Study, cfg: StudyConfig) -> int:

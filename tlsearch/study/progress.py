@@ -32,7 +32,13 @@ class ProgressPrinter:
         elif trial.state == TrialState.PRUNED:
             reason = trial.user_attrs.get("fail_reason")
             folds = trial.user_attrs.get("pruned_after_folds")
-            what = f"pruned ({reason})" if reason else f"pruned after {folds} fold(s)"
+            epoch = trial.user_attrs.get("pruned_at_epoch")
+            if reason:
+                what = f"pruned ({reason})"
+            elif epoch is not None:
+                what = f"pruned at epoch {epoch}"
+            else:
+                what = f"pruned after {folds} fold(s)"
         else:
             what = trial.state.name.lower()
         name = baseline_of(trial)

@@ -2,25 +2,28 @@
 trained together (:mod:`~tlsearch.training.together`), and the optimizer step they share."""
 
 from tlsearch.training.fold import (
-    Monitor,
+    Run,
     block_outputs,
     channels_last,
     evaluate,
     finetune,
+    fold_run,
     minibatches,
     predictions,
     to_tensors,
 )
-from tlsearch.training.together import finetune_folds, fold_batchable
+from tlsearch.training.together import finetune_folds, fold_batchable, folds_run
 
 __all__ = [
-    "Monitor",
+    "Run",
     "block_outputs",
     "channels_last",
     "evaluate",
     "finetune",
     "finetune_folds",
     "fold_batchable",
+    "fold_run",
+    "folds_run",
     "minibatches",
     "predictions",
     "to_tensors",

@@ -11,15 +11,15 @@ Two fast paths give the plain path's models, up to float rounding:
   the same steps (:func:`start_model`, :func:`fit`).
 
 The loss of a step is :func:`batch_loss` plus the penalty's weight term. :func:`batch_loss` is the
-mean cross-entropy plus the *data terms*, those that need the batch's features: DELTA's distance
-between the trained blocks' feature maps and the pretrained ones (computed once per fold, on the
-fold's training set, and indexed by each batch's indices like the inputs; with
-``regularizer.delta_attention`` also its channel weights, :func:`delta_attention`) and BSS on the
-head's input. A :data:`Forward` runs the blocks keeping their outputs only when a data term reads
-them: with L2 or L2-SP and no BSS a step is what it was before data terms existed. The fast paths work
-for both (the cache: blocks below ``start`` are frozen, so their outputs are the pretrained ones and
-DELTA skips them). The closed-form gradient (``Regularizer.accumulate_grad_``) covers only weight
-terms; data terms always backpropagate.
+mean cross-entropy plus the *data terms* (:class:`~tlsearch.regularizers.base.DataTerm`: DELTA's
+distance between feature maps, BSS on the head's input), whatever they are: the loop prepares each
+once per fold and adds each in every step, and names none. A :data:`Forward` runs the blocks keeping
+their outputs only when a data term reads them: with L2 or L2-SP and no BSS a step is what it was
+before data terms existed. The fast paths work for both (the cache: blocks below ``start`` are
+frozen, so their outputs are the pretrained ones and DELTA skips them). The closed-form gradient
+(``Regularizer.accumulate_grad_``) covers only weight terms; data terms always backpropagate.
+A :class:`Run` trains step 5 one epoch at a time, so that a trial can watch its folds' learning
+curves, train several folds in turn and stop early.
 """
 
 from __future__ import annotations
@@ -36,24 +36,23 @@ import torch.nn.functional as F
 from tlsearch.config import StudyConfig
 from tlsearch.device import rebalance
 from tlsearch.errors import DivergedError
-from tlsearch.models import BlockNet, backbone_state, create_model
+from tlsearch.models import BlockNet, backbone_state, create_model, per_fold
 from tlsearch.params import TrialParams
-from tlsearch.regularizers import BSS, Regularizer, create_regularizer
+from tlsearch.regularizers import DataTerm, Regularizer, Start, create_regularizer, data_terms
 from tlsearch.training.adam import FusedAdam
 
 __all__ = [
     "BatchLoss",
     "Forward",
-    "Monitor",
+    "Run",
     "batch_loss",
     "block_outputs",
     "channels_last",
-    "delta_attention",
     "evaluate",
     "finetune",
     "fit",
+    "fold_run",
     "minibatches",
-    "per_fold",
     "predictions",
     "start_model",
     "to_tensors",
@@ -67,10 +66,6 @@ BatchLoss = Callable[[tuple[torch.Tensor | None, ...]], torch.Tensor]
 Forward = Callable[[torch.Tensor, bool], tuple[torch.Tensor, list[torch.Tensor]]]
 # Per fold: the divergence that ended its training, or None.
 Diverged = list[DivergedError | None]
-# Called after each epoch of step 5 with the epoch (1-based) and the model being trained (stacked:
-# every fold's); True stops the training there (a pruner's decision). The model is in training mode
-# again when it returns.
-Monitor = Callable[[int, BlockNet], bool]
 
 
 def finetune(
@@ -84,16 +79,36 @@ def finetune(
     seed: int,
     *,
     start: int = 0,
-    monitor: Monitor | None = None,
 ) -> BlockNet:
     """Fine-tune a copy of the pretrained model on ``(x, y)``; the pretrained state is not changed.
 
     With ``start = k`` (at most ``params.frozen_blocks``), ``x`` holds the output of the first k blocks
     (``BlockNet.features(x, stop=k)`` of the pretrained model in eval mode), which are then never run.
-    Raises :class:`DivergedError` when the training loss becomes NaN or infinite. ``monitor`` is
-    called after each epoch of step 5 (:data:`Monitor`). Step 6, the score, is :func:`evaluate` (or
-    :func:`predictions`, image by image) on the held-out samples.
+    Raises :class:`DivergedError` when the training loss becomes NaN or infinite. Step 6, the score,
+    is :func:`evaluate` (or :func:`predictions`, image by image) on the held-out samples.
+    :func:`fold_run` is the same, epoch by epoch.
     """
+    run = fold_run(pretrained, cfg, params, x, y, num_classes, input_shape, seed, start=start)
+    run.finish()
+    (result,) = run.results()
+    if isinstance(result, DivergedError):
+        raise result
+    return result
+
+
+def fold_run(
+    pretrained: Mapping[str, torch.Tensor],
+    cfg: StudyConfig,
+    params: TrialParams,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    seed: int,
+    *,
+    start: int = 0,
+) -> Run:
+    """:func:`finetune` as a :class:`Run`: the model at its start, trained one epoch per step."""
     assert 0 <= start <= params.frozen_blocks, (start, params.frozen_blocks)
     # 1-3) load the pretrained blocks, a new head for the target's classes, freeze the first k
     model = start_model(pretrained, cfg, params, num_classes, input_shape, seed, x.device)
@@ -101,24 +116,72 @@ def finetune(
     def forward(xb: torch.Tensor, maps: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return block_outputs(model, xb, start) if maps else (model(xb, start=start), [])
 
-    # 4-5) warm up the head, then train with the penalty
+    # 4-5) warm up the head, then train with the penalty, one epoch per step of the run
     generator = torch.Generator().manual_seed(seed)
-    (error,) = fit(
-        model,
-        cfg,
-        params,
-        pretrained,
-        forward,
-        x,
-        y,
-        start,
-        [generator],
-        stacked=False,
-        monitor=monitor,
+    diverged: Diverged = [None]
+    epochs = fit(
+        model, cfg, params, pretrained, forward, x, y, start, [generator], False, diverged
     )
-    if error is not None:
-        raise error
-    return model
+    return Run(model, epochs, diverged, lambda: [model])
+
+
+class Run:
+    """A model (or several folds' stacked) training, one epoch of step 5 per :meth:`step`.
+
+    Runs of several folds may advance in turn, epoch by epoch: each keeps the global random
+    stream (dropout's) as it left it, so a fold trains as it would alone.
+    """
+
+    def __init__(
+        self,
+        model: BlockNet,
+        epochs: Iterator[int],
+        diverged: Diverged,
+        models: Callable[[], list[BlockNet]],
+    ) -> None:
+        self.model = model
+        self.diverged = diverged
+        self.epoch = 0
+        self._epochs = epochs
+        self._models = models
+        self._rng = _rng_state(model)
+        self.done = False
+
+    def step(self) -> bool:
+        """Train one more epoch; False when there was none left (or a fold diverged)."""
+        if self.done:
+            return False
+        outside = _rng_state(self.model)
+        _set_rng_state(self.model, self._rng)
+        try:
+            self.epoch = next(self._epochs)
+        except StopIteration:
+            self.done = True
+        finally:
+            self._rng = _rng_state(self.model)
+            _set_rng_state(self.model, outside)
+        return not self.done
+
+    def finish(self) -> None:
+        """Train to the end."""
+        while self.step():
+            pass
+
+    def results(self) -> list[BlockNet | DivergedError]:
+        """Each fold's trained model, or the divergence that ended it."""
+        return [m if e is None else e for m, e in zip(self._models(), self.diverged, strict=True)]
+
+
+def _rng_state(model: BlockNet) -> tuple[torch.Tensor, torch.Tensor | None]:
+    device = next(model.parameters()).device
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(model: BlockNet, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], next(model.parameters()).device)
 
 
 def start_model(
@@ -170,13 +233,14 @@ def fit(
     start: int,
     generators: Sequence[torch.Generator],
     stacked: bool,
-    monitor: Monitor | None = None,
-) -> Diverged:
-    """Steps 4-5 for one model, or for the stacked models of several folds (one generator each).
+    diverged: Diverged,
+) -> Iterator[int]:
+    """Steps 4-5 for one model, or for the stacked models of several folds (one generator each),
+    yielding after each epoch of step 5 its number (from 1): a :class:`Run` advances it.
 
     ``model`` is at its starting point (:func:`start_model`); ``forward`` runs it on inputs that
     enter block ``start``; ``x`` and ``y`` are the training set (stacked: ``(folds, n, ...)``).
-    ``monitor`` watches step 5, epoch by epoch (:data:`Monitor`).
+    ``diverged`` gets each fold's divergence; training ends at the first.
     """
     ft = cfg.finetune
     n = y.shape[-1]
@@ -191,42 +255,38 @@ def fit(
         penalize=cfg.regularizer.penalize,
         scale=scale,
         stacked=stacked,
+        settings=cfg.regularizer,
     )
-    # The data terms, only where a block trains: otherwise no feature map moves (DELTA's term is
-    # 0) and the head's input is fixed, and so is its spectrum (BSS's).
+    # The terms computed from the batch (DELTA's, BSS), only where a block trains: otherwise no
+    # feature map moves and the head's input is fixed, and so is its spectrum.
     trains = params.frozen_blocks < len(model.blocks) and params.backbone_lr_mult > 0
-    delta = penalty if penalty.feature_maps and penalty.lambda_ > 0 and trains else None
-    bss = BSS(params.bss_eta, cfg.regularizer.bss_k) if params.bss_eta > 0 and trains else None
-    attention = None
-    if delta is not None and cfg.regularizer.delta_attention:
-        # Each fold's own seed (its minibatch generator's), for its head's initialisation.
-        seeds = [g.initial_seed() for g in generators]
-
-        def attention(refs: list[torch.Tensor]) -> list[torch.Tensor]:
-            return delta_attention(model, refs, y, params.frozen_blocks, seeds, stacked)
-
-    loss = batch_loss(
-        model, forward, x, y, params.frozen_blocks - start, delta, bss, stacked, attention
+    terms = data_terms(penalty, cfg.regularizer, params) if trains else []
+    # Each fold's own seed (its minibatch generator's), for what a term draws (DELTA's head).
+    seeds = [g.initial_seed() for g in generators]
+    outputs = lambda xb: forward(xb, True)[1]  # noqa: E731 - what a term's prepare() runs
+    begin = Start(
+        model, outputs, x, y, params.frozen_blocks - start, params.frozen_blocks, seeds, stacked
     )
+    loss = batch_loss(forward, x, y, terms, begin, stacked)
     head = list(model.head.parameters())
     backbone = [p for p in model.blocks.parameters() if p.requires_grad]
-    diverged: Diverged = [None] * len(generators)
 
-    def train(groups: list[dict[str, Any]], epochs: int, watch: Monitor | None = None) -> None:
+    def train(groups: list[dict[str, Any]], epochs: int) -> Iterator[int]:
         optimizer = _optimizer(groups, ft.optimizer, params.lr, ft.momentum, model)
-        _train_epochs(
-            model, optimizer, loss, penalty, n, epochs, ft.batch_size, generators, diverged, watch
+        return _train_epochs(
+            model, optimizer, loss, penalty, n, epochs, ft.batch_size, generators, diverged
         )
 
     # 4) optionally warm up the new head alone, so random head gradients do not wreck the backbone
     if ft.head_warmup_epochs and backbone:
         for p in backbone:
             p.requires_grad_(False)
-        train([{"params": head}], ft.head_warmup_epochs)
+        for _ in train([{"params": head}], ft.head_warmup_epochs):
+            pass
         for p in backbone:
             p.requires_grad_(True)
         if diverged[0] is not None:
-            return diverged
+            return
 
     # 5) fine-tune head and unfrozen blocks with the penalty, the blocks at lr × backbone_lr_mult
     groups = [{"params": head}]
@@ -235,41 +295,27 @@ def fit(
     elif backbone:
         for p in backbone:
             p.requires_grad_(False)
-    train(groups, ft.epochs, monitor)
-    return diverged
+    yield from train(groups, ft.epochs)
 
 
 def batch_loss(
-    model: BlockNet,
     forward: Forward,
     x: torch.Tensor,
     y: torch.Tensor,
-    first_trained: int,
-    delta: Regularizer | None,
-    bss: BSS | None,
+    terms: Sequence[DataTerm],
+    start: Start,
     stacked: bool,
-    attention: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> BatchLoss:
-    """Each fold's mean cross-entropy on its minibatch, plus the data terms given: ``delta``'s
-    :meth:`~tlsearch.regularizers.base.Regularizer.data_penalty` and ``bss``.
+    """Each fold's mean cross-entropy on its minibatch, plus each of ``terms``
+    (:class:`~tlsearch.regularizers.base.DataTerm`), prepared here with the model at its ``start``.
 
-    ``forward``'s outputs from index ``first_trained`` on are the trained blocks'. For ``delta``
-    their pretrained values are computed here, once, on the whole training set ``x`` (``model``
-    is still at its start; eval mode, no gradient), and each batch takes the rows its indices
-    name. Stacked, ``x`` and ``y`` are ``(folds, n, ...)`` and fold f takes its own rows. With
-    neither term a step runs the model for its logits alone. ``attention``, when given, maps those
-    pretrained outputs to DELTA's channel weights (:func:`delta_attention`), set on ``delta`` here.
+    Stacked, ``x`` and ``y`` are ``(folds, n, ...)`` and fold f takes its own rows. Without terms
+    a step runs the model for its logits alone: with L2 or L2-SP and no BSS a step is what it was
+    before data terms existed.
     """
-    refs: list[torch.Tensor] = []
-    if delta is not None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            refs = forward(x, True)[1][first_trained:]
-            if attention is not None:
-                delta.attention = attention(refs)
-        model.train(was_training)
-    maps = delta is not None or bss is not None
+    for term in terms:
+        term.prepare(start)
+    maps = bool(terms)
     rows = torch.arange(len(x), device=x.device)[:, None] if stacked else None
 
     def loss(idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
@@ -287,159 +333,11 @@ def batch_loss(
         else:
             ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
             value = ce.view(yb.shape).mean(1)
-        if delta is not None:
-            value = value + delta.data_penalty(outputs[first_trained:], [r[rows_of] for r in refs])
-        if bss is not None:
-            value = value + bss(outputs[-1])
+        for term in terms:
+            value = value + term.batch_term(outputs, rows_of)
         return value
 
     return loss
-
-
-# DELTA's channel attention (regularizer.delta_attention): the linear head's fit and the softmax.
-ATTENTION_STEPS = 100  # full-batch Adam steps of the head, on standardised features
-ATTENTION_LR = 0.05
-ATTENTION_TEMPERATURE = 5.0  # on the z-scored loss increases, as tllib (and the DELTA code)
-ATTENTION_CHUNK = 1 << 22  # elements of channel-zeroed feature maps run through the blocks at once
-
-
-@torch.no_grad()
-def delta_attention(
-    model: BlockNet,
-    refs: Sequence[torch.Tensor],
-    y: torch.Tensor,
-    first_block: int,
-    seeds: Sequence[int],
-    stacked: bool,
-) -> list[torch.Tensor]:
-    """DELTA's channel weights (Li et al., ICLR 2019, section 3.3: "supervised attention"), per
-    trained block, from the pretrained network on the fold's training set.
-
-    ``model`` is at its start (the pretrained blocks, eval mode); ``refs[i]`` is the output of
-    block ``first_block + i`` on the training set (every block from ``first_block`` on, the last
-    the penultimate features ``z``), ``y`` its labels; stacked, both carry the fold dimension and
-    fold f gets its own weights, from its own samples (``seeds[f]`` seeds its head). Steps:
-
-    1. fit a linear head ``g`` for the target's classes on the standardised ``z``:
-       :data:`ATTENTION_STEPS` full-batch Adam steps from a start drawn by a generator of its own
-       (seeded from the fold's seed: the global random stream is not touched); ``L`` is its mean
-       cross-entropy on the training set;
-    2. for each trained block j and channel c of its output (dim 1 of a sample's map; a unit of a
-       fully connected block), zero that channel on every sample, run blocks j+1… and ``g``:
-       ``Δ_jc = max(L_{-jc} − L, 0)``;
-    3. ``a_j = C_j · softmax(Δ̂_j / T)`` over the C_j channels of block j, where ``Δ̂_j`` is ``Δ_j``
-       z-scored over those channels and T = :data:`ATTENTION_TEMPERATURE` = 5, as tllib's DELTA
-       does: raw loss increases of one channel among many are small, and softmax(Δ/5) of them
-       would be uniform. The weights average 1 (all equal, as when no channel matters, is plain
-       DELTA), so λ keeps its meaning.
-
-    Cost: per fold, one forward of the blocks after j per channel of each trained block j
-    (channels batched, :data:`ATTENTION_CHUNK` elements at a time), plus the head's fit.
-    """
-    maps = [r if stacked else r.unsqueeze(0) for r in refs]  # (folds, n, ...)
-    labels = y if stacked else y.unsqueeze(0)
-    folds, n = labels.shape
-    z = maps[-1].flatten(2)
-    mean = z.mean(1, keepdim=True)
-    std = z.std(1, correction=0, keepdim=True)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    weight, bias = _attention_head((z - mean) / std, labels, model.head.weight.shape[-2], seeds)
-
-    def losses(features: torch.Tensor) -> torch.Tensor:
-        """Each fold's mean cross-entropy of ``g``: ``(folds, m, n, d)`` → ``(folds, m)``."""
-        flat = ((features.flatten(3) - mean[:, None]) / std[:, None]).flatten(1, 2)
-        logits = torch.baddbmm(bias[:, None], flat, weight.transpose(1, 2))
-        target = labels[:, None].expand(folds, len(flat[0]) // n, n)
-        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-        return ce.view(target.shape).mean(-1)
-
-    base = losses(maps[-1][:, None])  # (folds, 1)
-    rest = _rest_of_blocks(model, stacked)
-    weights = []
-    for i, fm in enumerate(maps):
-        channels = fm.shape[2]
-        per_channel = max(1, ATTENTION_CHUNK // max(1, fm[:, :, 0].numel()))
-        increase = []
-        for first in range(0, channels, per_channel):
-            m = min(per_channel, channels - first)
-            keep = torch.ones(m, channels, dtype=fm.dtype, device=fm.device)
-            keep[torch.arange(m), first + torch.arange(m)] = 0
-            # m copies of the maps, copy k with channel first + k zeroed: (folds, m·n, C, ...)
-            zeroed = fm[:, None] * keep.view(1, m, 1, channels, *[1] * (fm.dim() - 3))
-            out = rest(zeroed.flatten(1, 2), first_block + i + 1)
-            increase.append(losses(out.reshape(folds, m, n, *out.shape[2:])) - base)
-        delta = torch.cat(increase, 1).clamp_min(0)
-        spread = delta.std(1, correction=0, keepdim=True)
-        scaled = torch.where(spread > 1e-6, (delta - delta.mean(1, keepdim=True)) / spread, 0.0)
-        a = channels * torch.softmax(scaled / ATTENTION_TEMPERATURE, dim=1)
-        weights.append(a if stacked else a[0])
-    return weights
-
-
-def _attention_head(
-    z: torch.Tensor, y: torch.Tensor, classes: int, seeds: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear head per fold on features ``z`` ``(folds, n, d)``: weight ``(folds, classes, d)``
-    and bias ``(folds, classes)``; fold f starts from a draw of its own generator. Adam treats each
-    element alone, so fitting the folds together is fitting each alone."""
-    d = z.shape[-1]
-    bound = 1 / math.sqrt(d)
-    start = []
-    for seed in seeds:
-        digest = hashlib.sha256(f"tlsearch.delta_attention:{seed}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        start.append((torch.rand(classes, d, generator=g, dtype=z.dtype) * 2 - 1) * bound)
-    weight = torch.stack(start).to(z.device).requires_grad_()
-    bias = torch.zeros(len(seeds), classes, dtype=z.dtype, device=z.device, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=ATTENTION_LR)
-    with torch.enable_grad():
-        for _ in range(ATTENTION_STEPS):
-            logits = torch.baddbmm(bias[:, None], z, weight.transpose(1, 2))
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-            optimizer.zero_grad()
-            loss.view(y.shape).mean(1).sum().backward()
-            optimizer.step()
-    return weight.detach(), bias.detach()
-
-
-def _rest_of_blocks(model: BlockNet, stacked: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """``rest(h, j)``: blocks j… of ``model`` on ``h`` ``(folds, m, ...)`` (each fold's own
-    blocks when stacked), the head's input."""
-
-    def rest(h: torch.Tensor, start: int) -> torch.Tensor:
-        if start == len(model.blocks):
-            return h
-        if not stacked:
-            return model.features(h[0], start).unsqueeze(0)
-        return per_fold(model, lambda m, xb: m.features(xb, start))(h)
-
-    return rest
-
-
-def per_fold(model: BlockNet, fn: Callable[[BlockNet, torch.Tensor], Any]) -> Callable[..., Any]:
-    """``fn(model_f, x_f)`` for every fold f of the stacked ``model`` at once: a ``torch.func.vmap``
-    over the leading fold dimension of its parameters and of the input.
-
-    The stacked leaves themselves are handed over, so the optimizer's in-place updates show in
-    every later call.
-    """
-    module = _Call(model, fn)
-    params = {f"model.{name}": p for name, p in model.named_parameters()}
-    run = torch.func.vmap(lambda p, xb: torch.func.functional_call(module, p, (xb,)))
-    return lambda x: run(params, x)
-
-
-class _Call(torch.nn.Module):
-    """``fn(model, x)`` as a module's forward, for ``functional_call`` (which calls a module's
-    forward); its parameters are ``model.<name>``."""
-
-    def __init__(self, model: BlockNet, fn: Callable[[BlockNet, torch.Tensor], Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.fn(self.model, x)
 
 
 @torch.no_grad()
@@ -471,9 +369,9 @@ def predictions(
     """Step 6 image by image: each sample's cross-entropy (minus the log-probability of its true
     class) and whether the model got it right; ``x`` enters block ``start``.
 
-    ``stacked``: ``model`` holds several folds' models (as a :data:`Monitor` of
-    :func:`~tlsearch.training.finetune_folds` sees it), ``x`` is ``(folds, n, ...)`` and ``y``
-    ``(folds, n)``; so are the results.
+    ``stacked``: ``model`` holds several folds' models (a :class:`Run` of
+    :func:`~tlsearch.training.folds_run`), ``x`` is ``(folds, n, ...)`` and ``y`` ``(folds, n)``;
+    so are the results.
     """
     model.eval()
     if stacked:
@@ -511,16 +409,15 @@ def _train_epochs(
     batch_size: int,
     generators: Sequence[torch.Generator],
     diverged: Diverged,
-    monitor: Monitor | None = None,
-) -> None:
-    """Train for ``epochs``; one generator per fold draws that fold's minibatch order.
+) -> Iterator[int]:
+    """Train for ``epochs``, yielding each epoch's number (from 1) after it; one generator per
+    fold draws that fold's minibatch order.
 
     The training loss is ``batch_loss`` plus ``penalty``. A penalty with a closed-form gradient adds
     it to ``.grad`` after the backward pass and is evaluated only for the divergence check, on the
     last batch of each epoch; any other is part of the loss that backpropagates. A fold whose
     training loss becomes NaN/inf is noted in ``diverged``; training stops once the first fold
-    diverged, since the folds are scored in order and the trial ends there, or when ``monitor``
-    says so after an epoch.
+    diverged, since the folds are scored in order and the trial ends there.
     """
     closed_form = penalty.closed_form_grad
     model.train()
@@ -548,11 +445,8 @@ def _train_epochs(
                 )
         if diverged[0] is not None:
             return
-        if monitor is not None:
-            stop = monitor(epoch + 1, model)
-            model.train()
-            if stop:
-                return
+        yield epoch + 1
+        model.train()  # whoever watched may have evaluated it
 
 
 def to_tensors(

@@ -10,7 +10,6 @@ a data term reads them (DELTA, BSS: ``torch.linalg.svdvals`` is batched over fol
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,11 +17,11 @@ from torch import nn
 
 from tlsearch.config import StudyConfig
 from tlsearch.errors import DivergedError
-from tlsearch.models import BlockNet
+from tlsearch.models import BlockNet, per_fold, stack_models
 from tlsearch.params import TrialParams
-from tlsearch.training.fold import Forward, Monitor, block_outputs, fit, per_fold, start_model
+from tlsearch.training.fold import Forward, Run, block_outputs, fit, start_model
 
-__all__ = ["finetune_folds", "fold_batchable", "stack_models"]
+__all__ = ["finetune_folds", "fold_batchable", "folds_run"]
 
 
 def fold_batchable(model: BlockNet, frozen_blocks: int) -> bool:
@@ -52,15 +51,32 @@ def finetune_folds(
     seeds: Sequence[int],
     *,
     start: int = 0,
-    monitor: Monitor | None = None,
 ) -> list[BlockNet | DivergedError]:
     """Fine-tune one model per fold at once: what :func:`finetune` gives for each, up to rounding.
 
     ``x`` is ``(folds, n, ...)`` and ``y`` is ``(folds, n)``: every fold trains on the same number of
     samples, so all take the same steps. ``seeds[f]`` is fold f's seed. The models must be
     :func:`fold_batchable`. Returns each fold's model, or the :class:`DivergedError` that ended it.
-    ``monitor`` is called with the stacked model (every fold's parameters along dimension 0).
+    :func:`folds_run` is the same, epoch by epoch.
     """
+    run = folds_run(pretrained, cfg, params, x, y, num_classes, input_shape, seeds, start=start)
+    run.finish()
+    return run.results()
+
+
+def folds_run(
+    pretrained: Mapping[str, torch.Tensor],
+    cfg: StudyConfig,
+    params: TrialParams,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    seeds: Sequence[int],
+    *,
+    start: int = 0,
+) -> Run:
+    """:func:`finetune_folds` as a :class:`~tlsearch.training.fold.Run` of the stacked model."""
     assert len(x) == len(y) == len(seeds), (len(x), len(y), len(seeds))
     assert 0 <= start <= params.frozen_blocks, (start, params.frozen_blocks)
     # 1-3) each fold's model, as finetune starts it; then one model holding them all
@@ -73,36 +89,19 @@ def finetune_folds(
     # 4-5) the same steps, every fold in each
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     forward = _stacked_forward(stacked, start)
-    diverged = fit(
-        stacked,
-        cfg,
-        params,
-        pretrained,
-        forward,
-        x,
-        y,
-        start,
-        generators,
-        stacked=True,
-        monitor=monitor,
+    diverged: list[DivergedError | None] = [None] * len(seeds)
+    epochs = fit(
+        stacked, cfg, params, pretrained, forward, x, y, start, generators, True, diverged
     )
-    with torch.no_grad():
-        for name, value in stacked.named_parameters():
-            for fold, model in enumerate(models):
-                model.get_parameter(name).copy_(value[fold])
-    return [
-        model if error is None else error for model, error in zip(models, diverged, strict=True)
-    ]
 
+    def unstacked() -> list[BlockNet]:
+        with torch.no_grad():
+            for name, value in stacked.named_parameters():
+                for fold, model in enumerate(models):
+                    model.get_parameter(name).copy_(value[fold])
+        return models
 
-def stack_models(models: Sequence[BlockNet]) -> BlockNet:
-    """A copy of ``models[0]`` whose parameters hold every model's, along a new leading dimension."""
-    stacked = copy.deepcopy(models[0])
-    for name, p in models[0].named_parameters():
-        owner, _, attr = name.rpartition(".")
-        value = torch.stack([m.get_parameter(name).detach() for m in models])
-        setattr(stacked.get_submodule(owner), attr, nn.Parameter(value, p.requires_grad))
-    return stacked
+    return Run(stacked, epochs, diverged, unstacked)
 
 
 def _stacked_forward(model: BlockNet, start: int) -> Forward:
