@@ -60,6 +60,10 @@ PRUNERS: dict[str, tuple[str, tuple[int, int] | None, bool]] = {
     "hyperband(10, 3)": ("hyperband", (10, 3), False),
     "epoch-major sha(5, 3)": ("sha", (5, 3), True),
     "epoch-major sha(10, 3)": ("sha", (10, 3), True),
+    "epoch-major sha(5, 2)": ("sha", (5, 2), True),
+    "epoch-major sha(10, 2)": ("sha", (10, 2), True),
+    "epoch-major sha(5, 4)": ("sha", (5, 4), True),
+    "epoch-major hyperband(5, 3)": ("hyperband", (5, 3), True),
 }
 
 

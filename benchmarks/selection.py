@@ -522,11 +522,7 @@ def _objective(grid: Grid, cfg: tlsearch.StudyConfig, searched: bool) -> Any:
         rec = point["fresh" if fresh else "search"]
         scores, losses = rec["fold_scores"], rec["fold_losses"]
         if not fresh:
-            for fold in range(len(scores)):
-                trial.report(metric.value(scores[: fold + 1], losses[: fold + 1]), fold)
-                if fold < grid.k - 1 and trial.should_prune():
-                    trial.set_user_attr("folds_run", fold + 1)
-                    raise optuna.TrialPruned(f"pruned after fold {fold}")
+            _reports(trial, rec, metric, grid, cfg.pruner.by_epoch, stoppable=baseline is None)
         trial.set_user_attr("folds_run", len(scores))
         if len(scores) < grid.k:
             raise optuna.TrialPruned(rec["fail_reason"])
@@ -538,6 +534,36 @@ def _objective(grid: Grid, cfg: tlsearch.StudyConfig, searched: bool) -> Any:
         return metric.value(scores, losses)
 
     return objective
+
+
+def _reports(
+    trial: optuna.Trial,
+    rec: dict[str, Any],
+    metric: tlsearch.CVMetric,
+    grid: Grid,
+    by_epoch: bool,
+    stoppable: bool,
+) -> None:
+    """What the real trial reports as it trains, from the grid's fold scores and learning curves:
+    every 5 epochs the metric of all folds (the default, successive halving on epochs) or after
+    each fold the running metric; pruned where its pruner stops it (a baseline never is).
+    ``folds_run`` notes the fold fits spent (fractional when stopped mid-training)."""
+    scores, losses, curve = rec["fold_scores"], rec["fold_losses"], rec["curve"]
+    if by_epoch:
+        for n, epoch in enumerate(curve["epochs"]):
+            if any(n >= len(f) for f in curve["loss"]):
+                return  # a fold diverged before: the trial ends with its reason
+            accs = [f[n] for f in curve["accuracy"]]
+            trial.report(metric.value(accs, [f[n] for f in curve["loss"]]), epoch)
+            if trial.should_prune() and stoppable and epoch < grid.epochs:
+                trial.set_user_attr("folds_run", grid.k * epoch / grid.epochs)
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+        return
+    for fold in range(len(scores)):
+        trial.report(metric.value(scores[: fold + 1], losses[: fold + 1]), fold)
+        if fold < grid.k - 1 and trial.should_prune() and stoppable:
+            trial.set_user_attr("folds_run", fold + 1)
+            raise optuna.TrialPruned(f"pruned after fold {fold}")
 
 
 def replay(grid: Grid, sampler_seed: int, budget: int, space: str) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def describe_study(cfg: StudyConfig, task_description: str | None = None) -> dic
         "accuracy_then_loss": "the mean fold accuracy, ties broken by the mean fold loss",
     }[cfg.cv.metric]
     repeats = f", {cfg.cv.repeats} repeats" if cfg.cv.repeats > 1 else ""
-    if cfg.pruner.steps == "epochs":
+    if cfg.pruner.by_epoch:
         steps = (
             "its intermediate value at step e is that of every fold after e epochs (the folds "
             "train side by side; a report every 5 epochs)"

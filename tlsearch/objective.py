@@ -118,7 +118,7 @@ class KFoldObjective:
         self._scratch: dict[str, torch.Tensor] | None = None
         self.report_folds = reports_fold_scores(cfg)
         # pruner.steps: report after each fold, or every few epochs with the folds side by side.
-        self.by_epoch = cfg.pruner.steps == "epochs"
+        self.by_epoch = cfg.pruner.by_epoch
         # The pretrained blocks in eval mode, for the frozen features (no head, no gradients).
         self._source = _pretrained_blocks(cfg, self.pretrained, input_shape, num_classes)
         self._frozen_features: dict[int, torch.Tensor] = {}

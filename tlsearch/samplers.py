@@ -192,7 +192,7 @@ def first_prunable_fold(cfg: StudyConfig) -> int:
     """The first fold after which the configured pruner may stop a trial (with
     ``pruner.steps = "epochs"`` the folds train side by side and none is skipped: the last)."""
     p = cfg.pruner
-    if p.name == "none" or p.steps == "epochs":
+    if p.name == "none" or p.by_epoch:
         return cfg.cv.k * cfg.cv.repeats - 1
     if p.name == "wilcoxon":
         # WilcoxonPruner tests no fewer than max(2, n_startup_steps) paired fold scores.

@@ -445,25 +445,35 @@ class SamplerConfig(_Section):
 
 
 class PrunerConfig(_Section):
-    # median, percentile, wilcoxon, successive_halving, hyperband or none (Optuna's pruners; see
-    # tlsearch.samplers).
-    name: str = "median"
+    # successive_halving, hyperband, median, percentile, wilcoxon or none (Optuna's pruners; see
+    # tlsearch.samplers). Successive halving on epochs spent 0.40 of a full-budget search's
+    # fold-epochs for the same answer (median over the selection benchmark's tasks;
+    # benchmarks/fidelity.py), the median pruner after each fold 0.88 (README, "Performance").
+    name: str = "successive_halving"
     # What a trial reports as it trains, the pruner's step axis: "folds", its running CV metric
-    # after each fold (step = fold index); "epochs", every 5 epochs the CV metric of all its folds
-    # at that epoch, the folds trained side by side (step = epoch: a trial stopped at epoch e
-    # has trained every fold e epochs).
-    steps: Literal["folds", "epochs"] = "folds"
+    # after each fold (step = fold index, tlsearch 0.2's); "epochs", every 5 epochs the CV metric
+    # of all its folds at that epoch, the folds trained side by side (step = epoch: a trial
+    # stopped at epoch e has trained every fold e epochs); "auto": epochs for successive halving
+    # and Hyperband, folds for the others.
+    steps: Literal["auto", "folds", "epochs"] = "auto"
     # Median/percentile: trials completed before any pruning, steps before a trial may be pruned.
     n_startup_trials: int = Field(5, ge=0)
     n_warmup_steps: int = Field(1, ge=0)
     percentile: float = Field(25.0, gt=0.0, lt=100.0)
     # Wilcoxon: the p-value below which a trial is pruned.
     p_threshold: float = Field(0.1, gt=0.0, lt=1.0)
-    # Successive halving and Hyperband (steps = "epochs"): the first rung after this many epochs,
-    # each next one `reduction_factor` times further; at each, a trial goes on only when it is in
-    # the top 1/`reduction_factor` of the trials that reached it.
+    # Successive halving and Hyperband: the first rung after this many epochs, each next one
+    # `reduction_factor` times further (5, 20: the default's two rungs in 60 epochs); at each, a
+    # trial goes on only when it is in the top 1/`reduction_factor` of the trials that reached it.
     min_epochs: int = Field(5, ge=1)
-    reduction_factor: int = Field(3, ge=2)
+    reduction_factor: int = Field(4, ge=2)
+
+    @property
+    def by_epoch(self) -> bool:
+        """Whether trials report every few epochs with their folds side by side."""
+        if self.steps == "auto":
+            return self.name in ("successive_halving", "hyperband")
+        return self.steps == "epochs"
 
     @model_validator(mode="after")
     def _steps_fit(self) -> PrunerConfig:
@@ -487,16 +497,17 @@ class SelectConfig(_Section):
 
     # A rule of tlsearch.registry.SELECTION_RULES (export --select overrides it). "confirm": the
     # search's winner and plain fine-tuning trained again on fresh folds, the better exported;
-    # benchmarks/selection.py chose it leave-one-family-out: the only rule within 0.5 pp of plain
-    # fine-tuning on every task (README, "Do no harm").
+    # benchmarks/selection.py scored every rule leave-one-family-out: confirm met the do-no-harm
+    # bar on every task after both the median pruner's search and successive halving's, the
+    # others not after both (README, "Do no harm").
     rule: str = "confirm"
     # After the search: the top `confirm` distinct configurations and plain fine-tuning trained
     # again on fresh fold splits, as trials of the study (0: no confirmation round). 1 was as
     # safe as more, for the fewest extra fits.
     confirm: int = Field(1, ge=0)
     # What ranks trials for the rules and the confirmation round: "value" (cv.metric) or "loss"
-    # (the mean held-out fold loss).
-    metric: Literal["value", "loss"] = "value"
+    # (the mean held-out fold loss: what the benchmark chose for the confirmation round).
+    metric: Literal["value", "loss"] = "loss"
     # The gate's one-sided level, divided by the number of trials the candidate was picked from.
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     # What the answer falls back to without evidence: "plain_finetuning", or "baselines", the one
@@ -615,9 +626,9 @@ LEGACY_VALUES: dict[str, Any] = {
     "search.delta_lambda": {"low": 1e-4, "high": 10.0, "log": True, "step": None},
     "data.images": {"resize": None, "channels": "rgb", "mean": None, "std": None},
     # Added with the half-compute issue: a study made before it reports after each fold.
-    "pruner.steps": "folds",
+    "pruner.steps": "auto",
     "pruner.min_epochs": 5,
-    "pruner.reduction_factor": 3,
+    "pruner.reduction_factor": 4,
     # Added with the do-no-harm issue: a study made before it runs no confirmation round when
     # resumed (select.rule is not here: an old study exports with today's rule, which says in
     # one line what the study lacks).
@@ -631,6 +642,8 @@ LEGACY_VALUES: dict[str, Any] = {
 CHANGED_DEFAULTS: dict[str, Any] = {
     # Searched from 0.1 to 1 since the do-no-harm issue.
     "search.backbone_lr_mult": 0.1,
+    # Successive halving on epochs since the half-compute issue.
+    "pruner.name": "median",
 }
 
 
