@@ -146,6 +146,13 @@ def test_export_and_status_read_it(legacy: Path) -> None:
 
     best = json.loads((legacy / "best.json").read_text())
     assert best["study_name"] == "legacy" and best["trial_number"] == 1
+    # Today's rule needs a confirmation round the old study never ran: it says so in one line
+    # and exports what the study exported before, Optuna's best.
+    assert best["selection"]["rule"] == "confirm"
+    assert best["selection"]["reason"] == (
+        "confirm: this study runs no confirmation round (select.confirm = 0); exported Optuna's "
+        "best trial, trial 1"
+    )
     assert best["cv_mean"] == pytest.approx(0.11)
     assert best["fold_scores"] == [0.14, 0.08]
     assert best["searched_params"]["frozen_blocks"] == 1

@@ -354,7 +354,9 @@ def test_search_hash_ignores_speed_only_settings() -> None:
 
 
 # What tlsearch 0.1 stored with a study: none of the fields added since.
-V0_1_STORED = {"name": "legacy", "cv": {"k": 2}, "search": {}}
+# What the 0.1 study stored (tests/fixtures/v0_1/study.db holds all of it), as far as resuming
+# reads it: the backbone's learning-rate multiplier was fixed at 0.1 then.
+V0_1_STORED = {"name": "legacy", "cv": {"k": 2}, "search": {"backbone_lr_mult": 0.1}}
 
 
 def _resumed(path: Path, **overrides: Any) -> StudyConfig:

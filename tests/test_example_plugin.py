@@ -33,7 +33,7 @@ from tlsearch.config import ModelConfig, config_from_dict
 from tlsearch.errors import ConfigError
 from tlsearch.models import backbone_state, create_model
 from tlsearch.registry import MODELS
-from tlsearch.storage import ATTR_CHECKPOINT, ATTR_CONFIG
+from tlsearch.storage import ATTR_CHECKPOINT, ATTR_CONFIG, CONFIRM_ATTR
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tlsearch-resnet"
 # The [model] table of the studies below, and what the study stores: every option, defaults in.
@@ -328,7 +328,10 @@ def test_readme_path_resnet_from_a_checkpoint_on_image_folders(site: Path, tmp_p
         assert result.returncode == 0, f"{args[0:2]}: {result.stderr}"
         assert "Traceback" not in result.stderr
     stored = optuna.load_study(study_name="byo", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    assert [t.state for t in stored.trials] == [TrialState.COMPLETE] * 3
+    # Three trials of the search, then the confirmation round: its winner and plain fine-tuning
+    # trained again on fresh folds.
+    assert [t.state for t in stored.trials] == [TrialState.COMPLETE] * 5
+    assert sum(CONFIRM_ATTR in t.user_attrs for t in stored.trials) == 2
     source = stored.user_attrs["tlsearch_source"]
     assert source["model_origin"] == "tlsearch-resnet 0.1.0"
     assert source["checkpoint"]["path"] == str(tmp_path / "source.pt")

@@ -200,7 +200,14 @@ def test_a_study_name_never_becomes_a_path(tiny, tmp_path: Path) -> None:
     written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
     key = ensure_pretrained(cfg, load_task(cfg.data)).key
     assert set(key) <= set("0123456789abcdef")
-    figures = ["lambda_curve", "history", "importances", "frozen_blocks", "lr_vs_lambda"]
+    figures = [
+        "lambda_curve",
+        "history",
+        "importances",
+        "frozen_blocks",
+        "lr_vs_lambda",
+        "learning_curves",
+    ]
     # The lock file this process held while it ran trials is named by a hash of host and study.
     (slot,) = [w for w in written if w.startswith("work/cache/.locks/workers-")]
     assert re.fullmatch(r"work/cache/\.locks/workers-[0-9a-f]{16}\.0\.lock", slot)

@@ -186,7 +186,13 @@ def _trial(value: float, se: float, frozen: int, lam: float, lr: float = 1e-3, *
 
 @pytest.fixture
 def noisy_study(tmp_path: Path) -> optuna.Study:
-    cfg = config_from_dict({"storage": f"sqlite:///{tmp_path / 's.db'}", "name": "noisy"})
+    cfg = config_from_dict(
+        {
+            "storage": f"sqlite:///{tmp_path / 's.db'}",
+            "name": "noisy",
+            "search": {"backbone_lr_mult": 0.1},
+        }
+    )
     study = optuna.create_study(study_name="noisy", storage=cfg.storage, direction="maximize")
     study.set_user_attr(ATTR_CONFIG, cfg.to_dict())
     study.add_trial(_trial(0.880, 0.02, 0, 0.01, baseline="plain_finetuning"))
@@ -198,7 +204,7 @@ def noisy_study(tmp_path: Path) -> optuna.Study:
 
 
 def test_one_se_prefers_frozen_then_lambda_within_one_standard_error(noisy_study) -> None:
-    cfg = config_from_dict({})
+    cfg = config_from_dict({"search": {"backbone_lr_mult": 0.1}})
     best = select(noisy_study, cfg, "best")
     assert best.trial.number == best.best.number == 1
     chosen = select(noisy_study, cfg, "one_se")
@@ -225,6 +231,7 @@ def test_best_and_selected_are_stored_and_shown_alike(noisy_study, tmp_path: Pat
         f"selected (one_se, by the last export): trial 3, cv 0.8900 ± {SPREAD_SE:.4f} SE" in text
     )
     assert "baseline plain_finetuning: trial 0" in text
+    assert f"  why: {data['selection']['reason']}" in text.splitlines()
     # The default rule is Optuna's best.
     assert best_config(noisy_study)["trial_number"] == 1
 
@@ -247,6 +254,7 @@ def _evidence_study(tmp_path: Path, edge: float, confirm: int = 0) -> tuple[optu
             "storage": f"sqlite:///{tmp_path / 'e.db'}",
             "name": "e",
             "select": {"confirm": confirm, "metric": "loss", "alpha": 0.05},
+            "search": {"backbone_lr_mult": 0.1},
         }
     )
     study = optuna.create_study(study_name="e", storage=cfg.storage, direction="maximize")
@@ -326,7 +334,7 @@ def test_the_confirmation_round_decides_on_fresh_scores_only(tmp_path: Path) -> 
     assert gated.best.number == 1
     assert all(not t.user_attrs.get("confirm_of") for t in gated.runners_up)
     # Older trials without per-image evidence: the rule says so, in one line, and falls back.
-    bare = config_from_dict({"select": {"metric": "value"}})
+    bare = config_from_dict({"select": {"metric": "value"}, "search": {"backbone_lr_mult": 0.1}})
     old = optuna.create_study(direction="maximize")
     old.add_trial(_trial(0.88, 0.02, 0, 0.01, baseline="plain_finetuning"))
     old.add_trial(_trial(0.90, 0.02, 0, 0.5))
@@ -334,7 +342,7 @@ def test_the_confirmation_round_decides_on_fresh_scores_only(tmp_path: Path) -> 
     assert fallback.trial.number == 1
     assert fallback.reason == (
         "gate: these trials have no per-image evidence (made before tlsearch kept it); "
-        "exported the best by value, trial 1"
+        "exported Optuna's best trial, trial 1"
     )
 
 

@@ -415,6 +415,10 @@ def test_delta_attention_is_computed_only_when_asked(monkeypatch: pytest.MonkeyP
 
 def test_delta_attention_off_keeps_the_search_hash() -> None:
     """Added off: a study created before it existed keeps its hash; on, it is another search."""
-    assert StudyConfig().search_hash() == "2:63f479719eaa7cbd"
+    # tlsearch 0.2's defaults (the multiplier fixed at 0.1, the median pruner): the hash it stored.
+    before = StudyConfig.model_validate(
+        {"search": {"backbone_lr_mult": 0.1}, "pruner": {"name": "median"}}
+    )
+    assert before.search_hash() == "2:63f479719eaa7cbd"
     on = config_from_dict(merge(TINY, {"regularizer": {"delta_attention": True}}))
     assert on.search_hash() != config_from_dict(TINY).search_hash()

@@ -26,7 +26,8 @@ study's ``select.rule`` is the default):
 A rule never changes a trial. The selection made last (rule, trial, reason, evidence, runners-up) is
 stored as the study attribute ``tlsearch_selected``, which ``status`` and ``report`` show; ``final``
 repeats its reason. A rule that needs what an older study lacks (per-image evidence, a confirmation
-round) says so in its reason and falls back to the best trial by ``select.metric``.
+round) says so in its reason and falls back to Optuna's best trial, as the study exported
+before.
 """
 
 from __future__ import annotations
@@ -345,8 +346,9 @@ def _strength(params: dict[str, Any], cfg: StudyConfig) -> float:
 
 
 def _fallback(pool: Pool, cfg: StudyConfig, why: str) -> Decision:
-    t = ranked(pool.search, cfg.select.metric)[0]
-    return Decision(t, f"{why}; exported the best by {cfg.select.metric}, {_describe(t)}")
+    """Optuna's best trial, with why the rule could not decide: what a study exported before."""
+    t = pool.best()
+    return Decision(t, f"{why}; exported Optuna's best trial, {_describe(t)}")
 
 
 def _gated(

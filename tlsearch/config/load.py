@@ -256,7 +256,7 @@ def adopt_stored(cfg: StudyConfig, stored: dict[str, Any] | None) -> StudyConfig
     for key, old in CHANGED_DEFAULTS.items():
         section, field = key.split(".")
         table = getattr(cfg, section)
-        alias = table.model_fields[field].alias or field
+        alias = type(table).model_fields[field].alias or field
         held = (stored.get(section) or {}).get(alias, (stored.get(section) or {}).get(field))
         if field in table.model_fields_set or held != old:
             continue
