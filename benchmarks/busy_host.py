@@ -15,8 +15,10 @@ script). Thread policies, side by side in one run:
 - ``passive``: main's 2 threads (``--threads 2``) with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep
   instead of spinning while they wait).
 
-Scenarios: alone; beside one busy 1-thread job, one busy 2-thread job, two busy 1-thread jobs;
-``run --workers 2`` alone; two studies with caches of their own at once (each study's time).
+Scenarios: alone (once per ``--sampler-seeds``, the policies taking turns: README's first
+command over several seeds, side by side); beside one busy 1-thread job, one busy 2-thread job,
+two busy 1-thread jobs; ``run --workers 2`` alone; two studies with caches of their own at once
+(each study's time).
 Then pretraining (``tlsearch create`` into an empty cache; its "pretrained checkpoint ... s"
 line) and ``tlsearch final`` (its wall time), alone and beside one busy 1-thread job. A command
 that passes ``--timeout`` is stopped and shown as ``>T``. Ratios: to the same policy alone, and
@@ -24,7 +26,7 @@ to main alone.
 
     python benchmarks/busy_host.py [--policies main adaptive threads=1 passive]
         [--scenarios alone busy1 busy2t busy1x2 workers2 two] [--timeout 300]
-        [--n-trials 30] [--baseline e1d8f2a] [--skip-pretrain] [--skip-final]
+        [--n-trials 30] [--sampler-seeds 0 1 2] [--baseline e1d8f2a] [--skip pretraining final]
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class Row:
     def worst(self) -> float | None:
         return None if None in self.seconds else max(s for s in self.seconds if s is not None)
 
+    def mean(self) -> float | None:
+        return None if None in self.seconds else sum(self.seconds) / len(self.seconds)  # type: ignore[arg-type]
+
 
 class Policy:
     """How one policy's commands start: which tlsearch, which flags, which environment."""
@@ -105,13 +110,13 @@ class Policy:
     def cache(self, n: int = 0) -> Path:
         return self.tmp / f"cache-{self.name}-{n}"
 
-    def run_args(self, db: Path, n_trials: int, *extra: str) -> list[str]:
+    def run_args(self, db: Path, n_trials: int, *extra: str, study: Path = STUDY) -> list[str]:
         return [
             sys.executable,
             "-m",
             "tlsearch.cli",
             "run",
-            str(STUDY),
+            str(study),
             "--storage",
             f"sqlite:///{db}",
             "--n-trials",
@@ -202,13 +207,27 @@ def warm(policy: Policy, tmp: Path) -> None:
         shutil.rmtree(work)
 
 
+def seeded(seed: int, tmp: Path) -> Path:
+    """studies/digits.toml with its sampler seeded by ``seed`` (the file itself for seed 0)."""
+    if seed == 0:
+        return STUDY
+    text = STUDY.read_text()
+    assert "\n[sampler]\n" in text, "studies/digits.toml has a [sampler] table"
+    path = tmp / f"digits-seed{seed}.toml"
+    path.write_text(text.replace("\n[sampler]\n", f"\n[sampler]\nseed = {seed}\n", 1))
+    return path
+
+
 def searches(
     policies: Sequence[Policy], scenarios: Sequence[str], tmp: Path, args: argparse.Namespace
 ) -> dict[tuple[str, str], Row]:
+    """Each scenario's row per policy; "alone" once per sampler seed (its seconds in order), the
+    policies taking turns seed by seed."""
     rows: dict[tuple[str, str], Row] = {}
     for key in scenarios:
         scenario, busy, how = SCENARIOS[key]
-        for policy in policies:
+        seeds = args.sampler_seeds if key == "alone" else [0]
+        for seed, policy in [(s, p) for s in seeds for p in policies]:
             if how != "run" and policy.name == "passive":
                 continue
             work = Path(tempfile.mkdtemp(dir=tmp))
@@ -222,14 +241,19 @@ def searches(
                 ]
             else:
                 extra = ("--workers", "2") if how == "workers" else ()
-                commands = [(policy.run_args(work / "s.db", args.n_trials, *extra), policy.env)]
+                study = seeded(seed, tmp)
+                argv = policy.run_args(work / "s.db", args.n_trials, *extra, study=study)
+                commands = [(argv, policy.env)]
             jobs = busy_jobs(busy)
             try:
                 row = run_at_once(commands, work, args.timeout, RAN_FOR)
             finally:
                 stop(jobs)
-            rows[scenario, policy.name] = row
-            print(f"  {scenario:30} {policy.name:10} {show(row, args.timeout):>14} s", flush=True)
+            label = f"{scenario} (sampler seed {seed})" if len(seeds) > 1 else scenario
+            print(f"  {label:30} {policy.name:10} {show(row, args.timeout):>14} s", flush=True)
+            mine = rows.setdefault((scenario, policy.name), Row())
+            mine.seconds += row.seconds
+            mine.threads += row.threads
             shutil.rmtree(work, ignore_errors=True)
     return rows
 
@@ -305,7 +329,7 @@ def table(
                 cells.append("—")
                 continue
             cell = show(row, timeout)
-            ref = base.worst() if base is not None else None
+            ref = base.mean() if base is not None else None  # over the sampler seeds run alone
             if label != alone and ref:
                 worst = row.worst()
                 cell += f" ({worst / ref:.1f}×)" if worst else f" (>{timeout / ref:.0f}×)"
@@ -319,6 +343,13 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per command")
     parser.add_argument("--n-trials", type=int, default=30, help="trials per study (default 30)")
+    parser.add_argument(
+        "--sampler-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="the study alone once per sampler seed (default 0), the policies side by side",
+    )
     parser.add_argument("--baseline", default="e1d8f2a", help="main's commit (policy 'main')")
     parser.add_argument(
         "--skip", nargs="*", choices=list(PHASES), default=[], help="leave out these phases"
@@ -342,13 +373,14 @@ def main() -> None:
         if more:
             table("Pretraining and final, s (× alone)", more, names, args.timeout)
         main_alone = rows.get(("alone", "main"))
-        if main_alone is not None and main_alone.worst():
+        if main_alone is not None and main_alone.mean():
             ratios = [
-                f"{p} {rows[('alone', p)].worst() / main_alone.worst():.2f}×"  # type: ignore[operator]
+                f"{p} {rows[('alone', p)].mean() / main_alone.mean():.2f}×"  # type: ignore[operator]
                 for p in names
-                if ("alone", p) in rows and rows[("alone", p)].worst()
+                if ("alone", p) in rows and rows[("alone", p)].mean()
             ]
-            print(f"\nalone, to main alone: {', '.join(ratios)}")
+            seeds = " ".join(map(str, args.sampler_seeds))
+            print(f"\nalone (mean over sampler seeds {seeds}), to main alone: {', '.join(ratios)}")
         print(f"load average after: {os.getloadavg()[0]:.1f}")
         print("\nthread lines of the adaptive policy:")
         for (scenario, policy), row in rows.items():

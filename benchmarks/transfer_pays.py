@@ -1,7 +1,8 @@
 """Does the search pay on the default task? Held-out test accuracy over several target-split seeds.
 
 For each seed of the target split (which images are the few labelled ones, and the noise), run the
-default study (studies/digits.toml) to its budget, export its best trial and run ``tlsearch final``
+default study (studies/digits.toml) to its budget (its confirmation round included), export what
+its rule selects and run ``tlsearch final``
 on it (:func:`tlsearch.run_final`): retrain with the selected config on the whole target training
 split and score it once on the held-out test split, beside training from scratch and plain
 fine-tuning (the study's two baseline trials' settings). Prints a table.
@@ -29,9 +30,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "studies" / "digits.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-trials", type=int, default=None, help="default: the config's")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
-        "--select", choices=("best", "one_se"), default="best", help="export's rule (default best)"
+        "--threads", type=int, default=0, help="torch CPU threads (default: tlsearch's choice)"
+    )
+    parser.add_argument(
+        "--select",
+        choices=list(tlsearch.SELECTION_RULES.names()),
+        default=None,
+        help="export's rule (default: the study's select.rule)",
     )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -65,6 +71,7 @@ def main() -> None:
                     "tuned_cv": exported["cv_mean"],
                     "search_s": search_s,
                     "params": exported["searched_params"] or exported["params"],
+                    "reason": exported["selection"]["reason"],
                     "sizes": (out["target_train_size"], out["target_test_size"]),
                 }
             )
@@ -72,7 +79,8 @@ def main() -> None:
             print(
                 f"seed {seed}: scratch {r['scratch']:.3f}  "
                 f"plain fine-tuning {r['plain_finetuning']:.3f}  "
-                f"tuned {r['tuned']:.3f} (cv {r['tuned_cv']:.3f}, search {search_s:.0f}s)",
+                f"tuned {r['tuned']:.3f} (cv {r['tuned_cv']:.3f}, search {search_s:.0f}s)\n"
+                f"  {r['reason']}",
                 flush=True,
             )
 
@@ -104,6 +112,8 @@ def main() -> None:
     )
     wins = sum(r["tuned"] > max(r["scratch"], r["plain_finetuning"]) for r in rows)
     print(f"tuned beats both baselines on {wins}/{len(rows)} seeds")
+    gain = [r["tuned"] - r["plain_finetuning"] for r in rows]
+    print(f"tuned − plain fine-tuning: mean {100 * statistics.fmean(gain):+.1f} pp")
 
 
 if __name__ == "__main__":
