@@ -222,6 +222,12 @@ def test_shipped_study_file_loads() -> None:
     assert cfg.regularizer.names == ["l2sp"]
     assert cfg.search.lambda_ == ParamRange(low=1e-4, high=100.0, log=True)
     assert cfg.cv.k == 5
+    # README's first command runs today's defaults where they changed: the file leaves them unset,
+    # so a digits study made before keeps its own when resumed (CHANGED_DEFAULTS).
+    assert cfg.search.backbone_lr_mult == StudyConfig().search.backbone_lr_mult
+    assert cfg.pruner.name == StudyConfig().pruner.name == "successive_halving"
+    old = adopt_stored(cfg, {"search": {"backbone_lr_mult": 0.1}, "pruner": {"name": "median"}})
+    assert (old.search.backbone_lr_mult, old.pruner.name) == (0.1, "median")
 
 
 def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
