@@ -308,10 +308,8 @@ def test_run_export_final(tmp_path: Path) -> None:
     final = run_cli("final", "best.json", cwd=tmp_path)
     assert final.returncode == 0, final.stderr
     lines = final.stdout.splitlines()
-    assert (
-        lines[0]
-        == f"selected by {best.data['selection']['rule']}: " + (best.data["selection"]["reason"])
-    )
+    rule, reason = best.data["selection"]["rule"], best.data["selection"]["reason"]
+    assert lines[0] == f"selected by {reason}" and reason.startswith(f"{rule}: ")
     models = ["tuned", "plain_finetuning", "scratch"]
     assert [ln.split(":")[0].strip() for ln in lines[1:4]] == models, lines
     assert lines[4].startswith("plain fine-tuning settings: "), lines

@@ -404,12 +404,13 @@ def run_final(best_path: str | Path, device: str | None = None, seeds: int = 1) 
 
 
 def _selection_line(export: Mapping[str, Any]) -> str | None:
-    """``selected by RULE: REASON`` from the export, or None (an export from before rules said
-    why)."""
+    """``selected by RULE: REASON`` from the export (a reason that starts with its rule's name
+    says it once), or None (an export from before rules said why)."""
     selection = export.get("selection") or {}
     if not selection.get("reason"):
         return None
-    return f"selected by {selection.get('rule')}: {selection['reason']}"
+    rule = selection.get("rule")
+    return f"selected by {rule}: {selection['reason'].removeprefix(f'{rule}: ')}"
 
 
 def format_final(data: Mapping[str, Any]) -> list[str]:
