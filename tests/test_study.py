@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from pathlib import Path
 
 import optuna
@@ -263,6 +264,13 @@ def test_the_confirmation_round_runs_once_on_fresh_folds(tiny) -> None:
     text = status_table(again)
     assert "budget: 4 of 4 trials done" in text
     assert "confirmation round: 2 of 2 trial(s) done" in text
+    # run's closing table ranks the search; the round's trials follow, named by what they confirm.
+    lines = summary_table(again).splitlines()[2:]
+    rows = [re.match(r"\s*(\d+(?: \([^)]*\))?)", line).group(1) for line in lines]
+    assert rows[-2:] == [
+        f"{t.number} ({t.user_attrs[CONFIRM_ATTR]} on fresh folds)" for t in round_
+    ]
+    assert set(rows[:-2]) <= {"0 (plain_finetuning)", "1 (scratch)", "2", "3"}
 
 
 def test_the_fresh_folds_split_the_images_anew(tiny) -> None:

@@ -72,22 +72,33 @@ def describe_value(trial: FrozenTrial) -> str:
 
 
 def summary_table(study: optuna.Study, top: int = 5) -> str:
-    """A short text table: trial counts by state and the best trials."""
+    """A short text table: trial counts by state, the best search trials, then the confirmation
+    round's (each labelled with the trial it runs again on fresh folds: their CV is on other
+    folds, so they are not ranked with the search)."""
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     lines = [
         f"study '{study.study_name}': " + ", ".join(f"{n} {k}" for k, n in counts.items() if n),
     ]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     done = sorted(
-        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -(t.value or 0.0)
+        (t for t in complete if CONFIRM_ATTR not in t.user_attrs),
+        key=lambda t: -(t.value or 0.0),
     )[:top]
+    done += [t for t in complete if CONFIRM_ATTR in t.user_attrs]
     if not done:
         return "\n".join(lines + ["no completed trial yet"])
     names = sorted({k for t in done for k in t.params})
     header = ["trial", "cv_mean", "cv_se", "cv_loss", *names, "seconds"]
+
+    def label(t: FrozenTrial) -> str:
+        if CONFIRM_ATTR in t.user_attrs:
+            return f"{t.number} ({t.user_attrs[CONFIRM_ATTR]} on fresh folds)"
+        return str(t.number) + (f" ({baseline_of(t)})" if baseline_of(t) else "")
+
     rows = [
         [
-            str(t.number) + (f" ({baseline_of(t)})" if baseline_of(t) else ""),
+            label(t),
             f"{accuracy(t):.4f}",
             _fmt_float(accuracy_se(t)),
             _fmt_float(t.user_attrs.get("cv_loss")),
