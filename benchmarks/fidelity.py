@@ -137,14 +137,7 @@ def _objective(grid: Grid, cfg: tlsearch.StudyConfig, name: str, spent: list[int
                 if stop(i, metric.value(scores[: i + 1], losses[: i + 1]), (i + 1) * epochs):
                     raise optuna.TrialPruned(f"pruned after fold {i}")
         spent[0] += len(scores) * epochs
-        if len(scores) < k:
-            raise optuna.TrialPruned(rec["fail_reason"])
-        for key in ("fold_scores", "fold_losses", "oof", "curve"):
-            trial.set_user_attr(key, rec[key])
-        trial.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
-        trial.set_user_attr("cv_loss", round(statistics.fmean(losses), 12))
-        trial.set_user_attr("cv_se", metric.standard_error(scores, losses))
-        return metric.value(scores, losses)
+        return selection.complete(trial, rec, metric, k)
 
     return objective
 

@@ -520,20 +520,27 @@ def _objective(grid: Grid, cfg: tlsearch.StudyConfig, searched: bool) -> Any:
             trial.set_user_attr("grid_point", baseline)
         trial.set_user_attr("resolved_params", point["params"])
         rec = point["fresh" if fresh else "search"]
-        scores, losses = rec["fold_scores"], rec["fold_losses"]
+        scores = rec["fold_scores"]
         if not fresh:
             _reports(trial, rec, metric, grid, cfg.pruner.by_epoch, stoppable=baseline is None)
         trial.set_user_attr("folds_run", len(scores))
-        if len(scores) < grid.k:
-            raise optuna.TrialPruned(rec["fail_reason"])
-        for key in ("fold_scores", "fold_losses", "oof", "curve"):
-            trial.set_user_attr(key, rec[key])
-        trial.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
-        trial.set_user_attr("cv_loss", round(statistics.fmean(losses), 12))
-        trial.set_user_attr("cv_se", metric.standard_error(scores, losses))
-        return metric.value(scores, losses)
+        return complete(trial, rec, metric, grid.k)
 
     return objective
+
+
+def complete(trial: optuna.Trial, rec: dict[str, Any], metric: tlsearch.CVMetric, k: int) -> float:
+    """A cached trial record's end, as ``KFoldObjective`` ends a trial: pruned when a fold
+    diverged, else its user attributes (fold scores, evidence, curves, CV summary) and value."""
+    scores, losses = rec["fold_scores"], rec["fold_losses"]
+    if len(scores) < k:
+        raise optuna.TrialPruned(rec["fail_reason"])
+    for key in ("fold_scores", "fold_losses", "oof", "curve"):
+        trial.set_user_attr(key, rec[key])
+    trial.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
+    trial.set_user_attr("cv_loss", round(statistics.fmean(losses), 12))
+    trial.set_user_attr("cv_se", metric.standard_error(scores, losses))
+    return metric.value(scores, losses)
 
 
 def _reports(
