@@ -18,6 +18,7 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import optuna
@@ -254,10 +255,8 @@ class KFoldObjective:
         groups = self.fold_groups(params, folds)
         # Baselines are what the search is measured against: they report, and always finish.
         pruner = None if fresh else (trial if baseline is None else _Reporter(trial))
-        if self.by_epoch:
-            models = self._side_by_side(init, params, x, start, groups, record, pruner)
-        else:
-            models = self._fold_after_fold(init, params, x, start, groups, record, pruner)
+        job = _Fit(init, params, x, start, groups, record, pruner)
+        models = self._side_by_side(job) if self.by_epoch else self._fold_after_fold(job)
         record.write(complete=True)
         scores, losses = record.scores, record.losses
         trial.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
@@ -267,18 +266,10 @@ class KFoldObjective:
         assert len(models) == len(folds), (len(models), len(folds))
         return self.metric.value(scores, losses)
 
-    def _fold_after_fold(
-        self,
-        init: Mapping[str, torch.Tensor],
-        params: TrialParams,
-        x: torch.Tensor,
-        start: int,
-        groups: list[list[int]],
-        record: _Record,
-        pruner: optuna.Trial | None,
-    ) -> dict[int, BlockNet]:
+    def _fold_after_fold(self, job: _Fit) -> dict[int, BlockNet]:
         """``pruner.steps = "folds"``: each fold (or batched group) trains to the end in turn;
         after each fold the trial reports (step = fold) and the pruner may stop it."""
+        x, start, groups, record, pruner = job.x, job.start, job.groups, job.record, job.pruner
         fitted: dict[int, BlockNet | DivergedError] = {}
         models: dict[int, BlockNet] = {}
         folds = [fold for group in groups for fold in group]
@@ -288,7 +279,7 @@ class KFoldObjective:
             if fold not in fitted:
                 t_fit = time.perf_counter()
                 group = next(pending)
-                run = self._run(init, params, x, start, group)
+                run = self._run(job.init, job.params, x, start, group)
                 while run.step():
                     if _evaluated(run.epoch, self.cfg.finetune.epochs):
                         record.curve(group, run.epoch, self._held_out(run, group, x, start))
@@ -311,21 +302,13 @@ class KFoldObjective:
                 raise optuna.TrialPruned(f"pruned after fold {i}")
         return models
 
-    def _side_by_side(
-        self,
-        init: Mapping[str, torch.Tensor],
-        params: TrialParams,
-        x: torch.Tensor,
-        start: int,
-        groups: list[list[int]],
-        record: _Record,
-        pruner: optuna.Trial | None,
-    ) -> dict[int, BlockNet]:
+    def _side_by_side(self, job: _Fit) -> dict[int, BlockNet]:
         """``pruner.steps = "epochs"``: every fold trains one epoch in turn; every
         :data:`CURVE_EVERY` epochs the trial reports the CV metric of all its folds at that epoch
         (step = epoch) and the pruner may stop it, having trained every fold that far."""
+        x, start, groups, record, pruner = job.x, job.start, job.groups, job.record, job.pruner
         t0 = time.perf_counter()
-        runs = [(group, self._run(init, params, x, start, group)) for group in groups]
+        runs = [(group, self._run(job.init, job.params, x, start, group)) for group in groups]
         last = self.cfg.finetune.epochs
         while all([run.step() for _, run in runs]):
             epoch = runs[0][1].epoch
@@ -395,6 +378,20 @@ class _Reporter:
 
     def set_user_attr(self, key: str, value: object) -> None:
         self.trial.set_user_attr(key, value)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """What one trial trains: from ``init`` with ``params`` on ``x`` (its blocks from ``start``),
+    the fold ``groups`` in order, writing to ``record`` and reporting to ``pruner`` (None: never)."""
+
+    init: Mapping[str, torch.Tensor]
+    params: TrialParams
+    x: torch.Tensor
+    start: int
+    groups: list[list[int]]
+    record: _Record
+    pruner: optuna.Trial | None
 
 
 # Fresh repeats of k folds a confirmation trial is scored on (tlsearch.selection).
