@@ -202,13 +202,7 @@ def fold_epochs(study: optuna.Study) -> int:
 
 
 def real_study(config: dict[str, Any], root: Path) -> dict[str, Any]:
-    cfg = tlsearch.config_from_dict(config)
-    t0 = time.perf_counter()
-    study = tlsearch.run_study(cfg)
-    seconds = time.perf_counter() - t0
-    best = root / f"{cfg.name}.json"
-    export = tlsearch.write_export(study, best)
-    final = tlsearch.run_final(best, "cpu")
+    study, export, final, seconds = selection.end_to_end(tlsearch.config_from_dict(config), root)
     return {
         "test": final["tuned"]["test_accuracy"],
         "plain": final["plain_finetuning"]["test_accuracy"],

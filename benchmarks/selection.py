@@ -821,6 +821,19 @@ def report(results: dict[tuple[Path, int], dict[str, Any]], specs: Sequence[Grid
 # 4) Real searches, end to end
 
 
+def end_to_end(
+    cfg: tlsearch.StudyConfig, root: Path
+) -> tuple[optuna.Study, dict[str, Any], dict[str, Any], float]:
+    """What a user runs: the study (its confirmation round included), ``export`` with the
+    study's rule into ``root``, then ``final``; and the study's seconds."""
+    t0 = time.perf_counter()
+    study = tlsearch.run_study(cfg)
+    seconds = time.perf_counter() - t0
+    best = root / f"{cfg.name}.json"
+    export = tlsearch.write_export(study, best)
+    return study, export, tlsearch.run_final(best, "cpu"), seconds
+
+
 def real_search(task: str, shots: int, data_seed: int, sampler_seed: int, root: Path) -> dict:
     """A real study with the default config (its confirmation round included), exported with the
     default rule and scored by ``run_final``: the exported model's test accuracy beside plain
@@ -835,12 +848,7 @@ def real_search(task: str, shots: int, data_seed: int, sampler_seed: int, root: 
             "finetune": {"device": "cpu"},
         }
     )
-    t0 = time.perf_counter()
-    study = tlsearch.run_study(cfg)
-    seconds = time.perf_counter() - t0
-    best = root / f"{cfg.name}.json"
-    export = tlsearch.write_export(study, best)
-    final = tlsearch.run_final(best, "cpu")
+    study, export, final, seconds = end_to_end(cfg, root)
     trials = study.get_trials(deepcopy=False)
     return {
         "task": f"{task} {shots}-shot",
