@@ -225,19 +225,28 @@ def resnet_config(root: Path) -> dict[str, Any]:
     study = root / "resnet-folders.toml"
     text = (examples / "resnet-folders.toml").read_text()
     study.write_text(text)
-    plugin = examples / "tlsearch-resnet" / "tlsearch_resnet" / "__init__.py"
-    env = {**__import__("os").environ, "PYTHONPATH": str(examples / "tlsearch-resnet")}
+    # The plug-in as README runs it without installing it: its folder on the path, loaded by name
+    # (here and in train_source.py), so that it registers its model once.
+    plugin = examples / "tlsearch-resnet"
+    env = {**__import__("os").environ, "PYTHONPATH": str(plugin)}
     subprocess.run(
         [sys.executable, str(examples / "write_mnist_folders.py"), "--out", str(folders)],
         check=True,
         env=env,
     )
     subprocess.run(
-        [sys.executable, str(examples / "train_source.py"), str(study), "--plugin", str(plugin)],
+        [
+            sys.executable,
+            str(examples / "train_source.py"),
+            str(study),
+            "--plugin",
+            "tlsearch_resnet",
+        ],
         check=True,
         env=env,
     )
-    tlsearch.load_plugins([str(plugin)])
+    sys.path.insert(0, str(plugin))
+    tlsearch.load_plugins(["tlsearch_resnet"])
     with study.open("rb") as f:
         data = tomllib.load(f)
     for key in ("source", "target", "target_test"):
