@@ -82,13 +82,14 @@ class _Guard:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.number, self.outcome, self.told, self.handled = trial.number, None, False, False
-        for key, value in self.attrs.items():
-            trial.set_user_attr(key, value)
-        if self.stop.requested:
-            self.handled = True
-            raise Interrupted("stop requested before the trial started")
-        self.stop.in_trial = True
         try:
+            # The worker's attributes are the trial's first writes: a storage error here is the
+            # loop's to handle, as one in the objective is.
+            for key, value in self.attrs.items():
+                trial.set_user_attr(key, value)
+            if self.stop.requested:
+                raise Interrupted("stop requested before the trial started")
+            self.stop.in_trial = True
             value = self.objective(trial)
         except optuna.TrialPruned:
             self.outcome = (TrialState.PRUNED, None)
