@@ -183,7 +183,7 @@ def references(pool: Pool, cfg: StudyConfig) -> list[FrozenTrial]:
     return [t for t in map(pool.baseline, names) if t is not None]
 
 
-def reference(trials: Sequence[FrozenTrial], pool: Pool, cfg: StudyConfig) -> FrozenTrial | None:
+def reference(trials: Sequence[FrozenTrial], cfg: StudyConfig) -> FrozenTrial | None:
     """Of ``trials`` (the references, or their confirmation runs), the one the answer falls back
     to: the first, or with ``select.reference = "baselines"`` the one with the lowest CV loss."""
     if not trials:
@@ -371,7 +371,7 @@ def _gated(
 
 
 def gate(pool: Pool, cfg: StudyConfig) -> Decision:
-    ref = reference(references(pool, cfg), pool, cfg)
+    ref = reference(references(pool, cfg), cfg)
     if ref is None:
         return _fallback(pool, cfg, "gate: no plain fine-tuning trial (search.baselines)")
     top = ranked(pool.search, cfg.select.metric)[0]
@@ -429,12 +429,9 @@ def confirm_gate(pool: Pool, cfg: StudyConfig) -> Decision:
     if isinstance(found, str):
         return _fallback(pool, cfg, f"confirm_gate: {found}")
     candidates, runs = found
-    refs = [r for c, r in zip(candidates, runs, strict=True) if baseline_of(c) is not None]
-    ref_run = reference(
-        [r for r in refs if any(baseline_of(r) == baseline_of(t) for t in references(pool, cfg))],
-        pool,
-        cfg,
-    )
+    refs = references(pool, cfg)
+    ref_runs = [r for c, r in zip(candidates, runs, strict=True) if any(c is t for t in refs)]
+    ref_run = reference(ref_runs, cfg)
     if ref_run is None:
         return confirm(pool, cfg)
     ref = candidates[runs.index(ref_run)]

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.params import format_params
-from tlsearch.selection import Pool, accuracy, accuracy_se, baseline_of
+from tlsearch.selection import Pool, accuracy, accuracy_se, baseline_of, is_confirmation
 from tlsearch.storage import CONFIRM_ATTR, count_budget
 
 __all__ = ["ProgressPrinter", "describe_value", "summary_table"]
@@ -80,19 +80,16 @@ def summary_table(study: optuna.Study, top: int = 5) -> str:
     lines = [
         f"study '{study.study_name}': " + ", ".join(f"{n} {k}" for k, n in counts.items() if n),
     ]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    done = sorted(
-        (t for t in complete if CONFIRM_ATTR not in t.user_attrs),
-        key=lambda t: -(t.value or 0.0),
-    )[:top]
-    done += [t for t in complete if CONFIRM_ATTR in t.user_attrs]
+    pool = Pool.of(study)
+    done = sorted(pool.search, key=lambda t: -(t.value or 0.0))[:top]
+    done += pool.confirmations.values()
     if not done:
         return "\n".join(lines + ["no completed trial yet"])
     names = sorted({k for t in done for k in t.params})
     header = ["trial", "cv_mean", "cv_se", "cv_loss", *names, "seconds"]
 
     def label(t: FrozenTrial) -> str:
-        if CONFIRM_ATTR in t.user_attrs:
+        if is_confirmation(t):
             return f"{t.number} ({t.user_attrs[CONFIRM_ATTR]} on fresh folds)"
         return str(t.number) + (f" ({baseline_of(t)})" if baseline_of(t) else "")
 
