@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from conftest import TINY, merge
@@ -12,7 +14,7 @@ from tlsearch.models import create_model, stack_models
 from tlsearch.params import TrialParams
 from tlsearch.registry import REGULARIZERS
 from tlsearch.regularizers import delta
-from tlsearch.training import block_outputs, evaluate, finetune, fold
+from tlsearch.training import Lanes, block_outputs, evaluate, finetune, fold
 from tlsearch.training.adam import FusedAdam
 
 INPUT = (1, 8, 8)
@@ -422,3 +424,54 @@ def test_delta_attention_off_keeps_the_search_hash() -> None:
     assert before.search_hash() == "2:63f479719eaa7cbd"
     on = config_from_dict(merge(TINY, {"regularizer": {"delta_attention": True}}))
     assert on.search_hash() != config_from_dict(TINY).search_hash()
+
+
+def _runs(cfg: StudyConfig, folds: int = 3) -> list[fold.Run]:
+    pre = _pretrained(cfg)
+    x, y = _target()
+    params = TrialParams(
+        lambda_=0.01, lr=0.05, frozen_blocks=0, backbone_lr_mult=1.0, regularizer="l2sp"
+    )
+    return [
+        fold.fold_run(pre, cfg, params, x[f::folds], y[f::folds], 4, INPUT, seed=f)
+        for f in range(folds)
+    ]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["no-dropout", "dropout"])
+def test_lanes_train_each_fold_as_it_trains_alone(
+    dropout: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folds side by side on threads (or in turn, when their model draws from the global random
+    stream) end bit for bit where each fold ends trained alone on one thread."""
+    cfg = _cfg({**MODELS["cnn"], "batch_norm": False, "dropout": dropout}, finetune={"epochs": 6})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # bit for bit: one thread alone, one thread per lane
+        alone = []
+        for run in _runs(cfg):
+            run.finish()
+            alone.append(run.results()[0])
+        runs = _runs(cfg)
+        threads: set[str] = set()
+        step = fold.Run.step
+
+        def watched(run: fold.Run) -> bool:
+            threads.add(threading.current_thread().name)
+            return step(run)
+
+        monkeypatch.setattr(fold.Run, "step", watched)
+        with Lanes(runs, cores=2) as lanes:
+            while lanes.advance(4):
+                pass
+            width = lanes.lanes()
+        assert torch.get_num_threads() == 1  # the caller's count, after its lanes
+    finally:
+        torch.set_num_threads(before)
+    assert [r.draws for r in runs] == [dropout > 0] * 3
+    assert [r.epoch for r in runs] == [6] * 3
+    assert width == (1 if dropout else 2)
+    assert any(name.startswith("tlsearch-lane") for name in threads) == (not dropout)
+    for a, b in zip(alone, runs, strict=True):
+        (trained,) = b.results()
+        assert all(torch.equal(v, trained.state_dict()[k]) for k, v in a.state_dict().items())

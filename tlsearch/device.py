@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ __all__ = [
     "cpu_quota",
     "current_policy",
     "default_threads",
+    "as_lane",
     "rebalance",
     "resolve_device",
     "set_threads",
@@ -295,12 +297,29 @@ def current_policy() -> ThreadPolicy | None:
 
 
 def rebalance() -> None:
-    """Re-apply this process's thread policy if its interval has passed (no policy: nothing).
+    """Re-apply this process's thread policy if its interval has passed (no policy, or called in a
+    lane: nothing).
 
     Cheap enough for every epoch: a clock read, and a ``/proc/stat`` read once per interval.
     """
+    if getattr(_lane, "threads", None) is not None:
+        return  # the thread that started the lanes re-checks the policy, between their epochs
     if _policy is not None and _policy.meter.seconds() >= _policy.interval:
         _policy.apply()
+
+
+# Set in a lane: a thread that trains one of several runs beside the others
+# (tlsearch.training.lanes), with its own share of the process's threads.
+_lane = threading.local()
+
+
+def as_lane(threads: int) -> None:
+    """Make the calling thread a lane with ``threads`` torch threads (set before each epoch it
+    trains: part of the count is per thread, part process-wide). :func:`rebalance` does nothing
+    in it: the thread that started the lanes owns the policy, divides the cores it sets between
+    them and sets its own count back after each epoch."""
+    torch.set_num_threads(threads)
+    _lane.threads = threads
 
 
 def _omp_env() -> str | None:

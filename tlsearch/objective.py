@@ -37,6 +37,7 @@ from tlsearch.samplers import first_prunable_fold, reports_fold_scores
 from tlsearch.stats import mean_se
 from tlsearch.storage import CONFIRM_ATTR
 from tlsearch.training import (
+    Lanes,
     Run,
     channels_last,
     fold_batchable,
@@ -303,32 +304,19 @@ class KFoldObjective:
         return models
 
     def _side_by_side(self, job: _Fit) -> dict[int, BlockNet]:
-        """``pruner.steps = "epochs"``: every fold trains one epoch in turn; every
-        :data:`CURVE_EVERY` epochs the trial reports the CV metric of all its folds at that epoch
-        (step = epoch) and the pruner may stop it, having trained every fold that far."""
-        x, start, groups, record, pruner = job.x, job.start, job.groups, job.record, job.pruner
+        """``pruner.steps = "epochs"``: the folds train side by side (on threads where they can,
+        :class:`~tlsearch.training.Lanes`); every :data:`CURVE_EVERY` epochs the trial reports the
+        CV metric of all its folds at that epoch (step = epoch) and the pruner may stop it, having
+        trained every fold that far."""
+        x, start, groups, record = job.x, job.start, job.groups, job.record
         t0 = time.perf_counter()
         runs = [(group, self._run(job.init, job.params, x, start, group)) for group in groups]
-        last = self.cfg.finetune.epochs
-        while all([run.step() for _, run in runs]):
-            epoch = runs[0][1].epoch
-            if not _evaluated(epoch, last):
-                continue
-            now = [
-                (fold, *held)
-                for group, run in runs
-                for fold, held in zip(group, self._held_out(run, group, x, start), strict=True)
-            ]
-            record.curve([f for f, _, _ in now], epoch, [(c, r) for _, c, r in now])
-            if pruner is None:
-                continue
-            accs = [int(r.sum()) / len(r) for _, _, r in now]
-            losses = [float(c.sum()) / len(c) for _, c, _ in now]
-            pruner.report(self.metric.value(accs, losses), epoch)
-            if epoch < last and pruner.should_prune():
-                record.write()
-                pruner.set_user_attr("pruned_at_epoch", epoch)
-                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+        last, epoch = self.cfg.finetune.epochs, 0
+        with Lanes([run for _, run in runs]) as lanes:
+            # To the next epoch on the curve: the folds train side by side where they can.
+            while lanes.advance(min(CURVE_EVERY - epoch % CURVE_EVERY, max(1, last - epoch))):
+                epoch = runs[0][1].epoch
+                self._at_epoch(job, runs, epoch)
         share = (time.perf_counter() - t0) / sum(len(g) for g in groups)
         fitted = {f: m for group, run in runs for f, m in zip(group, run.results(), strict=True)}
         models = {}
@@ -336,6 +324,26 @@ class KFoldObjective:
             models[fold] = _trained(fitted[fold], i, record)
             self._score(record, fold, models[fold], x, start, share)
         return models
+
+    def _at_epoch(self, job: _Fit, runs: list[tuple[list[int], Run]], epoch: int) -> None:
+        """A point of every fold's curve; the trial reports the CV metric of all its folds at
+        ``epoch`` (step = epoch) and the pruner may stop it."""
+        x, start, record, pruner = job.x, job.start, job.record, job.pruner
+        now = [
+            (fold, *held)
+            for group, run in runs
+            for fold, held in zip(group, self._held_out(run, group, x, start), strict=True)
+        ]
+        record.curve([f for f, _, _ in now], epoch, [(c, r) for _, c, r in now])
+        if pruner is None:
+            return
+        accs = [int(r.sum()) / len(r) for _, _, r in now]
+        losses = [float(c.sum()) / len(c) for _, c, _ in now]
+        pruner.report(self.metric.value(accs, losses), epoch)
+        if epoch < self.cfg.finetune.epochs and pruner.should_prune():
+            record.write()
+            pruner.set_user_attr("pruned_at_epoch", epoch)
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
     def _score(
         self, record: _Record, fold: int, model: BlockNet, x: torch.Tensor, start: int, fit: float

@@ -1,5 +1,6 @@
 """Fine-tuning: one fold top to bottom (:mod:`~tlsearch.training.fold`), the folds of a trial
-trained together (:mod:`~tlsearch.training.together`), and the optimizer step they share."""
+trained together (:mod:`~tlsearch.training.together`) or side by side on threads
+(:mod:`~tlsearch.training.lanes`), and the optimizer step they share."""
 
 from tlsearch.training.fold import (
     Run,
@@ -12,9 +13,11 @@ from tlsearch.training.fold import (
     predictions,
     to_tensors,
 )
+from tlsearch.training.lanes import Lanes
 from tlsearch.training.together import finetune_folds, fold_batchable, folds_run
 
 __all__ = [
+    "Lanes",
     "Run",
     "block_outputs",
     "channels_last",

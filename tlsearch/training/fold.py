@@ -129,7 +129,9 @@ class Run:
     """A model (or several folds' stacked) training, one epoch of step 5 per :meth:`step`.
 
     Runs of several folds may advance in turn, epoch by epoch: each keeps the global random
-    stream (dropout's) as it left it, so a fold trains as it would alone.
+    stream (dropout's) as it left it, so a fold trains as it would alone. A run whose first epoch
+    drew nothing from that stream (no dropout: :attr:`draws` is False) has nothing to keep, and
+    may advance on another thread beside other runs (:class:`~tlsearch.training.lanes.Lanes`).
     """
 
     def __init__(
@@ -146,20 +148,31 @@ class Run:
         self._models = models
         self._rng = _rng_state(model)
         self.done = False
+        # Whether its first epoch drew from the global random stream (None: not trained yet).
+        self.draws: bool | None = None
 
     def step(self) -> bool:
         """Train one more epoch; False when there was none left (or a fold diverged)."""
         if self.done:
             return False
+        if self.draws is False:
+            return self._advance()
         outside = _rng_state(self.model)
         _set_rng_state(self.model, self._rng)
+        try:
+            return self._advance()
+        finally:
+            state = _rng_state(self.model)
+            if self.draws is None:
+                self.draws = not all(map(_same_state, state, self._rng))
+            self._rng = state
+            _set_rng_state(self.model, outside)
+
+    def _advance(self) -> bool:
         try:
             self.epoch = next(self._epochs)
         except StopIteration:
             self.done = True
-        finally:
-            self._rng = _rng_state(self.model)
-            _set_rng_state(self.model, outside)
         return not self.done
 
     def finish(self) -> None:
@@ -176,6 +189,10 @@ def _rng_state(model: BlockNet) -> tuple[torch.Tensor, torch.Tensor | None]:
     device = next(model.parameters()).device
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
+
+
+def _same_state(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def _set_rng_state(model: BlockNet, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:

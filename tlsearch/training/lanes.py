@@ -1,0 +1,125 @@
+"""Several runs (a trial's folds) advanced one epoch at a time, side by side on the process's cores.
+
+A few-label fold is a small model on a small batch: its operations are too short for torch's
+threads to share (on 2 cores a second thread bought the default study's epochs ~0-25 %), while two
+folds on a thread each train in ~0.6 of the time of one after the other (``benchmarks/
+trial_speed.py``). So with ``c`` CPU threads allowed (the thread policy's count,
+:mod:`tlsearch.device`) and ``n`` runs, ``min(c, n)`` lanes each train a share of the runs with
+``c // lanes`` threads of their own; every run still trains exactly as it would alone, on its own
+model, data and minibatch generator.
+
+Lanes run only what is safe to run on threads: CPU models (a GPU keeps its runs in turn, on one
+stream) whose first epoch drew nothing from torch's global random stream (:attr:`Run.draws`; a
+model with dropout draws its masks there, and runs that take turns keep that stream apart, which
+threads could not). Such runs, and a process with one thread, advance in turn as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+
+import torch
+
+from tlsearch.device import as_lane, rebalance
+from tlsearch.training.fold import Run
+
+__all__ = ["Lanes"]
+
+
+class Lanes:
+    """Advances ``runs`` a few epochs each per :meth:`advance`; a context manager (its threads end
+    with the block)."""
+
+    def __init__(self, runs: Sequence[Run], cores: int | None = None) -> None:
+        self.runs = list(runs)
+        # The threads to divide (None: this thread's torch count, which the policy sets).
+        self.cores = cores
+        self._pool: ThreadPoolExecutor | None = None
+        self._width = 0
+        self._cpu = all(next(r.model.parameters()).device.type == "cpu" for r in self.runs)
+
+    def __enter__(self) -> Lanes:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def lanes(self) -> int:
+        """How many runs train at once now (1: in turn)."""
+        if not self._cpu or any(r.draws is not False for r in self.runs):
+            return 1
+        return max(1, min(self.cores or torch.get_num_threads(), len(self.runs)))
+
+    def advance(self, epochs: int = 1) -> bool:
+        """Train every run ``epochs`` more epochs; False when any had none left or diverged (a
+        divergence stops the others, which may then have trained fewer)."""
+        rebalance()  # the policy is this thread's: lanes never re-check it themselves
+        if epochs and any(r.draws is None for r in self.runs):
+            # A first epoch in turn: it tells whether a run draws from the global stream.
+            if not all([run.step() for run in self.runs]):
+                return False
+            epochs -= 1
+            if not epochs:
+                return True
+        lanes = self.lanes()
+        if lanes == 1:
+            return all([all(run.step() for _ in range(epochs)) for run in self.runs])
+        before = torch.get_num_threads()
+        cores = self.cores or before
+        if self._width != lanes:
+            self.__exit__(None, None, None)
+            self._pool = ThreadPoolExecutor(lanes, thread_name_prefix="tlsearch-lane")
+            self._width = lanes
+        assert self._pool is not None
+        work = _Work(self.runs, epochs)
+        try:
+            for future in [self._pool.submit(work.lane, cores // lanes) for _ in range(lanes)]:
+                future.result()
+        except BaseException:
+            work.stop = True  # an error in a lane, or an interrupt here: the lanes stop too
+            raise
+        finally:
+            torch.set_num_threads(before)  # part of a lane's count is process-wide
+        return work.ok
+
+
+class _Work:
+    """The epochs left to train, run by run: each lane takes the next run nobody trains, one epoch
+    at a time, so lanes stay busy until the last epoch (5 folds on 2 lanes: 13 rounds, not 15)."""
+
+    def __init__(self, runs: list[Run], epochs: int) -> None:
+        self.left = dict.fromkeys(runs, epochs)
+        self.queue = deque(runs)
+        self.lock = threading.Lock()
+        self.ok = True  # every epoch asked for was trained
+        self.stop = False  # a run diverged or raised: the other lanes stop after their epoch
+
+    def lane(self, threads: int) -> None:
+        as_lane(max(1, threads))
+        while True:
+            with self.lock:
+                if self.stop or not self.queue:
+                    return
+                run = self.queue.popleft()
+            try:
+                ok = run.step()
+            except BaseException:
+                self.stop = True  # raised to advance()'s caller
+                raise
+            with self.lock:
+                self.left[run] -= 1
+                self.ok = self.ok and ok
+                self.stop = self.stop or any(e is not None for e in run.diverged)
+                if ok and self.left[run]:
+                    self.queue.append(run)
