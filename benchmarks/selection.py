@@ -420,6 +420,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ],
 ]
 SPACES = ("multiplier searched", "multiplier 0.1")
+# The replays' results: per (grid file, sampler seed), per space, per rule variant, what it exported.
+Results = dict[tuple[Path, int], dict[str, Any]]
 
 
 def variant_label(rule: str, settings: dict[str, Any]) -> str:
@@ -658,7 +660,7 @@ class TaskScore:
 
 
 def score(
-    results: dict[tuple[Path, int], dict[str, Any]],
+    results: Results,
     specs: Sequence[GridSpec],
     space: str,
     variant: str,
@@ -682,7 +684,7 @@ def score(
 
 
 def choose(
-    results: dict[tuple[Path, int], dict[str, Any]],
+    results: Results,
     specs: Sequence[GridSpec],
     space: str,
     rule: str,
@@ -709,7 +711,7 @@ def choose(
 
 
 def lofo(
-    results: dict[tuple[Path, int], dict[str, Any]],
+    results: Results,
     specs: Sequence[GridSpec],
     space: str,
     rule: str,
@@ -730,9 +732,7 @@ def _pp(x: float) -> str:
     return f"{100 * x:+.1f}".replace("-", "−")
 
 
-def print_lofo(
-    results: dict[tuple[Path, int], dict[str, Any]], specs: Sequence[GridSpec], space: str
-) -> None:
+def print_lofo(results: Results, specs: Sequence[GridSpec], space: str) -> None:
     rules = list(dict.fromkeys(name for name, _ in VARIANTS))
     tasks = list(dict.fromkeys(s.label for s in specs if s.family != "default"))
     print(
@@ -758,7 +758,7 @@ def print_lofo(
 
 
 def print_variants(
-    results: dict[tuple[Path, int], dict[str, Any]],
+    results: Results,
     specs: Sequence[GridSpec],
     space: str,
     labels: Sequence[str],
@@ -780,7 +780,7 @@ def print_variants(
 
 def run_replays(
     specs: Sequence[GridSpec], sampler_seeds: Sequence[int], budget: int, workers: int
-) -> dict[tuple[Path, int], dict[str, Any]]:
+) -> Results:
     ready = [spec for spec in specs if not missing(spec, load_grid(spec))]
     for spec in specs:
         if spec not in ready:
@@ -798,7 +798,7 @@ def run_replays(
     return {(spec.path, seed): out for (spec, seed, _), out in zip(jobs, outs, strict=True)}
 
 
-def report(results: dict[tuple[Path, int], dict[str, Any]], specs: Sequence[GridSpec]) -> None:
+def report(results: Results, specs: Sequence[GridSpec]) -> None:
     ready = [s for s in specs if any(path == s.path for path, _ in results)]
     for spec in ready:
         g = _grid(spec)

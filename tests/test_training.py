@@ -432,10 +432,8 @@ def _runs(cfg: StudyConfig, folds: int = 3) -> list[fold.Run]:
     params = TrialParams(
         lambda_=0.01, lr=0.05, frozen_blocks=0, backbone_lr_mult=1.0, regularizer="l2sp"
     )
-    return [
-        fold.fold_run(pre, cfg, params, x[f::folds], y[f::folds], 4, INPUT, seed=f)
-        for f in range(folds)
-    ]
+    recipe = fold.Recipe(pre, cfg, params, 4, INPUT)
+    return [fold.fold_run(recipe, x[f::folds], y[f::folds], seed=f) for f in range(folds)]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["no-dropout", "dropout"])

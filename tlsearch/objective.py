@@ -38,6 +38,7 @@ from tlsearch.stats import mean_se
 from tlsearch.storage import CONFIRM_ATTR
 from tlsearch.training import (
     Lanes,
+    Recipe,
     Run,
     channels_last,
     fold_batchable,
@@ -177,32 +178,14 @@ class KFoldObjective:
     ) -> Run:
         """The folds of ``group`` at their start, to train epoch by epoch (one model, or the
         group's stacked)."""
+        recipe = Recipe(init, self.cfg, params, self.num_classes, self.input_shape)
         if len(group) == 1:
             (fold,) = group
             tr = self.folds[fold][0]
-            return fold_run(
-                init,
-                self.cfg,
-                params,
-                x[tr],
-                self.y[tr],
-                self.num_classes,
-                self.input_shape,
-                self.seeds[fold],
-                start=start,
-            )
+            return fold_run(recipe, x[tr], self.y[tr], self.seeds[fold], start=start)
         train = torch.stack([self.folds[fold][0] for fold in group])
-        return folds_run(
-            init,
-            self.cfg,
-            params,
-            x[train],
-            self.y[train],
-            self.num_classes,
-            self.input_shape,
-            [self.seeds[fold] for fold in group],
-            start=start,
-        )
+        seeds = [self.seeds[fold] for fold in group]
+        return folds_run(recipe, x[train], self.y[train], seeds, start=start)
 
     def _held_out(
         self, run: Run, group: list[int], x: torch.Tensor, start: int

@@ -40,14 +40,8 @@ from tlsearch.storage import (
     describe_error,
     storage_error,
 )
+from tlsearch.study import setup
 from tlsearch.study.progress import ProgressPrinter
-from tlsearch.study.setup import (
-    make_objective,
-    setup_study,
-    thread_policy,
-    threads_per_trial,
-    worker_attrs,
-)
 from tlsearch.study.stop import Interrupted, StopFlag
 
 __all__ = [
@@ -408,7 +402,7 @@ def run_study(
     ends the running trial as FAIL, queues it again and propagates; finished trials are kept. With
     a ``stop`` flag (see :func:`tlsearch.study.stop.graceful_stop`) a signal ends the loop instead.
     """
-    study, storage, ctx = setup_study(
+    study, storage, ctx = setup.setup_study(
         cfg, device=device, allow_config_change=allow_config_change, heartbeat=heartbeat
     )
     if round_finished(study, cfg):
@@ -420,17 +414,17 @@ def run_study(
     started = time.perf_counter()
     # After setup: a study file's mistake leaves no lock file behind (setup pretrains with a
     # policy of its own).
-    policy = thread_policy(cfg, cfg.name)
+    policy = setup.thread_policy(cfg, cfg.name)
     with thread_scope(policy):
         run_trials(
             study,
             storage,
-            threads_per_trial(make_objective(ctx), policy),
+            setup.threads_per_trial(setup.make_objective(ctx), policy),
             n_trials=cfg.n_trials,
             timeout=cfg.timeout,
             callbacks=cbs,
             stop=stop,
-            attrs=worker_attrs(ctx.device),
+            attrs=setup.worker_attrs(ctx.device),
             confirm=lambda s: queue_confirmation(s, ctx.cfg),
         )
     _log.info("ran for %.1fs", time.perf_counter() - started)

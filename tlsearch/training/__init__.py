@@ -3,6 +3,7 @@ trained together (:mod:`~tlsearch.training.together`) or side by side on threads
 (:mod:`~tlsearch.training.lanes`), and the optimizer step they share."""
 
 from tlsearch.training.fold import (
+    Recipe,
     Run,
     block_outputs,
     channels_last,
@@ -18,6 +19,7 @@ from tlsearch.training.together import finetune_folds, fold_batchable, folds_run
 
 __all__ = [
     "Lanes",
+    "Recipe",
     "Run",
     "block_outputs",
     "channels_last",

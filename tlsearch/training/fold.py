@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ from tlsearch.training.adam import FusedAdam
 __all__ = [
     "BatchLoss",
     "Forward",
+    "Recipe",
     "Run",
     "batch_loss",
     "block_outputs",
@@ -88,7 +90,8 @@ def finetune(
     is :func:`evaluate` (or :func:`predictions`, image by image) on the held-out samples.
     :func:`fold_run` is the same, epoch by epoch.
     """
-    run = fold_run(pretrained, cfg, params, x, y, num_classes, input_shape, seed, start=start)
+    recipe = Recipe(pretrained, cfg, params, num_classes, input_shape)
+    run = fold_run(recipe, x, y, seed, start=start)
     run.finish()
     (result,) = run.results()
     if isinstance(result, DivergedError):
@@ -96,22 +99,38 @@ def finetune(
     return result
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What a trial's folds fine-tune and how: the pretrained state, the study, the trial's
+    parameters, and the target's classes and input shape (what differs by fold: its data, seed)."""
+
+    pretrained: Mapping[str, torch.Tensor]
+    cfg: StudyConfig
+    params: TrialParams
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def start(self, seed: int, device: torch.device) -> BlockNet:
+        """Steps 1-3 (:func:`start_model`) for the fold seeded ``seed``."""
+        return start_model(
+            self.pretrained,
+            self.cfg,
+            self.params,
+            self.num_classes,
+            self.input_shape,
+            seed,
+            device,
+        )
+
+
 def fold_run(
-    pretrained: Mapping[str, torch.Tensor],
-    cfg: StudyConfig,
-    params: TrialParams,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
-    input_shape: tuple[int, ...],
-    seed: int,
-    *,
-    start: int = 0,
+    recipe: Recipe, x: torch.Tensor, y: torch.Tensor, seed: int, *, start: int = 0
 ) -> Run:
     """:func:`finetune` as a :class:`Run`: the model at its start, trained one epoch per step."""
+    params = recipe.params
     assert 0 <= start <= params.frozen_blocks, (start, params.frozen_blocks)
     # 1-3) load the pretrained blocks, a new head for the target's classes, freeze the first k
-    model = start_model(pretrained, cfg, params, num_classes, input_shape, seed, x.device)
+    model = recipe.start(seed, x.device)
 
     def forward(xb: torch.Tensor, maps: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return block_outputs(model, xb, start) if maps else (model(xb, start=start), [])
@@ -120,7 +139,17 @@ def fold_run(
     generator = torch.Generator().manual_seed(seed)
     diverged: Diverged = [None]
     epochs = fit(
-        model, cfg, params, pretrained, forward, x, y, start, [generator], False, diverged
+        model,
+        recipe.cfg,
+        params,
+        recipe.pretrained,
+        forward,
+        x,
+        y,
+        start,
+        [generator],
+        False,
+        diverged,
     )
     return Run(model, epochs, diverged, lambda: [model])
 

@@ -19,7 +19,7 @@ from tlsearch.config import StudyConfig
 from tlsearch.errors import DivergedError
 from tlsearch.models import BlockNet, per_fold, stack_models
 from tlsearch.params import TrialParams
-from tlsearch.training.fold import Forward, Run, block_outputs, fit, start_model
+from tlsearch.training.fold import Forward, Recipe, Run, block_outputs, fit
 
 __all__ = ["finetune_folds", "fold_batchable", "folds_run"]
 
@@ -59,31 +59,21 @@ def finetune_folds(
     :func:`fold_batchable`. Returns each fold's model, or the :class:`DivergedError` that ended it.
     :func:`folds_run` is the same, epoch by epoch.
     """
-    run = folds_run(pretrained, cfg, params, x, y, num_classes, input_shape, seeds, start=start)
+    recipe = Recipe(pretrained, cfg, params, num_classes, input_shape)
+    run = folds_run(recipe, x, y, seeds, start=start)
     run.finish()
     return run.results()
 
 
 def folds_run(
-    pretrained: Mapping[str, torch.Tensor],
-    cfg: StudyConfig,
-    params: TrialParams,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
-    input_shape: tuple[int, ...],
-    seeds: Sequence[int],
-    *,
-    start: int = 0,
+    recipe: Recipe, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int], *, start: int = 0
 ) -> Run:
     """:func:`finetune_folds` as a :class:`~tlsearch.training.fold.Run` of the stacked model."""
+    params = recipe.params
     assert len(x) == len(y) == len(seeds), (len(x), len(y), len(seeds))
     assert 0 <= start <= params.frozen_blocks, (start, params.frozen_blocks)
     # 1-3) each fold's model, as finetune starts it; then one model holding them all
-    models = [
-        start_model(pretrained, cfg, params, num_classes, input_shape, seed, x.device)
-        for seed in seeds
-    ]
+    models = [recipe.start(seed, x.device) for seed in seeds]
     assert fold_batchable(models[0], params.frozen_blocks), "BatchNorm/dropout in trained blocks"
     stacked = stack_models(models)
     # 4-5) the same steps, every fold in each
@@ -91,7 +81,17 @@ def folds_run(
     forward = _stacked_forward(stacked, start)
     diverged: list[DivergedError | None] = [None] * len(seeds)
     epochs = fit(
-        stacked, cfg, params, pretrained, forward, x, y, start, generators, True, diverged
+        stacked,
+        recipe.cfg,
+        params,
+        recipe.pretrained,
+        forward,
+        x,
+        y,
+        start,
+        generators,
+        True,
+        diverged,
     )
 
     def unstacked() -> list[BlockNet]:
