@@ -29,7 +29,8 @@ accuracy, the fold-epochs (every fold's epochs trained, the confirmation round's
 the seconds of the search.
 
     python benchmarks/fidelity.py [--families ...] [--sampler-seeds 0 ... 9] [--workers 2]
-    python benchmarks/fidelity.py --real [--sampler-seeds 0 1 2] [--no-resnet]
+    python benchmarks/fidelity.py --real [--sampler-seeds 0 1 2] [--no-resnet | --resnet-only]
+        [--pruners default "median (0.2)" none]
 """
 
 from __future__ import annotations
@@ -256,10 +257,16 @@ def resnet_config(root: Path) -> dict[str, Any]:
     return data
 
 
-def run_real(families: dict[str, str], sampler_seeds: Sequence[int], resnet: bool) -> None:
+def run_real(
+    families: dict[str, str],
+    sampler_seeds: Sequence[int],
+    resnet: bool,
+    pruners: Sequence[str] = tuple(REAL_PRUNERS),
+    digits: bool = True,
+) -> None:
     import tempfile
 
-    tasks = [selection.DEFAULT_TASK] + [(t, 3) for t in families.values()]
+    tasks = [selection.DEFAULT_TASK] + [(t, 3) for t in families.values()] if digits else []
     rows = []
     with tempfile.TemporaryDirectory(prefix="tlsearch-fidelity-") as tmp:
         root = Path(tmp)
@@ -275,7 +282,8 @@ def run_real(families: dict[str, str], sampler_seeds: Sequence[int], resnet: boo
             studies.append(("resnet plug-in, folders", resnet_config(root)))
         for label, base in studies:
             for seed in sampler_seeds:
-                for name, pruner in REAL_PRUNERS.items():
+                for name in pruners:
+                    pruner = REAL_PRUNERS[name]
                     config = {
                         **base,
                         "name": f"{label}-{seed}-{name}",
@@ -296,7 +304,7 @@ def run_real(families: dict[str, str], sampler_seeds: Sequence[int], resnet: boo
     print("|---|---|---:|---:|---:|---:|")
     for label, _ in studies:
         none = [r for r in rows if r["study"] == label and r["pruner"] == "none"]
-        for name in REAL_PRUNERS:
+        for name in pruners:
             mine = [r for r in rows if r["study"] == label and r["pruner"] == name]
             delta = statistics.median(
                 a["test"] - b["test"] for a, b in zip(mine, none, strict=True)
@@ -326,12 +334,24 @@ def main() -> None:
     parser.add_argument(
         "--no-resnet", action="store_true", help="--real without the ResNet plug-in's study"
     )
+    parser.add_argument(
+        "--resnet-only", action="store_true", help="--real with the ResNet plug-in's study alone"
+    )
+    parser.add_argument(
+        "--pruners",
+        nargs="+",
+        choices=list(REAL_PRUNERS),
+        default=list(REAL_PRUNERS),
+        help="--real: the pruners to run (default: all; 'none' is the reference)",
+    )
     args = parser.parse_args()
     if args.real:
         run_real(
             {f: FAMILIES[f] for f in (args.families or FAMILIES)},
             args.sampler_seeds or [0, 1, 2],
             not args.no_resnet,
+            args.pruners,
+            digits=not args.resnet_only,
         )
         return
     families = {f: FAMILIES[f] for f in (args.families or FAMILIES)}

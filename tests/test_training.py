@@ -459,7 +459,7 @@ def test_lanes_train_each_fold_as_it_trains_alone(
             return step(run)
 
         monkeypatch.setattr(fold.Run, "step", watched)
-        with Lanes(runs, cores=2) as lanes:
+        with Lanes(runs, cores=2, min_seconds=0.0) as lanes:
             while lanes.advance(4):
                 pass
             width = lanes.lanes()
@@ -473,3 +473,15 @@ def test_lanes_train_each_fold_as_it_trains_alone(
     for a, b in zip(alone, runs, strict=True):
         (trained,) = b.results()
         assert all(torch.equal(v, trained.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_lanes_keep_short_epochs_in_turn() -> None:
+    """Folds whose first epoch is shorter than ``min_seconds`` keep taking turns: threads would
+    cost more than they save."""
+    cfg = _cfg({**MODELS["cnn"], "batch_norm": False}, finetune={"epochs": 3})
+    with Lanes(_runs(cfg), cores=2, min_seconds=60.0) as lanes:
+        assert lanes.advance(2)
+        assert lanes.lanes() == 1
+    with Lanes(_runs(cfg), cores=2, min_seconds=0.0) as lanes:
+        assert lanes.advance(2)
+        assert lanes.lanes() == 2

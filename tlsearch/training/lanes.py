@@ -11,12 +11,14 @@ model, data and minibatch generator.
 Lanes run only what is safe to run on threads: CPU models (a GPU keeps its runs in turn, on one
 stream) whose first epoch drew nothing from torch's global random stream (:attr:`Run.draws`; a
 model with dropout draws its masks there, and runs that take turns keep that stream apart, which
-threads could not). Such runs, and a process with one thread, advance in turn as before.
+threads could not). Such runs, runs whose first epoch took under :data:`MIN_SECONDS`, and a
+process with one thread advance in turn as before.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,15 +31,24 @@ from tlsearch.training.fold import Run
 
 __all__ = ["Lanes"]
 
+# A fold's first epoch (its setup included) shorter than this trains in turn: handing its epochs
+# to threads costs more than it saves (an 8×8 MLP on 16 images, ~1 ms: 0.9× in lanes; 2-10 ms:
+# 1.1-2.1×).
+MIN_SECONDS = 0.002
+
 
 class Lanes:
     """Advances ``runs`` a few epochs each per :meth:`advance`; a context manager (its threads end
     with the block)."""
 
-    def __init__(self, runs: Sequence[Run], cores: int | None = None) -> None:
+    def __init__(
+        self, runs: Sequence[Run], cores: int | None = None, min_seconds: float = MIN_SECONDS
+    ) -> None:
         self.runs = list(runs)
         # The threads to divide (None: this thread's torch count, which the policy sets).
         self.cores = cores
+        self.min_seconds = min_seconds
+        self._small = False  # the first epochs were too short for lanes to pay
         self._pool: ThreadPoolExecutor | None = None
         self._width = 0
         self._cpu = all(next(r.model.parameters()).device.type == "cpu" for r in self.runs)
@@ -57,7 +68,7 @@ class Lanes:
 
     def lanes(self) -> int:
         """How many runs train at once now (1: in turn)."""
-        if not self._cpu or any(r.draws is not False for r in self.runs):
+        if not self._cpu or self._small or any(r.draws is not False for r in self.runs):
             return 1
         return max(1, min(self.cores or torch.get_num_threads(), len(self.runs)))
 
@@ -66,9 +77,12 @@ class Lanes:
         divergence stops the others, which may then have trained fewer)."""
         rebalance()  # the policy is this thread's: lanes never re-check it themselves
         if epochs and any(r.draws is None for r in self.runs):
-            # A first epoch in turn: it tells whether a run draws from the global stream.
+            # A first epoch in turn: it tells whether a run draws from the global stream, and
+            # whether an epoch is long enough for lanes to pay.
+            t0 = time.perf_counter()
             if not all([run.step() for run in self.runs]):
                 return False
+            self._small = (time.perf_counter() - t0) / len(self.runs) < self.min_seconds
             epochs -= 1
             if not epochs:
                 return True
