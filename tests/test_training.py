@@ -485,3 +485,33 @@ def test_lanes_keep_short_epochs_in_turn() -> None:
     with Lanes(_runs(cfg), cores=2, min_seconds=0.0) as lanes:
         assert lanes.advance(2)
         assert lanes.lanes() == 2
+
+
+def test_batchnorm_from_recomputes_the_trained_layers_and_restores_them() -> None:
+    """Inside ``batchnorm_from`` a trained BatchNorm layer's running mean is its input's mean on
+    the given images and a frozen block's layer is the pretrained one; after it, training goes
+    on exactly as if nobody had looked (the curve's early points are scored so)."""
+    cfg = _cfg(MODELS["cnn"], finetune={"epochs": 3})
+    pre = _pretrained(cfg)
+    x, y = _target()
+    params = TrialParams(0.01, 0.05, frozen_blocks=1, backbone_lr_mult=1.0, regularizer="l2sp")
+    recipe = fold.Recipe(pre, cfg, params, 4, INPUT)
+    watched, alone = (fold.fold_run(recipe, x, y, seed=0) for _ in range(2))
+    frozen_bn, trained_bn = (
+        [m for m in watched.model.blocks[i].modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+        for i in (0, 1)
+    )
+    seen: list[torch.Tensor] = []
+    hook = trained_bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    while watched.step():
+        before = trained_bn.running_mean.clone()
+        with fold.batchnorm_from(watched.model, x) as model:
+            assert torch.allclose(trained_bn.running_mean, seen[-1].mean((0, 2, 3)), atol=1e-6)
+            assert not torch.equal(trained_bn.running_mean, before)
+            assert torch.equal(frozen_bn.running_mean, pre["blocks.0.1.running_mean"])
+            evaluate(model, x, y)
+        assert torch.equal(trained_bn.running_mean, before)
+    hook.remove()
+    alone.finish()
+    a, b = watched.results()[0].state_dict(), alone.results()[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

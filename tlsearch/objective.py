@@ -40,6 +40,7 @@ from tlsearch.training import (
     Lanes,
     Recipe,
     Run,
+    batchnorm_from,
     channels_last,
     fold_batchable,
     fold_run,
@@ -190,10 +191,17 @@ class KFoldObjective:
     def _held_out(
         self, run: Run, group: list[int], x: torch.Tensor, start: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each fold of ``group``: its held-out samples' losses and correctness now."""
+        """Each fold of ``group``: its held-out samples' losses and correctness now; before the
+        last epoch with the BatchNorm statistics of its training images
+        (:func:`~tlsearch.training.batchnorm_from`), at the last as the fold is scored."""
         val = [self.folds[fold][1] for fold in group]
         if len(group) == 1:
-            return [predictions(run.model, x[val[0]], self.y[val[0]], start=start)]
+            (tr, va), model = self.folds[group[0]], run.model
+            if run.epoch == self.cfg.finetune.epochs:
+                return [predictions(model, x[va], self.y[va], start=start)]
+            with batchnorm_from(model, x[tr], start=start):
+                return [predictions(model, x[va], self.y[va], start=start)]
+        # Folds stacked together hold no BatchNorm (fold_batchable).
         xv, yv = torch.stack([x[va] for va in val]), torch.stack([self.y[va] for va in val])
         ce, right = predictions(run.model, xv, yv, start=start, stacked=True)
         return list(zip(ce, right, strict=True))

@@ -5,6 +5,7 @@ trained together (:mod:`~tlsearch.training.together`) or side by side on threads
 from tlsearch.training.fold import (
     Recipe,
     Run,
+    batchnorm_from,
     block_outputs,
     channels_last,
     evaluate,
@@ -21,6 +22,7 @@ __all__ = [
     "Lanes",
     "Recipe",
     "Run",
+    "batchnorm_from",
     "block_outputs",
     "channels_last",
     "evaluate",
