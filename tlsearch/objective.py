@@ -18,6 +18,7 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,9 +198,8 @@ class KFoldObjective:
         val = [self.folds[fold][1] for fold in group]
         if len(group) == 1:
             (tr, va), model = self.folds[group[0]], run.model
-            if run.epoch == self.cfg.finetune.epochs:
-                return [predictions(model, x[va], self.y[va], start=start)]
-            with batchnorm_from(model, x[tr], start=start):
+            last = run.epoch == self.cfg.finetune.epochs
+            with nullcontext() if last else batchnorm_from(model, x[tr], start=start):
                 return [predictions(model, x[va], self.y[va], start=start)]
         # Folds stacked together hold no BatchNorm (fold_batchable).
         xv, yv = torch.stack([x[va] for va in val]), torch.stack([self.y[va] for va in val])

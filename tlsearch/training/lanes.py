@@ -62,6 +62,9 @@ class Lanes:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -92,7 +95,7 @@ class Lanes:
         before = torch.get_num_threads()
         cores = self.cores or before
         if self._width != lanes:
-            self.__exit__(None, None, None)
+            self._close()
             self._pool = ThreadPoolExecutor(lanes, thread_name_prefix="tlsearch-lane")
             self._width = lanes
         assert self._pool is not None
@@ -120,7 +123,7 @@ class _Work:
         self.stop = False  # a run diverged or raised: the other lanes stop after their epoch
 
     def lane(self, threads: int) -> None:
-        as_lane(max(1, threads))
+        as_lane(threads)  # at least 1: never more lanes than cores
         while True:
             with self.lock:
                 if self.stop or not self.queue:
