@@ -147,11 +147,13 @@ def wait_until(what: Callable[[], Any], seconds: float, message: str) -> Any:
 
 def running_trial_of(url: str, name: str, pid: int) -> optuna.trial.FrozenTrial | None:
     """The RUNNING trial of the worker process ``pid``, if it has one now whose parameters are
-    drawn (a trial is RUNNING, with its worker attribute, a moment before the sampler fills its
-    parameters; a test that compares them with its retry's must not catch it then)."""
+    all drawn (a trial is RUNNING, with its worker attribute, a moment before the sampler fills
+    its parameters, one by one; a test that compares them with its retry's must not catch it
+    then). The objective sets ``resolved_params`` once the last one is drawn."""
     study = optuna.load_study(study_name=name, storage=url)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if str(t.user_attrs.get("worker", "")).endswith(f":{pid}") and t.params:
+        worker = str(t.user_attrs.get("worker", ""))
+        if worker.endswith(f":{pid}") and "resolved_params" in t.user_attrs:
             return t
     return None
 
