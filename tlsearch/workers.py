@@ -226,6 +226,32 @@ def join_study(
         checkpoint: this host's copy of the study's source checkpoint (see
             :func:`shared_checkpoint`).
     """
+    study, storage, cfg = _worker_study(storage_url, study_name, cache_dir)
+    recorded = study.user_attrs.get(ATTR_CHECKPOINT)
+    if not recorded:
+        raise StorageError(
+            f"study '{study_name}' has no pretrained checkpoint recorded; "
+            "run `tlsearch create` with its config first"
+        )
+    source = study.user_attrs.get(ATTR_SOURCE) or {}
+    check_model_origin(cfg, source)
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ConfigError(f"--checkpoint: file not found: {checkpoint}")
+    storage.enable_heartbeat(Heartbeat.from_dict(study.user_attrs.get(ATTR_HEARTBEAT)))
+    dev = _worker_device(cfg, device)
+    task = load_task(cfg.data, cache_dir=study_cache_dir(cfg))
+    check_folds(cfg, task.target_train)
+    ckpt = shared_checkpoint(
+        cfg, task, recorded, dev, source=source, copy=checkpoint, storage=storage
+    )
+    return study, storage, StudyContext(cfg, task, ckpt, dev, source or None)
+
+
+def _worker_study(
+    storage_url: str, study_name: str, cache_dir: Path | None
+) -> tuple[optuna.Study, StudyStorage, StudyConfig]:
+    """The study with the sampler and pruner of its stored config, and that config as this host
+    runs it (this URL, and ``cache_dir`` when given)."""
     storage = existing_storage(storage_url, study_name)
     cfg = load_study_config(load_study(storage, storage_url, study_name))
     updates: dict[str, Any] = {"storage": storage_url}
@@ -239,17 +265,12 @@ def join_study(
         sampler=make_sampler(cfg, parallel=True),
         pruner=make_pruner(cfg),
     )
-    recorded = study.user_attrs.get(ATTR_CHECKPOINT)
-    if not recorded:
-        raise StorageError(
-            f"study '{study_name}' has no pretrained checkpoint recorded; "
-            "run `tlsearch create` with its config first"
-        )
-    source = study.user_attrs.get(ATTR_SOURCE) or {}
-    check_model_origin(cfg, source)
-    if checkpoint is not None and not checkpoint.is_file():
-        raise ConfigError(f"--checkpoint: file not found: {checkpoint}")
-    storage.enable_heartbeat(Heartbeat.from_dict(study.user_attrs.get(ATTR_HEARTBEAT)))
+    return study, storage, cfg
+
+
+def _worker_device(cfg: StudyConfig, device: str | None) -> torch.device:
+    """This worker's device: ``device``, else the study's ``finetune.device``; ``auto`` on a host
+    with several GPUs claims the one the fewest other workers of the host hold."""
     spec = device or cfg.finetune.device
     if spec == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         spec = f"cuda:{claim_gpu(lock_dir(cfg))}"
@@ -257,21 +278,7 @@ def join_study(
     if dev.type == "cuda" and dev.index is not None:
         # Stray allocations (cuDNN workspaces, a bare .cuda()) go to this worker's GPU too.
         torch.cuda.set_device(dev.index)
-    task = load_task(cfg.data, cache_dir=study_cache_dir(cfg))
-    check_folds(cfg, task.target_train)
-    return (
-        study,
-        storage,
-        StudyContext(
-            cfg,
-            task,
-            shared_checkpoint(
-                cfg, task, recorded, dev, source=source, copy=checkpoint, storage=storage
-            ),
-            dev,
-            source or None,
-        ),
-    )
+    return dev
 
 
 def run_worker(
@@ -421,13 +428,28 @@ def run_workers(
         The study, how each worker ended, and the signal that stopped the run (None if none did).
     """
     devices = plan_devices(n_workers, gpus, device)
+    study, _storage, _ctx = setup_study(
+        cfg, device=devices[0], allow_config_change=allow_config_change, heartbeat=heartbeat
+    )
+    procs = _worker_processes(cfg, devices, quiet)
+    started = time.perf_counter()
+    signum = _run_passing_signals(procs)
+    _log.info("ran for %.1fs", time.perf_counter() - started)
+    exits = [
+        WorkerExit(i, d, int(p.exitcode))
+        for i, (d, p) in enumerate(zip(devices, procs, strict=True))
+    ]
+    return study, exits, signum
+
+
+def _worker_processes(
+    cfg: StudyConfig, devices: Sequence[str], quiet: bool
+) -> list[multiprocessing.process.BaseProcess]:
+    """One spawned (not yet started) ``tlsearch worker`` process per device, named w0, w1, ..."""
     # With finetune.threads unset, each worker takes its share of the cores among this study's
     # workers on this host (those of this run, and any other `tlsearch worker` or `run` there),
     # less the cores other work keeps busy.
     threads = cfg.finetune.threads or None
-    study, _storage, _ctx = setup_study(
-        cfg, device=devices[0], allow_config_change=allow_config_change, heartbeat=heartbeat
-    )
     spawn = multiprocessing.get_context("spawn")
     procs = []
     for i, dev in enumerate(devices):
@@ -444,6 +466,13 @@ def run_workers(
                 target=_worker_process, args=(quiet, f"[w{i}] ", kwargs), name=f"tlsearch-w{i}"
             )
         )
+    return procs
+
+
+def _run_passing_signals(procs: Sequence[multiprocessing.process.BaseProcess]) -> int | None:
+    """Start ``procs`` and wait for all of them, passing SIGINT and SIGTERM on to those still
+    running (from the main thread only: Python handles signals there); the first signal received,
+    or None."""
     received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
@@ -456,7 +485,6 @@ def run_workers(
     previous = (
         {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     )
-    started = time.perf_counter()
     try:
         for p in procs:
             p.start()
@@ -467,9 +495,4 @@ def run_workers(
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    _log.info("ran for %.1fs", time.perf_counter() - started)
-    exits = [
-        WorkerExit(i, d, int(p.exitcode))
-        for i, (d, p) in enumerate(zip(devices, procs, strict=True))
-    ]
-    return study, exits, (received[0] if received else None)
+    return received[0] if received else None
