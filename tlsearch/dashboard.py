@@ -48,31 +48,55 @@ def describe_study(cfg: StudyConfig, task_description: str | None = None) -> dic
 
     The dashboard note and the HTML report both show it.
     """
-    d, m, r, s = cfg.data, cfg.model, cfg.regularizer, cfg.search
-    if d.task is not None:
-        data = f"task `{d.task}`"
-        if task_description:
-            data += f" ({task_description})"
-        shots = 5 if d.shots is None else d.shots
-        data += f"; {shots or 'all'} labelled target images per class, data seed {d.seed}"
-    else:
-        data = task_description or f"{d.source or 'your checkpoint'} → {d.target}"
+    return {
+        "Data": _data_line(cfg, task_description),
+        "Model": _model_line(cfg),
+        "Regularizer": _regularizer_line(cfg),
+        "Search space": _space_line(cfg),
+        "CV scheme": _cv_line(cfg),
+        "Search": _search_line(cfg),
+    }
+
+
+def _data_line(cfg: StudyConfig, task_description: str | None) -> str:
+    """The task (its description, shots and data seed), or the user's source and target."""
+    d = cfg.data
+    if d.task is None:
+        return task_description or f"{d.source or 'your checkpoint'} → {d.target}"
+    data = f"task `{d.task}`"
+    if task_description:
+        data += f" ({task_description})"
+    shots = 5 if d.shots is None else d.shots
+    return data + f"; {shots or 'all'} labelled target images per class, data seed {d.seed}"
+
+
+def _model_line(cfg: StudyConfig) -> str:
+    """The network, then how it is pretrained and fine-tuned."""
+    m = cfg.model
     if m.name == "cnn":
         model = f"CNN, conv channels {m.channels}, fc {m.fc}"
     elif m.name == "mlp":
         model = f"MLP, hidden sizes {m.hidden}"
     else:
         model = m.name
-    model += (
+    return model + (
         f"; pretrained on the source for {_epochs(cfg.pretrain.epochs)} (lr {cfg.pretrain.lr:g}), "
         f"then fine-tuned for {_epochs(cfg.finetune.epochs)} with {cfg.finetune.optimizer}"
     )
+
+
+def _regularizer_line(cfg: StudyConfig) -> str:
+    r = cfg.regularizer
     reg = " or ".join(f"`{n}`" for n in r.names) + (" (searched)" if len(r.names) > 1 else "")
-    reg += (
+    return reg + (
         f": λ/2 · Σ‖p − p⁰‖² over {_COVERED[r.penalize]}, added to the mean cross-entropy "
         f"(scale `{r.scale}`, head β {r.head_lambda:g})"
     )
-    space = "; ".join(
+
+
+def _space_line(cfg: StudyConfig) -> str:
+    s = cfg.search
+    return "; ".join(
         [
             f"λ {_fmt_range(s.lambda_)}",
             f"lr {_fmt_range(s.lr)}",
@@ -80,6 +104,10 @@ def describe_study(cfg: StudyConfig, task_description: str | None = None) -> dic
             f"backbone_lr_mult {_fmt_range(s.backbone_lr_mult)}",
         ]
     )
+
+
+def _cv_line(cfg: StudyConfig) -> str:
+    """The folds, what a trial's value is, and what its intermediate values are."""
     value = {
         "accuracy": "the mean fold accuracy",
         "loss": "minus the mean fold cross-entropy",
@@ -95,11 +123,15 @@ def describe_study(cfg: StudyConfig, task_description: str | None = None) -> dic
         steps = "its intermediate value at step i is that of " + (
             "fold i alone" if reports_fold_scores(cfg) else "folds 0 … i"
         )
-    cv = (
+    return (
         f"{cfg.cv.k}-fold {'stratified ' if cfg.cv.stratified else ''}cross-validation on the "
         f"target training split (seed {cfg.cv.seed}{repeats}); a trial's value "
         f"(`{cfg.cv.metric_name}`) is {value}; {steps}"
     )
+
+
+def _search_line(cfg: StudyConfig) -> str:
+    """Sampler, pruner, budget, the confirmation round and the export's rule."""
     search = f"sampler `{cfg.sampler.name}`, pruner `{cfg.pruner.name}`, " + (
         f"{cfg.n_trials} trials" if cfg.n_trials is not None else f"until {cfg.timeout:g}s"
     )
@@ -108,15 +140,7 @@ def describe_study(cfg: StudyConfig, task_description: str | None = None) -> dic
             f", then a confirmation round (the top {cfg.select.confirm} configurations and plain "
             "fine-tuning again on fresh folds)"
         )
-    search += f"; the export's rule: `{cfg.select.rule}`"
-    return {
-        "Data": data,
-        "Model": model,
-        "Regularizer": reg,
-        "Search space": space,
-        "CV scheme": cv,
-        "Search": search,
-    }
+    return search + f"; the export's rule: `{cfg.select.rule}`"
 
 
 def study_note(cfg: StudyConfig, task_description: str | None = None) -> str:
