@@ -412,6 +412,30 @@ def load_task(cfg: DataConfig, *, cache_dir: Path | None = None) -> TransferTask
     if cfg.source is not None:
         source, _ = _read(cfg.source, "source", cfg.images, cache_dir, folders)
         source = Dataset(source.x, _relabel(source.y))
+    train, test = _target_splits(cfg, rng, cache_dir, folders)
+    norm = None
+    if folders:
+        source, train, test, norm = _scaled(cfg, source, train, test)
+    _check_shapes_and_classes(source, train, test, bool(folders))
+    if cache_dir is not None:
+        for images in folders:
+            save_to_cache(images, cache_dir)
+    return TransferTask(
+        source,
+        train,
+        test,
+        tuple(train.x.shape[1:]),
+        f"{'folders' if folders else 'files'}: {_name(cfg.source)} → {_name(cfg.target)}",
+        norm,
+    )
+
+
+def _target_splits(
+    cfg: DataConfig, rng: np.random.Generator, cache_dir: Path | None, folders: list[Images]
+) -> tuple[Dataset, Dataset]:
+    """The target's labelled training split (``data.shots`` per class) and its test split: the
+    given test file or folder, else a stratified ``data.test_fraction`` of the target."""
+    assert cfg.target is not None
     target, target_classes = _read(cfg.target, "target", cfg.images, cache_dir, folders)
     if cfg.target_test is not None:
         test, test_classes = _read(cfg.target_test, "target_test", cfg.images, cache_dir, folders)
@@ -429,19 +453,29 @@ def load_task(cfg: DataConfig, *, cache_dir: Path | None = None) -> TransferTask
         train, test = _stratified_split(target, cfg.test_fraction, rng)
     if cfg.shots:
         train, _ = _few_shot(train, cfg.shots, rng)
+    return train, test
 
-    # Scale the folders' images; the statistics come from the source, else the labelled target.
-    norm = None
-    if folders:
-        if isinstance(cfg.source, ImageFolderSource):
-            assert source is not None
-            norm = _normalization(cfg.images, "source", source)
-            source = _normalize(source, norm)
-        else:
-            norm = _normalization(cfg.images, "target", train)
-        if isinstance(cfg.target, ImageFolderSource):
-            train, test = _normalize(train, norm), _normalize(test, norm)
 
+def _scaled(
+    cfg: DataConfig, source: Dataset | None, train: Dataset, test: Dataset
+) -> tuple[Dataset | None, Dataset, Dataset, dict[str, Any]]:
+    """The folders' images scaled, with the statistics from the source when it is a folder, else
+    from the labelled target; the sets and the normalization."""
+    if isinstance(cfg.source, ImageFolderSource):
+        assert source is not None
+        norm = _normalization(cfg.images, "source", source)
+        source = _normalize(source, norm)
+    else:
+        norm = _normalization(cfg.images, "target", train)
+    if isinstance(cfg.target, ImageFolderSource):
+        train, test = _normalize(train, norm), _normalize(test, norm)
+    return source, train, test, norm
+
+
+def _check_shapes_and_classes(
+    source: Dataset | None, train: Dataset, test: Dataset, folders: bool
+) -> None:
+    """All sets hold samples of one shape; the source and the target have 2 classes or more."""
     parts = [("source", source), ("target", train), ("target test", test)]
     shapes = [(name, ds.x.shape[1:]) for name, ds in parts if ds is not None]
     if len({shape for _, shape in shapes}) > 1:
@@ -455,14 +489,3 @@ def load_task(cfg: DataConfig, *, cache_dir: Path | None = None) -> TransferTask
     for name, ds in (("source", source), ("target", train)):
         if ds is not None and ds.num_classes < 2:
             raise DataError(f"data.{name}: needs at least 2 classes, found {ds.num_classes}")
-    if cache_dir is not None:
-        for images in folders:
-            save_to_cache(images, cache_dir)
-    return TransferTask(
-        source,
-        train,
-        test,
-        tuple(train.x.shape[1:]),
-        f"{'folders' if folders else 'files'}: {_name(cfg.source)} → {_name(cfg.target)}",
-        norm,
-    )
