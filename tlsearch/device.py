@@ -1,56 +1,41 @@
-"""Device choice (CUDA when there is one, or the one a worker is pinned to, else the CPU) and the
-CPU threads of this process.
+"""Facts about this process's devices and cores, and the thread policy as a pure function.
 
-**Threads.** torch's CPU operations split over OpenMP threads that wait for each other at the end
-of each operation. On cores that nothing else uses, a second thread bought the default study 0-17 %
-(by machine); on a core another process keeps busy, the thread that waits for a descheduled one
-waits for the scheduler, and a study ran 11-32x slower beside any single-threaded job. So each
-process takes its share of the cores among its study's workers on this host, less the cores other
-processes keep busy (:func:`choose_threads`, measured by :class:`CpuMeter`), re-checked before each
-trial and between epochs (:class:`ThreadPolicy`, :func:`rebalance`); ``--threads``,
-``finetune.threads`` and ``OMP_NUM_THREADS`` fix the count instead. GPUs are unaffected.
+Device choice (:func:`resolve_device`: CUDA when there is one, or the one asked for, else the
+CPU); the cores this process may use (:func:`available_cores`: affinity and a container's CPU
+quota); how busy other processes keep them (:class:`CpuMeter`); and how many torch threads a
+process should take given those facts (:func:`choose_threads`).
+
+**Why a policy.** torch's CPU operations split over OpenMP threads that wait for each other at
+the end of each operation. On cores that nothing else uses, a second thread bought the default
+study 0-17 % (by machine); on a core another process keeps busy, the thread that waits for a
+descheduled one waits for the scheduler, and a study ran 11-32x slower beside any
+single-threaded job. So each process takes its share of the cores among its study's workers on
+this host, less the cores other processes keep busy; ``--threads``, ``finetune.threads`` and
+``OMP_NUM_THREADS`` fix the count instead. GPUs are unaffected. :mod:`tlsearch.threads` applies
+the policy: it alone sets the process's thread count.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
 import os
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 
 from tlsearch.errors import ConfigError
 
 __all__ = [
     "BUSY_TOLERANCE",
     "CpuMeter",
-    "HostWorkers",
-    "ThreadPolicy",
-    "as_lane",
     "available_cores",
     "choose_threads",
-    "claim_gpu",
     "cpu_quota",
-    "current_policy",
     "default_threads",
-    "rebalance",
+    "omp_env",
     "resolve_device",
-    "set_threads",
-    "thread_scope",
 ]
-
-_log = logging.getLogger(__name__)
-
-# Lock files this process holds for its lifetime; the OS releases them when it exits or is killed.
-_held: list[FileLock] = []
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -74,17 +59,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
                 "CUDA device(s) are visible"
             )
     return device
-
-
-def set_threads(threads: int | None) -> int:
-    """Use ``threads`` torch CPU threads in this process (0 or None: leave them); return the count.
-
-    Each process sets its count deliberately: small ops on many cores waste them, and workers side
-    by side must not oversubscribe the host.
-    """
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
 
 
 def available_cores() -> int:
@@ -238,155 +212,6 @@ class CpuMeter:
         return self._value
 
 
-class ThreadPolicy:
-    """This process's torch threads, set by :func:`choose_threads` and re-checked as it runs.
-
-    :meth:`apply` measures the load and sets the count (before each trial, and when pretraining
-    or ``final`` starts); :func:`rebalance`, which the training loops call between epochs, does
-    the same at most every :attr:`interval` seconds, so another job starting mid-trial costs at
-    most that long at the wrong count. Each change is logged with its reason.
-    """
-
-    def __init__(
-        self,
-        fixed: int | None = None,
-        workers: Callable[[], int] | None = None,
-        who: str = "",
-        interval: float = 1.0,
-    ) -> None:
-        self.fixed = fixed or None
-        self.workers = workers or (lambda: 1)
-        self.who = who or f"{socket.gethostname()}:{os.getpid()}"
-        self.interval = interval
-        self.meter = CpuMeter()
-        self._logged: tuple[int, int] | None = None
-
-    def apply(self) -> int:
-        """Set the thread count the policy chooses now; return it. Logged when the count or the
-        number of the study's workers on this host changes."""
-        workers = self.workers()
-        env = _omp_env()
-        busy = None if self.fixed or env else self.meter.busy()
-        threads, reason = choose_threads(
-            available_cores(), workers=workers, busy=busy, fixed=self.fixed, env=env
-        )
-        if threads != torch.get_num_threads():
-            set_threads(threads)
-        if (threads, workers) != self._logged:
-            _log.info("%s: %d thread(s) (%s)", self.who, threads, reason)
-            self._logged = (threads, workers)
-        return threads
-
-
-_policy: ThreadPolicy | None = None
-
-
-@contextmanager
-def thread_scope(policy: ThreadPolicy) -> Iterator[ThreadPolicy]:
-    """``policy`` is the one :func:`rebalance` applies in this process while the block runs."""
-    global _policy
-    previous, _policy = _policy, policy
-    try:
-        yield policy
-    finally:
-        _policy = previous
-
-
-def current_policy() -> ThreadPolicy | None:
-    return _policy
-
-
-def rebalance() -> None:
-    """Re-apply this process's thread policy if its interval has passed (no policy, or called in a
-    lane: nothing).
-
-    Cheap enough for every epoch: a clock read, and a ``/proc/stat`` read once per interval.
-    """
-    if getattr(_lane, "threads", None) is not None:
-        return  # the thread that started the lanes re-checks the policy, between their epochs
-    if _policy is not None and _policy.meter.seconds() >= _policy.interval:
-        _policy.apply()
-
-
-# Set in a lane: a thread that trains one of several runs beside the others
-# (tlsearch.training.lanes), with its own share of the process's threads.
-_lane = threading.local()
-
-
-def as_lane(threads: int) -> None:
-    """Make the calling thread a lane with ``threads`` torch threads (set before each epoch it
-    trains: part of the count is per thread, part process-wide). :func:`rebalance` does nothing
-    in it: the thread that started the lanes owns the policy, divides the cores it sets between
-    them and sets its own count back after each epoch."""
-    torch.set_num_threads(threads)
-    _lane.threads = threads
-
-
-def _omp_env() -> str | None:
+def omp_env() -> str | None:
+    """``OMP_NUM_THREADS`` as set for this process (None: unset or empty)."""
     return os.environ.get("OMP_NUM_THREADS") or None
-
-
-def claim_gpu(lock_dir: Path) -> int:
-    """A GPU for this worker when it may use any of several: the one fewest other workers hold.
-
-    Workers started side by side (``docker compose up --scale worker=4``, which gives every replica
-    every GPU; or several ``tlsearch worker`` on one host) each take a lock file per GPU in the
-    shared checkpoint cache: first one worker per GPU, then a second per GPU, and so on.
-    """
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    count = torch.cuda.device_count()
-    slots = [
-        (gpu, lock_dir / f"gpu{gpu}.worker{layer}.lock")
-        for layer in range(1024)
-        for gpu in range(count)
-    ]
-    taken = _take_first_free([path for _, path in slots])
-    if taken is None:
-        raise AssertionError(f"no GPU slot free among {count} GPUs x 1024 workers in {lock_dir}")
-    return next(gpu for gpu, path in slots if path == taken)
-
-
-def _take_first_free(paths: list[Path]) -> Path | None:
-    """Take the first of ``paths`` whose lock no process holds, for this process's lifetime."""
-    for path in paths:
-        lock = FileLock(str(path))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            continue
-        _held.append(lock)
-        return path
-    return None
-
-
-class HostWorkers:
-    """The workers of one study on this host, counted by a lock file each holds for its lifetime.
-
-    The OS releases a process's locks when it exits or is killed, so the count never includes a
-    dead worker. A lock taken momentarily by :meth:`count` to probe a slot makes a worker that
-    starts at that instant take the next slot instead; nothing else changes.
-    """
-
-    def __init__(self, locks: Path, study_name: str) -> None:
-        locks.mkdir(parents=True, exist_ok=True)
-        tag = hashlib.sha256(f"{socket.gethostname()}\0{study_name}".encode()).hexdigest()[:16]
-        self._paths = [locks / f"workers-{tag}.{slot}.lock" for slot in range(1024)]
-        own = _take_first_free(self._paths)
-        if own is None:
-            raise AssertionError(f"no worker slot free among 1024 in {locks}")
-        self.own = own
-
-    def count(self) -> int:
-        """Workers of the study alive on this host now, this one included."""
-        alive = 1
-        for path in self._paths:
-            if path == self.own or not path.exists():
-                continue
-            probe = FileLock(str(path))
-            try:
-                probe.acquire(timeout=0)
-            except Timeout:
-                alive += 1
-            else:
-                probe.release()
-        return alive

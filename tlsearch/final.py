@@ -65,7 +65,6 @@ import torch
 from tlsearch._io import atomic_write, write_json
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask
-from tlsearch.device import ThreadPolicy, thread_scope
 from tlsearch.errors import ConfigError, TlsearchError
 from tlsearch.export import BestConfig, final_paths, read_export
 from tlsearch.models import create_model
@@ -73,6 +72,7 @@ from tlsearch.params import BASELINES, TrialParams, baseline_params, format_para
 from tlsearch.pretrain import Checkpoint, load_checkpoint
 from tlsearch.stats import format_pp, mcnemar_exact, mean_se, paired_difference, wilson_interval
 from tlsearch.study import prepare
+from tlsearch.threads import ThreadPolicy, thread_scope
 from tlsearch.training import evaluate, finetune, to_tensors
 
 __all__ = [

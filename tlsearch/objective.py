@@ -1,14 +1,20 @@
-"""The k-fold objective: one trial fine-tunes on each fold of the target training split.
+"""The k-fold objective: one trial fine-tunes each fold of the target training split.
 
-After each fold the trial reports to Optuna (step = fold index) so a pruner can stop a bad trial before
-its last fold: the running mean of the fold scores for median/percentile pruners, or each fold's own score
-for :class:`optuna.pruners.WilcoxonPruner`, which runs a paired test over folds. Every trial uses the same
-folds and the same per-fold seeds, so trials differ only in their parameters.
+This module holds the folds and the trial's record; how the folds train (in turn or side by side,
+stacked, on the frozen-feature cache) and when the trial reports to the pruner is
+:mod:`tlsearch.training.schedule`'s.
 
-Two things make a trial cheap without changing its scores (beyond float rounding): the output of the
-frozen blocks on the target data is computed once per process and depth (``finetune.cache_frozen``),
-and the folds' models train together (``finetune.fold_batching``, see
-:func:`tlsearch.training.finetune_folds`).
+**Folds.** ``cv.k`` stratified folds, ``cv.repeats`` times, split anew each repeat; every trial
+uses the same folds, and fold f the same seed, so trials differ only in their parameters. The
+confirmation round's trials (:mod:`tlsearch.selection`) use :data:`CONFIRM_REPEATS` further
+repeats: fresh splits of the same images that the search never scored.
+
+**The trial's record** (:class:`TrialRecord`): each fold's score, loss and time, its learning
+curve and, for a complete trial, every image's out-of-fold evidence (:mod:`tlsearch.evidence`),
+written as the trial's user attributes; and what the trial reports to the pruner: by default
+(``pruner.steps = "epochs"``) every few epochs the CV metric of all its folds at that epoch;
+with ``"folds"`` after each fold its running mean (or, for
+:class:`optuna.pruners.WilcoxonPruner`, each fold's own value, a paired test over folds).
 """
 
 from __future__ import annotations
@@ -18,39 +24,37 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
+from typing import NoReturn, Protocol
 
 import numpy as np
 import optuna
 import torch
 from sklearn.model_selection import KFold, StratifiedKFold
-from torch import nn
 
 from tlsearch.config import StudyConfig
 from tlsearch.data import Dataset
-from tlsearch.device import set_threads
 from tlsearch.errors import ConfigError, DivergedError
 from tlsearch.evidence import CURVE_ATTR, OOF_ATTR, encode_curve, encode_oof
-from tlsearch.models import BlockNet, backbone_state, create_model
+from tlsearch.models import create_model
 from tlsearch.params import TrialParams, baseline_enqueue, baseline_params, suggest_params
-from tlsearch.samplers import first_prunable_fold, reports_fold_scores
 from tlsearch.stats import mean_se
 from tlsearch.storage import CONFIRM_ATTR
-from tlsearch.training import (
-    Lanes,
-    Recipe,
-    Run,
-    batchnorm_from,
-    channels_last,
-    fold_batchable,
-    fold_run,
-    folds_run,
-    predictions,
-    to_tensors,
-)
+from tlsearch.threads import set_threads
+from tlsearch.training import FrozenFeatures, Held, Recipe, Schedule, TrialFolds, to_tensors
 
-__all__ = ["CVMetric", "KFoldObjective", "check_folds", "enqueue_baselines", "split_seed"]
+__all__ = [
+    "CONFIRM_REPEATS",
+    "CVMetric",
+    "KFoldObjective",
+    "TrialRecord",
+    "check_folds",
+    "enqueue_baselines",
+    "make_folds",
+    "split_seed",
+]
+
+# Fresh repeats of k folds a confirmation trial is scored on (tlsearch.selection).
+CONFIRM_REPEATS = 1
 
 
 def check_folds(cfg: StudyConfig, train: Dataset) -> None:
@@ -68,20 +72,15 @@ def check_folds(cfg: StudyConfig, train: Dataset) -> None:
         raise ConfigError(f"cv.k: {cfg.cv.k} folds but only {len(train)} target training samples")
 
 
-# On the CPU, training the folds together pays only where a step is bound by per-op overhead, not
-# by arithmetic: it saves k-1 rounds of dispatch, but its batched matmuls and grouped convolutions
-# run slower in oneDNN than k plain ones. Measured on one thread (benchmarks/trial_speed.py):
-# 1.8-2.3x faster with up to 33K trained block parameters or the head alone, 0.6-0.9x with 200K or
-# with convolutions.
-_CPU_BATCH_MAX_PARAMS = 100_000
-
-
 class KFoldObjective:
     """Callable for :meth:`optuna.Study.optimize`: a trial's ``cv.metric`` over k·repeats folds.
 
-    User attributes of each trial: ``fold_scores``, ``fold_losses``, ``fold_seconds``, ``cv_mean``,
-    ``cv_std`` and ``seconds``; a pruned trial also has ``pruned_after_folds`` and, when its loss
-    diverged, ``fail_reason``.
+    User attributes of each trial (:class:`TrialRecord`): ``resolved_params`` (everything it
+    trained with), ``fold_scores``, ``fold_losses``, ``fold_seconds``, ``seconds`` and ``curve``
+    (each fold's held-out loss and accuracy every few epochs); a complete trial also ``oof`` (each
+    image's out-of-fold evidence), ``cv_mean``, ``cv_std``, ``cv_loss`` and ``cv_se`` (the
+    standard error of its value); a pruned trial ``pruned_at_epoch`` or ``pruned_after_folds``,
+    and, when its loss diverged, ``fail_reason``.
     """
 
     def __init__(
@@ -100,20 +99,7 @@ class KFoldObjective:
         self.num_classes = num_classes
         self.pretrained = {k: v.to(device) for k, v in pretrained.items()}
         self.x, self.y = to_tensors(train.x, train.y, device)
-        # Repeated k-fold: repeat 0 splits as cv.seed alone did before repeats; each further
-        # repeat splits anew. Every trial gets these same folds, and fold f its seed. The
-        # confirmation round's trials use the next repeat's folds: fresh splits of the same
-        # images, which the search never scored (tlsearch.selection).
-        features = train.x.reshape(len(train), -1)
-        self.folds = []
-        for repeat in range(cfg.cv.repeats + CONFIRM_REPEATS):
-            splitter = (StratifiedKFold if cfg.cv.stratified else KFold)(
-                n_splits=cfg.cv.k, shuffle=True, random_state=split_seed(cfg.cv.seed, repeat)
-            )
-            self.folds += [
-                (torch.from_numpy(tr).to(device), torch.from_numpy(va).to(device))
-                for tr, va in splitter.split(features, train.y)
-            ]
+        self.folds = make_folds(cfg, train, device)
         self.seeds = [cfg.cv.seed * 1000 + fold for fold in range(len(self.folds))]
         search = cfg.cv.k * cfg.cv.repeats
         # Fold indices of a search trial and of a confirmation trial.
@@ -121,90 +107,12 @@ class KFoldObjective:
         self.fresh_folds = list(range(search, len(self.folds)))
         self.metric = CVMetric(cfg.cv.metric, [len(va) for _, va in self.folds[:search]])
         self._scratch: dict[str, torch.Tensor] | None = None
-        self.report_folds = reports_fold_scores(cfg)
-        # pruner.steps: report after each fold, or every few epochs with the folds side by side.
-        self.by_epoch = cfg.pruner.by_epoch
-        # The pretrained blocks in eval mode, for the frozen features (no head, no gradients).
-        self._source = _pretrained_blocks(cfg, self.pretrained, input_shape, num_classes)
-        self._frozen_features: dict[int, torch.Tensor] = {}
+        features = FrozenFeatures(cfg, self.pretrained, input_shape, num_classes, self.x)
+        self.schedule = Schedule(cfg, features, self.y)
 
     def frozen_features(self, depth: int) -> torch.Tensor:
-        """Output of the first ``depth`` pretrained blocks on the target training split.
-
-        Frozen blocks run in eval mode (no dropout, fixed BatchNorm statistics), so this depends only on
-        the checkpoint, the depth and the data: it is computed once per process and depth.
-        """
-        if depth == 0:
-            return self.x
-        if depth not in self._frozen_features:
-            with torch.no_grad():
-                self._frozen_features[depth] = self._source.features(self.x, stop=depth)
-        return self._frozen_features[depth]
-
-    def fold_groups(
-        self, params: TrialParams, folds: Sequence[int] | None = None
-    ) -> list[list[int]]:
-        """Which of ``folds`` (default: the search's) train together (``finetune.fold_batching``),
-        in fold order.
-
-        Folds are batched when they are equally large, the trained blocks hold no BatchNorm or
-        dropout (:func:`~tlsearch.training.fold_batchable`) and, on the CPU, a step is cheap enough
-        for batching to pay (see ``_CPU_BATCH_MAX_PARAMS``). Only the search's folds the pruner
-        cannot skip are batched; the rest train one at a time, so batching never spends a fold fit
-        that pruning would have saved. The confirmation round's are never pruned.
-        """
-        folds = list(self.search_folds if folds is None else folds)
-        singles = [[fold] for fold in folds]
-        sizes = {len(self.folds[fold][0]) for fold in folds}
-        if self.cfg.finetune.fold_batching == "off" or len(sizes) > 1:
-            return singles
-        if not fold_batchable(self._source, params.frozen_blocks):
-            return singles
-        trained = self._source.blocks[params.frozen_blocks :]
-        conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in trained.modules())
-        size = sum(p.numel() for p in trained.parameters())
-        if self.x.device.type == "cpu" and (conv or size > _CPU_BATCH_MAX_PARAMS):
-            return singles
-        if folds != self.search_folds or self.by_epoch:
-            return [folds]  # no fold is skipped: a pruner stops all of them, or none
-        first = min(first_prunable_fold(self.cfg), len(folds) - 1)
-        return [folds[: first + 1]] + singles[first + 1 :]
-
-    def _run(
-        self,
-        init: Mapping[str, torch.Tensor],
-        params: TrialParams,
-        x: torch.Tensor,
-        start: int,
-        group: list[int],
-    ) -> Run:
-        """The folds of ``group`` at their start, to train epoch by epoch (one model, or the
-        group's stacked)."""
-        recipe = Recipe(init, self.cfg, params, self.num_classes, self.input_shape)
-        if len(group) == 1:
-            (fold,) = group
-            tr = self.folds[fold][0]
-            return fold_run(recipe, x[tr], self.y[tr], self.seeds[fold], start=start)
-        train = torch.stack([self.folds[fold][0] for fold in group])
-        seeds = [self.seeds[fold] for fold in group]
-        return folds_run(recipe, x[train], self.y[train], seeds, start=start)
-
-    def _held_out(
-        self, run: Run, group: list[int], x: torch.Tensor, start: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each fold of ``group``: its held-out samples' losses and correctness now; before the
-        last epoch with the BatchNorm statistics of its training images
-        (:func:`~tlsearch.training.batchnorm_from`), at the last as the fold is scored."""
-        val = [self.folds[fold][1] for fold in group]
-        if len(group) == 1:
-            (tr, va), model = self.folds[group[0]], run.model
-            last = run.epoch == self.cfg.finetune.epochs
-            with nullcontext() if last else batchnorm_from(model, x[tr], start=start):
-                return [predictions(model, x[va], self.y[va], start=start)]
-        # Folds stacked together hold no BatchNorm (fold_batchable).
-        xv, yv = torch.stack([x[va] for va in val]), torch.stack([self.y[va] for va in val])
-        ce, right = predictions(run.model, xv, yv, start=start, stacked=True)
-        return list(zip(ce, right, strict=True))
+        """The target training split as it enters block ``depth`` (the frozen-feature cache)."""
+        return self.schedule.features.at(depth)
 
     def scratch_init(self) -> dict[str, torch.Tensor]:
         """A random init of the model, for the ``scratch`` baseline: what fine-tuning starts from
@@ -233,132 +141,59 @@ class KFoldObjective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         params, baseline = self.trial_params(trial)
-        init = self.scratch_init() if baseline == "scratch" else self.pretrained
         trial.set_user_attr("resolved_params", params.to_dict())
         # A confirmation trial: the same settings on fresh folds, never pruned, reporting nothing
         # a pruner could compare with the search's trials.
         fresh = trial.user_attrs.get(CONFIRM_ATTR) is not None
         folds = self.fresh_folds if fresh else self.search_folds
-        record = _Record(trial, len(self.y), len(folds) // self.cfg.cv.k, folds)
-        # From a random init nothing is frozen-and-cached: the baseline freezes nothing.
-        cached = self.cfg.finetune.cache_frozen and baseline != "scratch"
-        start = params.frozen_blocks if cached else 0
-        x = self.frozen_features(start)
-        groups = self.fold_groups(params, folds)
         # Baselines are what the search is measured against: they report, and always finish.
         pruner = None if fresh else (trial if baseline is None else _Reporter(trial))
-        job = _Fit(init, params, x, start, groups, record, pruner)
-        models = self._side_by_side(job) if self.by_epoch else self._fold_after_fold(job)
-        record.write(complete=True)
-        scores, losses = record.scores, record.losses
-        trial.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
-        trial.set_user_attr("cv_std", statistics.pstdev(scores))
-        trial.set_user_attr("cv_loss", round(statistics.fmean(losses), 12))
-        trial.set_user_attr("cv_se", self.metric.standard_error(scores, losses))
+        val = [self.folds[fold][1] for fold in folds]
+        record = TrialRecord(trial, len(self.y), val, self.cfg.cv.k, self.metric, pruner)
+        init = self.scratch_init() if baseline == "scratch" else self.pretrained
+        recipe = Recipe(init, self.cfg, params, self.num_classes, self.input_shape)
+        plan = TrialFolds(
+            recipe,
+            [self.folds[fold] for fold in folds],
+            [self.seeds[fold] for fold in folds],
+            # From a random init nothing is frozen-and-cached: the baseline freezes nothing.
+            cached=baseline != "scratch",
+            search=not fresh,
+        )
+        models = self.schedule.run(plan, record)
         assert len(models) == len(folds), (len(models), len(folds))
-        return self.metric.value(scores, losses)
+        return record.complete()
 
-    def _fold_after_fold(self, job: _Fit) -> dict[int, BlockNet]:
-        """``pruner.steps = "folds"``: each fold (or batched group) trains to the end in turn;
-        after each fold the trial reports (step = fold) and the pruner may stop it."""
-        x, start, groups, record, pruner = job.x, job.start, job.groups, job.record, job.pruner
-        fitted: dict[int, BlockNet | DivergedError] = {}
-        models: dict[int, BlockNet] = {}
-        folds = [fold for group in groups for fold in group]
-        pending = iter(groups)
-        share = 0.0
-        for i, fold in enumerate(folds):
-            if fold not in fitted:
-                t_fit = time.perf_counter()
-                group = next(pending)
-                run = self._run(job.init, job.params, x, start, group)
-                while run.step():
-                    if _evaluated(run.epoch, self.cfg.finetune.epochs):
-                        record.curve(group, run.epoch, self._held_out(run, group, x, start))
-                fitted = dict(zip(group, run.results(), strict=True))
-                # Folds trained together share their training time evenly.
-                share = (time.perf_counter() - t_fit) / len(group)
-            model = _trained(fitted[fold], i, record)
-            acc, loss = self._score(record, fold, model, x, start, share)
-            models[fold] = model
-            if pruner is None:
-                continue
-            # What the pruner compares: this fold's value (Wilcoxon) or the running mean.
-            step = self.metric.value([acc], [loss]) if self.report_folds else None
-            pruner.report(
-                step if step is not None else self.metric.value(record.scores, record.losses), i
-            )
-            if i < len(folds) - 1 and pruner.should_prune():
-                record.write()
-                pruner.set_user_attr("pruned_after_folds", i + 1)
-                raise optuna.TrialPruned(f"pruned after fold {i}")
-        return models
 
-    def _side_by_side(self, job: _Fit) -> dict[int, BlockNet]:
-        """``pruner.steps = "epochs"``: the folds train side by side (on threads where they can,
-        :class:`~tlsearch.training.Lanes`); every :data:`CURVE_EVERY` epochs the trial reports the
-        CV metric of all its folds at that epoch (step = epoch) and the pruner may stop it, having
-        trained every fold that far."""
-        x, start, groups, record = job.x, job.start, job.groups, job.record
-        t0 = time.perf_counter()
-        runs = [(group, self._run(job.init, job.params, x, start, group)) for group in groups]
-        last, epoch = self.cfg.finetune.epochs, 0
-        with Lanes([run for _, run in runs]) as lanes:
-            # To the next epoch on the curve: the folds train side by side where they can.
-            while lanes.advance(min(CURVE_EVERY - epoch % CURVE_EVERY, max(1, last - epoch))):
-                epoch = runs[0][1].epoch
-                self._at_epoch(job, runs, epoch)
-        share = (time.perf_counter() - t0) / sum(len(g) for g in groups)
-        fitted = {f: m for group, run in runs for f, m in zip(group, run.results(), strict=True)}
-        models = {}
-        for i, fold in enumerate(f for group in groups for f in group):
-            models[fold] = _trained(fitted[fold], i, record)
-            self._score(record, fold, models[fold], x, start, share)
-        return models
+def make_folds(
+    cfg: StudyConfig, train: Dataset, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every fold's training and held-out indices: ``cv.repeats`` repeats of ``cv.k`` folds for
+    the search, then :data:`CONFIRM_REPEATS` for the confirmation round.
 
-    def _at_epoch(self, job: _Fit, runs: list[tuple[list[int], Run]], epoch: int) -> None:
-        """A point of every fold's curve; the trial reports the CV metric of all its folds at
-        ``epoch`` (step = epoch) and the pruner may stop it."""
-        x, start, record, pruner = job.x, job.start, job.record, job.pruner
-        now = [
-            (fold, *held)
-            for group, run in runs
-            for fold, held in zip(group, self._held_out(run, group, x, start), strict=True)
+    Repeat 0 splits as ``cv.seed`` alone did before repeats existed; each further repeat splits
+    anew (:func:`split_seed`). The confirmation round's trials use the next repeat's folds: fresh
+    splits of the same images, which the search never scored (:mod:`tlsearch.selection`).
+    """
+    features = train.x.reshape(len(train), -1)
+    folds = []
+    for repeat in range(cfg.cv.repeats + CONFIRM_REPEATS):
+        splitter = (StratifiedKFold if cfg.cv.stratified else KFold)(
+            n_splits=cfg.cv.k, shuffle=True, random_state=split_seed(cfg.cv.seed, repeat)
+        )
+        folds += [
+            (torch.from_numpy(tr).to(device), torch.from_numpy(va).to(device))
+            for tr, va in splitter.split(features, train.y)
         ]
-        record.curve([f for f, _, _ in now], epoch, [(c, r) for _, c, r in now])
-        if pruner is None:
-            return
-        accs = [int(r.sum()) / len(r) for _, _, r in now]
-        losses = [float(c.sum()) / len(c) for _, c, _ in now]
-        pruner.report(self.metric.value(accs, losses), epoch)
-        if epoch < self.cfg.finetune.epochs and pruner.should_prune():
-            record.write()
-            pruner.set_user_attr("pruned_at_epoch", epoch)
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-
-    def _score(
-        self, record: _Record, fold: int, model: BlockNet, x: torch.Tensor, start: int, fit: float
-    ) -> tuple[float, float]:
-        """Step 6 for one fold: its held-out images scored and recorded; accuracy and loss."""
-        t_eval = time.perf_counter()
-        va = self.folds[fold][1]
-        ce, right = predictions(model, x[va], self.y[va], start=start)
-        return record.fold(fold, va, ce, right, fit + time.perf_counter() - t_eval)
+    return folds
 
 
-def _evaluated(epoch: int, last: int) -> bool:
-    """Whether a fold's held-out images are scored after this epoch (its learning curve)."""
-    return epoch % CURVE_EVERY == 0 or epoch == last
+class Pruner(Protocol):
+    """What a trial reports to: the trial itself, or a baseline's :class:`_Reporter`."""
 
+    def report(self, value: float, step: int) -> None: ...
 
-def _trained(result: BlockNet | DivergedError, i: int, record: _Record) -> BlockNet:
-    """The fold's trained model; a divergence ends the trial, pruned with its reason."""
-    if isinstance(result, DivergedError):
-        record.write()
-        reason = f"fold {i}: {result}"
-        record.trial.set_user_attr("fail_reason", reason)
-        raise optuna.TrialPruned(reason)
-    return result
+    def should_prune(self) -> bool: ...
 
 
 class _Reporter:
@@ -375,76 +210,78 @@ class _Reporter:
         self.trial.should_prune()  # records its value at a successive-halving rung
         return False
 
-    def set_user_attr(self, key: str, value: object) -> None:
-        self.trial.set_user_attr(key, value)
 
+class TrialRecord:
+    """What one trial writes as it goes, and what it tells its pruner: the
+    :class:`~tlsearch.training.schedule.Watch` of its folds.
 
-@dataclass(frozen=True)
-class _Fit:
-    """What one trial trains: from ``init`` with ``params`` on ``x`` (its blocks from ``start``),
-    the fold ``groups`` in order, writing to ``record`` and reporting to ``pruner`` (None: never)."""
-
-    init: Mapping[str, torch.Tensor]
-    params: TrialParams
-    x: torch.Tensor
-    start: int
-    groups: list[list[int]]
-    record: _Record
-    pruner: optuna.Trial | None
-
-
-# Fresh repeats of k folds a confirmation trial is scored on (tlsearch.selection).
-CONFIRM_REPEATS = 1
-# Epochs between two points of a fold's learning curve (its held-out loss and accuracy); the last
-# epoch is always one. A few held-out images, evaluated twelve times in 60 epochs: cheap.
-CURVE_EVERY = 5
-
-
-class _Record:
-    """What one trial writes as it goes: each fold's score, loss and time, its learning curve and,
-    for a complete trial, every image's out-of-fold evidence (:mod:`tlsearch.evidence`).
-
-    ``folds`` are the objective's fold indices the trial trains, ``repeats`` of k each, in order.
+    ``val`` holds the held-out indices of the trial's folds, in order, ``k`` per repeat;
+    ``pruner`` is None for a trial nothing may stop and that reports nothing.
     """
 
     def __init__(
-        self, trial: optuna.Trial, images: int, repeats: int, folds: Sequence[int]
+        self,
+        trial: optuna.Trial,
+        images: int,
+        val: Sequence[torch.Tensor],
+        k: int,
+        metric: CVMetric,
+        pruner: Pruner | None,
     ) -> None:
         self.trial = trial
+        self.metric = metric
+        self.pruner = pruner
         self.t0 = time.perf_counter()
         self.scores: list[float] = []
         self.losses: list[float] = []
         self.seconds: list[float] = []
-        self.position = {fold: i for i, fold in enumerate(folds)}
-        self.k = len(folds) // repeats
+        self.val = list(val)
+        self.k = k
+        repeats = len(self.val) // k
         self.p_true = np.zeros((repeats, images))
         self.correct = np.zeros((repeats, images), dtype=bool)
         self.epochs: list[int] = []
-        self.curve_loss: list[list[float]] = [[] for _ in folds]
-        self.curve_accuracy: list[list[float]] = [[] for _ in folds]
+        self.curve_loss: list[list[float]] = [[] for _ in self.val]
+        self.curve_accuracy: list[list[float]] = [[] for _ in self.val]
 
-    def curve(
-        self, folds: list[int], epoch: int, held: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> None:
+    def curve(self, folds: Sequence[int], epoch: int, held: Sequence[Held]) -> None:
         """Each of ``folds``' held-out loss and accuracy at ``epoch``: a point of its curve."""
         if epoch not in self.epochs:
             self.epochs.append(epoch)
         for fold, (ce, right) in zip(folds, held, strict=True):
-            self.curve_loss[self.position[fold]].append(float(ce.sum()) / len(ce))
-            self.curve_accuracy[self.position[fold]].append(int(right.sum()) / len(right))
+            self.curve_loss[fold].append(float(ce.sum()) / len(ce))
+            self.curve_accuracy[fold].append(int(right.sum()) / len(right))
 
-    def fold(
-        self, fold: int, va: torch.Tensor, ce: torch.Tensor, right: torch.Tensor, seconds: float
-    ) -> tuple[float, float]:
-        """Note a fold's held-out predictions; its accuracy and mean loss."""
-        repeat, rows = self.position[fold] // self.k, va.cpu().numpy()
+    def scored(self, fold: int, held: Held, seconds: float) -> None:
+        """Note a fold's held-out predictions: its accuracy, mean loss and each image's evidence."""
+        ce, right = held
+        repeat, rows = fold // self.k, self.val[fold].cpu().numpy()
         self.p_true[repeat, rows] = torch.exp(-ce).double().cpu().numpy()
         self.correct[repeat, rows] = right.cpu().numpy()
-        acc, loss = int(right.sum()) / len(right), float(ce.sum()) / len(ce)
+        acc, loss = _accuracy_and_loss(held)
         self.scores.append(acc)
         self.losses.append(loss)
         self.seconds.append(round(seconds, 3))
-        return acc, loss
+
+    def report(self, held: Sequence[Held], step: int) -> None:
+        if self.pruner is not None:
+            accs, losses = zip(*map(_accuracy_and_loss, held), strict=True)
+            self.pruner.report(self.metric.value(accs, losses), step)
+
+    def should_stop(self) -> bool:
+        return self.pruner is not None and self.pruner.should_prune()
+
+    def stop(self, why: str, attr: str, value: int) -> NoReturn:
+        self.write()
+        self.trial.set_user_attr(attr, value)
+        raise optuna.TrialPruned(why)
+
+    def diverged(self, fold: int, error: DivergedError) -> NoReturn:
+        """A divergence ends the trial, pruned with its reason."""
+        self.write()
+        reason = f"fold {fold}: {error}"
+        self.trial.set_user_attr("fail_reason", reason)
+        raise optuna.TrialPruned(reason)
 
     def write(self, complete: bool = False) -> None:
         t = self.trial
@@ -457,6 +294,21 @@ class _Record:
         )
         if complete:
             t.set_user_attr(OOF_ATTR, encode_oof(self.p_true, self.correct))
+
+    def complete(self) -> float:
+        """Write the complete trial and its CV summary; its value (``cv.metric``)."""
+        self.write(complete=True)
+        scores, losses, t = self.scores, self.losses, self.trial
+        t.set_user_attr("cv_mean", round(statistics.fmean(scores), 12))
+        t.set_user_attr("cv_std", statistics.pstdev(scores))
+        t.set_user_attr("cv_loss", round(statistics.fmean(losses), 12))
+        t.set_user_attr("cv_se", self.metric.standard_error(scores, losses))
+        return self.metric.value(scores, losses)
+
+
+def _accuracy_and_loss(held: Held) -> tuple[float, float]:
+    ce, right = held
+    return int(right.sum()) / len(right), float(ce.sum()) / len(ce)
 
 
 def split_seed(seed: int, repeat: int) -> int:
@@ -516,16 +368,3 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
         study.enqueue_trial(
             baseline_enqueue(cfg, name), user_attrs={"baseline": name}, skip_if_exists=False
         )
-
-
-def _pretrained_blocks(
-    cfg: StudyConfig,
-    pretrained: Mapping[str, torch.Tensor],
-    input_shape: tuple[int, ...],
-    num_classes: int,
-) -> BlockNet:
-    """The pretrained blocks in eval mode; built on the meta device, so no random draw is spent."""
-    with torch.device("meta"):
-        model = create_model(cfg.model, input_shape, num_classes)
-    model.load_state_dict(backbone_state(pretrained, cfg.model), strict=False, assign=True)
-    return channels_last(model).eval().requires_grad_(False)

@@ -34,10 +34,10 @@ from filelock import FileLock
 from tlsearch._io import atomic_write, sha256_file
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask
-from tlsearch.device import current_policy, rebalance
 from tlsearch.errors import CheckpointError, ConfigError
 from tlsearch.models import HEAD, create_model
 from tlsearch.registry import MODELS
+from tlsearch.threads import current_policy, rebalance
 from tlsearch.training import evaluate, minibatches, to_tensors
 
 __all__ = [

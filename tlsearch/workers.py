@@ -52,8 +52,9 @@ import torch
 from tlsearch._io import sha256_file
 from tlsearch.config import StudyConfig
 from tlsearch.data import TransferTask, load_task
-from tlsearch.device import ThreadPolicy, claim_gpu, resolve_device, thread_scope
+from tlsearch.device import resolve_device
 from tlsearch.errors import CheckpointError, ConfigError, StorageError
+from tlsearch.hosts import claim_gpu
 from tlsearch.logs import guarded, quiet_optuna, setup_logging
 from tlsearch.objective import check_folds
 from tlsearch.pretrain import (
@@ -97,6 +98,7 @@ from tlsearch.study import (
     threads_per_trial,
     worker_attrs,
 )
+from tlsearch.threads import ThreadPolicy, thread_scope
 
 __all__ = [
     "WorkerExit",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tlsearch.models.blocknet import BlockNet, cnn, mlp
-from tlsearch.models.stacked import per_fold, stack_models
+from tlsearch.models.stacked import fold_batchable, per_fold, stack_models
 from tlsearch.registry import MODELS
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ __all__ = [
     "backbone_state",
     "cnn",
     "create_model",
+    "fold_batchable",
     "mlp",
     "per_fold",
     "stack_models",

@@ -2,8 +2,9 @@
 
 :func:`stack_models` builds the stacked model; :func:`per_fold` runs any function of a model and an
 input for every fold at once (``torch.func.vmap`` over ``functional_call``). Used by the folds
-trained together (:mod:`tlsearch.training.together`), their evaluation, and DELTA's channel
-attention (:mod:`tlsearch.regularizers.delta`).
+trained together (:class:`tlsearch.training.trainer.Trainer` with several seeds), their
+evaluation, and DELTA's channel attention (:mod:`tlsearch.regularizers.delta`).
+:func:`fold_batchable` says whether a model's trained blocks can be stacked so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,23 @@ from torch import nn
 
 from tlsearch.models.blocknet import BlockNet
 
-__all__ = ["per_fold", "stack_models"]
+__all__ = ["fold_batchable", "per_fold", "stack_models"]
+
+
+def fold_batchable(model: BlockNet, frozen_blocks: int) -> bool:
+    """Whether the blocks after the first ``frozen_blocks`` are free of BatchNorm and dropout.
+
+    Those are what stacked folds cannot train: BatchNorm updates running statistics in place and
+    dropout draws from the global random stream, which a vmap over folds does not reproduce.
+    Frozen blocks run in eval mode and do not count.
+    """
+    for block in model.blocks[frozen_blocks:]:
+        for m in block.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                return False
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                return False
+    return True
 
 
 def stack_models(models: Sequence[BlockNet]) -> BlockNet:

@@ -27,7 +27,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.config import StudyConfig
-from tlsearch.device import thread_scope
 from tlsearch.selection import Pool, baseline_of, confirmation_candidates
 from tlsearch.storage import (
     BUDGET_STATES,
@@ -43,6 +42,7 @@ from tlsearch.storage import (
 from tlsearch.study import setup
 from tlsearch.study.progress import ProgressPrinter
 from tlsearch.study.stop import Interrupted, StopFlag
+from tlsearch.threads import thread_scope
 
 __all__ = [
     "STORAGE_PATIENCE",

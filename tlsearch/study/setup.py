@@ -21,14 +21,9 @@ from tlsearch._version import __version__
 from tlsearch.config import StudyConfig, adopt_stored
 from tlsearch.dashboard import write_study_note
 from tlsearch.data import TransferTask, load_task
-from tlsearch.device import (
-    HostWorkers,
-    ThreadPolicy,
-    current_policy,
-    resolve_device,
-    thread_scope,
-)
+from tlsearch.device import resolve_device
 from tlsearch.errors import ConfigError
+from tlsearch.hosts import HostWorkers
 from tlsearch.objective import KFoldObjective, check_folds, enqueue_baselines
 from tlsearch.pretrain import (
     Checkpoint,
@@ -59,6 +54,7 @@ from tlsearch.storage import (
     storage_location,
     store_checkpoint,
 )
+from tlsearch.threads import ThreadPolicy, current_policy, thread_scope
 
 __all__ = [
     "StudyContext",
@@ -239,7 +235,7 @@ def thread_policy(
     cfg: StudyConfig, study_name: str, threads: int | None = None, who: str = ""
 ) -> ThreadPolicy:
     """This process's CPU thread policy for the study (run it under
-    :func:`tlsearch.device.thread_scope`).
+    :func:`tlsearch.threads.thread_scope`).
 
     ``threads`` (``--threads``), else ``finetune.threads``, fixes the count; ``OMP_NUM_THREADS``
     does when neither is set. Otherwise each process running the study's trials on this host
@@ -266,7 +262,7 @@ def threads_per_trial(
     objective: Callable[[optuna.Trial], float], policy: ThreadPolicy
 ) -> Callable[[optuna.Trial], float]:
     """``objective`` with the thread count ``policy`` chooses set before each trial (and
-    re-checked between its epochs, :func:`tlsearch.device.rebalance`)."""
+    re-checked between its epochs, :func:`tlsearch.threads.rebalance`)."""
 
     def run(trial: optuna.Trial) -> float:
         policy.apply()

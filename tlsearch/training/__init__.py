@@ -1,37 +1,52 @@
-"""Fine-tuning: one fold top to bottom (:mod:`~tlsearch.training.fold`), the folds of a trial
-trained together (:mod:`~tlsearch.training.together`) or side by side on threads
-(:mod:`~tlsearch.training.lanes`), and the optimizer step they share."""
+"""Fine-tuning: one fold top to bottom (:mod:`~tlsearch.training.trainer`), how a trial's folds
+train (:mod:`~tlsearch.training.schedule`: in turn, stacked, side by side on threads with
+:mod:`~tlsearch.training.lanes`), their evaluation (:mod:`~tlsearch.training.evaluate`), a run's
+own random stream (:mod:`~tlsearch.training.rng`) and the fused Adam step
+(:mod:`~tlsearch.training.adam`)."""
 
-from tlsearch.training.fold import (
+from tlsearch.training.evaluate import Held, batchnorm_from, evaluate, predictions
+from tlsearch.training.lanes import Lanes
+from tlsearch.training.schedule import (
+    CURVE_EVERY,
+    Schedule,
+    TrialFolds,
+    Watch,
+    finetune,
+    finetune_folds,
+    train_to_end,
+)
+from tlsearch.training.trainer import (
+    FoldJob,
+    FrozenFeatures,
     Recipe,
-    Run,
-    batchnorm_from,
+    Trainer,
     block_outputs,
     channels_last,
-    evaluate,
-    finetune,
-    fold_run,
     minibatches,
-    predictions,
+    start_model,
     to_tensors,
 )
-from tlsearch.training.lanes import Lanes
-from tlsearch.training.together import finetune_folds, fold_batchable, folds_run
 
 __all__ = [
+    "CURVE_EVERY",
+    "FoldJob",
+    "FrozenFeatures",
+    "Held",
     "Lanes",
     "Recipe",
-    "Run",
+    "Schedule",
+    "Trainer",
+    "TrialFolds",
+    "Watch",
     "batchnorm_from",
     "block_outputs",
     "channels_last",
     "evaluate",
     "finetune",
     "finetune_folds",
-    "fold_batchable",
-    "fold_run",
-    "folds_run",
     "minibatches",
     "predictions",
+    "start_model",
     "to_tensors",
+    "train_to_end",
 ]

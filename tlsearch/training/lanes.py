@@ -1,18 +1,20 @@
-"""Several runs (a trial's folds) advanced one epoch at a time, side by side on the process's cores.
+"""Several trainers (a trial's folds) advanced one epoch at a time, side by side on the process's
+cores: the mechanics of :mod:`tlsearch.training.schedule`'s side-by-side folds.
 
 A few-label fold is a small model on a small batch: its operations are too short for torch's
-threads to share (on 2 cores a second thread bought the default study's epochs ~0-25 %), while two
-folds on a thread each train in ~0.6 of the time of one after the other (``benchmarks/
-trial_speed.py``). So with ``c`` CPU threads allowed (the thread policy's count,
-:mod:`tlsearch.device`) and ``n`` runs, ``min(c, n)`` lanes each train a share of the runs with
-``c // lanes`` threads of their own; every run still trains exactly as it would alone, on its own
-model, data and minibatch generator.
+threads to share (on 2 cores a second thread bought the default study's small convolutions
+nothing: 35.3 against 35.9 s), while two folds on a thread each train in ~0.6 of the time of one
+after the other (``benchmarks/trial_speed.py``). So with ``c`` CPU threads allowed (the thread
+policy's count, :mod:`tlsearch.threads`) and ``n`` trainers, ``min(c, n)`` lanes each train a share
+of them with ``c // lanes`` threads of their own; every fold still trains exactly as it would
+alone, on its own model, data and minibatch generator.
 
-Lanes run only what is safe to run on threads: CPU models (a GPU keeps its runs in turn, on one
-stream) whose first epoch drew nothing from torch's global random stream (:attr:`Run.draws`; a
-model with dropout draws its masks there, and runs that take turns keep that stream apart, which
-threads could not). Such runs, runs whose first epoch took under :data:`MIN_SECONDS`, and a
-process with one thread advance in turn as before.
+Lanes run only what is safe to run on threads: CPU models (a GPU keeps its folds in turn, on one
+stream) whose first epoch drew nothing from torch's global random stream
+(:attr:`Trainer.draws <tlsearch.training.trainer.Trainer.draws>`; a model with dropout draws its
+masks there, and trainers that take turns keep that stream apart, which threads could not). Such
+trainers, trainers whose first epoch took under :data:`MIN_SECONDS`, and a process with one thread
+advance in turn.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from types import TracebackType
 
 import torch
 
-from tlsearch.device import as_lane, rebalance
-from tlsearch.training.fold import Run
+from tlsearch.threads import as_lane, set_threads
+from tlsearch.training.trainer import Trainer
 
 __all__ = ["Lanes"]
 
@@ -38,20 +40,23 @@ MIN_SECONDS = 0.002
 
 
 class Lanes:
-    """Advances ``runs`` a few epochs each per :meth:`advance`; a context manager (its threads end
-    with the block)."""
+    """Advances ``trainers`` a few epochs each per :meth:`advance`; a context manager (its threads
+    end with the block)."""
 
     def __init__(
-        self, runs: Sequence[Run], cores: int | None = None, min_seconds: float = MIN_SECONDS
+        self,
+        trainers: Sequence[Trainer],
+        cores: int | None = None,
+        min_seconds: float = MIN_SECONDS,
     ) -> None:
-        self.runs = list(runs)
+        self.runs = list(trainers)
         # The threads to divide (None: this thread's torch count, which the policy sets).
         self.cores = cores
         self.min_seconds = min_seconds
         self._small = False  # the first epochs were too short for lanes to pay
         self._pool: ThreadPoolExecutor | None = None
         self._width = 0
-        self._cpu = all(next(r.model.parameters()).device.type == "cpu" for r in self.runs)
+        self._cpu = all(r.device.type == "cpu" for r in self.runs)
 
     def __enter__(self) -> Lanes:
         return self
@@ -70,20 +75,19 @@ class Lanes:
             self._pool = None
 
     def lanes(self) -> int:
-        """How many runs train at once now (1: in turn)."""
+        """How many trainers train at once now (1: in turn)."""
         if not self._cpu or self._small or any(r.draws is not False for r in self.runs):
             return 1
         return max(1, min(self.cores or torch.get_num_threads(), len(self.runs)))
 
     def advance(self, epochs: int = 1) -> bool:
-        """Train every run ``epochs`` more epochs; False when any had none left or diverged (a
+        """Train every trainer ``epochs`` more epochs; False when any had none left or diverged (a
         divergence stops the others, which may then have trained fewer)."""
-        rebalance()  # the policy is this thread's: lanes never re-check it themselves
         if epochs and any(r.draws is None for r in self.runs):
-            # A first epoch in turn: it tells whether a run draws from the global stream, and
+            # A first epoch in turn: it tells whether a trainer draws from the global stream, and
             # whether an epoch is long enough for lanes to pay.
             t0 = time.perf_counter()
-            if not all([run.step() for run in self.runs]):
+            if not all([run.epoch() for run in self.runs]):
                 return False
             self._small = (time.perf_counter() - t0) / len(self.runs) < self.min_seconds
             epochs -= 1
@@ -91,7 +95,7 @@ class Lanes:
                 return True
         lanes = self.lanes()
         if lanes == 1:
-            return all([all(run.step() for _ in range(epochs)) for run in self.runs])
+            return all([all(run.epoch() for _ in range(epochs)) for run in self.runs])
         before = torch.get_num_threads()
         cores = self.cores or before
         if self._width != lanes:
@@ -107,20 +111,21 @@ class Lanes:
             work.stop = True  # an error in a lane, or an interrupt here: the lanes stop too
             raise
         finally:
-            torch.set_num_threads(before)  # part of a lane's count is process-wide
+            set_threads(before)  # part of a lane's count is process-wide
         return work.ok
 
 
 class _Work:
-    """The epochs left to train, run by run: each lane takes the next run nobody trains, one epoch
-    at a time, so lanes stay busy until the last epoch (5 folds on 2 lanes: 13 rounds, not 15)."""
+    """The epochs left to train, trainer by trainer: each lane takes the next trainer nobody
+    trains, one epoch at a time, so lanes stay busy until the last epoch (5 folds on 2 lanes: 13
+    rounds, not 15)."""
 
-    def __init__(self, runs: list[Run], epochs: int) -> None:
+    def __init__(self, runs: list[Trainer], epochs: int) -> None:
         self.left = dict.fromkeys(runs, epochs)
         self.queue = deque(runs)
         self.lock = threading.Lock()
         self.ok = True  # every epoch asked for was trained
-        self.stop = False  # a run diverged or raised: the other lanes stop after their epoch
+        self.stop = False  # a fold diverged or raised: the other lanes stop after their epoch
 
     def lane(self, threads: int) -> None:
         as_lane(threads)  # at least 1: never more lanes than cores
@@ -130,7 +135,7 @@ class _Work:
                     return
                 run = self.queue.popleft()
             try:
-                ok = run.step()
+                ok = run.epoch()
             except BaseException:
                 self.stop = True  # raised to advance()'s caller
                 raise
