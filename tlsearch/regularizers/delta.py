@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +26,20 @@ class Delta(Regularizer, DataTerm):
 
     ``FM_j(w, x)`` is the output of trained block j (j ≥ ``frozen_blocks``: a frozen block's output
     is the pretrained one, so it adds nothing) and ``c`` its channel (a feature of a fully connected
-    block); ``FM_j(w⁰, x)`` the same output of the pretrained blocks, which the training loop
+    block); ``FM_j(w⁰, x)`` the same output of the pretrained blocks, which :meth:`prepare`
     computes once per fold, in eval mode, on that fold's training set. ``a_jc = 1`` by default;
     ``attention`` gives the paper's channel weights instead (one tensor per trained block, of its
     channel count, stacked: ``(folds, channels)``), of mean 1 so that λ keeps its meaning. With
-    ``regularizer.delta_attention`` the training loop computes them once per fold, from that
-    fold's training split, and sets ``attention``
-    (:func:`tlsearch.training.fold.delta_attention`): a linear head fitted on the pretrained
-    penultimate features, ``Δ_jc`` the rise of its loss when channel c of block j is zeroed, and
-    ``a_j = C_j · softmax(zscore(Δ_j) / 5)``. Its cost: one forward of the remaining blocks per
-    channel of each trained block, per fold.
+    ``regularizer.delta_attention``, :meth:`prepare` computes them there too, from the same
+    training set, and sets ``attention`` (:func:`channel_attention`): a linear head fitted on the
+    pretrained penultimate features, ``Δ_jc`` the rise of its loss when channel c of block j is
+    zeroed, and ``a_j = C_j · softmax(zscore(Δ_j) / 5)``. Its cost: one forward of the remaining
+    blocks per channel of each trained block, per fold.
     The new head is pulled toward zero with β = ``head_lambda``, as in L2-SP.
+
+    λ is DELTA's own (``search.delta_lambda``, named ``delta_lambda`` in a study: see its entry in
+    :data:`tlsearch.registry.REGULARIZERS`): it scales a distance between feature maps, not
+    between weights.
 
     Two parts, because they are computed differently: :meth:`forward` is the weight term (β, times
     ``scale``), whose gradient has a closed form (:meth:`accumulate_grad_`); :meth:`data_penalty`
@@ -137,42 +140,81 @@ def channel_attention(
     """
     maps = [r if stacked else r.unsqueeze(0) for r in refs]  # (folds, n, ...)
     labels = y if stacked else y.unsqueeze(0)
-    folds, n = labels.shape
-    z = maps[-1].flatten(2)
-    mean = z.mean(1, keepdim=True)
-    std = z.std(1, correction=0, keepdim=True)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    weight, bias = _attention_head((z - mean) / std, labels, model.head.weight.shape[-2], seeds)
-
-    def losses(features: torch.Tensor) -> torch.Tensor:
-        """Each fold's mean cross-entropy of ``g``: ``(folds, m, n, d)`` → ``(folds, m)``."""
-        flat = ((features.flatten(3) - mean[:, None]) / std[:, None]).flatten(1, 2)
-        logits = torch.baddbmm(bias[:, None], flat, weight.transpose(1, 2))
-        target = labels[:, None].expand(folds, len(flat[0]) // n, n)
-        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-        return ce.view(target.shape).mean(-1)
-
-    base = losses(maps[-1][:, None])  # (folds, 1)
+    head = _fit_head(maps[-1], labels, model.head.weight.shape[-2], seeds)  # 1)
+    base = head.losses(maps[-1][:, None])  # (folds, 1)
     rest = _rest_of_blocks(model, stacked)
     weights = []
     for i, fm in enumerate(maps):
-        channels = fm.shape[2]
-        per_channel = max(1, ATTENTION_CHUNK // max(1, fm[:, :, 0].numel()))
-        increase = []
-        for first in range(0, channels, per_channel):
-            m = min(per_channel, channels - first)
-            keep = torch.ones(m, channels, dtype=fm.dtype, device=fm.device)
-            keep[torch.arange(m), first + torch.arange(m)] = 0
-            # m copies of the maps, copy k with channel first + k zeroed: (folds, m·n, C, ...)
-            zeroed = fm[:, None] * keep.view(1, m, 1, channels, *[1] * (fm.dim() - 3))
-            out = rest(zeroed.flatten(1, 2), first_block + i + 1)
-            increase.append(losses(out.reshape(folds, m, n, *out.shape[2:])) - base)
-        delta = torch.cat(increase, 1).clamp_min(0)
-        spread = delta.std(1, correction=0, keepdim=True)
-        scaled = torch.where(spread > 1e-6, (delta - delta.mean(1, keepdim=True)) / spread, 0.0)
-        a = channels * torch.softmax(scaled / ATTENTION_TEMPERATURE, dim=1)
+        increase = _loss_increases(fm, head, base, rest, first_block + i + 1)  # 2)
+        a = _softmax_weights(increase)  # 3)
         weights.append(a if stacked else a[0])
     return weights
+
+
+class _Head(NamedTuple):
+    """The linear head ``g`` of step 1, per fold, with the standardisation of its features and the
+    labels it is scored on (``(folds, n)``)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    labels: torch.Tensor
+
+    def losses(self, features: torch.Tensor) -> torch.Tensor:
+        """Each fold's mean cross-entropy of ``g``: ``(folds, m, n, d)`` → ``(folds, m)``."""
+        folds, n = self.labels.shape
+        flat = ((features.flatten(3) - self.mean[:, None]) / self.std[:, None]).flatten(1, 2)
+        logits = torch.baddbmm(self.bias[:, None], flat, self.weight.transpose(1, 2))
+        target = self.labels[:, None].expand(folds, len(flat[0]) // n, n)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        return ce.view(target.shape).mean(-1)
+
+
+def _fit_head(
+    features: torch.Tensor, labels: torch.Tensor, classes: int, seeds: Sequence[int]
+) -> _Head:
+    """Step 1: ``g`` fitted on the standardised penultimate features ``(folds, n, ...)``."""
+    z = features.flatten(2)
+    mean = z.mean(1, keepdim=True)
+    std = z.std(1, correction=0, keepdim=True)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    weight, bias = _attention_head((z - mean) / std, labels, classes, seeds)
+    return _Head(mean, std, weight, bias, labels)
+
+
+def _loss_increases(
+    fm: torch.Tensor,
+    head: _Head,
+    base: torch.Tensor,
+    rest: Callable[[torch.Tensor, int], torch.Tensor],
+    after: int,
+) -> torch.Tensor:
+    """Step 2 for one block: ``Δ_c = max(L_{-c} − L, 0)`` per fold and channel ``(folds, C)``,
+    zeroing each channel of its output ``fm`` ``(folds, n, C, ...)`` and running the blocks from
+    ``after`` on and ``g``, a chunk of channels at a time."""
+    folds, n = head.labels.shape
+    channels = fm.shape[2]
+    per_channel = max(1, ATTENTION_CHUNK // max(1, fm[:, :, 0].numel()))
+    increase = []
+    for first in range(0, channels, per_channel):
+        m = min(per_channel, channels - first)
+        keep = torch.ones(m, channels, dtype=fm.dtype, device=fm.device)
+        keep[torch.arange(m), first + torch.arange(m)] = 0
+        # m copies of the maps, copy k with channel first + k zeroed: (folds, m·n, C, ...)
+        zeroed = fm[:, None] * keep.view(1, m, 1, channels, *[1] * (fm.dim() - 3))
+        out = rest(zeroed.flatten(1, 2), after)
+        increase.append(head.losses(out.reshape(folds, m, n, *out.shape[2:])) - base)
+    return torch.cat(increase, 1).clamp_min(0)
+
+
+def _softmax_weights(delta: torch.Tensor) -> torch.Tensor:
+    """Step 3: ``C · softmax(Δ̂ / T)`` over the C channels of ``delta`` ``(folds, C)``, ``Δ̂`` z-scored
+    over them (0 where all are equal)."""
+    channels = delta.shape[1]
+    spread = delta.std(1, correction=0, keepdim=True)
+    scaled = torch.where(spread > 1e-6, (delta - delta.mean(1, keepdim=True)) / spread, 0.0)
+    return channels * torch.softmax(scaled / ATTENTION_TEMPERATURE, dim=1)
 
 
 def _attention_head(
