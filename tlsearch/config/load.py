@@ -149,11 +149,15 @@ def check_names(cfg: StudyConfig, source: str = "config") -> StudyConfig:
     return cfg.model_copy(update={"model": model})
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
+def load_config(
+    path: str | Path | None = None, *, names: bool = True, **overrides: Any
+) -> StudyConfig:
     """Read a study file (or the defaults when ``path`` is None) and apply top-level overrides.
 
     Overrides are the CLI flags (``storage``, ``name``, ``n_trials``, ``timeout``); None values are
-    ignored so an unset flag never clears the file's value.
+    ignored so an unset flag never clears the file's value. ``names=False`` checks the schema only
+    (:func:`config_from_dict`): for a command that reads the file's storage and study name and
+    builds nothing, whose model or task may come from a plug-in it has not loaded.
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -174,7 +178,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig
         if overrides.get("storage") is None:
             _warn_relative_sqlite(data.get("storage"), path.resolve().parent, source)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(data, source)
+    return config_from_dict(data, source, names=names)
 
 
 def _warn_relative_sqlite(url: Any, study_dir: Path, source: str) -> None:
