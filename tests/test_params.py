@@ -22,6 +22,7 @@ from tlsearch.params import (
     resolve_params,
     suggest_params,
 )
+from tlsearch.registry import REGULARIZERS, TERMS
 
 USER_NAMES = ["lambda", "lr", "frozen_blocks", "backbone_lr_mult", "regularizer"]
 
@@ -69,11 +70,19 @@ def test_from_dict_names_every_missing_parameter_and_bad_values() -> None:
 
 def test_searched_names_are_the_config_fields() -> None:
     cfg = config_from_dict({})
-    for path in SEARCHED.values():
+    declared = [
+        h.field
+        for registry in (REGULARIZERS, TERMS)
+        for name in registry.names()
+        for h in registry.get(name).hyperparameters
+        if h.field is not None
+    ]
+    for path in [*SEARCHED.values(), *declared]:
         section, field = path.split(".")
         assert hasattr(getattr(cfg, section), field), path
-    # λ under DELTA's own name, and BSS's η (a dict holds it only when BSS is on).
-    assert list(SEARCHED) == [*USER_NAMES[:-1], "delta_lambda", "bss_eta"]
+    # Every trial's; DELTA's λ and BSS's η are their entries' (a dict holds η only when BSS is on).
+    assert list(SEARCHED) == USER_NAMES[:-1]
+    assert declared == ["search.delta_lambda", "regularizer.bss_eta"]
 
 
 def test_plain_finetuning_is_a_complete_trial_without_its_regularizer() -> None:
@@ -195,11 +204,15 @@ def test_format_params_four_significant_digits() -> None:
 def test_bss_eta_is_in_a_dict_only_when_bss_is_on() -> None:
     off = TrialParams(0.5, 0.01, 2, 0.1, "l2")
     assert "bss_eta" not in off.to_dict()  # exports and resolved_params as before BSS
-    on = TrialParams(0.5, 0.01, 2, 0.1, "l2", bss_eta=0.2)
+    on = TrialParams(0.5, 0.01, 2, 0.1, "l2", hyperparameters={"bss_eta": 0.2})
     assert on.to_dict() == {**off.to_dict(), "bss_eta": 0.2}
     assert TrialParams.from_dict(on.to_dict()) == on
-    # A trial stored by an older version has no bss_eta: BSS was off.
-    assert TrialParams.from_dict(off.to_dict()).bss_eta == 0.0
+    # A trial stored by an older version has no bss_eta: BSS was off; so is η = 0, left out.
+    assert TrialParams.from_dict(off.to_dict()) == off
+    assert TrialParams.from_dict({**off.to_dict(), "bss_eta": 0}) == off
+    assert TrialParams(0.5, 0.01, 2, 0.1, "l2", hyperparameters={"bss_eta": 0.0}) == off
+    # A name no entry declares is not a parameter of the trial.
+    assert TrialParams.from_dict({**off.to_dict(), "bss_etta": 0.2}) == off
 
 
 def test_delta_asks_for_delta_lambda_in_its_own_range(tiny) -> None:
@@ -258,7 +271,8 @@ def test_fixed_delta_lambda_and_bss_eta(tiny) -> None:
     }
     delta = resolve_params(cfg, {"lr": 0.01, "frozen_blocks": 1, "regularizer": "delta"})
     l2 = resolve_params(cfg, {"lr": 0.01, "frozen_blocks": 1, "regularizer": "l2"})
-    assert (delta.lambda_, l2.lambda_, delta.bss_eta, l2.bss_eta) == (0.02, 0.5, 0.1, 0.1)
+    assert (delta.lambda_, l2.lambda_) == (0.02, 0.5)
+    assert delta.hyperparameters == l2.hyperparameters == {"bss_eta": 0.1}
 
 
 def test_searched_bss_eta(tiny) -> None:
@@ -267,8 +281,8 @@ def test_searched_bss_eta(tiny) -> None:
     trial = optuna.create_study().ask()
     params = suggest_params(trial, cfg)
     assert trial.distributions["bss_eta"] == FloatDistribution(1e-3, 1.0, log=True)
-    assert params.bss_eta == trial.params["bss_eta"] > 0
-    assert params.to_dict()["bss_eta"] == params.bss_eta
+    assert params.hyperparameters == {"bss_eta": trial.params["bss_eta"]}
+    assert params.to_dict()["bss_eta"] == trial.params["bss_eta"] > 0
 
 
 def test_baselines_keep_bss_off_and_enqueue_delta_lambda(tiny) -> None:
@@ -279,7 +293,7 @@ def test_baselines_keep_bss_off_and_enqueue_delta_lambda(tiny) -> None:
         )
     )
     for name in BASELINES:
-        assert baseline_params(cfg, name).bss_eta == 0.0
+        assert baseline_params(cfg, name).hyperparameters == {}
     plain = baseline_params(cfg, "plain_finetuning")
     assert plain.regularizer == "delta" and plain.lambda_ == PLAIN_FINETUNING["lambda"]
     enqueued = baseline_enqueue(cfg, "plain_finetuning")

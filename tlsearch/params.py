@@ -2,22 +2,26 @@
 
 One name per thing. Files, the dashboard, exports and output say ``lambda``; Python says
 ``lambda_`` (``lambda`` is a keyword). The frozen depth is ``frozen_blocks`` everywhere.
-:data:`SEARCHED` is the one table from a user's parameter name to its config field.
+:data:`SEARCHED` holds the parameters every trial has, from a user's name to its config field.
 
-DELTA's λ scales a distance between feature maps, not between weights, so it has a range of its
-own (``search.delta_lambda``) and its own name in a study (``delta_lambda``: TPE never mixes the
-two ranges); a trial that fine-tunes with DELTA asks for ``delta_lambda`` instead of ``lambda``.
-Either way :attr:`TrialParams.lambda_` (``lambda`` in files) holds the λ the trial used.
+Beyond those, a penalty or a loss term brings its own hyperparameters: its registry entry declares
+them (:class:`tlsearch.registry.Hyperparameter`: name, default range, config field), as a model's
+entry declares its options, and this module asks for what the entries declare without naming any.
+A trial asks for the shared parameters, then its penalty's own, then each loss term's; a penalty
+whose λ scales something else than the others' (DELTA's: feature maps) declares a λ of its own,
+which a trial with it asks for instead of ``lambda`` (TPE never mixes the two ranges). Either way
+:attr:`TrialParams.lambda_` (``lambda`` in files) holds the λ the trial used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tlsearch.config import ParamRange, StudyConfig
 from tlsearch.errors import ConfigError
+from tlsearch.registry import REGULARIZERS, TERMS, Hyperparameter
 
 __all__ = [
     "BASELINES",
@@ -29,20 +33,21 @@ __all__ = [
     "baseline_params",
     "fixed_params",
     "format_params",
+    "lambda_range",
+    "own_lambda",
     "resolve_params",
     "suggest_params",
 ]
 
-# User-facing parameter name → its config field (section.attribute), in the order a trial asks.
+# The parameters every trial has (λ: unless its penalty has a λ of its own), user-facing name →
+# its config field (section.attribute), in the order a trial asks.
 SEARCHED = {
     "lambda": "search.lambda_",
     "lr": "search.lr",
     "frozen_blocks": "search.frozen_blocks",
     "backbone_lr_mult": "search.backbone_lr_mult",
-    "delta_lambda": "search.delta_lambda",
-    "bss_eta": "regularizer.bss_eta",
 }
-# What every TrialParams dict holds (bss_eta is optional: 0, BSS off, when absent).
+# What every TrialParams dict holds (an entry's own hyperparameter is left out when off).
 REQUIRED = ("lambda", "lr", "frozen_blocks", "backbone_lr_mult", "regularizer")
 
 # What a user fine-tunes with before any search: Adam's usual 1e-3, everything trainable, no
@@ -51,7 +56,7 @@ PLAIN_FINETUNING = {"lambda": 0.01, "lr": 1e-3, "frozen_blocks": 0, "backbone_lr
 
 # The reference trials a study may enqueue (``search.baselines``): plain fine-tuning from the
 # pretrained model, and the same settings from a random init (nothing to pull toward but zero, so
-# L2) — ``tlsearch final``'s two baselines.
+# L2) — ``tlsearch final``'s two baselines. Both train with every entry's own hyperparameter off.
 BASELINES = ("plain_finetuning", "scratch")
 
 
@@ -59,8 +64,10 @@ BASELINES = ("plain_finetuning", "scratch")
 class TrialParams:
     """What one trial fine-tunes with; :meth:`to_dict` gives the names files and output use.
 
-    ``lambda_`` is the λ the trial's regularizer used (from ``delta_lambda`` for DELTA);
-    ``bss_eta`` the η of BSS, 0 when it is off.
+    ``lambda_`` is the λ the trial's regularizer used (its own λ for a penalty that has one, as
+    DELTA); ``hyperparameters`` the values of the other hyperparameters its penalty and the loss
+    terms declare, by name (BSS's ``bss_eta``): one at its off value is left out (BSS with η = 0
+    is no BSS).
     """
 
     lambda_: float
@@ -68,37 +75,46 @@ class TrialParams:
     frozen_blocks: int
     backbone_lr_mult: float
     regularizer: str
-    bss_eta: float = 0.0
+    hyperparameters: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        off = {h.name: h.off for h in _declared(self.regularizer)}
+        on = {k: v for k, v in self.hyperparameters.items() if k not in off or v != off[k]}
+        object.__setattr__(self, "hyperparameters", on)
 
     def to_dict(self) -> dict[str, Any]:
-        """The names files use; ``bss_eta`` only when BSS is on, so that a trial without it
-        reads as it did before BSS existed."""
-        d: dict[str, Any] = {
+        """The names files use; an entry's hyperparameter only when on, so that a trial without it
+        reads as it did before the entry existed."""
+        return {
             "lambda": self.lambda_,
             "lr": self.lr,
             "frozen_blocks": self.frozen_blocks,
             "backbone_lr_mult": self.backbone_lr_mult,
             "regularizer": self.regularizer,
+            **self.hyperparameters,
         }
-        if self.bss_eta:
-            d["bss_eta"] = self.bss_eta
-        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrialParams:
-        """From the names :meth:`to_dict` writes; all but ``bss_eta`` are required (a trial stored
-        before BSS existed has none: 0)."""
+        """From the names :meth:`to_dict` writes; :data:`REQUIRED` are required, an entry's own
+        hyperparameter is off when absent (a trial stored before the entry existed has none)."""
         missing = [n for n in REQUIRED if n not in d]
         if missing:
             raise ConfigError(f"params: missing {', '.join(missing)}")
         try:
+            regularizer = str(d["regularizer"])
+            own = {
+                h.name: float(d[h.name])
+                for h in _declared(regularizer)
+                if not h.is_lambda and h.name in d
+            }
             return cls(
                 lambda_=float(d["lambda"]),
                 lr=float(d["lr"]),
                 frozen_blocks=int(d["frozen_blocks"]),
                 backbone_lr_mult=float(d["backbone_lr_mult"]),
-                regularizer=str(d["regularizer"]),
-                bss_eta=float(d.get("bss_eta", 0.0)),
+                regularizer=regularizer,
+                hyperparameters=own,
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"params: invalid value: {e}") from None
@@ -119,16 +135,13 @@ class Suggester(Protocol):
 def fixed_params(cfg: StudyConfig) -> dict[str, Any]:
     """The parameters the config fixes rather than searches, under their user-facing names.
 
-    Only those that apply to one of its regularizers (``delta_lambda`` with DELTA, ``lambda``
-    with any other) and ``bss_eta`` only when BSS is on.
+    Only those some trial of the study has (``lambda`` when one of its regularizers has no λ of
+    its own, a penalty's own hyperparameters when it is one of them), and an entry's own only when
+    on (BSS's η above 0).
     """
-    names = cfg.regularizer.names
     fixed: dict[str, Any] = {}
-    for name in SEARCHED:
-        value = _space(cfg, name)
-        if isinstance(value, ParamRange) or not any(_applies(name, r) for r in names):
-            continue
-        if name == "bss_eta" and not value:
+    for name, value, off in _parameters(cfg, cfg.regularizer.names):
+        if isinstance(value, ParamRange) or value == off:
             continue
         fixed[name] = int(value) if name == "frozen_blocks" else float(value)
     if isinstance(cfg.regularizer.name, str):
@@ -143,8 +156,9 @@ def suggest_params(
     the config (fixed ones; a parameter left out of ``only`` takes its range's low end, which
     the caller replaces).
 
-    A searched regularizer is asked last, as before DELTA existed, unless DELTA is among its
-    choices: then first, since whether λ is ``lambda`` or ``delta_lambda`` depends on it.
+    The order: the shared parameters, the penalty's own, each loss term's. A searched regularizer
+    is asked last, as before penalties had hyperparameters of their own, unless one of its choices
+    declares some (DELTA: its λ): then first, since which parameters a trial has depends on it.
     """
     values = fixed_params(cfg)
 
@@ -155,11 +169,10 @@ def suggest_params(
             values["regularizer"] = cfg.regularizer.names[0]
 
     searched = not isinstance(cfg.regularizer.name, str)
-    if searched and "delta" in cfg.regularizer.names:
+    if searched and any(_declared_by_penalty(r) for r in cfg.regularizer.names):
         ask_regularizer()
-    for name in SEARCHED:
-        space = _space(cfg, name)
-        if not isinstance(space, ParamRange) or not _applies(name, values.get("regularizer")):
+    for name, space, _ in _parameters(cfg, [values.get("regularizer")]):
+        if not isinstance(space, ParamRange):
             continue
         if only is not None and name not in only:
             values[name] = int(space.low) if name == "frozen_blocks" else space.low
@@ -191,16 +204,12 @@ def baseline_enqueue(cfg: StudyConfig, name: str) -> dict[str, Any]:
     if name == "scratch":
         return {}
     values = baseline_params(cfg, name).to_dict()
-    # Its λ under the name its regularizer asks for; BSS is off (η = 0) in every baseline.
-    values["delta_lambda"] = values["lambda"]
-    values.setdefault("bss_eta", 0.0)
     out: dict[str, Any] = {}
-    for user in SEARCHED:
-        space = _space(cfg, user)
-        if not _applies(user, values["regularizer"]):
-            continue
-        if isinstance(space, ParamRange) and space.low <= values[user] <= space.high:
-            out[user] = values[user]
+    for user, space, off in _parameters(cfg, [values["regularizer"]]):
+        # Its λ under the name its regularizer asks for; every entry's own is off in a baseline.
+        value = values.get(user, values["lambda"] if off is None else off)
+        if isinstance(space, ParamRange) and space.low <= value <= space.high:
+            out[user] = value
     if not isinstance(cfg.regularizer.name, str):
         out["regularizer"] = values["regularizer"]
     return out
@@ -211,6 +220,18 @@ def resolve_params(cfg: StudyConfig, params: Mapping[str, Any]) -> TrialParams:
     return _from_values({**fixed_params(cfg), **params})
 
 
+def own_lambda(regularizer: str | None) -> Hyperparameter | None:
+    """The λ of its own that the penalty ``regularizer`` declares (DELTA's ``delta_lambda``), or
+    None when its trials ask for the shared ``lambda``."""
+    return next((h for h in _declared_by_penalty(regularizer) if h.is_lambda), None)
+
+
+def lambda_range(cfg: StudyConfig, regularizer: str | None) -> Any:
+    """The range (or fixed value) the λ of a trial with ``regularizer`` comes from in ``cfg``."""
+    own = own_lambda(regularizer)
+    return _field(cfg, SEARCHED["lambda"]) if own is None else _value(cfg, own)
+
+
 def format_params(params: Mapping[str, Any]) -> str:
     """``lambda=1.005 lr=0.00379 frozen_blocks=2``: four significant digits, so two trials'
     values that differ show differently."""
@@ -219,23 +240,60 @@ def format_params(params: Mapping[str, Any]) -> str:
     )
 
 
-def _space(cfg: StudyConfig, name: str) -> Any:
-    """The config's value for the parameter ``name``: a range, or the number that fixes it."""
-    section, attr = SEARCHED[name].split(".")
+def _declared_by_penalty(regularizer: str | None) -> tuple[Hyperparameter, ...]:
+    """What the penalty ``regularizer`` declares; nothing when not chosen yet (None) or not
+    registered in this process (a plug-in's, read by a command that does not load it)."""
+    if regularizer is None or regularizer not in REGULARIZERS:
+        return ()
+    return REGULARIZERS.get(regularizer).hyperparameters
+
+
+def _declared_by_terms() -> list[Hyperparameter]:
+    """What the loss terms declare, in the order of their names."""
+    return [h for name in TERMS.names() for h in TERMS.get(name).hyperparameters]
+
+
+def _declared(regularizer: str | None) -> list[Hyperparameter]:
+    """A trial's hyperparameters beyond the shared ones: its penalty's own, then each term's."""
+    return [*_declared_by_penalty(regularizer), *_declared_by_terms()]
+
+
+def _parameters(
+    cfg: StudyConfig, regularizers: Iterable[str | None]
+) -> list[tuple[str, Any, float | None]]:
+    """``(name, range or fixed value, off value)`` of every parameter a trial with one of
+    ``regularizers`` has, in the order a trial asks for them. The off value is None for the
+    shared parameters and a penalty's own λ."""
+    regularizers = list(regularizers)
+    shared = [
+        (name, _field(cfg, path), None)
+        for name, path in SEARCHED.items()
+        if name != "lambda" or any(own_lambda(r) is None for r in regularizers)
+    ]
+    own: dict[str, Hyperparameter] = {}
+    for h in [*(h for r in regularizers for h in _declared_by_penalty(r)), *_declared_by_terms()]:
+        own.setdefault(h.name, h)
+    return shared + [(h.name, _value(cfg, h), h.off) for h in own.values()]
+
+
+def _field(cfg: StudyConfig, path: str) -> Any:
+    """The config's value at ``section.attribute``: a range, or the number that fixes it."""
+    section, attr = path.split(".")
     return getattr(getattr(cfg, section), attr)
 
 
-def _applies(name: str, regularizer: str | None) -> bool:
-    """Whether a trial with ``regularizer`` (None: not chosen yet, and not DELTA) has ``name``."""
-    if name == "delta_lambda":
-        return regularizer == "delta"
-    if name == "lambda":
-        return regularizer != "delta"
-    return True
+def _value(cfg: StudyConfig, h: Hyperparameter) -> Any:
+    """An entry's hyperparameter in ``cfg``: its config field, ``search.<name>``, or its
+    declared default (a config not checked against the registry, as ``StudyConfig()``)."""
+    if h.field is not None:
+        return _field(cfg, h.field)
+    value = (cfg.search.model_extra or {}).get(h.name, h.default)
+    return ParamRange.model_validate(value) if isinstance(value, Mapping) else value
 
 
 def _from_values(values: Mapping[str, Any]) -> TrialParams:
-    """TrialParams from user-facing names; a DELTA trial's λ is its ``delta_lambda``."""
-    if values.get("regularizer") == "delta" and "delta_lambda" in values:
-        values = {**values, "lambda": values["delta_lambda"]}
+    """TrialParams from user-facing names; a trial's λ is its penalty's own when it has one."""
+    own = own_lambda(values.get("regularizer"))
+    if own is not None and own.name in values:
+        values = {**values, "lambda": values[own.name]}
     return TrialParams.from_dict(values)

@@ -5,9 +5,10 @@ A registry maps a name to an :class:`Entry`, in the style of timm's ``_registry.
 list the names, create by name, and fail loudly (:class:`~tlsearch.errors.ConfigError`, naming the
 choices) on an unknown one. An entry says what a name *is* without importing the code that builds
 it: its options schema (a pydantic model, validated after the study file loads), its block count for
-given options (models), a key adapter for checkpoints saved under another naming (models), and its
+given options (models), a key adapter for checkpoints saved under another naming (models), the
+hyperparameters it brings to the search (penalties, loss terms: :class:`Hyperparameter`), and its
 builder as ``"module:attribute"``, imported only by :meth:`Registry.create`. So checking a study file,
-listing names or counting blocks never imports torch.
+listing names, counting blocks or asking a trial for its parameters never imports torch.
 
 Where code comes from — one rule: the built-in entries below, installed distributions' entry points
 (groups ``tlsearch.models``, ``tlsearch.regularizers``, ``tlsearch.tasks``), and modules the user
@@ -50,6 +51,7 @@ __all__ = [
     "TERMS",
     "BlockNetOptions",
     "Entry",
+    "Hyperparameter",
     "Registry",
     "load_plugins",
     "loaded_plugins",
@@ -58,6 +60,44 @@ __all__ = [
 # Named in every "unknown name" error: where more names come from.
 _HOW_TO_ADD = "a plug-in adds more: install its package, or pass --plugin MODULE"
 PLUGINS_ENV = "TLSEARCH_PLUGINS"
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A hyperparameter an entry brings to the search: searched or fixed like ``lr``, under its own
+    name, in a trial that trains with the entry (a penalty: when the trial's regularizer is it; a
+    loss term: in every trial).
+
+    Attributes:
+        name: its name in a trial's parameters, exports and reports (``"bss_eta"``); no other
+            parameter of the study has it.
+        default: what the study file does not set: a number (fixed) or a range
+            ``{"low", "high", "log", "step"}`` (searched), as a ``[search]`` value is written.
+            A loss term's must be ``off``: a term is on only where a study turns it on.
+        field: the config field that holds it instead (``"search.delta_lambda"``), for those the
+            schema had before entries declared them; its default is the field's. None: the study
+            file sets it as ``search.<name>``.
+        is_lambda: it is the penalty's λ, in a range and under a name of its own (a penalty whose λ
+            scales something else than the others'): a trial with the penalty asks for it instead
+            of ``lambda``, and the penalty receives it as its λ.
+        off: the value at which the entry does nothing (BSS's η = 0): a trial's record leaves it
+            out, so that a trial without it reads as it did before the entry existed.
+        minimum: the least value it may take (None: any), checked where the study file sets it.
+        label: how figures and tables name it ("DELTA's λ"); its name by default.
+    """
+
+    name: str
+    default: float | Mapping[str, Any] | None = None
+    field: str | None = None
+    is_lambda: bool = False
+    off: float | None = None
+    minimum: float | None = 0.0
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        assert (self.default is None) != (self.field is None), (
+            f"hyperparameter '{self.name}': give a default or a config field, one of them"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +113,9 @@ class Entry:
             ``frozen_blocks`` may reach), computed without building the model.
         key_adapter: for models, ``"module:attribute"`` or a function mapping a checkpoint's state
             dict saved under another naming to the model's own parameter names.
+        hyperparameters: for penalties and loss terms, the hyperparameters it brings to the search,
+            in the order a trial asks for them (see :class:`Hyperparameter`). A penalty receives
+            each one, but an ``is_lambda`` one, as a keyword argument of its class.
         origin: who registered it: "tlsearch", a distribution ("name version"), or a
             ``--plugin`` module ("plug-in FILE"); filled in while a plug-in's code runs.
     """
@@ -82,6 +125,7 @@ class Entry:
     options: type[BaseModel] | None = None
     blocks: Callable[[Any], int] | None = None
     key_adapter: str | Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    hyperparameters: tuple[Hyperparameter, ...] = ()
     origin: str = "tlsearch"
     _loaded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -350,12 +394,28 @@ REGULARIZERS = Registry("regularizer", "regularizer.name", group="tlsearch.regul
 REGULARIZERS.register("none", "tlsearch.regularizers.none:NoPenalty")
 REGULARIZERS.register("l2", "tlsearch.regularizers.l2:L2")
 REGULARIZERS.register("l2sp", "tlsearch.regularizers.l2sp:L2SP")
-REGULARIZERS.register("delta", "tlsearch.regularizers.delta:Delta")
+# DELTA's λ scales a distance between feature maps, not between weights: a range of its own, and a
+# name of its own in a study (TPE never mixes the two ranges).
+REGULARIZERS.register(
+    "delta",
+    "tlsearch.regularizers.delta:Delta",
+    hyperparameters=(
+        Hyperparameter(
+            "delta_lambda", field="search.delta_lambda", is_lambda=True, label="DELTA's λ"
+        ),
+    ),
+)
 
 # Loss terms added on top of whichever penalty trains (tlsearch.regularizers.base.DataTerm): a
 # class whose from_settings(regularizer settings, trial params) gives the term, or None when off.
 TERMS = Registry("loss term", "regularizer", group="tlsearch.terms")
-TERMS.register("bss", "tlsearch.regularizers.bss:BSS")
+TERMS.register(
+    "bss",
+    "tlsearch.regularizers.bss:BSS",
+    hyperparameters=(
+        Hyperparameter("bss_eta", field="regularizer.bss_eta", off=0.0, label="BSS's η"),
+    ),
+)
 
 TASKS = Registry("task", "data.task", group="tlsearch.tasks")
 for _name in (

@@ -9,9 +9,9 @@ study's ``select.rule`` is the default):
 - ``best``: Optuna's best search trial (the highest value, ``cv.metric``).
 - ``loss``: the search trial with the lowest mean fold loss.
 - ``one_se``: among the search trials within one standard error of the best, the most frozen
-  blocks, then the strongest penalty (λ's place in its own search range: DELTA's λ and L2-SP's
-  are never compared as numbers), then the smallest learning rate (scratch only when it is the
-  best).
+  blocks, then the strongest penalty (λ's place in its search range: a penalty with a λ of its
+  own, as DELTA, is never compared with another's as numbers), then the smallest learning rate
+  (scratch only when it is the best).
 - ``gate``: the top search trial by ``select.metric`` leaves plain fine-tuning only when its paired
   out-of-fold log-loss advantage, image by image on the same folds (:mod:`tlsearch.evidence`), is
   above 0 at the one-sided level ``select.alpha`` divided by the number of trials it was picked
@@ -43,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tlsearch.config import StudyConfig
 from tlsearch.errors import ConfigError, TlsearchError
 from tlsearch.evidence import Paired, decode_oof, paired
-from tlsearch.params import resolve_params
+from tlsearch.params import lambda_range, resolve_params
 from tlsearch.registry import SELECTION_RULES
 from tlsearch.stats import mean_se
 from tlsearch.storage import CONFIRM_ATTR
@@ -331,12 +331,12 @@ def one_se(pool: Pool, cfg: StudyConfig) -> Decision:
 def _strength(params: dict[str, Any], cfg: StudyConfig) -> float:
     """How strongly a trial's penalty pulls, comparable across penalties: its λ's place in the
     range it was searched over (0 at the low end, 1 at the high end; on a log scale for a log
-    range). DELTA's λ scales a distance between feature maps and L2-SP's one between weights,
-    so their values are never compared as such. λ means nothing under "none": -1."""
+    range). A penalty with a λ of its own (DELTA's scales a distance between feature maps, L2-SP's
+    one between weights) is placed in its own range, so λs of two penalties are never compared as
+    numbers. λ means nothing under "none": -1."""
     if params["regularizer"] == "none":
         return -1.0
-    name = "delta_lambda" if params["regularizer"] == "delta" else "lambda"
-    space = getattr(cfg.search, "delta_lambda" if name == "delta_lambda" else "lambda_")
+    space = lambda_range(cfg, params["regularizer"])
     lam = params["lambda"]
     if not hasattr(space, "low") or space.high <= space.low:
         return 0.0

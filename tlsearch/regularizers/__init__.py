@@ -3,8 +3,9 @@
 (BSS).
 
 One file per penalty or term; penalties are registered by name in
-:data:`tlsearch.registry.REGULARIZERS`, terms in :data:`tlsearch.registry.TERMS`. See
-:mod:`tlsearch.regularizers.base` for the convention every penalty follows and the
+:data:`tlsearch.registry.REGULARIZERS`, terms in :data:`tlsearch.registry.TERMS`, each entry
+declaring the hyperparameters it brings to the search (:class:`tlsearch.registry.Hyperparameter`).
+See :mod:`tlsearch.regularizers.base` for the convention every penalty follows and the
 :class:`~tlsearch.regularizers.base.DataTerm` interface the training loop calls.
 """
 
@@ -45,12 +46,27 @@ def create_regularizer(
     model: BlockNet,
     pretrained: Mapping[str, torch.Tensor],
     lambda_: float,
+    *,
+    hyperparameters: Mapping[str, float] | None = None,
     **options: Any,
 ) -> Regularizer:
     """The penalty registered as ``name`` over ``model``'s trainable parameters; ``options`` are
     :class:`~tlsearch.regularizers.base.Regularizer`'s keywords (``head_lambda``, ``penalize``,
-    ``scale``, ``stacked``, ``settings``)."""
-    return REGULARIZERS.create(name, model, pretrained, lambda_, **options)
+    ``scale``, ``stacked``, ``settings``).
+
+    ``lambda_`` is the trial's λ (a penalty's own λ, as DELTA's, included). ``hyperparameters`` are
+    the trial's values of the hyperparameters entries declare (:attr:`TrialParams.hyperparameters
+    <tlsearch.params.TrialParams.hyperparameters>`): the penalty receives each of its own (but its
+    λ) as a keyword argument, at its off value when absent. A penalty that declares any needs them.
+    """
+    entry = REGULARIZERS.get(name)
+    own = [h for h in entry.hyperparameters if not h.is_lambda]
+    assert hyperparameters is not None or not own, (
+        f"regularizer '{name}' declares {', '.join(h.name for h in own)}: pass the trial's "
+        "hyperparameters (params.hyperparameters)"
+    )
+    values = {h.name: (hyperparameters or {}).get(h.name, h.off) for h in own}
+    return entry.load()(model, pretrained, lambda_, **options, **values)
 
 
 def data_terms(

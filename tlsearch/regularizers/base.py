@@ -15,7 +15,11 @@ fold; their sum has, for each fold's slice, that fold's gradient.
 
 Adding a regularizer is one :class:`Regularizer` subclass and its registry entry
 (``REGULARIZERS.register("name", "module:Class")`` in :mod:`tlsearch.registry`, a plug-in's entry point
-or a ``--plugin`` module); each penalty has a file of its own here. A penalty whose
+or a ``--plugin`` module); each penalty has a file of its own here. A penalty with hyperparameters
+of its own declares them in its entry (``hyperparameters=(Hyperparameter("name", default=...),)``,
+:class:`tlsearch.registry.Hyperparameter`): the search asks for them under their names, exports
+and reports show them, and the penalty receives each as a keyword argument of its class (a λ of
+its own as ``lambda_``). A penalty whose
 gradient has a closed form may also implement :meth:`Regularizer.accumulate_grad_`: the fine-tuning
 loop then adds that gradient to ``.grad`` after the backward pass of the data loss, with two fused
 ``_foreach`` ops, instead of building and backpropagating the penalty's graph in every step (a

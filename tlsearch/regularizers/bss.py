@@ -26,8 +26,9 @@ class BSS(nn.Module, DataTerm):
     where fine-tuning on few labels learns what does not transfer; shrinking them suppresses it.
     It is not a penalty of its own but a term added on top of whichever one is chosen
     (``regularizer.bss_eta``, ``regularizer.bss_k``; registered in
-    :data:`tlsearch.registry.TERMS`), and, like the cross-entropy it is added to, a function of
-    the batch: it is not multiplied by ``regularizer.scale``.
+    :data:`tlsearch.registry.TERMS`, where it declares η, ``bss_eta`` in a study, off at 0), and,
+    like the cross-entropy it is added to, a function of the batch: it is not multiplied by
+    ``regularizer.scale``.
 
     ``forward`` takes ``(batch, features)``, or ``(folds, batch, features)`` for folds trained
     together (``torch.linalg.svdvals`` is batched), and returns a scalar or one value per fold.
@@ -44,7 +45,8 @@ class BSS(nn.Module, DataTerm):
     @classmethod
     def from_settings(cls, settings: RegularizerConfig, params: TrialParams) -> BSS | None:
         """The term a trial trains with: η from the trial (searched or fixed), None when 0."""
-        return cls(params.bss_eta, settings.bss_k) if params.bss_eta > 0 else None
+        eta = params.hyperparameters.get("bss_eta", 0.0)
+        return cls(eta, settings.bss_k) if eta > 0 else None
 
     def batch_term(self, outputs: Sequence[torch.Tensor], rows: Any) -> torch.Tensor:
         return self(outputs[-1])
