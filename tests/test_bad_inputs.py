@@ -565,12 +565,35 @@ CASES: dict[str, Case] = {
         "tlsearch: error: unrecognized arguments: --n-trails 3",
         argparse=True,
     ),
-    "command: required flag missing": Case(
+    # A command that reads a study, pointed at none: the study file's storage, else ./tlsearch.db.
+    "reader: no study file, no --storage, no ./tlsearch.db": Case(
         _nothing,
         ["export", "--study-name", "tiny"],
         2,
-        "tlsearch export: error: the following arguments are required: --storage",
-        argparse=True,
+        ERR + "no study file or --storage given, and no {d}/tlsearch.db: pass the study file you "
+        "ran (e.g. studies/digits.toml), or --storage URL",
+    ),
+    "reader: study file missing": Case(
+        _nothing, ["status", "study.toml"], 2, ERR + "study.toml: file not found"
+    ),
+    "reader: study file not TOML": Case(
+        toml(b'name = "x"\nn_trials = \n'),
+        ["report", "bad.toml", "-o", "out"],
+        2,
+        ERR + "bad.toml: invalid TOML: Invalid value (at line 2, column 12)",
+    ),
+    "reader: study file's database missing": Case(
+        study(),
+        ["export", "bad.toml", "-o", "out.json"],
+        2,
+        ERR + "bad.toml: no study 'tiny': {d}/study.db does not exist (`tlsearch run` makes it; "
+        "a relative SQLite path is relative to the current directory)",
+    ),
+    "reader: study file's study not in its database": Case(
+        existing(study(name="nope")),
+        ["status", "bad.toml"],
+        2,
+        ERR + "bad.toml: no study 'nope' in {d}/study.db (studies there: tiny, empty)",
     ),
     # A study whose state does not allow the command: exit 1 (tests/test_cli.py pins it).
     "export: no finished trial": Case(
@@ -681,6 +704,7 @@ def test_bad_input(outcomes: dict[str, Outcome], shared: Path, case_id: str) -> 
     # SQLite's -wal/-shm beside it), and an existing study exactly as it was.
     changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
     assert changed <= set(_DATABASE), sorted(changed)
+    assert "study.db" in before or "study.db" not in after, "a database was created"
     if "study.db" in before:
         assert _study_state(d) == _study_state(shared)
 

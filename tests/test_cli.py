@@ -8,6 +8,7 @@ tiny study has the defaults for storage (sqlite:///tlsearch.db in the working di
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import TINY, merge, run_cli, run_many, start_cli, write_toml
+from conftest import FAST, TINY, merge, run_cli, run_many, start_cli, write_toml
 from optuna.trial import TrialState
 
 from tlsearch.config import load_config
@@ -350,3 +351,129 @@ def test_small_friction(tmp_path: Path) -> None:
     two = run_cli("status", "--storage", url, cwd=tmp_path)
     assert two.returncode == 1
     assert two.stderr.strip().endswith("holds 2 studies (tiny, other): pass --study-name")
+
+
+# --- status, export and report find the study `run` made: the study file's, else ./tlsearch.db ---
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory where `tlsearch run studies/s.toml` made study 'tiny' in ./tlsearch.db (the
+    study file's relative storage: relative to where run ran, as README's first commands)."""
+    d = tmp_path_factory.mktemp("ran").resolve()
+    (d / "studies").mkdir()
+    study = merge(
+        FAST, {"n_trials": 2, "storage": "sqlite:///tlsearch.db", "pretrain": {"cache_dir": "c"}}
+    )
+    write_toml(d / "studies" / "s.toml", study)
+    result = run_cli("-q", "run", "studies/s.toml", cwd=d)
+    assert result.returncode == 0, result.stderr
+    return d
+
+
+def test_readers_find_the_study_run_made(ran: Path) -> None:
+    flags = ["--storage", "sqlite:///tlsearch.db", "--study-name", "tiny"]
+    read = f"reading study 'tiny' in {ran / 'tlsearch.db'}"
+    # Status first: an export stores its selection, which status then shows.
+    status = run_many(
+        {
+            "file": (ran, ["status", "studies/s.toml"]),
+            "bare": (ran, ["status"]),
+            "flags": (ran, ["status", *flags]),
+        }
+    )
+    for key, result in status.items():
+        assert result.returncode == 0, (key, result.stderr)
+        assert result.stdout == status["flags"].stdout, key
+    assert status["flags"].stdout.startswith("study 'tiny' in sqlite:///tlsearch.db\n")
+    # Which study in which database: one line on stderr, unless both flags named it (as before).
+    assert status["file"].stderr.splitlines() == status["bare"].stderr.splitlines() == [read]
+    assert status["flags"].stderr == ""
+
+    out = run_many(
+        {
+            "export file": (ran, ["export", "studies/s.toml", "-o", "a.json"]),
+            "export flags": (ran, ["export", *flags, "-o", "b.json"]),
+            "report bare": (ran, ["report", "-o", "rep"]),
+        }
+    )
+    for key, result in out.items():
+        assert result.returncode == 0, (key, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert out["export file"].stderr.splitlines()[0] == read
+    assert read not in out["export flags"].stderr
+    a, b = (json.loads((ran / f).read_text()) for f in ("a.json", "b.json"))
+    assert (a["trial_number"], a["selection"]) == (b["trial_number"], b["selection"])
+    assert out["report bare"].stdout == "rep/report.html\n"
+    assert out["report bare"].stderr.splitlines()[0] == read
+
+
+def test_flags_win_over_the_study_file(ran: Path, tmp_path: Path) -> None:
+    shutil.copy(ran / "tlsearch.db", tmp_path / "copy.db")
+    out = run_many(
+        {
+            "storage": (
+                ran,
+                ["status", "studies/s.toml", "--storage", f"sqlite:///{tmp_path}/copy.db"],
+            ),
+            "name": (ran, ["status", "studies/s.toml", "--study-name", "nope"]),
+        }
+    )
+    assert out["storage"].returncode == 0, out["storage"].stderr
+    assert out["storage"].stderr == f"reading study 'tiny' in {tmp_path / 'copy.db'}\n"
+    assert out["name"].returncode == 2
+    assert out["name"].stderr == (
+        f"tlsearch: error: studies/s.toml: no study 'nope' in {ran / 'tlsearch.db'} "
+        "(studies there: tiny)\n"
+    )
+
+
+def _plain_studies(d: Path, *names: str) -> None:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{d / 'tlsearch.db'}")
+    for name in names:
+        optuna.create_study(storage=storage, study_name=name)
+    storage.engine.dispose()
+
+
+def test_readers_without_a_study_say_which_one_to_name(ran: Path, tmp_path: Path) -> None:
+    dirs = {name: tmp_path / name for name in ("empty", "sub", "two", "none")}
+    for d in dirs.values():
+        d.mkdir()
+    _plain_studies(dirs["two"], "a", "b")
+    _plain_studies(dirs["none"])
+    (ran / "sub").mkdir(exist_ok=True)
+    out = run_many(
+        {
+            "no database": (dirs["empty"], ["status"]),
+            "study file, no database": (ran / "sub", ["export", "../studies/s.toml"]),
+            "two studies": (dirs["two"], ["report"]),
+            "no study": (dirs["none"], ["export"]),
+            "one of two, named": (dirs["two"], ["status", "--study-name", "b"]),
+            "missing study file": (dirs["empty"], ["report", "s.toml"]),
+        }
+    )
+    hint = "pass the study file you ran (e.g. studies/digits.toml), or --storage URL"
+    errors = {
+        "no database": (
+            f"no study file or --storage given, and no {dirs['empty'] / 'tlsearch.db'}: {hint}"
+        ),
+        "study file, no database": (
+            f"../studies/s.toml: no study 'tiny': {ran / 'sub' / 'tlsearch.db'} does not exist "
+            "(`tlsearch run` makes it; a relative SQLite path is relative to the current "
+            "directory)"
+        ),
+        "two studies": f"{dirs['two'] / 'tlsearch.db'} holds 2 studies (a, b): pass --study-name",
+        "no study": f"{dirs['none'] / 'tlsearch.db'} holds no study: {hint}",
+        "missing study file": "s.toml: file not found",
+    }
+    for key, line in errors.items():
+        result = out[key]
+        assert (result.returncode, result.stdout) == (2, ""), (key, result.stderr)
+        assert result.stderr == f"tlsearch: error: {line}\n", key
+    # Nothing created where there was nothing: no database, no export, no report.
+    assert sorted(p.name for p in dirs["empty"].iterdir()) == []
+    assert sorted(p.name for p in (ran / "sub").iterdir()) == []
+    assert not (dirs["two"] / "report").exists() and not (dirs["none"] / "best.json").exists()
+    named = out["one of two, named"]
+    assert named.returncode == 0, named.stderr
+    assert named.stdout.startswith("study 'b' in sqlite:///tlsearch.db\n")

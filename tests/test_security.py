@@ -312,6 +312,7 @@ def test_a_password_in_the_storage_url_is_never_shown(pg_role_url: str, tmp_path
         {
             "export": (tmp_path, ["export", *flags, "-o", "best.json", "--trials", "trials.csv"]),
             "status": (tmp_path, ["status", *flags]),
+            "status of the study file": (tmp_path, ["status", "study.toml"]),
             "report": (tmp_path, ["report", *flags, "-o", "report"]),
             "worker": (tmp_path, ["worker", *flags]),
             "no such study": (tmp_path, ["export", "--storage", url, "--study-name", "nope"]),
@@ -327,6 +328,9 @@ def test_a_password_in_the_storage_url_is_never_shown(pg_role_url: str, tmp_path
         shown += [result.stdout, result.stderr]
     assert results["export"].returncode == 0 and results["report"].returncode == 0
     assert results["status"].stdout.startswith(f"study 'tiny' in {masked}\n")
+    from_file = results["status of the study file"]
+    assert from_file.stdout == results["status"].stdout
+    assert from_file.stderr == f"reading study 'tiny' in {masked}\n"
     assert results["password from the environment"].stdout.startswith(
         f"study 'tiny' in {without}\n"
     )

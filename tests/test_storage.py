@@ -23,7 +23,9 @@ from tlsearch.storage import (
     Heartbeat,
     StudyStorage,
     create_storage,
+    find_study,
     mask_url,
+    storage_location,
 )
 from tlsearch.workers import join_study
 
@@ -253,3 +255,40 @@ def test_the_checkpoint_copy_is_kept_once_and_checked(
     monkeypatch.setattr(checkpoints, "MAX_SHARED_BYTES", 100)
     assert not store_checkpoint(storage, "1" * 64, file), "too large: the file is shared instead"
     assert fetch_checkpoint(storage, "1" * 64) is None
+
+
+def test_find_study_reads_the_study_file_then_the_flags(
+    storage_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """What `status`, `export` and `report` open: the study file's storage and name, each
+    overridden by its flag; one log line names the study and the database (password masked)."""
+    # Local PostgreSQL trusts any password: one in the study file shows whether it leaks.
+    url = storage_url.replace("postgres@", "postgres:s3cret-pw@")
+    storage = create_storage(url)
+    for name in ("tiny", "other"):
+        _study(storage, name)
+    storage.engine.dispose()
+    path = tiny_config(tmp_path, url)
+    where = storage_location(url)
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="tlsearch")
+
+    study, found = find_study(path)
+    assert (study.study_name, found) == ("tiny", url)
+    assert find_study(path, study_name="other")[0].study_name == "other"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reading study 'tiny' in {where}",
+        f"reading study 'other' in {where}",
+    ]
+    assert "s3cret" not in caplog.text and "s3cret" not in where
+    caplog.clear()
+    # Both flags: as before the study file existed, and no line (the user named it).
+    assert find_study(storage=url, study_name="other")[0].study_name == "other"
+    assert caplog.records == []
+    with pytest.raises(ConfigError) as e:
+        find_study(path, study_name="nope")
+    assert str(e.value) == f"{path}: no study 'nope' in {where} (studies there: tiny, other)"
+    # Neither: ./tlsearch.db, which is not there, and is not made.
+    with pytest.raises(ConfigError, match=r"^no study file or --storage given, and no "):
+        find_study()
+    assert not (tmp_path / "tlsearch.db").exists()

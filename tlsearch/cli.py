@@ -25,20 +25,37 @@ _log = logging.getLogger("tlsearch")
 
 
 def _add_storage_flags(
-    p: argparse.ArgumentParser, required: bool, name_required: bool | None = None
+    p: argparse.ArgumentParser, storage_default: str | None, name_default: str | None
 ) -> None:
+    """``--storage`` and ``--study-name``, each with the help's ``(default: ...)``; None: required."""
     p.add_argument(
         "--storage",
-        required=required,
+        required=storage_default is None,
         help="database URL of the study, e.g. sqlite:///tlsearch.db or "
-        "postgresql+psycopg://user@host/db (password from the URL or $TLSEARCH_DB_PASSWORD)",
+        "postgresql+psycopg://user@host/db (password from the URL or $TLSEARCH_DB_PASSWORD)"
+        + (f"; default: {storage_default}" if storage_default else ""),
     )
-    name_required = required if name_required is None else name_required
     p.add_argument(
         "--study-name",
-        required=name_required,
+        required=name_default is None,
         help="name of the study in the storage"
-        + ("" if name_required else " (default: the storage's only study)"),
+        + (f" (default: {name_default})" if name_default else ""),
+    )
+
+
+def _add_reader_flags(p: argparse.ArgumentParser) -> None:
+    """Where the commands that read an existing study (export, status, report) find it."""
+    p.add_argument(
+        "config",
+        nargs="?",
+        type=Path,
+        help="the study file `tlsearch run` was given: its storage and study name are read "
+        "(omitted: --storage, else the only study in ./tlsearch.db)",
+    )
+    _add_storage_flags(
+        p,
+        "the study file's storage; without one, sqlite:///tlsearch.db",
+        "the study file's name, else the storage's only study",
     )
 
 
@@ -86,7 +103,11 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "config", nargs="?", type=Path, help="study file (TOML); omitted: the built-in defaults"
     )
-    _add_storage_flags(p, required=False)
+    _add_storage_flags(
+        p,
+        "the study file's storage (sqlite:///tlsearch.db unless it names another)",
+        "the study file's name",
+    )
     # Checked here, so that a bad flag is reported as the flag, not as the study file.
     p.add_argument(
         "--n-trials", type=_positive, help="total trials in the study (finished ones count)"
@@ -265,9 +286,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     quiet_optuna()
     from tlsearch.export import write_export, write_trials
-    from tlsearch.storage import open_study
+    from tlsearch.storage import find_study
 
-    study = open_study(args.storage, args.study_name)
+    study, _url = find_study(args.config, args.storage, args.study_name)
     if args.trials is not None:
         df = write_trials(study, args.trials)
         _log.info("%d trials written to %s", len(df), args.trials)
@@ -303,7 +324,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     quiet_optuna()
     from tlsearch.status import study_status
 
-    print(study_status(args.storage, args.study_name))
+    print(study_status(args.storage, args.study_name, study_file=args.config))
     return 0
 
 
@@ -311,9 +332,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     load_plugins(args.plugin)
     quiet_optuna()
     from tlsearch.report import write_report
-    from tlsearch.storage import open_study
+    from tlsearch.storage import find_study
 
-    path = write_report(open_study(args.storage, args.study_name), args.output, args.final)
+    study, _url = find_study(args.config, args.storage, args.study_name)
+    path = write_report(study, args.output, args.final)
     print(path)
     return 0
 
@@ -336,8 +358,9 @@ def _run_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "run",
         parents=[common],
         help="run or resume a study from a config file",
-        description="Run a study until its trial budget is used; rerunning resumes it. Flags "
-        "override the config file. With --workers N, N worker processes share the study.",
+        description="Run a study until its trial budget is used, then its confirmation round "
+        "(select.confirm); rerunning resumes it. Flags override the config file. With "
+        "--workers N, N worker processes share the study.",
     )
     _add_study_flags(run)
     run.add_argument(
@@ -385,7 +408,7 @@ def _worker_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "heartbeat settings and pretrained checkpoint from the storage; any number of workers, "
         "on any host, share the study's budget exactly. SIGINT/SIGTERM stop it cleanly.",
     )
-    _add_storage_flags(worker, required=True)
+    _add_storage_flags(worker, None, None)
     worker.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: finetune.device)")
     worker.add_argument(
         "--max-trials",
@@ -427,19 +450,28 @@ def _export_command(sub: Any, common: argparse.ArgumentParser) -> None:
     export = sub.add_parser(
         "export",
         parents=[common],
-        help="write the best trial's config as JSON",
-        description="Write the best trial (params, CV scores, resolved config, checkpoint hash, "
-        "versions) as JSON that `tlsearch final` reads.",
+        help="write the trial the study's selection rule picks as JSON, for `tlsearch final`",
+        description="Write the trial the study's selection rule picks (select.rule, or --select; "
+        "the default, confirm: the search's top configuration and plain fine-tuning trained "
+        "again on fresh folds, the better one on those; without that round, the search's best) "
+        "with its params, CV scores, resolved config, checkpoint hash and versions, as JSON "
+        "that `tlsearch final` reads. The choice and its reason are stored with the study.",
     )
-    _add_storage_flags(export, required=True, name_required=False)
-    export.add_argument("-o", "--output", type=Path, default=Path("best.json"), help="output file")
+    _add_reader_flags(export)
+    export.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("best.json"),
+        help="output file (default: best.json)",
+    )
     export.add_argument(
         "--select",
         choices=SELECTION_RULES.names(),
         default=None,
         metavar="RULE",
         help="which trial to export: a selection rule (default: the study's select.rule); one of "
-        f"{', '.join(SELECTION_RULES.names())} (README, Do no harm)",
+        f"{', '.join(SELECTION_RULES.names())} (docs/selection.md)",
     )
     export.add_argument(
         "--trials",
@@ -481,11 +513,12 @@ def _status_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "status",
         parents=[common],
         help="show a study's trials by state, best trial, running trials and ETA",
-        description="Print the study's trials by state, the best value and parameters, the "
-        "running trials with their start and last heartbeat, and an ETA from the trial budget "
-        "and the mean trial duration.",
+        description="Print the study's trials by state and the budget used, the confirmation "
+        "round's progress, the search's best trial and the baselines, what the last export "
+        "selected and why, the running trials with their start and last heartbeat, and an ETA "
+        "from the trial budget and the mean trial duration.",
     )
-    _add_storage_flags(status, required=True, name_required=False)
+    _add_reader_flags(status)
     status.set_defaults(func=cmd_status)
 
 
@@ -495,11 +528,14 @@ def _report_command(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="write an HTML report with figures (CV score vs λ and more)",
         description="Write DIR/report.html, self-contained, and its figures as PNG files: CV "
-        "accuracy vs λ, optimization history, parameter importances, accuracy vs frozen depth, "
-        "lr vs λ, and with --final the held-out test comparison of `tlsearch final`.",
+        "accuracy vs λ, learning curves, optimization history, parameter importances, accuracy "
+        "vs frozen depth, lr vs λ, and with --final the held-out test comparison of `tlsearch "
+        "final`.",
     )
-    _add_storage_flags(report, required=True, name_required=False)
-    report.add_argument("-o", "--output", type=Path, default=Path("report"), help="directory")
+    _add_reader_flags(report)
+    report.add_argument(
+        "-o", "--output", type=Path, default=Path("report"), help="directory (default: report)"
+    )
     report.add_argument(
         "--final", type=Path, metavar="BEST.final.json", help="written by `tlsearch final`"
     )
@@ -541,8 +577,8 @@ _COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tlsearch",
-        description="Cross-validated search for the regularization strength (λ), learning rate "
-        "and frozen depth of transfer learning, on Optuna.",
+        description="Cross-validated search for the regularization strength (λ), learning "
+        "rates and frozen depth of transfer learning, on Optuna.",
     )
     parser.add_argument("--version", action="version", version=f"tlsearch {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import statistics
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -27,9 +28,9 @@ from tlsearch.selection import (
 from tlsearch.storage import (
     CONFIRM_ATTR,
     create_storage,
+    find_study,
     load_study_config,
     mask_url,
-    open_study,
     storage_error,
 )
 
@@ -247,12 +248,20 @@ def _eta_line(
     return f"ETA: {terms} ≈ {_fmt_seconds(eta)} (no worker is running now)"
 
 
-def study_status(storage_url: str, study_name: str | None = None) -> str:
-    """:func:`status_table` of the named study (or the storage's only one), with its heartbeats;
-    one clear error if missing."""
-    study = open_study(storage_url, study_name)
+def study_status(
+    storage_url: str | None = None,
+    study_name: str | None = None,
+    *,
+    study_file: str | Path | None = None,
+) -> str:
+    """:func:`status_table` of a study, with its heartbeats; one clear error if it is missing.
+
+    The study is the one :func:`~tlsearch.storage.find_study` finds: the named one (else the
+    storage's only one) in ``storage_url``, else the study file's, else ``./tlsearch.db``'s.
+    """
+    study, url = find_study(study_file, storage_url, study_name)
     return status_table(
         study,
-        heartbeats=heartbeat_ages(storage_url, study.study_name),
-        storage_label=mask_url(storage_url),
+        heartbeats=heartbeat_ages(url, study.study_name),
+        storage_label=mask_url(url),
     )
