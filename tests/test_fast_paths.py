@@ -15,13 +15,13 @@ from conftest import TINY, merge
 
 from tlsearch.config import StudyConfig, config_from_dict
 from tlsearch.errors import DivergedError
-from tlsearch.models import create_model, stack_models
+from tlsearch.models import create_model, fold_batchable, stack_models
 from tlsearch.objective import KFoldObjective
 from tlsearch.params import TrialParams
 from tlsearch.pretrain import load_checkpoint
 from tlsearch.regularizers import create_regularizer
 from tlsearch.study import prepare
-from tlsearch.training import evaluate, finetune, finetune_folds, fold_batchable
+from tlsearch.training import Recipe, TrialFolds, evaluate, finetune, finetune_folds
 
 INPUT = (1, 8, 8)
 MLP = {"name": "mlp", "hidden": [32, 16]}
@@ -176,7 +176,11 @@ def test_stacked_penalty_is_each_folds_penalty() -> None:
 def test_fold_groups(tiny) -> None:
     def groups(model: dict, frozen: int, **overrides: Any) -> list[list[int]]:
         objective = _objective(tiny(model=model, cv={"k": 4}, **overrides))
-        return objective.fold_groups(TrialParams(0.1, 0.01, frozen, 1.0, "l2sp"))
+        params = TrialParams(0.1, 0.01, frozen, 1.0, "l2sp")
+        recipe = Recipe(objective.pretrained, objective.cfg, params, 4, INPUT)
+        search = objective.search_folds
+        trial = TrialFolds(recipe, [objective.folds[f] for f in search], search)
+        return objective.schedule.groups(params, trial)
 
     assert groups(MLP, 0) == [[0, 1, 2, 3]]
     # Only the folds no pruner can skip train together.

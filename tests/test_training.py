@@ -14,7 +14,7 @@ from tlsearch.models import create_model, stack_models
 from tlsearch.params import TrialParams
 from tlsearch.registry import REGULARIZERS
 from tlsearch.regularizers import delta
-from tlsearch.training import Lanes, block_outputs, evaluate, finetune, fold
+from tlsearch.training import Lanes, batchnorm_from, block_outputs, evaluate, finetune, trainer
 from tlsearch.training.adam import FusedAdam
 
 INPUT = (1, 8, 8)
@@ -285,13 +285,13 @@ def test_block_outputs_are_kept_only_for_a_data_term(
     monkeypatch: pytest.MonkeyPatch, regularizer: str, bss_eta: float, frozen: int, maps: bool
 ) -> None:
     asked: set[bool] = set()
-    real = fold.block_outputs
+    real = trainer.block_outputs
 
     def spy(*args: object, **kwargs: object) -> object:
         asked.add(True)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fold, "block_outputs", spy)
+    monkeypatch.setattr(trainer, "block_outputs", spy)
     cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 1})
     pre = _pretrained(cfg)
     x, y = _target()
@@ -426,14 +426,14 @@ def test_delta_attention_off_keeps_the_search_hash() -> None:
     assert on.search_hash() != config_from_dict(TINY).search_hash()
 
 
-def _runs(cfg: StudyConfig, folds: int = 3) -> list[fold.Run]:
+def _runs(cfg: StudyConfig, folds: int = 3) -> list[trainer.Trainer]:
     pre = _pretrained(cfg)
     x, y = _target()
     params = TrialParams(
         lambda_=0.01, lr=0.05, frozen_blocks=0, backbone_lr_mult=1.0, regularizer="l2sp"
     )
-    recipe = fold.Recipe(pre, cfg, params, 4, INPUT)
-    return [fold.fold_run(recipe, x[f::folds], y[f::folds], seed=f) for f in range(folds)]
+    recipe = trainer.Recipe(pre, cfg, params, 4, INPUT)
+    return [trainer.Trainer(recipe.job(x[f::folds], y[f::folds], (f,))) for f in range(folds)]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["no-dropout", "dropout"])
@@ -448,17 +448,18 @@ def test_lanes_train_each_fold_as_it_trains_alone(
         torch.set_num_threads(1)  # bit for bit: one thread alone, one thread per lane
         alone = []
         for run in _runs(cfg):
-            run.finish()
+            while run.epoch():
+                pass
             alone.append(run.results()[0])
         runs = _runs(cfg)
         threads: set[str] = set()
-        step = fold.Run.step
+        epoch = trainer.Trainer.epoch
 
-        def watched(run: fold.Run) -> bool:
+        def watched(run: trainer.Trainer) -> bool:
             threads.add(threading.current_thread().name)
-            return step(run)
+            return epoch(run)
 
-        monkeypatch.setattr(fold.Run, "step", watched)
+        monkeypatch.setattr(trainer.Trainer, "epoch", watched)
         with Lanes(runs, cores=2, min_seconds=0.0) as lanes:
             while lanes.advance(4):
                 pass
@@ -467,7 +468,7 @@ def test_lanes_train_each_fold_as_it_trains_alone(
     finally:
         torch.set_num_threads(before)
     assert [r.draws for r in runs] == [dropout > 0] * 3
-    assert [r.epoch for r in runs] == [6] * 3
+    assert [r.epochs_trained for r in runs] == [6] * 3
     assert width == (1 if dropout else 2)
     assert any(name.startswith("tlsearch-lane") for name in threads) == (not dropout)
     for a, b in zip(alone, runs, strict=True):
@@ -495,23 +496,24 @@ def test_batchnorm_from_recomputes_the_trained_layers_and_restores_them() -> Non
     pre = _pretrained(cfg)
     x, y = _target()
     params = TrialParams(0.01, 0.05, frozen_blocks=1, backbone_lr_mult=1.0, regularizer="l2sp")
-    recipe = fold.Recipe(pre, cfg, params, 4, INPUT)
-    watched, alone = (fold.fold_run(recipe, x, y, seed=0) for _ in range(2))
+    recipe = trainer.Recipe(pre, cfg, params, 4, INPUT)
+    watched, alone = (trainer.Trainer(recipe.job(x, y, (0,))) for _ in range(2))
     frozen_bn, trained_bn = (
         [m for m in watched.model.blocks[i].modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
         for i in (0, 1)
     )
     seen: list[torch.Tensor] = []
     hook = trained_bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
-    while watched.step():
+    while watched.epoch():
         before = trained_bn.running_mean.clone()
-        with fold.batchnorm_from(watched.model, x) as model:
+        with batchnorm_from(watched.model, x) as model:
             assert torch.allclose(trained_bn.running_mean, seen[-1].mean((0, 2, 3)), atol=1e-6)
             assert not torch.equal(trained_bn.running_mean, before)
             assert torch.equal(frozen_bn.running_mean, pre["blocks.0.1.running_mean"])
             evaluate(model, x, y)
         assert torch.equal(trained_bn.running_mean, before)
     hook.remove()
-    alone.finish()
+    while alone.epoch():
+        pass
     a, b = watched.results()[0].state_dict(), alone.results()[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

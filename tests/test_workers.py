@@ -34,7 +34,7 @@ from pg import (
     wait_until,
 )
 
-from tlsearch import device
+from tlsearch import hosts
 from tlsearch._io import sha256_file
 from tlsearch.device import default_threads
 from tlsearch.errors import ConfigError
@@ -285,12 +285,12 @@ def test_workers_of_one_host_spread_over_its_gpus(
 ) -> None:
     """Scaled compose replicas all see every GPU; lock files give each the least used one."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    monkeypatch.setattr(device, "_held", [])
+    monkeypatch.setattr(hosts, "_held", [])
     assert [claim_gpu(tmp_path) for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
-    for lock in device._held[:2]:  # the workers on GPUs 0 and 1 exit
+    for lock in hosts._held[:2]:  # the workers on GPUs 0 and 1 exit
         lock.release()
     assert [claim_gpu(tmp_path) for _ in range(2)] == [0, 1]
-    for lock in device._held:
+    for lock in hosts._held:
         lock.release()
 
 
