@@ -144,6 +144,17 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_threads_flag(p: argparse.ArgumentParser, per: str) -> None:
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help=f"torch CPU threads {per}(default: finetune.threads, else $OMP_NUM_THREADS, else this "
+        "host's cores shared among the study's workers here, less those other work keeps busy, "
+        "checked before each trial and between epochs)",
+    )
+
+
 def _heartbeat(args: argparse.Namespace) -> dict[str, int]:
     given = {
         "interval": args.heartbeat_interval,
@@ -376,12 +387,7 @@ def _run_command(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="0,1,...",
         help="GPUs the workers are pinned to, round-robin (default: every visible GPU, else CPU)",
     )
-    run.add_argument(
-        "--threads",
-        type=_positive,
-        metavar="N",
-        help="torch CPU threads per worker (default: finetune.threads, else cores / workers)",
-    )
+    _add_threads_flag(run, "per worker ")
     _add_plugin_flag(run)
     run.set_defaults(func=cmd_run)
 
@@ -422,13 +428,7 @@ def _worker_command(sub: Any, common: argparse.ArgumentParser) -> None:
     worker.add_argument(
         "--timeout", type=_seconds, help="start no trial after this long: seconds, or 90s, 10m, 2h"
     )
-    worker.add_argument(
-        "--threads",
-        type=_positive,
-        metavar="N",
-        help="torch CPU threads (default: finetune.threads, else the cores shared among this "
-        "study's workers on this host, checked before each trial)",
-    )
+    _add_threads_flag(worker, "")
     worker.add_argument(
         "--cache-dir",
         type=Path,
