@@ -221,7 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             quiet=args.quiet,
         )
         print(summary_table(study))
-        failed = [e for e in exits if e.exitcode != 0 and not (signum and e.exitcode == 130)]
+        failed = [e for e in exits if e.failed(signum)]
         for e in failed:
             print(f"tlsearch: error: {e.describe()}", file=sys.stderr)
         if signum is not None:

@@ -367,6 +367,11 @@ class WorkerExit:
     device: str
     exitcode: int
 
+    def failed(self, signum: int | None) -> bool:
+        """Whether it ended badly: any exit but 0, except the 130 of a SIGINT passed on to it
+        (``signum``: the signal that stopped the run, None if none did)."""
+        return self.exitcode != 0 and not (signum and self.exitcode == 130)
+
     def describe(self) -> str:
         who = f"worker {self.index} ({self.device})"
         if self.exitcode < 0:
