@@ -11,21 +11,33 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import tomllib
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from tlsearch.config.schema import (
     CHANGED_DEFAULTS,
     LEGACY_VALUES,
     ModelConfig,
+    Param,
     ParamRange,
+    SearchSpace,
     StudyConfig,
 )
 from tlsearch.errors import ConfigError
-from tlsearch.registry import MODELS, PRUNERS, REGULARIZERS, SAMPLERS, SELECTION_RULES, TASKS
+from tlsearch.registry import (
+    MODELS,
+    PRUNERS,
+    REGULARIZERS,
+    SAMPLERS,
+    SELECTION_RULES,
+    TASKS,
+    TERMS,
+    Hyperparameter,
+)
 
 __all__ = ["adopt_stored", "check_names", "config_from_dict", "load_config", "stored_config"]
 
@@ -107,14 +119,74 @@ def _unknown_names(data: Any, source: str) -> list[str]:
                     registry.get(name)
                 except ConfigError as e:
                     lines.append(_one_line(f"{source}: {e}"))
+    search = data.get("search") if isinstance(data, dict) else None
+    if isinstance(search, dict):
+        fields = {f.alias or n for n, f in SearchSpace.model_fields.items()}
+        fields |= set(SearchSpace.model_fields)
+        keys = [str(k) for k in search if k not in fields]
+        lines += [_one_line(f"{source}: {line}") for line in _unknown_search_keys(keys)]
     return lines
+
+
+def _declared_in_search() -> dict[str, Hyperparameter]:
+    """The hyperparameters registered penalties and loss terms declare as ``search.<name>``."""
+    return {
+        h.name: h
+        for registry in (REGULARIZERS, TERMS)
+        for name in registry.names()
+        for h in registry.get(name).hyperparameters
+        if h.field is None
+    }
+
+
+def _unknown_search_keys(keys: Iterable[str]) -> list[str]:
+    declared = _declared_in_search()
+    return [f"search.{key}: unknown key" for key in keys if key not in declared]
+
+
+def _own_hyperparameters(cfg: StudyConfig) -> tuple[StudyConfig, list[str]]:
+    """``cfg`` with the declared default of each hyperparameter its penalties and the loss terms
+    bring that its file leaves unset (and that is not off: a term's), and the problems: a
+    ``search.<name>`` no entry declares, a value below the declared minimum, a name two entries
+    declare differently."""
+    extra = cfg.search.model_extra or {}
+    problems = _unknown_search_keys(extra)
+    chosen = [REGULARIZERS.get(n) for n in cfg.regularizer.names if n in REGULARIZERS]
+    entries = [*chosen, *(TERMS.get(n) for n in TERMS.names())]
+    seen: dict[str, tuple[str, Hyperparameter]] = {}
+    filled: dict[str, Any] = {}
+    for entry in entries:
+        for h in entry.hyperparameters:
+            first, other = seen.setdefault(h.name, (entry.name, h))
+            if other != h:
+                problems.append(f"{first} and {entry.name} both declare a parameter '{h.name}'")
+            if h.field is not None:
+                continue
+            value = extra.get(h.name)
+            if value is None and h.default != h.off:
+                value = filled[h.name] = _param(h.default, f"search.{h.name}", entry.name)
+            low = value.low if isinstance(value, ParamRange) else value
+            if value is not None and h.minimum is not None and low < h.minimum:
+                problems.append(f"search.{h.name}: must be >= {h.minimum:g}, got {low}")
+    search = cfg.search.model_copy(update=filled)
+    return cfg.model_copy(update={"search": search}), problems
+
+
+def _param(value: Any, field: str, entry: str) -> Any:
+    """A declared default as a validated range or number."""
+    try:
+        return TypeAdapter(Param).validate_python(value)
+    except ValidationError as e:
+        raise ConfigError(f"{field}: the default '{entry}' declares is invalid: {e}") from None
 
 
 def check_names(cfg: StudyConfig, source: str = "config") -> StudyConfig:
     """``cfg`` with its names checked against the registries and the model's options validated.
 
     Raises :class:`ConfigError` (one line per problem, prefixed by ``source``) for an unknown name,
-    an unknown or invalid model option, or a frozen depth past the model's blocks.
+    an unknown or invalid model option, a frozen depth past the model's blocks, or a ``search``
+    key no registered penalty or loss term declares. The hyperparameters the chosen penalties
+    declare come back with their defaults filled in, as the model's options do.
     """
     problems: list[str] = []
 
@@ -143,6 +215,8 @@ def check_names(cfg: StudyConfig, source: str = "config") -> StudyConfig:
                 f"search.frozen_blocks: {int(top)} exceeds the {n_blocks} blocks of model "
                 f"'{cfg.model.name}'"
             )
+    cfg, own = _own_hyperparameters(cfg)
+    problems += own
     if problems:
         raise ConfigError("\n".join(_one_line(f"{source}: {p}") for p in problems))
     model = ModelConfig.model_validate({"name": cfg.model.name, **(options or {})})

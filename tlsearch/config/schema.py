@@ -15,6 +15,10 @@ blocks' feature maps (a mean over the batch like the cross-entropy, so ``scale``
 it) and has a λ range of its own (``search.delta_lambda``); ``l2sp`` and ``delta`` add
 ``β/2 · ‖w_head‖²`` for the new head. BSS (``regularizer.bss_eta``) adds ``η · Σ σ²`` of the k
 smallest singular values of the batch's penultimate features on top of any of them.
+
+A penalty's or loss term's own hyperparameters are declared by its registry entry
+(:class:`tlsearch.registry.Hyperparameter`): DELTA's λ and BSS's η point at the fields above;
+one declared since is set in ``[search]`` under its own name (see :class:`SearchSpace`).
 """
 
 from __future__ import annotations
@@ -360,7 +364,19 @@ class RegularizerConfig(_Section):
 
 
 class SearchSpace(_Section):
-    """The searched parameters, named as the dashboard and the export show them."""
+    """The searched parameters, named as the dashboard and the export show them.
+
+    Besides the fields below, ``search.<name>`` sets a hyperparameter that a penalty or loss term
+    declares in its registry entry without a config field of its own (a plug-in penalty's
+    coefficient): a table ``{low, high, log, step}`` searches it, a number fixes it. Unset, it
+    takes the entry's declared default, which the loaded config then holds for each chosen
+    penalty (so a stored study says what its trials ran with; a term's default is off and is not
+    written). A config that sets none hashes as before such names existed. Which names exist is
+    checked against the registry once the file has loaded (:func:`tlsearch.config.check_names`).
+    """
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, Param]
 
     # λ (α of L2-SP): the screen behind the default task found the best L2-SP λ near 1, so the range
     # reaches two decades past it.
