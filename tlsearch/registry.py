@@ -80,8 +80,9 @@ class Hyperparameter:
         is_lambda: it is the penalty's λ, in a range and under a name of its own (a penalty whose λ
             scales something else than the others'): a trial with the penalty asks for it instead
             of ``lambda``, and the penalty receives it as its λ.
-        off: the value at which the entry does nothing (BSS's η = 0): a trial's record leaves it
-            out, so that a trial without it reads as it did before the entry existed.
+        off: the value at which it does nothing (BSS's η = 0), required but for a λ of its own:
+            baselines train with it, and a trial's record leaves it out, so that a trial without
+            it reads as it did before the entry existed.
         minimum: the least value it may take (None: any), checked where the study file sets it.
         label: how figures and tables name it ("DELTA's λ"); its name by default.
     """
@@ -97,6 +98,9 @@ class Hyperparameter:
     def __post_init__(self) -> None:
         assert (self.default is None) != (self.field is None), (
             f"hyperparameter '{self.name}': give a default or a config field, one of them"
+        )
+        assert self.is_lambda != (self.off is not None), (
+            f"hyperparameter '{self.name}': a λ of its own has no off value; any other has one"
         )
 
 
