@@ -2,7 +2,8 @@
 
 - ``lambda_curve``: CV accuracy against λ on a log axis, one point per trial with ± one standard
   error as an error bar and each fold's score as a faint dot; the trials within one standard error
-  of the best ringed (``export --select one_se`` chooses among them), the baselines marked;
+  of the best ringed (``export --select one_se`` chooses among them), the baselines marked. The
+  trials of a penalty with a λ of its own (DELTA's) get a figure of their own, against it;
 - ``history``: the optimization history, every trial's value and the best so far;
 - ``importances``: parameter importances from :func:`optuna.importance.get_param_importances`;
 - ``frozen_depth`` (saved as ``frozen_blocks.png``): CV accuracy against the number of frozen blocks;
@@ -28,6 +29,8 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
 from tlsearch.export import FINAL_MODELS
+from tlsearch.params import own_lambda
+from tlsearch.registry import Hyperparameter
 from tlsearch.report.data import Curve, Importances, Point
 
 _SIZE = (7.0, 4.3)
@@ -60,27 +63,49 @@ def _log_x(ax: Any, values: list[float]) -> None:
         ax.set_xscale("symlog", linthresh=min(positive))
 
 
-def lambda_curve(points: list[Point], best: FrozenTrial | None, delta: bool = False) -> Figure:
+def lambda_curve(
+    points: list[Point], best: FrozenTrial | None, own: Hyperparameter | None = None
+) -> Figure:
     """CV accuracy against λ: each trial ± one standard error with its folds, the trials within one
     SE of the best ringed, the best starred, plain fine-tuning and scratch marked.
 
-    ``delta``: DELTA's trials against DELTA's λ; otherwise every other penalty's. The two never
-    share an axis: one scales a distance between feature maps, the other between weights."""
+    ``own``: the trials of the penalty with that λ of its own (DELTA's ``delta_lambda``), against
+    it; None: every other trial, against the shared λ. They never share an axis: a λ of its own
+    scales something else (DELTA's: a distance between feature maps, not between weights)."""
     fig, ax = _figure()
-    ax.set_title(
-        "Cross-validated accuracy vs DELTA's λ" if delta else "Cross-validated accuracy vs λ"
-    )
+    label = "λ" if own is None else own.label or own.name
+    ax.set_title(f"Cross-validated accuracy vs {label}")
     scratch = [p for p in points if p.baseline == "scratch" and not p.pruned]
     pts = [
         p
         for p in points
         if "lambda" in p.params
         and p.baseline != "scratch"
-        and (p.params.get("regularizer") == "delta") == delta
+        and own_lambda(p.params.get("regularizer")) == own
     ]
     if not pts:
         _empty(ax, "no finished trial yet")
         return fig
+    _trials_with_folds(ax, pts)
+    _within_one_se_and_best(ax, pts, best)
+    for p in scratch:
+        ax.axhline(p.value, color="C3", ls="--", lw=1, label=f"scratch (trial {p.number})")
+    _log_x(ax, [p.params["lambda"] for p in pts])
+    _clip_to_complete(ax, pts, also=[p.value for p in scratch])
+    what = "λ (penalty strength" if own is None else f"{label} (a range of its own"
+    ax.set_xlabel(f"{what}, log scale)")
+    ax.set_ylabel("CV accuracy (mean ± 1 SE over folds)")
+    # Legend beside the plot, depths in order: the points fill the whole λ range.
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith("pruned"), labels[i]))
+    _legend_beside(ax, [handles[i] for i in order], [labels[i] for i in order])
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _trials_with_folds(ax: Any, pts: list[Point]) -> None:
+    """Each trial at its λ: the mean ± one SE coloured by frozen depth (grey and hollow when
+    pruned, a diamond for a baseline), each fold's score as a faint dot."""
     depths = sorted({p.params.get("frozen_blocks", 0) for p in pts})
     colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
     labelled: set[Any] = set()
@@ -105,6 +130,10 @@ def lambda_curve(points: list[Point], best: FrozenTrial | None, delta: bool = Fa
             label=None if label in labelled else label,
         )
         labelled.add(label)
+
+
+def _within_one_se_and_best(ax: Any, pts: list[Point], best: FrozenTrial | None) -> None:
+    """A ring around each trial within one SE of the best (one_se's pool), a star on the best."""
     within = [p for p in pts if p.within_one_se]
     if within:
         ax.scatter(
@@ -117,32 +146,18 @@ def lambda_curve(points: list[Point], best: FrozenTrial | None, delta: bool = Fa
             zorder=4,
             label=f"within one SE of the best ({len(within)})",
         )
-    if best is not None:
-        star = next((p for p in pts if p.number == best.number), None)
-        if star is not None:
-            ax.scatter(
-                star.params["lambda"],
-                star.value,
-                marker="*",
-                s=220,
-                color="gold",
-                edgecolors="black",
-                zorder=5,
-                label=f"best (trial {best.number})",
-            )
-    for p in scratch:
-        ax.axhline(p.value, color="C3", ls="--", lw=1, label=f"scratch (trial {p.number})")
-    _log_x(ax, [p.params["lambda"] for p in pts])
-    _clip_to_complete(ax, pts, also=[p.value for p in scratch])
-    what = "DELTA's λ (feature-map distance" if delta else "λ (penalty strength"
-    ax.set_xlabel(f"{what}, log scale)")
-    ax.set_ylabel("CV accuracy (mean ± 1 SE over folds)")
-    # Legend beside the plot, depths in order: the points fill the whole λ range.
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith("pruned"), labels[i]))
-    _legend_beside(ax, [handles[i] for i in order], [labels[i] for i in order])
-    ax.grid(alpha=0.3)
-    return fig
+    star = next((p for p in pts if best is not None and p.number == best.number), None)
+    if star is not None:
+        ax.scatter(
+            star.params["lambda"],
+            star.value,
+            marker="*",
+            s=220,
+            color="gold",
+            edgecolors="black",
+            zorder=5,
+            label=f"best (trial {star.number})",
+        )
 
 
 def _clip_to_complete(ax: Any, pts: list[Point], also: Sequence[float] = ()) -> None:
@@ -364,7 +379,26 @@ def test_comparison(final: Mapping[str, Any]) -> Figure:
     ax.set_xticks(xs, [FINAL_MODELS[n].replace(" (", "\n(") for n in names])
     for x, a in zip(xs, acc, strict=True):
         ax.text(x, 0.02, f"{a:.3f}", ha="center", va="bottom", color="white", weight="bold")
-    with_interval = [(x, m) for x, m in zip(xs, models, strict=True) if m.get("test_interval")]
+    placed = list(zip(xs, models, strict=True))
+    intervals = _test_intervals(ax, placed)
+    if n_seeds > 1:
+        _seeds(ax, placed)
+    cv = _cv(ax, placed)
+    if intervals or cv or n_seeds > 1:
+        _legend_beside(ax)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+# A model of BEST.final.json at its place on the x axis.
+Placed = list[tuple[int, Mapping[str, Any]]]
+
+
+def _test_intervals(ax: Any, placed: Placed) -> bool:
+    """Each model's 95 % Wilson interval of the test accuracy, where the file has one."""
+    with_interval = [(x, m) for x, m in placed if m.get("test_interval")]
     if with_interval:
         ax.errorbar(
             [x for x, _ in with_interval],
@@ -379,10 +413,13 @@ def test_comparison(final: Mapping[str, Any]) -> Figure:
             elinewidth=1.2,
             label="95 % interval (Wilson)",
         )
-    seeds = [
-        (x, a) for x, m in zip(xs, models, strict=True) for a in m.get("seed_accuracies") or []
-    ]
-    if n_seeds > 1 and seeds:
+    return bool(with_interval)
+
+
+def _seeds(ax: Any, placed: Placed) -> None:
+    """Each seed's test accuracy as a dot left of its model's bar."""
+    seeds = [(x, a) for x, m in placed for a in m.get("seed_accuracies") or []]
+    if seeds:
         ax.scatter(
             [x - 0.12 for x, _ in seeds],
             [a for _, a in seeds],
@@ -392,7 +429,11 @@ def test_comparison(final: Mapping[str, Any]) -> Figure:
             zorder=4,
             label="one seed",
         )
-    cv = [(x, m) for x, m in zip(xs, models, strict=True) if m.get("cv_mean") is not None]
+
+
+def _cv(ax: Any, placed: Placed) -> bool:
+    """The search's CV estimate ± one SE as a diamond right of the bar, where there is one."""
+    cv = [(x, m) for x, m in placed if m.get("cv_mean") is not None]
     if cv:
         ax.errorbar(
             [x + 0.12 for x, _ in cv],
@@ -405,9 +446,4 @@ def test_comparison(final: Mapping[str, Any]) -> Figure:
             zorder=5,
             label="CV estimate of the search (± 1 SE)",
         )
-    if with_interval or cv or n_seeds > 1:
-        _legend_beside(ax)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3, axis="y")
-    return fig
+    return bool(cv)

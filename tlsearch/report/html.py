@@ -22,6 +22,7 @@ from tlsearch._version import __version__
 from tlsearch.config import StudyConfig
 from tlsearch.errors import TlsearchError
 from tlsearch.export import read_final
+from tlsearch.params import own_lambda
 from tlsearch.report import data, figures
 
 _CSS = """
@@ -94,30 +95,9 @@ def _figures(
     """The figures, in the order the report shows them."""
     points = data.points(study, cfg)
     importances = data.importances(study)
-    k = cfg.cv.k if cfg is not None else "k"
     epochs = cfg.finetune.epochs if cfg is not None else 1
     folds = cfg.cv.k * cfg.cv.repeats if cfg is not None else 1
-    shown: list[Shown] = [
-        (
-            "lambda_curve",
-            "CV accuracy vs λ",
-            lambda: figures.lambda_curve(points, best),
-            f"One point per trial: the mean accuracy over the {k} validation folds, ± one "
-            "standard deviation; the faint dots are the single folds. Colour: frozen blocks. "
-            "Hollow grey points are pruned trials (the mean of the folds they ran). The dotted "
-            "line is the λ of plain fine-tuning, final's baseline.",
-        ),
-    ]
-    if any(p.params.get("regularizer") == "delta" for p in points):
-        shown.append(
-            (
-                "delta_lambda_curve",
-                "CV accuracy vs DELTA's λ",
-                lambda: figures.lambda_curve(points, best, delta=True),
-                "As above for the trials that trained with DELTA: its λ scales a distance between "
-                "feature maps, not between weights, so it has an axis of its own.",
-            )
-        )
+    shown = _lambda_curves(points, best, folds)
     shown += [
         (
             "learning_curves",
@@ -155,21 +135,58 @@ def _figures(
             "accuracy; grey crosses are pruned trials.",
         ),
     ]
-    if final is not None:
+    return shown + _test_figure(final)
+
+
+def _lambda_curves(points: list[data.Point], best: FrozenTrial | None, folds: int) -> list[Shown]:
+    """CV accuracy against the shared λ, then against each λ of its own that a penalty of the
+    trials declares (DELTA's), each on an axis of its own."""
+    shown: list[Shown] = [
+        (
+            "lambda_curve",
+            "CV accuracy vs λ",
+            lambda: figures.lambda_curve(points, best),
+            f"One point per trial: the mean accuracy over its {folds} validation folds, ± one "
+            "standard error; the faint dots are the single folds. Colour: frozen blocks. Hollow "
+            "grey points are pruned trials (the mean of the folds they ran; a triangle on the "
+            "edge when off the axis). The diamond is plain fine-tuning's baseline trial, the "
+            "dashed line scratch's CV accuracy. Rings mark the trials within one standard error "
+            "of the best (export --select one_se picks among them), the star the best.",
+        )
+    ]
+    own = {h.name: h for p in points if (h := own_lambda(p.params.get("regularizer")))}
+    for h in own.values():
+        label = h.label or h.name
         shown.append(
             (
-                "test_comparison",
-                "Held-out test comparison",
-                lambda: figures.test_comparison(final),
-                "Each model trained on the whole target training split and scored once on the "
-                "held-out target test split, which the search never saw; the bar is the mean "
-                "over seeds. Error bars: the 95 % Wilson interval of the test accuracy, the test "
-                "images being the sample (seeds re-score the same images, so they narrow nothing). "
-                "Dots: single seeds. Diamonds: the search's CV estimate of the same settings, ± "
-                "one standard error, where the study has one.",
+                f"{h.name}_curve",
+                f"CV accuracy vs {label}",
+                lambda h=h: figures.lambda_curve(points, best, h),
+                f"As above for the trials whose penalty has a λ of its own, {label} "
+                f"({h.name}): it scales something else than the others' λ, so it has an axis of "
+                "its own.",
             )
         )
     return shown
+
+
+def _test_figure(final: Mapping[str, Any] | None) -> list[Shown]:
+    """The held-out test comparison, given ``tlsearch final``'s results."""
+    if final is None:
+        return []
+    return [
+        (
+            "test_comparison",
+            "Held-out test comparison",
+            lambda: figures.test_comparison(final),
+            "Each model trained on the whole target training split and scored once on the "
+            "held-out target test split, which the search never saw; the bar is the mean "
+            "over seeds. Error bars: the 95 % Wilson interval of the test accuracy, the test "
+            "images being the sample (seeds re-score the same images, so they narrow nothing). "
+            "Dots: single seeds. Diamonds: the search's CV estimate of the same settings, ± "
+            "one standard error, where the study has one.",
+        )
+    ]
 
 
 def _final_section(final: Mapping[str, Any] | None) -> list[str]:
