@@ -223,7 +223,7 @@ def test_delta_and_bss_train_with_frozen_blocks() -> None:
     cfg = _cfg(MODELS["mlp"], finetune={"epochs": 4, "batch_size": 16}, regularizer={"bss_k": 2})
     pre = _pretrained(cfg)
     x, y = _target()
-    delta = TrialParams(1.0, 0.05, 1, 1.0, "delta", bss_eta=0.5)
+    delta = TrialParams(1.0, 0.05, 1, 1.0, "delta", {"bss_eta": 0.5})
     tuned = finetune(pre, cfg, delta, x, y, 4, INPUT, seed=0).state_dict()
     plain = finetune(pre, cfg, TrialParams(1.0, 0.05, 1, 1.0, "none"), x, y, 4, INPUT, 0)
     for key, value in tuned.items():
@@ -264,7 +264,7 @@ def test_bss_shrinks_the_smallest_singular_values() -> None:
     x, y = _target()
 
     def smallest(eta: float) -> float:
-        params = TrialParams(0.0, 0.05, 0, 1.0, "none", bss_eta=eta)
+        params = TrialParams(0.0, 0.05, 0, 1.0, "none", {"bss_eta": eta})
         features = _feature_maps(finetune(pre, cfg, params, x, y, 4, INPUT, seed=0), x)[-1]
         return float(torch.linalg.svdvals(features)[-2:].square().sum())
 
@@ -295,7 +295,7 @@ def test_block_outputs_are_kept_only_for_a_data_term(
     cfg = _cfg({"name": "mlp", "hidden": [16, 8]}, finetune={"epochs": 1})
     pre = _pretrained(cfg)
     x, y = _target()
-    params = TrialParams(0.5, 0.01, frozen, 1.0, regularizer, bss_eta=bss_eta)
+    params = TrialParams(0.5, 0.01, frozen, 1.0, regularizer, {"bss_eta": bss_eta})
     finetune(pre, cfg, params, x, y, 4, INPUT, seed=0)
     assert (True in asked) == maps
 

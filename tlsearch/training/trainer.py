@@ -239,7 +239,8 @@ class Trainer:
         return self.forward(xb, maps=True)[1]
 
     def _penalty(self) -> Regularizer:
-        """4) The trial's penalty over the model's trainable parameters."""
+        """4) The trial's penalty over the model's trainable parameters, with its λ (and any
+        hyperparameter of its own its registry entry declares)."""
         cfg, params = self.job.recipe.cfg, self.job.recipe.params
         n = self.job.y.shape[-1]
         return create_regularizer(
@@ -247,6 +248,7 @@ class Trainer:
             self.model,
             self.job.recipe.pretrained,
             params.lambda_,
+            hyperparameters=params.hyperparameters,
             head_lambda=cfg.regularizer.head_lambda,
             penalize=cfg.regularizer.penalize,
             scale=1.0 / n if cfg.regularizer.scale == "per_sample" else 1.0,
