@@ -148,16 +148,13 @@ def _within_one_se_and_best(ax: Any, pts: list[Point], best: FrozenTrial | None)
         )
     star = next((p for p in pts if best is not None and p.number == best.number), None)
     if star is not None:
-        ax.scatter(
-            star.params["lambda"],
-            star.value,
-            marker="*",
-            s=220,
-            color="gold",
-            edgecolors="black",
-            zorder=5,
-            label=f"best (trial {star.number})",
-        )
+        _star(ax, star.params["lambda"], star.value, star.number, s=220, color="gold", zorder=5)
+
+
+def _star(ax: Any, x: float, y: float, number: int, **style: Any) -> None:
+    """The best trial, starred (black-edged unless ``style`` says otherwise)."""
+    style.setdefault("edgecolors", "black")
+    ax.scatter(x, y, marker="*", label=f"best (trial {number})", **style)
 
 
 def _clip_to_complete(ax: Any, pts: list[Point], also: Sequence[float] = ()) -> None:
@@ -342,15 +339,15 @@ def lr_vs_lambda(points: list[Point], best: FrozenTrial | None) -> Figure:
             label="pruned",
         )
     if best is not None and "lambda" in best.params and "lr" in best.params:
-        ax.scatter(
+        _star(
+            ax,
             best.params["lambda"],
             best.params["lr"],
-            marker="*",
+            best.number,
             s=260,
             facecolors="none",
             edgecolors="red",
             linewidths=1.5,
-            label=f"best (trial {best.number})",
         )
     _log_x(ax, [p.params["lambda"] for p in pts])
     ax.set_yscale("log")
