@@ -128,53 +128,36 @@ class Trainer:
     """
 
     def __init__(self, job: FoldJob) -> None:
-        recipe, params = job.recipe, job.recipe.params
-        ft = recipe.cfg.finetune
+        params = job.recipe.params
         assert 0 <= job.start <= params.frozen_blocks, (job.start, params.frozen_blocks)
         self.job = job
-        self.epochs = ft.epochs
+        self.epochs = job.recipe.cfg.finetune.epochs
         self.epochs_trained = 0
         # 1-2) each fold's model: the pretrained blocks, a new head, the first k blocks frozen;
         # several folds' stacked into one
-        self.models = [start_model(recipe, seed, job.x.device) for seed in job.seeds]
+        self.models = [start_model(job.recipe, seed, job.x.device) for seed in job.seeds]
+        self.model = self.models[0]
         if job.stacked:
-            assert fold_batchable(self.models[0], params.frozen_blocks), "BatchNorm/dropout"
+            assert fold_batchable(self.model, params.frozen_blocks), "BatchNorm/dropout"
             self.model = stack_models(self.models)
-            # 3) the forward from block `start`, every fold on its own inputs at once
+            # Every fold on its own inputs at once; fold f's rows of a batch: (f, its indices).
             self._per_fold = (
                 per_fold(self.model, partial(_logits, start=job.start)),
                 per_fold(self.model, partial(block_outputs, start=job.start)),
             )
-        else:
-            self.model = self.models[0]
-        # Each fold's own minibatch order.
-        self.generators = [torch.Generator().manual_seed(seed) for seed in job.seeds]
-        # 4) the loss: the penalty over the parameters that will train (λ enters here), and the
-        # data terms, only where a block trains: otherwise no feature map moves and the head's
-        # input is fixed, and so is its spectrum.
+            self._fold_rows = torch.arange(len(job.x), device=job.x.device)[:, None]
+        # 3) the inputs, job.x, enter block job.start (forward): the images, or the output of
+        # the first frozen blocks (FrozenFeatures)
+        # 4) the loss: the penalty (λ enters here) and the data terms, prepared
         self.penalty = self._penalty()
-        trains = params.frozen_blocks < len(self.model.blocks) and params.backbone_lr_mult > 0
-        self.terms: list[DataTerm] = (
-            data_terms(self.penalty, recipe.cfg.regularizer, params) if trains else []
-        )
-        start = Start(
-            self.model,
-            self._block_outputs,
-            job.x,
-            job.y,
-            params.frozen_blocks - job.start,
-            params.frozen_blocks,
-            job.seeds,
-            job.stacked,
-        )
-        for term in self.terms:
-            term.prepare(start)
-        # Stacked, fold f's rows of each batch: (fold index, its minibatch indices).
-        self._fold_rows = torch.arange(len(job.x), device=job.x.device)[:, None]
+        self.terms = self._data_terms()
+        # 5) what the optimizer groups hold (made by the first epoch, after the head's warm-up)
         self.head = list(self.model.head.parameters())
         self.backbone = [p for p in self.model.blocks.parameters() if p.requires_grad]
-        self.diverged: list[DivergedError | None] = [None] * len(job.seeds)
         self._optimizer: torch.optim.Optimizer | FusedAdam | None = None
+        # 6) each fold's own minibatch order, its divergence, and the global random stream
+        self.generators = [torch.Generator().manual_seed(seed) for seed in job.seeds]
+        self.diverged: list[DivergedError | None] = [None] * len(job.seeds)
         self._stream = RandomStream(job.x.device)
 
     @property
@@ -255,6 +238,28 @@ class Trainer:
             stacked=self.job.stacked,
             settings=cfg.regularizer,
         )
+
+    def _data_terms(self) -> list[DataTerm]:
+        """4) The terms computed from the batch (DELTA's, BSS), each prepared on the model at its
+        start; only where a block trains: otherwise no feature map moves and the head's input is
+        fixed, and so is its spectrum."""
+        job, params = self.job, self.job.recipe.params
+        if params.frozen_blocks == len(self.model.blocks) or params.backbone_lr_mult <= 0:
+            return []
+        terms = data_terms(self.penalty, job.recipe.cfg.regularizer, params)
+        start = Start(
+            self.model,
+            self._block_outputs,
+            job.x,
+            job.y,
+            params.frozen_blocks - job.start,
+            params.frozen_blocks,
+            job.seeds,
+            job.stacked,
+        )
+        for term in terms:
+            term.prepare(start)
+        return terms
 
     def _warm_up_head(self) -> None:
         """5) Optionally train the new head alone first, so that random head gradients do not
