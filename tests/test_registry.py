@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from pydantic import BaseModel, ConfigDict
 from tlsearch.config import ModelConfig, config_from_dict
 from tlsearch.errors import ConfigError
 from tlsearch.models import BlockNet, create_model
-from tlsearch.registry import MODELS, REGULARIZERS, Entry, Registry
+from tlsearch.params import SEARCHED
+from tlsearch.registry import MODELS, REGULARIZERS, TERMS, Entry, Hyperparameter, Registry
 from tlsearch.regularizers import Regularizer, create_regularizer
 
 ADD_MORE = "a plug-in adds more: install its package, or pass --plugin MODULE"
@@ -230,6 +232,10 @@ def test_frozen_blocks_are_checked_against_the_entrys_count() -> None:
 # Every registered regularizer, on every registered model
 
 
+# A penalty's own hyperparameters (besides λ) at their off values: what it is without them.
+NONE_OWN: dict[str, Any] = {"hyperparameters": {}}
+
+
 def _net(name: str, batch_norm: bool = False) -> BlockNet:
     torch.manual_seed(0)
     return create_model(
@@ -249,10 +255,46 @@ def _shifted(model: BlockNet, shift: float) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", REGULARIZERS.names())
 def test_every_regularizer_is_created_by_name(name: str) -> None:
     model = _net("mlp")
-    penalty = REGULARIZERS.create(name, model, model.state_dict(), 0.3, head_lambda=0.01)
+    penalty = create_regularizer(
+        name, model, model.state_dict(), 0.3, head_lambda=0.01, **NONE_OWN
+    )
     assert isinstance(penalty, Regularizer)
     assert penalty.name == name
     assert (penalty.lambda_, penalty.head_lambda) == (0.3, 0.01)
+
+
+# Every hyperparameter a registered penalty or loss term declares: (registry, entry, declaration).
+DECLARED = [
+    (registry, name, h)
+    for registry in (REGULARIZERS, TERMS)
+    for name in registry.names()
+    for h in registry.get(name).hyperparameters
+]
+
+
+def test_every_declared_hyperparameter_has_a_name_of_its_own() -> None:
+    names = [h.name for _, _, h in DECLARED]
+    assert len(set(names)) == len(names), names
+    assert not set(names) & {*SEARCHED, "regularizer"}
+
+
+@pytest.mark.parametrize(
+    ("registry", "entry", "h"), DECLARED, ids=[f"{e}.{h.name}" for _, e, h in DECLARED]
+)
+def test_every_declared_hyperparameter_has_a_value(
+    registry: Registry, entry: str, h: Hyperparameter
+) -> None:
+    """Its config field exists, or its default is a valid value; a loss term's is off (a term is
+    on only where a study turns it on), and only a penalty has a λ of its own."""
+    cfg = config_from_dict({"regularizer": {"name": entry}} if registry is REGULARIZERS else {})
+    if h.field is not None:
+        section, field = h.field.split(".")
+        value = getattr(getattr(cfg, section), field)
+    else:
+        value = cfg.search.model_extra.get(h.name, h.default)
+    assert value is not None
+    if registry is TERMS:
+        assert value == h.off and not h.is_lambda
 
 
 @pytest.mark.parametrize("name", REGULARIZERS.names())
@@ -266,7 +308,7 @@ def test_every_regularizer_is_a_finite_scalar_with_a_gradient(
     pre = _shifted(model, shift=0.1)
     for penalize in ("weights", "all"):
         penalty = create_regularizer(
-            name, model, pre, lambda_=0.3, head_lambda=0.01, penalize=penalize
+            name, model, pre, lambda_=0.3, head_lambda=0.01, penalize=penalize, **NONE_OWN
         )
         value = penalty()
         assert isinstance(value, torch.Tensor) and value.dim() == 0
@@ -285,11 +327,11 @@ def test_every_regularizer_is_a_finite_scalar_with_a_gradient(
 
         # Linear in the scale factor, and nothing at all when λ = β = 0.
         scaled = create_regularizer(
-            name, model, pre, 0.3, head_lambda=0.01, penalize=penalize, scale=0.25
+            name, model, pre, 0.3, head_lambda=0.01, penalize=penalize, scale=0.25, **NONE_OWN
         )
         assert scaled().item() == pytest.approx(0.25 * value.item(), rel=1e-6, abs=1e-12)
         zero = create_regularizer(
-            name, model, pre, lambda_=0.0, head_lambda=0.0, penalize=penalize
+            name, model, pre, lambda_=0.0, head_lambda=0.0, penalize=penalize, **NONE_OWN
         )
         assert zero().item() == 0.0
 
@@ -305,7 +347,14 @@ def test_every_closed_form_gradient_is_the_autograd_gradient(
     model = _net(model_name, batch_norm=True)
     model.freeze(1)
     penalty = create_regularizer(
-        name, model, _shifted(model, 0.3), 0.7, head_lambda=0.05, penalize=penalize, scale=0.5
+        name,
+        model,
+        _shifted(model, 0.3),
+        0.7,
+        head_lambda=0.05,
+        penalize=penalize,
+        scale=0.5,
+        **NONE_OWN,
     )
     if not penalty.closed_form_grad:
         with pytest.raises(NotImplementedError, match=f"regularizer '{name}'"):
