@@ -55,9 +55,9 @@ def create_regularizer(
     ``scale``, ``stacked``, ``settings``).
 
     ``lambda_`` is the trial's λ (a penalty's own λ, as DELTA's, included). ``hyperparameters`` are
-    the trial's values of the hyperparameters entries declare (:attr:`TrialParams.hyperparameters
-    <tlsearch.params.TrialParams.hyperparameters>`): the penalty receives each of its own (but its
-    λ) as a keyword argument, at its off value when absent. A penalty that declares any needs them.
+    the trial's values of the hyperparameters entries declare (``params.hyperparameters`` of a
+    :class:`~tlsearch.params.TrialParams`): the penalty receives each of its own (but its λ) as a
+    keyword argument, at its off value when absent. A penalty that declares any needs them.
     """
     entry = REGULARIZERS.get(name)
     own = [h for h in entry.hyperparameters if not h.is_lambda]
