@@ -75,7 +75,8 @@ class TrialParams:
     frozen_blocks: int
     backbone_lr_mult: float
     regularizer: str
-    hyperparameters: Mapping[str, float] = field(default_factory=dict)
+    # Out of the hash (a dict has none): TrialParams stay hashable, equal ones alike.
+    hyperparameters: Mapping[str, float] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         off = {h.name: h.off for h in _declared(self.regularizer)}
