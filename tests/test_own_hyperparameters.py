@@ -55,9 +55,11 @@ class L2SPHead(L2SP):
     hyperparameter besides λ, which the penalty receives as a keyword argument."""
 
     name = "l2sp_head"
+    received: list[float] = []
 
     def __init__(self, *args: Any, head_beta: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        type(self).received.append(head_beta)
         self.head_lambda = head_beta
 
 
@@ -78,6 +80,7 @@ def registered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     REGULARIZERS.register("l2sp_mean", L2SPMean, hyperparameters=(MEAN_ALPHA,))
     REGULARIZERS.register("l2sp_head", L2SPHead, hyperparameters=(HEAD_BETA,))
     L2SPMean.received.clear()
+    L2SPHead.received.clear()
     yield
 
 
@@ -193,6 +196,22 @@ def test_a_hyperparameter_besides_lambda(registered, tiny) -> None:
     assert create_regularizer("l2sp_head", model, start, 0.3, hyperparameters={}).head_lambda == 0
     with pytest.raises(AssertionError, match="declares head_beta: pass the trial's"):
         create_regularizer("l2sp_head", model, start, 0.3)
+
+
+def test_a_hyperparameter_besides_lambda_trains(registered, tmp_path: Path) -> None:
+    """In a study: each trial's head_beta is recorded with its λ and reaches its penalty; the
+    baseline trains with it off."""
+    overrides = {"n_trials": 3, "regularizer": {"name": "l2sp_head"}}
+    search = {"baselines": ["plain_finetuning"]}
+    study = run_study(config_from_dict(_study(tmp_path, **overrides, search=search)))
+    baseline, *trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert baseline.user_attrs["baseline"] == "plain_finetuning" and len(trials) == 2
+    assert "head_beta" not in baseline.params
+    assert "head_beta" not in baseline.user_attrs["resolved_params"]
+    for t in trials:
+        assert list(t.params) == ["lambda", "lr", "head_beta"]
+        assert t.user_attrs["resolved_params"]["head_beta"] == t.params["head_beta"]
+    assert set(L2SPHead.received) == {0.0, *(t.params["head_beta"] for t in trials)}
 
 
 @pytest.mark.parametrize(
