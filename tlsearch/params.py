@@ -271,10 +271,10 @@ def _parameters(
         for name, path in SEARCHED.items()
         if name != "lambda" or any(own_lambda(r) is None for r in regularizers)
     ]
-    own: dict[str, Hyperparameter] = {}
+    declared: dict[str, Hyperparameter] = {}
     for h in [*(h for r in regularizers for h in _declared_by_penalty(r)), *_declared_by_terms()]:
-        own.setdefault(h.name, h)
-    return shared + [(h.name, _value(cfg, h), h.off) for h in own.values()]
+        declared.setdefault(h.name, h)
+    return shared + [(h.name, _value(cfg, h), h.off) for h in declared.values()]
 
 
 def _field(cfg: StudyConfig, path: str) -> Any:
