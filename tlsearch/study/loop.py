@@ -70,12 +70,13 @@ class _Guard:
         self.number: int | None = None
         self.outcome: tuple[TrialState, float | None] | None = None
         self.told = True
-        # The running trial ended with an error the loop handles itself (a signal, the storage,
-        # another worker): Optuna's report of that failure is not shown (_QuietFailures).
-        self.handled = False
+        # The objective's update of its trial was refused: another worker finished it.
+        self.refused = False
+        # Optuna's verbosity while it reports a trial the loop handles itself (None: not muted).
+        self._verbosity: int | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
-        self.number, self.outcome, self.told, self.handled = trial.number, None, False, False
+        self.number, self.outcome, self.told, self.refused = trial.number, None, False, False
         try:
             # The worker's attributes are the trial's first writes: a storage error here is the
             # loop's to handle, as one in the objective is.
@@ -89,33 +90,26 @@ class _Guard:
             self.outcome = (TrialState.PRUNED, None)
             raise
         except BaseException as e:
-            self.handled = _find_cause(e, _is_handled) is not None
+            self.refused = _find_cause(e, _is_update_refused) is not None
+            if _find_cause(e, _is_handled) is not None:
+                self._mute()
             raise
         finally:
             self.stop.in_trial = False
         self.outcome = (TrialState.COMPLETE, value)
         return value
 
+    def _mute(self) -> None:
+        """A signal, the storage or another worker ended the trial: the loop settles it and logs
+        one line, so Optuna's report of the failure (a traceback, "failed with value") is not
+        shown. Optuna logs it after the objective raises; :meth:`unmute` once it has."""
+        self._verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
 
-class _QuietFailures(logging.Filter):
-    """Drop Optuna's report of a trial that a signal, the storage or another worker ended (its
-    traceback and "failed with value" warnings): the loop logs one line for each. Decided by the
-    :class:`_Guard` that saw the objective's exception, not by reading Optuna's messages."""
-
-    _optuna_logger = logging.getLogger("optuna.study._optimize")
-
-    def __init__(self, guard: _Guard) -> None:
-        super().__init__()
-        self.guard = guard
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.guard.handled and record.levelno >= logging.WARNING)
-
-    def attach(self) -> None:
-        self._optuna_logger.addFilter(self)
-
-    def detach(self) -> None:
-        self._optuna_logger.removeFilter(self)
+    def unmute(self) -> None:
+        if self._verbosity is not None:
+            optuna.logging.set_verbosity(self._verbosity)
+            self._verbosity = None
 
 
 def _find_cause(e: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
@@ -136,16 +130,15 @@ def _is_storage_error(e: BaseException) -> bool:
     return isinstance(e, STORAGE_ERRORS)
 
 
-def _is_taken_over(e: BaseException) -> bool:
-    """This process's trial was finished by someone else meanwhile."""
-    return isinstance(e, optuna.exceptions.UpdateFinishedTrialError) or (
-        isinstance(e, ValueError) and str(e).startswith("Cannot tell a ")
-    )
+def _is_update_refused(e: BaseException) -> bool:
+    """Optuna refused to update this process's trial: someone else finished it meanwhile."""
+    return isinstance(e, optuna.exceptions.UpdateFinishedTrialError)
 
 
 def _is_handled(e: BaseException) -> bool:
-    """An error :func:`run_trials` handles itself (the trial is settled, the loop goes on)."""
-    return isinstance(e, KeyboardInterrupt) or _is_storage_error(e) or _is_taken_over(e)
+    """An error in the objective that :func:`run_trials` handles itself (the trial is settled,
+    the loop goes on)."""
+    return isinstance(e, KeyboardInterrupt) or _is_storage_error(e) or _is_update_refused(e)
 
 
 def _retried(study: optuna.Study, number: int) -> bool:
@@ -219,61 +212,21 @@ def run_trials(
     """
     stop = stop or StopFlag()
     guard = _Guard(objective, stop, attrs or {})
-    loop = _Loop(study, storage, guard, n_trials, confirm, patience)
-    ran = 0
-
-    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        nonlocal ran
-        ran += 1
-        guard.told = True
-        if stop.requested:
-            study.stop()
-
-    cbs = [*callbacks, after_trial]
     deadline = None if timeout is None else time.monotonic() + timeout
-    exhausted = False
-    quiet = _QuietFailures(guard)
-    quiet.attach()
+    loop = _Loop(study, storage, guard, n_trials, confirm, patience)
+    loop.callbacks = [*callbacks, loop.after_trial]
     stop.in_loop = True
     try:
-        while not stop.requested:
-            left = None if max_trials is None else max_trials - ran
-            seconds = None if deadline is None else deadline - time.monotonic()
-            if (left is not None and left <= 0) or (seconds is not None and seconds <= 0):
-                break
-            try:
-                if exhausted:
-                    # 3) and 5), counted inside the try: a storage outage here (a server restart
-                    # near a study's end) is retried like any other.
-                    state = loop.after_budget()
-                    if state == "done":
-                        break
-                    if state == "wait":
-                        time.sleep(storage.heartbeat_interval or 1)
-                        continue
-                    exhausted = False
-                _settle(study, storage, guard)  # 4) a trial a signal or the storage interrupted
-                study.optimize(guard, n_trials=left, timeout=seconds, callbacks=cbs)  # 1) 2)
-                break
-            except BudgetExhausted:
-                loop.failing_since = None
-                exhausted = True
-            except KeyboardInterrupt as e:
-                _settle_or_leave(study, storage, guard)
-                if isinstance(e, Interrupted):
-                    break
-                raise
-            except Exception as e:
-                loop.recover(e)  # 4) or raises
+        while loop.go_on(max_trials, deadline):
+            pass
     finally:
         stop.in_loop = False
-        quiet.detach()
-    return ran
+    return loop.ran
 
 
 class _Loop:
-    """What :func:`run_trials` keeps between tries: the budget's state once it is taken, and how
-    long the storage has been failing."""
+    """What :func:`run_trials` keeps between tries: the trials run here, the budget's state once
+    it is taken, and how long the storage has been failing."""
 
     def __init__(
         self,
@@ -290,8 +243,58 @@ class _Loop:
         self.n_trials = n_trials
         self.confirm = confirm
         self.patience = patience
+        self.callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [self.after_trial]
+        self.ran = 0
+        self.exhausted = False
         self.failing_since: float | None = None
         self.waiting = False
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's callback once a trial of this process is stored."""
+        self.ran += 1
+        self.guard.told = True
+        if self.guard.stop.requested:
+            study.stop()
+
+    def go_on(self, max_trials: int | None, deadline: float | None) -> bool:
+        """One try at running trials (steps 1-5 of the module doc); False once the loop ends."""
+        left = None if max_trials is None else max_trials - self.ran
+        seconds = None if deadline is None else deadline - time.monotonic()
+        if self.guard.stop.requested or (left is not None and left <= 0):
+            return False
+        if seconds is not None and seconds <= 0:
+            return False
+        try:
+            return self._run(left, seconds)
+        except BudgetExhausted:
+            self.failing_since = None
+            self.exhausted = True
+        except KeyboardInterrupt as e:
+            _settle_or_leave(self.study, self.storage, self.guard)
+            if isinstance(e, Interrupted):
+                return False
+            raise
+        except Exception as e:
+            self.recover(e)  # 4) or raises
+        finally:
+            self.guard.unmute()
+        return True
+
+    def _run(self, left: int | None, seconds: float | None) -> bool:
+        if self.exhausted:
+            # 3) and 5), counted inside the caller's try: a storage outage here (a server
+            # restart near a study's end) is retried like any other.
+            state = self.after_budget()
+            if state == "wait":
+                time.sleep(self.storage.heartbeat_interval or 1)
+            if state != "run":
+                return state == "wait"
+            self.exhausted = False
+        _settle(self.study, self.storage, self.guard)  # 4) a trial a signal or the storage ended
+        self.study.optimize(  # 1) 2)
+            self.guard, n_trials=left, timeout=seconds, callbacks=self.callbacks
+        )
+        return False
 
     def after_budget(self) -> str:
         """The budget is taken: "done" (finished, and the confirmation round too), "wait" (held
@@ -335,7 +338,7 @@ class _Loop:
             _log.warning("storage error (%s); retrying in %.0f s", describe_error(cause), pause)
             time.sleep(pause)
             return
-        if self.guard.number is None or _find_cause(e, _is_taken_over) is None:
+        if not self._taken_over(e):
             raise e
         # Another worker failed our trial while it ran (it saw no heartbeat within the grace
         # period); the retry it queued, or the one _settle queues, runs instead.
@@ -344,6 +347,21 @@ class _Loop:
             "grace period?); it is retried",
             self.guard.number,
         )
+
+    def _taken_over(self, e: Exception) -> bool:
+        """Whether another worker finished this process's trial while it ran: Optuna refused an
+        update of it, or refused to store how it ended (a ``ValueError`` from ``tell``, after the
+        objective returned or was refused an update) because the storage holds it failed."""
+        guard, number = self.guard, self.guard.number
+        if number is None:
+            return False
+        if _find_cause(e, _is_update_refused) is not None:
+            return True
+        ended = guard.outcome is not None or guard.refused
+        if not ended or guard.told or not isinstance(e, ValueError):
+            return False
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        return self.storage.get_trial(trial_id).state == TrialState.FAIL
 
 
 def queue_confirmation(study: optuna.Study, cfg: StudyConfig) -> int:
