@@ -27,6 +27,8 @@ to main alone.
     python benchmarks/busy_host.py [--policies main adaptive threads=1 passive]
         [--scenarios alone busy1 busy2t busy1x2 workers2 two] [--timeout 300]
         [--n-trials 30] [--sampler-seeds 0 1 2] [--baseline e1d8f2a] [--skip pretraining final]
+        [--study studies/digits.toml]
+    python benchmarks/busy_host.py --smoke   # the adaptive policy alone, on the smoke study
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import _smoke
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "studies" / "digits.toml"
@@ -87,9 +91,10 @@ class Row:
 class Policy:
     """How one policy's commands start: which tlsearch, which flags, which environment."""
 
-    def __init__(self, name: str, baseline: Path | None, tmp: Path) -> None:
+    def __init__(self, name: str, baseline: Path | None, tmp: Path, study: Path) -> None:
         self.name = name
         self.tmp = tmp
+        self.study = study
         self.env = {
             k: v
             for k, v in os.environ.items()
@@ -110,13 +115,15 @@ class Policy:
     def cache(self, n: int = 0) -> Path:
         return self.tmp / f"cache-{self.name}-{n}"
 
-    def run_args(self, db: Path, n_trials: int, *extra: str, study: Path = STUDY) -> list[str]:
+    def run_args(
+        self, db: Path, n_trials: int, *extra: str, study: Path | None = None
+    ) -> list[str]:
         return [
             sys.executable,
             "-m",
             "tlsearch.cli",
             "run",
-            str(study),
+            str(study or self.study),
             "--storage",
             f"sqlite:///{db}",
             "--n-trials",
@@ -197,23 +204,24 @@ def run_at_once(
     return row
 
 
-def warm(policy: Policy, tmp: Path) -> None:
-    """Pretrain the policy's checkpoint caches (untimed), so that searches find them."""
-    for n in (0, 1):
+def warm(policy: Policy, tmp: Path, caches: int) -> None:
+    """Pretrain the policy's first ``caches`` checkpoint caches (untimed), so that searches find
+    them."""
+    for n in range(caches):
         work = Path(tempfile.mkdtemp(dir=tmp))
         env = {**policy.env, "TLSEARCH_CACHE": str(policy.cache(n))}
-        argv = policy.cli("create", str(STUDY), "--storage", f"sqlite:///{work / 'w.db'}")
+        argv = policy.cli("create", str(policy.study), "--storage", f"sqlite:///{work / 'w.db'}")
         subprocess.run(argv, cwd=work, env=env, check=True, capture_output=True)
         shutil.rmtree(work)
 
 
-def seeded(seed: int, tmp: Path) -> Path:
-    """studies/digits.toml with its sampler seeded by ``seed`` (the file itself for seed 0)."""
+def seeded(study: Path, seed: int, tmp: Path) -> Path:
+    """The study file with its sampler seeded by ``seed`` (the file itself for seed 0)."""
     if seed == 0:
-        return STUDY
-    text = STUDY.read_text()
-    assert "\n[sampler]\n" in text, "studies/digits.toml has a [sampler] table"
-    path = tmp / f"digits-seed{seed}.toml"
+        return study
+    text = study.read_text()
+    assert "\n[sampler]\n" in text, f"{study} has a [sampler] table"
+    path = tmp / f"{study.stem}-seed{seed}.toml"
     path.write_text(text.replace("\n[sampler]\n", f"\n[sampler]\nseed = {seed}\n", 1))
     return path
 
@@ -241,7 +249,7 @@ def searches(
                 ]
             else:
                 extra = ("--workers", "2") if how == "workers" else ()
-                study = seeded(seed, tmp)
+                study = seeded(policy.study, seed, tmp)
                 argv = policy.run_args(work / "s.db", args.n_trials, *extra, study=study)
                 commands = [(argv, policy.env)]
             jobs = busy_jobs(busy)
@@ -287,7 +295,8 @@ def phases(
                 pattern: re.Pattern | None = None
                 if phase == "pretraining":
                     env["TLSEARCH_CACHE"] = str(work / "empty-cache")
-                    argv = policy.cli("create", str(STUDY), "--storage", f"sqlite:///{work}/p.db")
+                    db = f"sqlite:///{work}/p.db"
+                    argv = policy.cli("create", str(policy.study), "--storage", db)
                     pattern = PRETRAINED
                 else:
                     shutil.copy(best[policy.name], work / "best.json")
@@ -337,7 +346,17 @@ def table(
         print(f"| {label} | {' | '.join(cells)} |")
 
 
-def main() -> None:
+# --smoke: the adaptive policy alone, on the smoke study; no phases.
+SMOKE = {
+    "policies": ["adaptive"],
+    "scenarios": ["alone"],
+    "skip": list(PHASES),
+    "n_trials": 4,
+    "timeout": 120.0,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
@@ -354,38 +373,51 @@ def main() -> None:
     parser.add_argument(
         "--skip", nargs="*", choices=list(PHASES), default=[], help="leave out these phases"
     )
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tlsearch-busy-") as name:
-        tmp = Path(name)
-        baseline = unpack(args.baseline, tmp) if "main" in args.policies else None
-        names = [p for p in args.policies if p != "main" or baseline is not None]
-        policies = [Policy(p, baseline, tmp) for p in names]
-        print(
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
-            f"average {os.getloadavg()[0]:.1f}; pretraining each policy's caches (untimed) ..."
-        )
-        for policy in policies:
-            warm(policy, tmp)
-        print("searches, the `ran for` line (two at once: each one's):")
-        rows = searches(policies, args.scenarios, tmp, args)
-        more = phases(policies, tmp, args) if len(args.skip) < len(PHASES) else {}
-        table("Search wall time, s (× the same policy alone)", rows, names, args.timeout)
-        if more:
-            table("Pretraining and final, s (× alone)", more, names, args.timeout)
-        main_alone = rows.get(("alone", "main"))
-        if main_alone is not None and main_alone.mean():
-            ratios = [
-                f"{p} {rows[('alone', p)].mean() / main_alone.mean():.2f}×"  # type: ignore[operator]
-                for p in names
-                if ("alone", p) in rows and rows[("alone", p)].mean()
-            ]
-            seeds = " ".join(map(str, args.sampler_seeds))
-            print(f"\nalone (mean over sampler seeds {seeds}), to main alone: {', '.join(ratios)}")
-        print(f"load average after: {os.getloadavg()[0]:.1f}")
-        print("\nthread lines of the adaptive policy:")
-        for (scenario, policy), row in rows.items():
-            if policy == "adaptive":
-                print(f"  {scenario}: {'; '.join(sorted(set(row.threads))[:3])}")
+    parser.add_argument(
+        "--study", type=Path, default=STUDY, help="the study file every command runs"
+    )
+    _smoke.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
+    with _smoke.directory(args) as tmp:
+        if args.smoke:
+            args.study = tmp / "smoke.toml"
+            args.study.write_text(_smoke.STUDY_TOML)
+        measure(args, tmp)
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> None:
+    """Every policy's searches and phases, and their tables."""
+    baseline = unpack(args.baseline, tmp) if "main" in args.policies else None
+    names = [p for p in args.policies if p != "main" or baseline is not None]
+    policies = [Policy(p, baseline, tmp, args.study) for p in names]
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
+        f"average {os.getloadavg()[0]:.1f}; pretraining each policy's caches (untimed) ..."
+    )
+    for policy in policies:
+        warm(policy, tmp, 2 if "two" in args.scenarios else 1)
+    print("searches, the `ran for` line (two at once: each one's):")
+    rows = searches(policies, args.scenarios, tmp, args)
+    more = phases(policies, tmp, args) if len(args.skip) < len(PHASES) else {}
+    table("Search wall time, s (× the same policy alone)", rows, names, args.timeout)
+    if more:
+        table("Pretraining and final, s (× alone)", more, names, args.timeout)
+    main_alone = rows.get(("alone", "main"))
+    if main_alone is not None and main_alone.mean():
+        ratios = [
+            f"{p} {rows[('alone', p)].mean() / main_alone.mean():.2f}×"  # type: ignore[operator]
+            for p in names
+            if ("alone", p) in rows and rows[("alone", p)].mean()
+        ]
+        seeds = " ".join(map(str, args.sampler_seeds))
+        print(f"\nalone (mean over sampler seeds {seeds}), to main alone: {', '.join(ratios)}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    print("\nthread lines of the adaptive policy:")
+    for (scenario, policy), row in rows.items():
+        if policy == "adaptive":
+            print(f"  {scenario}: {'; '.join(sorted(set(row.threads))[:3])}")
 
 
 if __name__ == "__main__":

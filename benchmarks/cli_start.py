@@ -9,13 +9,17 @@ together, unbuffered as in a terminal) beside a reference that does the least th
 * ``tlsearch status`` on a finished SQLite study against a bare ``optuna.load_study`` of it
   (which prints the study's name, so both end on a line).
 
-A command that prints nothing (``python -c pass``) counts until it exits. The study is a tiny
-one, run once at the start with the library in a temporary directory. Each command runs once
-untimed, then ``--repeats`` times, alternating with its reference so that other work on the
-machine slows both alike. Printed: the medians, the difference, and OK where the command is
-within 0.5 s of its reference (the target of issue 10); the exit status is 1 if one is not.
+A command that prints nothing (``python -c pass``) counts until it exits. The study is the
+benchmarks' smoke study (benchmarks/_smoke.py), run once at the start with the library in a
+temporary directory. Each command runs once untimed, then ``--repeats`` times, alternating with
+its reference so that other work on the machine slows both alike. Printed: the medians, the
+difference, and OK where the command is within 0.5 s of its reference (the target of issue 10);
+the exit status is 1 if one is not.
 
     python benchmarks/cli_start.py [--repeats 7]
+    python benchmarks/cli_start.py --smoke   # each command once, untimed run left out: seconds
+
+A smoke run's verdict is printed, but it exits 0: one run on a tiny budget measures nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import _smoke
 
 TARGET_S = 0.5  # seconds a command may take beyond its reference
 
@@ -77,31 +82,19 @@ def finished_study(tmp: Path) -> tuple[str, str]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = f"sqlite:///{tmp / 'study.db'}"
-    cfg = tlsearch.config_from_dict(
-        {
-            "name": "tiny",
-            "storage": url,
-            "n_trials": 3,
-            "data": {"task": "digits-noisy", "shots": 10},
-            "model": {"name": "mlp", "hidden": [16, 16]},
-            "pretrain": {"epochs": 1, "cache_dir": str(tmp / "cache")},
-            "finetune": {"epochs": 3, "device": "cpu", "threads": 1},
-            "search": {"frozen_blocks": {"low": 0, "high": 2}},
-            "cv": {"k": 2},
-            "sampler": {"name": "random", "seed": 0},
-            "pruner": {"name": "none"},
-        }
-    )
-    study = tlsearch.run_study(cfg)
+    study = tlsearch.run_study(tlsearch.config_from_dict(_smoke.study(tmp / "cache", storage=url)))
     return url, study.study_name
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--repeats", type=int, default=7, help="timed runs of each command (default 7)"
     )
-    args = parser.parse_args()
+    _smoke.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     bin_dir = Path(sys.executable).parent
@@ -110,8 +103,7 @@ def main() -> int:
         parser.error(f"no tlsearch entry point beside {sys.executable}: pip install -e . first")
     python = sys.executable
 
-    with tempfile.TemporaryDirectory(prefix="tlsearch-cli-start-") as tmp_dir:
-        tmp = Path(tmp_dir)
+    with _smoke.directory(args) as tmp:
         (tmp / "BAD.toml").write_text('name = "typo"\nn_trails = 3\n')
         print("running a tiny study for `tlsearch status` ...", file=sys.stderr, flush=True)
         url, name = finished_study(tmp)
@@ -133,10 +125,10 @@ def main() -> int:
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         env.pop("TLSEARCH_PLUGINS", None)
-        # Once untimed each: the first start pays for reading files into the page cache.
-        for pair in pairs:
-            for cmd in pair:
-                first_line(cmd, tmp, env)
+        # Once untimed each (not in a smoke run): the first start pays for reading files into
+        # the page cache.
+        for cmd in [cmd for pair in pairs for cmd in pair] if not args.smoke else []:
+            first_line(cmd, tmp, env)
         _, typo = first_line(pairs[1][0], tmp, env)
         for _ in range(args.repeats):
             for pair in pairs:
@@ -175,7 +167,7 @@ def main() -> int:
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             )
         )
-    return 0 if all_ok else 1
+    return 0 if all_ok or args.smoke else 1
 
 
 if __name__ == "__main__":

@@ -31,19 +31,20 @@ the seconds of the search.
     python benchmarks/fidelity.py [--families ...] [--sampler-seeds 0 ... 9] [--workers 2]
     python benchmarks/fidelity.py --real [--sampler-seeds 0 1 2] [--no-resnet | --resnet-only]
         [--pruners default "median (0.2)" none]
+    python benchmarks/fidelity.py --smoke   # replays on the selection benchmark's smoke grids
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import _smoke
 import optuna
 import selection
 from selection import FAMILIES, Grid, GridSpec
@@ -324,7 +325,7 @@ def run_real(
             )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=None)
     parser.add_argument("--data-seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
@@ -344,7 +345,16 @@ def main() -> None:
         default=list(REAL_PRUNERS),
         help="--real: the pruners to run (default: all; 'none' is the reference)",
     )
-    args = parser.parse_args()
+    _smoke.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        with _smoke.directory(args) as tmp:
+            specs = selection.grid_specs(
+                selection.SMOKE_FAMILIES, selection.SMOKE_SHOTS, selection.SMOKE_SEEDS, tmp
+            )
+            selection.evaluate_grids(specs, 1, None)
+            replays(specs, selection.SMOKE_SAMPLER_SEEDS, selection.SMOKE_BUDGET, 1, tmp)
+        return
     if args.real:
         run_real(
             {f: FAMILIES[f] for f in (args.families or FAMILIES)},
@@ -356,20 +366,27 @@ def main() -> None:
         return
     families = {f: FAMILIES[f] for f in (args.families or FAMILIES)}
     seeds = args.data_seeds if args.data_seeds is not None else selection.DATA_SEEDS
-    specs = selection.grid_specs(families, selection.SHOTS, seeds, quick=False)
-    ready = [s for s in specs if not selection.missing(s, selection.load_grid(s))]
-    sampler_seeds = args.sampler_seeds or list(range(10))
+    specs = selection.grid_specs(families, selection.SHOTS, seeds)
     budget = tlsearch.config_from_dict({}).n_trials
+    replays(specs, args.sampler_seeds or list(range(10)), budget, args.workers, FIGURE.parent)
+
+
+def replays(
+    specs: Sequence[GridSpec], sampler_seeds: Sequence[int], budget: int, workers: int, out: Path
+) -> None:
+    """Every pruner's replays on the complete grids of ``specs``: the table, and the figure
+    (``fidelity.png``) in ``out``."""
+    ready = [s for s in specs if not selection.missing(s, selection.load_grid(s))]
     jobs = [(spec, seed, budget) for spec in ready for seed in sampler_seeds]
     print(
         f"replaying {len(ready)} grids × {len(sampler_seeds)} seeds × {len(PRUNERS)} pruners ..."
     )
     t0 = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+    with _smoke.pool(workers) as pool:
         outs = pool.starmap(replay_job, jobs, chunksize=len(sampler_seeds))
     print(f"({time.perf_counter() - t0:.0f} s)\n")
     table(ready, jobs, outs)
-    figure(outs, FIGURE)
+    figure(outs, out / FIGURE.name)
 
 
 FIGURE = Path(__file__).resolve().parent / "fidelity.png"

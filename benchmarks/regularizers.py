@@ -1,11 +1,12 @@
 """Which penalty transfers best? L2, L2-SP and DELTA, each with and without BSS, on held-out test.
 
 On the default task (mnist-noisy, the default CNN and fine-tuning settings) every method trains
-with the same learning rate and frozen depth (``--lr``, ``--frozen-blocks``); only its penalty
-differs. Its λ (and BSS's η) is chosen by a short screen on the target *training* split, as a
-study would choose it: the default 5-fold CV (``tlsearch.KFoldObjective``, the study's
-``accuracy_then_loss`` metric) over a log grid spanning the penalty's default search range; then,
-at that λ, η over a small grid. The test split is not seen until the end.
+with the same learning rate, frozen depth and backbone learning-rate multiplier (``--lr``,
+``--frozen-blocks``, ``--backbone-lr-mult``); only its penalty differs. Its λ (and BSS's η) is
+chosen by a short screen on the target *training* split, as a study would choose it: the
+default 5-fold CV (``tlsearch.KFoldObjective``, the study's ``accuracy_then_loss`` metric) over a
+log grid spanning the penalty's default search range; then, at that λ, η over a small grid. The
+test split is not seen until the end.
 
 Each method is then retrained on the whole target training split with fine-tuning seeds 0, 1, 2
 and scored once on the 1,950 held-out test images, as ``tlsearch final`` does: the table gives
@@ -15,6 +16,8 @@ over the same images of the seed-averaged correctness with its 95 % interval and
 (``tlsearch.paired_difference``, ``tlsearch.mcnemar_exact``).
 
     python benchmarks/regularizers.py [--seeds 0 1 2] [--frozen-blocks 0] [--lr 0.01]
+        [--backbone-lr-mult 0.1]
+    python benchmarks/regularizers.py --smoke   # the smoke study, two points per grid, seed 0
 
 32 CV trials and 18 retrainings: about 3 minutes on 2 idle CPU cores (18 minutes when other jobs
 kept the load at 3-4).
@@ -27,6 +30,7 @@ import math
 import time
 from typing import Any
 
+import _smoke
 import numpy as np
 import optuna
 import torch
@@ -43,6 +47,9 @@ LAMBDAS = {
 # η of BSS: the authors' 0.001 (on ResNet-50's 2048 features), a decade below and two above,
 # for the CNN's 128 features.
 ETAS = [1e-4, 1e-3, 1e-2, 1e-1]
+# --smoke: the ends of each grid.
+SMOKE_LAMBDAS = {reg: [grid[0], grid[-1]] for reg, grid in LAMBDAS.items()}
+SMOKE_ETAS = [ETAS[0], ETAS[-1]]
 NAMES = {"l2": "L2", "l2sp": "L2-SP", "delta": "DELTA"}
 
 
@@ -80,52 +87,81 @@ def correct_on_test(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
         return (model(x).argmax(1) == y).cpu().numpy().astype(float)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning")
     parser.add_argument("--frozen-blocks", type=int, default=0, help="the same for every method")
     parser.add_argument("--lr", type=float, default=0.01, help="the same for every method")
+    parser.add_argument(
+        "--backbone-lr-mult", type=float, default=0.1, help="the same for every method"
+    )
     parser.add_argument("--bss-k", type=int, default=1, help="k of BSS (the authors' 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = parser.parse_args()
+    _smoke.add_arguments(parser)
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with _smoke.directory(args) as tmp:
+        if args.smoke:
+            args.seeds, args.threads = [0], 1
+            run(args, _smoke.study(tmp / "cache"), SMOKE_LAMBDAS, SMOKE_ETAS)
+        else:
+            run(args, {}, LAMBDAS, ETAS)
+
+
+def run(
+    args: argparse.Namespace,
+    study: dict[str, Any],
+    lambdas: dict[str, list[float]],
+    etas: list[float],
+) -> None:
+    """Screen every penalty's λ (from ``lambdas``) and BSS's η (from ``etas``) on ``study`` (a
+    study dict: ``{}`` is the default study), retrain, score and print the table."""
     t0 = time.perf_counter()
 
     def config(regularizer: str = "l2sp", bss_eta: Any = 0.0) -> tlsearch.StudyConfig:
-        """The default study's config with this penalty (and BSS η: a number, or a range)."""
+        """The study's config with this penalty (and BSS η: a number, or a range)."""
         return tlsearch.config_from_dict(
             {
-                "finetune": {"device": "cpu", "threads": args.threads},
+                **study,
+                "finetune": {
+                    **study.get("finetune", {}),
+                    "device": "cpu",
+                    "threads": args.threads,
+                },
                 "regularizer": {"name": regularizer, "bss_eta": bss_eta, "bss_k": args.bss_k},
             }
         )
 
-    # 1) the default task and model, pretrained once (cached)
+    # 1) the task and model, pretrained once (cached)
     cfg = config()
     ctx = tlsearch.prepare(cfg, "cpu")
     task = ctx.task
     pretrained = tlsearch.load_checkpoint(ctx.checkpoint)
-    fixed = {"lr": args.lr, "frozen_blocks": args.frozen_blocks}
+    fixed = {
+        "lr": args.lr,
+        "frozen_blocks": args.frozen_blocks,
+        "backbone_lr_mult": args.backbone_lr_mult,
+    }
 
     def objective(cfg: tlsearch.StudyConfig) -> tlsearch.KFoldObjective:
         return tlsearch.KFoldObjective(
             cfg, task.target_train, pretrained, task.input_shape, task.target_classes, ctx.device
         )
 
-    # 2) λ, then η at that λ, by 5-fold CV on the target training split
+    # 2) λ, then η at that λ, by the study's k-fold CV on the target training split
     methods: dict[str, tlsearch.TrialParams] = {}
     cv: dict[str, tuple[float, float, float]] = {}
-    for reg, grid in LAMBDAS.items():
+    for reg, grid in lambdas.items():
         # DELTA's λ has a name (and a range) of its own in a study.
         lam_name = "delta_lambda" if reg == "delta" else "lambda"
         print(f"{NAMES[reg]}:", flush=True)
         lam, cv[reg] = screen(objective(config(reg)), fixed, lam_name, grid)
         # η as a study searches it: a parameter of the trial.
-        searched = {"low": ETAS[0], "high": ETAS[-1], "log": True}
+        searched = {"low": etas[0], "high": etas[-1], "log": True}
         eta, cv[f"{reg}+bss"] = screen(
-            objective(config(reg, searched)), {**fixed, lam_name: lam}, "bss_eta", ETAS
+            objective(config(reg, searched)), {**fixed, lam_name: lam}, "bss_eta", etas
         )
-        common = {**fixed, "backbone_lr_mult": cfg.search.backbone_lr_mult, "regularizer": reg}
+        common = {**fixed, "regularizer": reg}
         methods[reg] = tlsearch.TrialParams.from_dict({**common, "lambda": lam})
         methods[f"{reg}+bss"] = tlsearch.TrialParams.from_dict(
             {**common, "lambda": lam, "bss_eta": eta}
@@ -155,10 +191,10 @@ def main() -> None:
     ref = correct["l2sp"].mean(0)
     print()
     print(
-        f"mnist-noisy, CNN, frozen_blocks={args.frozen_blocks}, lr={args.lr:g}, "
-        f"backbone_lr_mult={cfg.search.backbone_lr_mult:g}, {len(yt)} test images, "
-        f"fine-tuning seeds {args.seeds}, BSS k={args.bss_k}; λ and η by 5-fold CV on the "
-        f"{len(y)} training images"
+        f"{cfg.data.task}, {cfg.model.name}, frozen_blocks={args.frozen_blocks}, lr={args.lr:g}, "
+        f"backbone_lr_mult={args.backbone_lr_mult:g}, {len(yt)} test images, "
+        f"fine-tuning seeds {args.seeds}, BSS k={args.bss_k}; λ and η by {cfg.cv.k}-fold CV on "
+        f"the {len(y)} training images"
     )
     print()
     print(

@@ -18,6 +18,7 @@ of what it selects after the default budget of 30 trials (also with ties at the 
 the lower CV loss) and after the whole run. The curves go to benchmarks/search_efficiency.png.
 
     python benchmarks/search_efficiency.py [--seeds 0 1 ... 9] [--n-trials 80] [--workers 2]
+    python benchmarks/search_efficiency.py --smoke   # a 12-point grid of the smoke study, 6 trials
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import statistics
 import time
@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import _smoke
 import numpy as np
 import optuna
 import torch
@@ -41,14 +42,13 @@ from scipy.stats import spearmanr
 
 import tlsearch
 
-# Not in tlsearch's public API (README, Architecture), needed here: the error `finetune` raises when
-# a loss diverges, and the sampler exactly as a study builds it (seeded per trial number).
-
 ROOT = Path(__file__).resolve().parent.parent
 GRID_FILE = ROOT / "benchmarks" / "grid_digits.json"
 PLOT_FILE = ROOT / "benchmarks" / "search_efficiency.png"
 # λ in half-decade steps over the study's six decades; lr in seven log-spaced steps.
 N_LAMBDA, N_LR = 13, 7
+# --smoke: the ends of each range, on the smoke study (benchmarks/_smoke.py), 6 trials per search.
+SMOKE_SIZES, SMOKE_TRIALS = (2, 2), 6
 SAMPLERS = ["random", "tpe", "gp"]
 PRUNERS = ["none", "median", "wilcoxon"]
 DEFAULT_BUDGET = 30  # trials: studies/digits.toml's n_trials
@@ -56,16 +56,31 @@ DEFAULT_BUDGET = 30  # trials: studies/digits.toml's n_trials
 GRID_FORMAT = 2
 
 
-def grid_axes(cfg: tlsearch.StudyConfig) -> dict[str, list[float]]:
+def grid_config(path: str | Path) -> tlsearch.StudyConfig:
+    """The study file's config, the backbone's learning-rate multiplier fixed (the grid's axes are
+    λ, lr and depth): at 0.1, tlsearch 0.2's default, where the study searches it."""
+    cfg = tlsearch.load_config(path)
+    if isinstance(cfg.search.backbone_lr_mult, float):
+        return cfg
+    return cfg.model_copy(
+        update={"search": cfg.search.model_copy(update={"backbone_lr_mult": 0.1})}
+    )
+
+
+def grid_axes(
+    cfg: tlsearch.StudyConfig, sizes: tuple[int, int] = (N_LAMBDA, N_LR)
+) -> dict[str, list[float]]:
+    """The grid: ``sizes`` log-spaced values of λ and of lr over their searched ranges, and every
+    frozen depth."""
     lam, lr, depth = cfg.search.lambda_, cfg.search.lr, cfg.search.frozen_blocks
     return {
-        "lambda": np.geomspace(lam.low, lam.high, N_LAMBDA).tolist(),
-        "lr": np.geomspace(lr.low, lr.high, N_LR).tolist(),
+        "lambda": np.geomspace(lam.low, lam.high, sizes[0]).tolist(),
+        "lr": np.geomspace(lr.low, lr.high, sizes[1]).tolist(),
         "frozen_blocks": list(range(int(depth.low), int(depth.high) + 1)),
     }
 
 
-def identity(cfg: tlsearch.StudyConfig) -> dict[str, Any]:
+def identity(cfg: tlsearch.StudyConfig, sizes: tuple[int, int]) -> dict[str, Any]:
     """Everything that changes a grid point's scores; a cached grid must match it.
 
     That is the study's ``search_hash`` with the sampler, the pruner and ``cv.report`` at their
@@ -83,7 +98,7 @@ def identity(cfg: tlsearch.StudyConfig) -> dict[str, Any]:
         "format": GRID_FORMAT,
         "search_hash": tlsearch.config_from_dict(d).search_hash(),
         "folds": cfg.cv.k,
-        "axes": grid_axes(cfg),
+        "axes": grid_axes(cfg, sizes),
     }
 
 
@@ -114,18 +129,18 @@ def objective_and_test(
     return objective, test, yt, task
 
 
-def _init_worker(config: str) -> None:
+def _init_worker(config: str, axes: dict[str, list[float]]) -> None:
     torch.set_num_threads(1)
-    cfg = tlsearch.load_config(config)
-    objective, test, yt, _ = objective_and_test(cfg, grid_axes(cfg)["frozen_blocks"])
-    _worker.update(cfg=cfg, objective=objective, test=test, yt=yt)
+    cfg = grid_config(config)
+    objective, test, yt, _ = objective_and_test(cfg, axes["frozen_blocks"])
+    _worker.update(cfg=cfg, objective=objective, test=test, yt=yt, axes=axes)
 
 
 def _evaluate_point(point: tuple[int, int, int]) -> dict[str, Any]:
     i, j, depth = point
     cfg: tlsearch.StudyConfig = _worker["cfg"]
     objective: tlsearch.KFoldObjective = _worker["objective"]
-    axes = grid_axes(cfg)
+    axes = _worker["axes"]
     params = {"lambda": axes["lambda"][i], "lr": axes["lr"][j], "frozen_blocks": depth}
     t0 = time.perf_counter()
     trial = optuna.trial.FixedTrial(params)
@@ -176,10 +191,12 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_grid(config: Path, path: Path, workers: int, recompute: bool) -> dict[str, Any]:
+def evaluate_grid(
+    config: Path, path: Path, workers: int, recompute: bool, sizes: tuple[int, int]
+) -> dict[str, Any]:
     """The cached grid; missing points (all of them with ``recompute``) are evaluated first."""
-    cfg = tlsearch.load_config(config)
-    ident = identity(cfg)
+    cfg = grid_config(config)
+    ident = identity(cfg, sizes)
     data: dict[str, Any] = {"identity": ident, "points": []}
     if path.is_file() and not recompute:
         cached = json.loads(path.read_text())
@@ -201,8 +218,7 @@ def evaluate_grid(config: Path, path: Path, workers: int, recompute: bool) -> di
     task = tlsearch.prepare(cfg, "cpu").task  # pretrain (once, cached) before the workers need it
     data["target_train"] = len(task.target_train)
     t0 = time.perf_counter()
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, _init_worker, (str(config),)) as pool:
+    with _smoke.pool(workers, _init_worker, (str(config), axes)) as pool:
         for n, point in enumerate(pool.imap_unordered(_evaluate_point, todo), 1):
             data["points"].append(point)
             if n % 20 == 0 or n == len(todo):
@@ -259,7 +275,7 @@ def replay(
     """
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     grid = Grid(data)
-    cfg = tlsearch.load_config(config)
+    cfg = grid_config(config)
     cfg = cfg.model_copy(
         update={
             "sampler": cfg.sampler.model_copy(update={"name": sampler, "seed": seed}),
@@ -384,7 +400,7 @@ def plot(curves: dict[str, list[list[dict[str, Any]]]], grid: Grid, path: Path) 
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "studies" / "digits.toml")
     parser.add_argument("--grid", type=Path, default=GRID_FILE)
@@ -393,10 +409,26 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=80, help="trials per search")
     parser.add_argument("--workers", type=int, default=2, help="processes")
     parser.add_argument("--recompute", action="store_true", help="evaluate the grid again")
-    args = parser.parse_args()
+    _smoke.add_arguments(parser)
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if not args.smoke:
+        run(args, (N_LAMBDA, N_LR))
+        return
+    with _smoke.directory(args) as tmp:
+        args.config, args.grid, args.plot = (
+            _smoke.study_file(tmp),
+            tmp / GRID_FILE.name,
+            tmp / PLOT_FILE.name,
+        )
+        args.seeds, args.n_trials, args.workers = [0], SMOKE_TRIALS, 1
+        run(args, SMOKE_SIZES)
 
-    data = evaluate_grid(args.config, args.grid, args.workers, args.recompute)
+
+def run(args: argparse.Namespace, sizes: tuple[int, int]) -> None:
+    """The grid (``sizes`` values of λ and lr), every strategy's searches on it, the table and the
+    curves."""
+    data = evaluate_grid(args.config, args.grid, args.workers, args.recompute, sizes)
     grid = Grid(data)
     complete = [p for p in data["points"] if len(p["fold_scores"]) == grid.k]
     best_tests = [p["test_accuracy"] for p in grid.best]
@@ -405,7 +437,8 @@ def main() -> None:
     rho_loss = spearmanr([-_cv_loss(p) for p in complete], [p["test_accuracy"] for p in complete])
     n = data["target_train"]
     print(
-        f"grid: {len(data['points'])} points (λ {N_LAMBDA} × lr {N_LR} × frozen depth "
+        f"grid: {len(data['points'])} points (λ {len(grid.axes['lambda'])} × lr "
+        f"{len(grid.axes['lr'])} × frozen depth "
         f"{len(grid.axes['frozen_blocks'])}), {grid.fold_fits} fold fits, "
         f"{data.get('seconds', 0):.0f} s to evaluate"
     )
@@ -431,14 +464,15 @@ def main() -> None:
         for seed in args.seeds
     ]
     t0 = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+    with _smoke.pool(args.workers) as pool:
         results = pool.starmap(replay, jobs)
     print(f"({time.perf_counter() - t0:.0f} s of replays)")
     curves: dict[str, list[list[dict[str, Any]]]] = {}
     for job, history in zip(jobs, results, strict=True):
         curves.setdefault(f"{job[2]} + {job[3]}", []).append(history)
 
-    at = min(DEFAULT_BUDGET, args.n_trials) - 1
+    budget = min(DEFAULT_BUDGET, args.n_trials)
+    at = budget - 1
     rows = []
     for name, runs in curves.items():
         rows.append(
@@ -460,9 +494,9 @@ def main() -> None:
         "fits to 2 pp",
         "fits/trial",
         "search ms/trial",
-        f"CV @{DEFAULT_BUDGET}",
-        f"test @{DEFAULT_BUDGET}",
-        f"test @{DEFAULT_BUDGET}, ties by loss",
+        f"CV @{budget}",
+        f"test @{budget}",
+        f"test @{budget}, ties by loss",
         f"test @{args.n_trials}",
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -28,7 +28,8 @@
    confirmation round included, then ``run_final``), one task per family and the default task.
 
     python benchmarks/selection.py [--grid-only | --replay-only | --real] [--workers 2]
-        [--max-points N] [--families ...] [--sampler-seeds 0 ... 9] [--quick]
+        [--max-points N] [--families ...] [--sampler-seeds 0 ... 9]
+    python benchmarks/selection.py --smoke   # grids, replays and tables on a tiny budget
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import argparse
 import gzip
 import json
 import math
-import multiprocessing
 import os
 import statistics
 import time
@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _smoke
 import optuna
 import torch
 
@@ -76,19 +77,19 @@ WRITE_EVERY = 10  # points
 # Bump when tlsearch changes what a grid point scores.
 GRID_FORMAT = 2
 
-# --quick: the 8×8 digits, a few points, short pretraining and fine-tuning; caches of its own.
-QUICK_FAMILIES = {"corruption": "digits-noisy", "label-space": "digits-split"}
-QUICK_SHOTS = (5,)
-QUICK_SEEDS = (0,)
-QUICK_AXES = {
+# --smoke: two families on the 8×8 digits, a few points; the smoke study's model and pretraining
+# (benchmarks/_smoke.py) with 10 epochs (two points of a learning curve); caches in --smoke-dir.
+SMOKE_FAMILIES = {"corruption": "digits-noisy", "label-space": "digits-split"}
+SMOKE_SHOTS = (5,)
+SMOKE_SEEDS = (0,)
+SMOKE_AXES = {
     "lambda": [0.01, 1.0],
     "lr": [3e-3],
     "frozen_blocks": [1, 2],
     "backbone_lr_mult": [0.1, 1.0],
 }
-QUICK_CONFIG = {"finetune": {"epochs": 10}, "pretrain": {"epochs": 2}}
-QUICK_BUDGET = 8
-QUICK_SAMPLER_SEEDS = (0, 1)
+SMOKE_BUDGET = 8
+SMOKE_SAMPLER_SEEDS = (0,)
 
 
 @dataclass(frozen=True)
@@ -159,19 +160,22 @@ class GridSpec:
 
 
 def grid_specs(
-    families: dict[str, str], shots: Iterable[int], seeds: Iterable[int], quick: bool
+    families: dict[str, str],
+    shots: Iterable[int],
+    seeds: Iterable[int],
+    smoke_dir: Path | None = None,
 ) -> list[GridSpec]:
-    axes, extra, folder = (
-        (QUICK_AXES, QUICK_CONFIG, CACHE_DIR / "quick")
-        if quick
-        else (
-            AXES,
-            {},
-            CACHE_DIR,
-        )
-    )
+    """The grids of ``families`` (and of the default task), cached in benchmarks/selection/; with
+    ``smoke_dir``, the smoke run's small grids, cached there."""
+    axes: dict[str, list[float]] = AXES
+    extra: dict[str, Any] = {}
+    folder = CACHE_DIR
+    if smoke_dir is not None:
+        study = _smoke.study(smoke_dir / "cache", finetune={"epochs": 10})
+        axes, folder = SMOKE_AXES, smoke_dir / "grids"
+        extra = {key: study[key] for key in ("model", "pretrain", "finetune")}
     tasks = [(f, t, s) for f, t in families.items() for s in shots]
-    if not quick:
+    if smoke_dir is None:
         tasks.append(("default", *DEFAULT_TASK))
     return [
         GridSpec(f, t, s, seed, axes, extra, folder / f"{t}-{s}shot-seed{seed}.json.gz")
@@ -355,8 +359,7 @@ def evaluate_grids(specs: Sequence[GridSpec], workers: int, max_points: int | No
         return
     need = list({spec.path: spec for spec, _ in jobs}.values())
     print(f"evaluating {len(jobs)} points of {len(need)} grids in {workers} processes ...")
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, _init_worker) as pool:
+    with _smoke.pool(workers, _init_worker) as pool:
         for spec, seconds in zip(need, pool.map(_prepare, need, chunksize=1), strict=True):
             if seconds > 1:
                 print(f"  pretrained {spec.task} seed {spec.data_seed} in {seconds:.0f} s")
@@ -792,7 +795,7 @@ def run_replays(
         "variants ..."
     )
     t0 = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker) as pool:
+    with _smoke.pool(workers, _init_worker) as pool:
         outs = pool.starmap(replay_job, jobs, chunksize=len(sampler_seeds))
     print(f"({time.perf_counter() - t0:.0f} s of replays)")
     return {(spec.path, seed): out for (spec, seed, _), out in zip(jobs, outs, strict=True)}
@@ -812,7 +815,7 @@ def report(results: Results, specs: Sequence[GridSpec]) -> None:
         rule: choose(results, [s for s in ready if s.family != "default"], SPACES[0], rule)
         for rule in dict.fromkeys(name for name, _ in VARIANTS)
     }
-    print("\nSettings chosen on all four families: " + "; ".join(chosen.values()))
+    print("\nSettings chosen on every family: " + "; ".join(chosen.values()))
     print_variants(results, ready, SPACES[0], list(chosen.values()))
     print_variants(results, ready, SPACES[1], list(chosen.values()))
 
@@ -889,7 +892,7 @@ def run_real(families: dict[str, str], shots: int, sampler_seeds: Sequence[int])
     print(f"written to {out.relative_to(ROOT)}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--grid-only", action="store_true", help="fill the caches, replay nothing")
@@ -908,30 +911,26 @@ def main() -> None:
     )
     parser.add_argument("--data-seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
     parser.add_argument("--sampler-seeds", type=int, nargs="+", default=None, help="default: 0-9")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: sklearn's 8×8 digits, a few points, short fine-tuning (caches in "
-        f"{(CACHE_DIR / 'quick').relative_to(ROOT)})",
-    )
-    args = parser.parse_args()
+    _smoke.add_arguments(parser)
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if args.quick:
-        families, shots, seeds = QUICK_FAMILIES, QUICK_SHOTS, QUICK_SEEDS
-        sampler_seeds, budget = args.sampler_seeds or QUICK_SAMPLER_SEEDS, QUICK_BUDGET
-    else:
-        families = {f: FAMILIES[f] for f in (args.families or FAMILIES)}
-        shots, seeds = SHOTS, args.data_seeds if args.data_seeds is not None else DATA_SEEDS
-        sampler_seeds = args.sampler_seeds or range(10)
-        budget = tlsearch.config_from_dict({}).n_trials
+    if args.smoke:
+        with _smoke.directory(args) as tmp:
+            specs = grid_specs(SMOKE_FAMILIES, SMOKE_SHOTS, SMOKE_SEEDS, tmp)
+            evaluate_grids(specs, 1, None)
+            report(run_replays(specs, list(SMOKE_SAMPLER_SEEDS), SMOKE_BUDGET, 1), specs)
+        return
+    families = {f: FAMILIES[f] for f in (args.families or FAMILIES)}
+    shots, seeds = SHOTS, args.data_seeds if args.data_seeds is not None else DATA_SEEDS
     if args.real:
         run_real(families, min(shots), args.sampler_seeds or (0,))
         return
-    specs = grid_specs(families, shots, seeds, args.quick)
+    specs = grid_specs(families, shots, seeds)
     if not args.replay_only:
         evaluate_grids(specs, args.workers, args.max_points)
     if not args.grid_only:
-        results = run_replays(specs, list(sampler_seeds), budget, args.workers)
+        budget = tlsearch.config_from_dict({}).n_trials
+        results = run_replays(specs, list(args.sampler_seeds or range(10)), budget, args.workers)
         report(results, specs)
 
 

@@ -8,16 +8,17 @@ split and score it once on the held-out test split, beside training from scratch
 fine-tuning (the study's two baseline trials' settings). Prints a table.
 
     python benchmarks/transfer_pays.py [--seeds 0 1 2] [--n-trials 30] [--config studies/digits.toml]
+    python benchmarks/transfer_pays.py --smoke   # the smoke study (benchmarks/_smoke.py), seed 0
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+import _smoke
 import optuna
 
 import tlsearch
@@ -25,7 +26,7 @@ import tlsearch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "studies" / "digits.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -39,17 +40,23 @@ def main() -> None:
         default=None,
         help="export's rule (default: the study's select.rule)",
     )
-    args = parser.parse_args()
+    _smoke.add_arguments(parser)
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.smoke:
+        args.seeds = [0]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with _smoke.directory(args) as tmp:
         for seed in args.seeds:
-            base = tlsearch.load_config(
-                args.config,
-                storage=f"sqlite:///{tmp}/bench.db",
-                name=f"seed{seed}",
-                n_trials=args.n_trials,
-            )
+            overrides = {
+                "storage": f"sqlite:///{tmp}/bench.db",
+                "name": f"seed{seed}",
+                "n_trials": args.n_trials,
+            }
+            if args.smoke:
+                base = tlsearch.config_from_dict(_smoke.study(tmp / "cache", **overrides))
+            else:
+                base = tlsearch.load_config(args.config, **overrides)
             cfg = base.model_copy(
                 update={
                     "data": base.data.model_copy(update={"seed": seed}),

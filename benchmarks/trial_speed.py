@@ -31,6 +31,7 @@ core tens of minutes) with the study's shots, folds and epochs.
 
     python benchmarks/trial_speed.py [--per-depth 2] [--config studies/digits.toml]
     python benchmarks/trial_speed.py --only-resnet   # the ResNet rows alone, a few minutes
+    python benchmarks/trial_speed.py --smoke         # every table, on a tiny study: seconds
 
 The last line is ``speedup: <ratio>x``: trials per minute of tlsearch over the naive objective,
 both on one thread (the throughput a search buys; the table has the median ratio too). One thread
@@ -45,13 +46,14 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import _smoke
 import numpy as np
 import optuna
 import torch
@@ -63,9 +65,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import tlsearch
 from tlsearch import KFoldObjective, StudyConfig, TrialParams
 
-# Not in tlsearch's public API (README, Architecture), needed here: the trial loop `tlsearch run`
-# drives (storage, heartbeats, budget), the folds trained together, and the optimizer whose step
-# the profile labels.
+# Not in tlsearch's public API (README, Architecture), needed here: the optimizer fine-tuning runs,
+# whose step the profile labels and whose update is timed alone (see "What this benchmark asks of
+# tlsearch's fine-tuning internals" below).
 from tlsearch.training.adam import FusedAdam
 
 if TYPE_CHECKING:
@@ -115,9 +117,14 @@ class NaiveObjective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg, task = self.cfg, self.task
-        lam = trial.suggest_float("lambda", 1e-4, 100.0, log=True)
-        lr = trial.suggest_float("lr", 1e-4, 3e-2, log=True)
-        frozen = trial.suggest_int("frozen_blocks", 0, 3)
+        search = cfg.search
+        lam = trial.suggest_float("lambda", search.lambda_.low, search.lambda_.high, log=True)
+        lr = trial.suggest_float("lr", search.lr.low, search.lr.high, log=True)
+        depths = search.frozen_blocks
+        frozen = trial.suggest_int("frozen_blocks", int(depths.low), int(depths.high))
+        mult = search.backbone_lr_mult
+        if not isinstance(mult, float):  # searched: the trial's, as tlsearch's trials ask for it
+            mult = trial.suggest_float("backbone_lr_mult", mult.low, mult.high, log=mult.log)
         pretrained = self._pretrain()
         x, y = task.target_train.x, task.target_train.y
         folds = StratifiedKFold(cfg.cv.k, shuffle=True, random_state=cfg.cv.seed)
@@ -127,12 +134,7 @@ class NaiveObjective:
             model = tlsearch.create_model(cfg.model, task.input_shape, task.target_classes)
             model.load_state_dict(tlsearch.backbone_state(pretrained, cfg.model), strict=False)
             model.freeze(frozen)
-            backbone = [p for p in model.blocks.parameters() if p.requires_grad]
-            groups = [{"params": model.head.parameters()}]
-            if backbone:
-                mult = cfg.search.backbone_lr_mult
-                groups.append({"params": backbone, "lr": lr * mult})
-            optimizer = torch.optim.Adam(groups, lr=lr)
+            optimizer = torch.optim.Adam(param_groups(model, lr, mult), lr=lr)
             data = TensorDataset(torch.from_numpy(x[tr]), torch.from_numpy(y[tr]))
             loader = DataLoader(data, batch_size=cfg.finetune.batch_size, shuffle=True)
             for _ in range(cfg.finetune.epochs):
@@ -165,16 +167,27 @@ class NaiveObjective:
 
 
 def trial_params(cfg: StudyConfig, per_depth: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``per_depth`` (λ, lr) points at each frozen depth, log-uniform over the searched ranges."""
+    """``per_depth`` points at each frozen depth: λ, lr (and the backbone's learning-rate
+    multiplier where the study searches it) drawn uniformly over their searched ranges (on a log
+    scale where the range says so)."""
     rng = np.random.default_rng(seed)
-    lam, lr = cfg.search.lambda_, cfg.search.lr
+    search = cfg.search
+    mult = search.backbone_lr_mult
+    searched = {} if isinstance(mult, float) else {"backbone_lr_mult": mult}
 
-    def log_uniform(r: Any) -> float:
-        return float(np.exp(rng.uniform(np.log(r.low), np.log(r.high))))
+    def draw(r: Any) -> float:
+        if r.log:
+            return float(np.exp(rng.uniform(np.log(r.low), np.log(r.high))))
+        return float(rng.uniform(r.low, r.high))
 
-    depths = range(int(cfg.search.frozen_blocks.low), int(cfg.search.frozen_blocks.high) + 1)
+    depths = range(int(search.frozen_blocks.low), int(search.frozen_blocks.high) + 1)
     return [
-        {"lambda": log_uniform(lam), "lr": log_uniform(lr), "frozen_blocks": depth}
+        {
+            "lambda": draw(search.lambda_),
+            "lr": draw(search.lr),
+            "frozen_blocks": depth,
+            **{name: draw(r) for name, r in searched.items()},
+        }
         for _ in range(per_depth)
         for depth in depths
     ]
@@ -212,13 +225,20 @@ class Variant:
         """Trials per minute."""
         return 60 * len(self.seconds) / sum(self.seconds)
 
-    def step(self) -> None:
+    def step(self, queued: dict[str, Any]) -> None:
+        """Run the next trial, timed; it must be ``queued``, the trial its time is labelled with
+        (a study that ran a baseline trial first would time each trial under another's label)."""
         torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
         self.run_one()
         self.seconds.append(time.perf_counter() - t0)
         done = [t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()]
-        self.values.append(max(done, key=lambda t: t.datetime_complete).value)
+        last = max(done, key=lambda t: t.datetime_complete)
+        ran = {name: last.params.get(name) for name in queued}
+        assert ran == queued and "baseline" not in last.user_attrs, (
+            f"{self.label} ran {ran} {last.user_attrs.get('baseline', '')}, not {queued}"
+        )
+        self.values.append(last.value)
 
 
 def tlsearch_variant(
@@ -229,7 +249,7 @@ def tlsearch_variant(
     cfg = base.model_copy(
         update={
             "name": name,
-            "storage": f"sqlite:///{tmp / name.replace(' ', '-')}{threads}.db",
+            "storage": new_database(tmp, name),
             "pruner": base.pruner.model_copy(update={"name": "none", "steps": "folds"}),
             "search": base.search.model_copy(update={"baselines": []}),
             "select": base.select.model_copy(update={"confirm": 0}),
@@ -247,6 +267,13 @@ def tlsearch_variant(
     return Variant(name, threads, study, run_one, storage), ctx, objective
 
 
+def new_database(tmp: Path, name: str) -> str:
+    """The URL of a new SQLite file in ``tmp`` for a study of ``name`` (two variants may share a
+    name and thread count: on one core, torch's default is one thread)."""
+    n = len(list(tmp.glob("*.db")))
+    return f"sqlite:///{tmp / name.replace(' ', '-')}-{n}.db"
+
+
 def kfold_objective(ctx: StudyContext) -> KFoldObjective:
     """The study's objective, as a worker of it builds one."""
     task = ctx.task
@@ -261,7 +288,7 @@ def naive_variant(
 ) -> Variant:
     """The textbook objective in a textbook study (a SQLite URL), with ``params`` queued."""
     study = optuna.create_study(
-        storage=f"sqlite:///{tmp / 'naive'}{threads}.db", study_name="naive", direction="maximize"
+        storage=new_database(tmp, "naive"), study_name="naive", direction="maximize"
     )
     for p in params:
         study.enqueue_trial(p)
@@ -330,7 +357,7 @@ def breakdown(run_one: Callable[[], None], model_type: type, storage: Any) -> di
     patches = [
         (model_type, "forward"),
         (torch.Tensor, "backward"),
-        (FusedAdam, "step"),
+        (OPTIMIZER, "step"),
         *(
             (cls, attr)
             for cls in penalties
@@ -339,7 +366,7 @@ def breakdown(run_one: Callable[[], None], model_type: type, storage: Any) -> di
             if attr in cls.__dict__
         ),
     ]
-    labels = {model_type: "forward+loss", torch.Tensor: "backward", FusedAdam: "optimizer"}
+    labels = {model_type: "forward+loss", torch.Tensor: "backward", OPTIMIZER: "optimizer"}
     originals = [(owner, attr, owner.__dict__[attr]) for owner, attr in patches]
     timer = _TimedStorage(storage)
     for owner, attr, fn in originals:
@@ -389,34 +416,20 @@ def step_over_bare(objective: KFoldObjective, depth: int, repeats: int = 2) -> t
     """
     cfg = objective.cfg
     params = probe_params(cfg, depth)
-    tr = objective.folds[0][0]
-    xs, ys = objective.frozen_features(depth)[tr], objective.y[tr]
-    seed = objective.seeds[0]
+    x, y, trains, seeds = fold_inputs(objective, depth)
+    xs, ys, seed = x[trains[0]], y[trains[0]], seeds[0]
     epochs = cfg.finetune.epochs
-    batches_per_epoch = -(-len(tr) // cfg.finetune.batch_size)
+    batches_per_epoch = -(-len(ys) // cfg.finetune.batch_size)
 
     def fit(n_epochs: int) -> tuple[float, torch.nn.Module]:
-        c = cfg.model_copy(
-            update={"finetune": cfg.finetune.model_copy(update={"epochs": n_epochs})}
-        )
         t0 = time.thread_time()
-        model = tlsearch.finetune(
-            objective.pretrained,
-            c,
-            params,
-            xs,
-            ys,
-            objective.num_classes,
-            objective.input_shape,
-            seed,
-            start=depth,
-        )
+        model = fine_tune(objective, params, xs, ys, seed, n_epochs)
         return time.thread_time() - t0, model
 
     _, model = fit(epochs)  # a warm-up, and the model the bare passes run
     g = torch.Generator().manual_seed(seed)
     batches = [
-        (xs[i], ys[i]) for i in torch.randperm(len(tr), generator=g).split(cfg.finetune.batch_size)
+        (xs[i], ys[i]) for i in torch.randperm(len(ys), generator=g).split(cfg.finetune.batch_size)
     ]
     model.train()
 
@@ -442,32 +455,17 @@ def step_parts(objective: KFoldObjective, depth: int, repeats: int = 200) -> tup
 
     What a fine-tuning step adds to the forward+backward besides these two is the minibatch
     gather, dropping the old gradients, the epoch's draw and divergence check, and Python. The
-    model is the one fine-tuning builds (its trained parameters; Adam as fine-tuning runs it on
-    the CPU, ``finetune.optimizer = "adam"``); the penalty is the study's, over the same model.
-    CPU time of this thread, as :func:`step_over_bare`.
+    model is the one fine-tuning builds (its trained parameters; the optimizer as fine-tuning runs
+    it); the penalty is the study's, over the same model. CPU time of this thread, as
+    :func:`step_over_bare`.
     """
     cfg = objective.cfg
     params = probe_params(cfg, depth)
-    tr = objective.folds[0][0]
-    xs, ys = objective.frozen_features(depth)[tr], objective.y[tr]
-    one_epoch = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"epochs": 1})})
-    model = tlsearch.finetune(
-        objective.pretrained,
-        one_epoch,
-        params,
-        xs,
-        ys,
-        objective.num_classes,
-        objective.input_shape,
-        objective.seeds[0],
-        start=depth,
-    )
+    x, y, trains, seeds = fold_inputs(objective, depth)
+    xs, ys = x[trains[0]], y[trains[0]]
+    model = fine_tune(objective, params, xs, ys, seeds[0], epochs=1)
     model.train()
-    backbone = [p for p in model.blocks.parameters() if p.requires_grad]
-    groups = [{"params": list(model.head.parameters())}]
-    if backbone:
-        groups.append({"params": backbone, "lr": params.lr * params.backbone_lr_mult})
-    optimizer = FusedAdam(groups, lr=params.lr)
+    optimizer = fine_tuning_optimizer(model, params)
     penalty = tlsearch.REGULARIZERS.create(
         params.regularizer,
         model,
@@ -490,46 +488,129 @@ def step_parts(objective: KFoldObjective, depth: int, repeats: int = 200) -> tup
 
 def folds_together(objective: KFoldObjective, depth: int, repeats: int = 2) -> tuple[float, float]:
     """Seconds to train all folds one by one, and all at once (forced, even where auto is off)."""
-    cfg = objective.cfg
-    params = probe_params(cfg, depth)
-    x = objective.frozen_features(depth)
-    args = (objective.num_classes, objective.input_shape)
-    search = objective.search_folds  # the confirmation round's fresh folds are not a trial's
-    train = torch.stack([objective.folds[f][0] for f in search])
-    seeds = [objective.seeds[f] for f in search]
+    params = probe_params(objective.cfg, depth)
+    x, y, trains, seeds = fold_inputs(objective, depth)
     one, together = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for f, seed in zip(search, seeds, strict=True):
-            tr = objective.folds[f][0]
-            tlsearch.finetune(
-                objective.pretrained, cfg, params, x[tr], objective.y[tr], *args, seed, start=depth
-            )
+        for tr, seed in zip(trains, seeds, strict=True):
+            fine_tune(objective, params, x[tr], y[tr], seed)
         one.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        tlsearch.finetune_folds(
-            objective.pretrained,
-            cfg,
-            params,
-            x[train],
-            objective.y[train],
-            *args,
-            seeds,
-            start=depth,
-        )
+        stacked = torch.stack(trains)
+        fine_tune_folds(objective, params, x[stacked], y[stacked], seeds)
         together.append(time.perf_counter() - t0)
     return min(one), min(together)
 
 
 def probe_params(cfg: StudyConfig, depth: int) -> TrialParams:
-    """Fixed parameters for the measurements below (λ 0.1, lr 1e-3) at frozen depth ``depth``."""
+    """Fixed parameters for the measurements below at frozen depth ``depth``: λ 0.1, lr 1e-3, and
+    the backbone's learning-rate multiplier the study fixes, or plain fine-tuning's 1 (its
+    baseline's) where it searches one."""
+    mult = cfg.search.backbone_lr_mult
     return TrialParams(
         lambda_=0.1,
         lr=1e-3,
         frozen_blocks=depth,
-        backbone_lr_mult=cfg.search.backbone_lr_mult,
+        backbone_lr_mult=mult if isinstance(mult, float) else 1.0,
         regularizer=cfg.regularizer.names[0],
     )
+
+
+def param_groups(model: torch.nn.Module, lr: float, mult: float) -> list[dict[str, Any]]:
+    """Fine-tuning's optimizer groups: the head at ``lr``, the trained blocks at ``lr × mult``."""
+    backbone = [p for p in model.blocks.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": list(model.head.parameters())}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr * mult})
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# What this benchmark asks of tlsearch's fine-tuning internals (tlsearch.training, and the
+# objective's fold data): these functions and the optimizer's class alone call them.
+
+# The optimizer fine-tuning runs on the CPU (finetune.optimizer = "adam"), whose step the profile
+# labels.
+OPTIMIZER = FusedAdam
+
+
+def fold_inputs(
+    objective: KFoldObjective, depth: int
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[int]]:
+    """The training split's inputs to block ``depth`` (the objective's frozen-feature cache), its
+    labels, and each search fold's training indices and fine-tuning seed."""
+    search = objective.search_folds  # the confirmation round's fresh folds are not a trial's
+    return (
+        objective.frozen_features(depth),
+        objective.y,
+        [objective.folds[f][0] for f in search],
+        [objective.seeds[f] for f in search],
+    )
+
+
+def fine_tune(
+    objective: KFoldObjective,
+    params: TrialParams,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    epochs: int | None = None,
+) -> torch.nn.Module:
+    """One fold's model fine-tuned from the objective's checkpoint on ``x`` (inputs to block
+    ``params.frozen_blocks``), for ``epochs`` (default: the study's)."""
+    cfg = objective.cfg
+    if epochs is not None:
+        cfg = cfg.model_copy(
+            update={"finetune": cfg.finetune.model_copy(update={"epochs": epochs})}
+        )
+    return tlsearch.finetune(
+        objective.pretrained,
+        cfg,
+        params,
+        x,
+        y,
+        objective.num_classes,
+        objective.input_shape,
+        seed,
+        start=params.frozen_blocks,
+    )
+
+
+def fine_tune_folds(
+    objective: KFoldObjective,
+    params: TrialParams,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seeds: list[int],
+) -> None:
+    """Several folds' models fine-tuned together (one stacked model): ``x``, ``y`` stacked by fold."""
+    tlsearch.finetune_folds(
+        objective.pretrained,
+        objective.cfg,
+        params,
+        x,
+        y,
+        objective.num_classes,
+        objective.input_shape,
+        seeds,
+        start=params.frozen_blocks,
+    )
+
+
+def trains_folds_together(objective: KFoldObjective, params: TrialParams) -> bool:
+    """Whether the objective trains a trial's folds together with ``params`` (fold batching
+    ``auto``, no pruner)."""
+    return len(objective.fold_groups(params)[0]) > 1
+
+
+def fine_tuning_optimizer(model: torch.nn.Module, params: TrialParams) -> torch.optim.Optimizer:
+    """The optimizer fine-tuning builds for ``model`` on the CPU."""
+    return OPTIMIZER(param_groups(model, params.lr, params.backbone_lr_mult), lr=params.lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic
 
 
 def count_flops(run: Callable[[], Any]) -> float:
@@ -585,7 +666,7 @@ def resnet_objectives(base: StudyConfig, task: str) -> tuple[KFoldObjective, KFo
     return cached, plain
 
 
-def resnet_section(base: StudyConfig, task: str, repeats: int) -> None:
+def resnet_section(base: StudyConfig, task: str, budget: Budget) -> None:
     """Measure the example ResNet at every frozen depth and print its table (see the docstring)."""
     torch.set_num_threads(1)
     cached, plain = resnet_objectives(base, task)
@@ -593,10 +674,11 @@ def resnet_section(base: StudyConfig, task: str, repeats: int) -> None:
     depths = range(int(cfg.search.frozen_blocks.high) + 1)
     model = tlsearch.create_model(cfg.model, cached.input_shape, cached.num_classes)
     rows: list[list[str]] = []
-    slow: list[int] = []
+    ratios: dict[int, float] = {}
+    repeats = budget.resnet_repeats
     for d in depths:
         probe = probe_params(cfg, d)
-        fixed = {"lambda": probe.lambda_, "lr": probe.lr, "frozen_blocks": d}
+        fixed = probe.to_dict()  # what the trial asks for (and the regularizer, unasked)
         seconds: dict[str, list[float]] = {"cached": [], "plain": []}
         # Alternating, best of ``repeats``: the first trial at a depth also builds the cache.
         for _ in range(repeats):
@@ -605,7 +687,7 @@ def resnet_section(base: StudyConfig, task: str, repeats: int) -> None:
                 obj(optuna.trial.FixedTrial(fixed))
                 seconds[name].append(time.perf_counter() - t0)
         step, bare = step_over_bare(cached, d, repeats)
-        update, penalty = step_parts(cached, d)
+        update, penalty = step_parts(cached, d, budget.calls)
         trained = sum(p.numel() for p in model.blocks[d:].parameters())
         t_cached, t_plain = min(seconds["cached"]), min(seconds["plain"])
         rows.append(
@@ -620,8 +702,7 @@ def resnet_section(base: StudyConfig, task: str, repeats: int) -> None:
                 *(f"{t * 1e3:.3f}" for t in (update, penalty, step - bare - update - penalty)),
             ]
         )
-        if step / bare > STEP_OVER_BARE_MAX:
-            slow.append(d)
+        ratios[d] = step / bare
         print(f"resnet, frozen_blocks={d}: " + "  ".join(rows[-1][2:]), flush=True)
 
     options = cfg.model.options
@@ -642,12 +723,7 @@ def resnet_section(base: StudyConfig, task: str, repeats: int) -> None:
         "each timed alone; other: the minibatch gather, dropping the old gradients, the epoch's\n"
         "draw and divergence check, and Python, by difference)"
     )
-    verdict = (
-        f"past {STEP_OVER_BARE_MAX}x at frozen_blocks {', '.join(map(str, slow))}"
-        if slow
-        else f"at most {STEP_OVER_BARE_MAX}x at every frozen depth"
-    )
-    print(f"a fine-tuning step against its bare forward+backward: {verdict}")
+    print(f"a fine-tuning step against its bare forward+backward: {verdict(ratios)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,7 +737,275 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def verdict(ratios: dict[int, float]) -> str:
+    """Where a step costs more than :data:`STEP_OVER_BARE_MAX` × its bare forward+backward."""
+    slow = [str(d) for d, ratio in ratios.items() if ratio > STEP_OVER_BARE_MAX]
+    if slow:
+        return f"past {STEP_OVER_BARE_MAX}x at frozen_blocks {', '.join(slow)}"
+    return f"at most {STEP_OVER_BARE_MAX}x at every frozen depth"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much each measurement runs: trials per frozen depth, timings per measurement (the
+    best is kept), calls of a step's parts, and the size of the peak's matmul."""
+
+    per_depth: int = 2
+    repeats: int = 2
+    resnet_repeats: int = 3
+    calls: int = 200
+    matmul: int = 1024
+
+
+# --smoke: every measurement once, on the smoke study (benchmarks/_smoke.py).
+SMOKE = Budget(per_depth=1, repeats=1, resnet_repeats=1, calls=5, matmul=256)
+
+
+@dataclass
+class Trials:
+    """The trials run side by side (:func:`side_by_side`): the variants, in the order they ran."""
+
+    params: list[dict[str, Any]]
+    naive: Variant
+    fast: Variant
+    naive1: Variant
+    fast1: Variant
+    plain1: Variant
+    ctx: StudyContext
+    objective: KFoldObjective
+
+    @property
+    def variants(self) -> list[Variant]:
+        return [self.naive, self.fast, self.naive1, self.fast1, self.plain1]
+
+    @property
+    def depths(self) -> list[int]:
+        return sorted({p["frozen_blocks"] for p in self.params})
+
+    def at(self, depth: int) -> list[int]:
+        """The indices of the trials at frozen depth ``depth``."""
+        return [i for i, p in enumerate(self.params) if p["frozen_blocks"] == depth]
+
+
+def side_by_side(base: StudyConfig, tmp: Path, params: list[dict[str, Any]]) -> Trials:
+    """Every variant's trials, alternating: the naive objective and tlsearch on torch's default
+    thread count and on one, and tlsearch's plain path on one."""
+    threads = torch.get_num_threads()
+    fast, ctx, objective = tlsearch_variant(base, tmp, "tlsearch", threads, params)
+    trials = Trials(
+        params,
+        naive=naive_variant(base, tmp, ctx.task, params, threads),
+        fast=fast,
+        naive1=naive_variant(base, tmp, ctx.task, params, 1),
+        fast1=tlsearch_variant(base, tmp, "tlsearch", 1, params)[0],
+        plain1=tlsearch_variant(
+            base, tmp, "plain path", 1, params, cache_frozen=False, fold_batching="off"
+        )[0],
+        ctx=ctx,
+        objective=objective,
+    )
+    for i, p in enumerate(params):
+        for v in trials.variants:
+            v.step(p)
+        print(
+            f"trial {i} (frozen_blocks={p['frozen_blocks']}): "
+            + "  ".join(f"{v.label} {v.seconds[-1]:.2f}s" for v in trials.variants),
+            flush=True,
+        )
+    return trials
+
+
+@dataclass
+class Parts:
+    """The finer measurements on one thread (:func:`measure_parts`)."""
+
+    batching: list[tuple[str, int, KFoldObjective, tuple[float, float]]]
+    steps: dict[int, tuple[float, float]]
+    profiles: dict[int, dict[str, float]]
+    work: dict[int, tuple[float, float]]
+    peak: float
+
+
+def measure_parts(base: StudyConfig, trials: Trials, budget: Budget) -> Parts:
+    """Folds together against one by one (the study's model and an MLP), a step against its bare
+    forward+backward at each depth, a profile of one trial at two depths, the arithmetic of a
+    trial of each objective, and the core's matmul peak; on one thread, steadier on a shared
+    machine."""
+    torch.set_num_threads(1)
+    objective, depths, repeats = trials.objective, trials.depths, budget.repeats
+    batching = [
+        (base.model.name, d, objective, folds_together(objective, d, repeats)) for d in depths
+    ]
+    # The same for an MLP of 256-128, whose blocks are matmuls of several sizes.
+    mlp_dict = objective.cfg.to_dict()
+    mlp_dict["model"] = {"name": "mlp", "hidden": [256, 128]}
+    mlp_dict["finetune"]["threads"] = 1
+    mlp_dict["search"]["frozen_blocks"] = {"low": 0, "high": 2, "step": 1}
+    mlp = kfold_objective(tlsearch.prepare(tlsearch.config_from_dict(mlp_dict)))
+    batching += [("mlp", d, mlp, folds_together(mlp, d, repeats)) for d in range(3)]
+    steps = {d: step_over_bare(objective, d, repeats) for d in depths}
+    # One more trial at two depths, profiled (queued: the same trials as above).
+    task = trials.ctx.task
+    model_type = type(tlsearch.create_model(base.model, task.input_shape, task.target_classes))
+    profiles = {}
+    for d in [d for d in (0, 2) if d in depths]:
+        trials.fast1.study.enqueue_trial(trials.params[trials.at(d)[0]])
+        profiles[d] = breakdown(trials.fast1.run_one, model_type, trials.fast1.storage)
+    # The arithmetic of one trial at each depth, for both objectives (outside any study).
+    naive_objective = NaiveObjective(base, task)
+    work = {}
+    for d in depths:
+        fixed = optuna.trial.FixedTrial(trials.params[trials.at(d)[0]])
+        work[d] = (
+            count_flops(lambda f=fixed: naive_objective(f)),
+            count_flops(lambda f=fixed: objective(f)),
+        )
+    return Parts(batching, steps, profiles, work, matmul_peak(budget.matmul))
+
+
+def print_trials(trials: Trials) -> None:
+    """Seconds per trial of each variant against the naive objective, overall and by depth."""
+    rows = []
+    for v in trials.variants:
+        ref = trials.naive if v.threads == trials.naive.threads else trials.naive1
+        rows.append(
+            [
+                v.name,
+                str(v.threads),
+                f"{v.median:.2f}",
+                f"{v.rate:.1f}",
+                f"{ref.median / v.median:.1f}x",
+                f"{v.rate / ref.rate:.1f}x",
+                f"{statistics.fmean(v.values):.3f}",
+            ]
+        )
+    header = ["objective", "threads", "median s/trial", "trials/min", "ratio (median)"]
+    print(_table([*header, "ratio (trials/min)", "mean cv"], rows))
+    print(
+        "(ratios against the naive objective on the same number of threads; mean cv only shows\n"
+        "that both learn: the naive objective pretrains its own source model and seeds fold 0\n"
+        "like it, so its fold-0 head starts as the source model's initial head, a leak tlsearch\n"
+        "avoids)"
+    )
+
+    print()
+    print("seconds per trial at each frozen depth (median over its trials):")
+    rows = []
+    for d in trials.depths:
+        med = [statistics.median(v.seconds[i] for i in trials.at(d)) for v in trials.variants]
+        by = dict(zip(trials.variants, med, strict=True))
+        fast1 = by[trials.fast1]
+        ratios = [by[trials.plain1] / fast1, by[trials.naive1] / fast1]
+        rows.append([str(d), *(f"{m:.2f}" for m in med), *(f"{r:.1f}x" for r in ratios)])
+    header = ["frozen", *(v.label for v in trials.variants)]
+    print(_table([*header, "cache+batching (1t)", "tlsearch vs naive (1t)"], rows))
+
+
+def print_parts(trials: Trials, parts: Parts) -> None:
+    """The tables of :class:`Parts` but the arithmetic's."""
+    print("folds trained together (torch.func.vmap) vs one by one; all folds, cache on, 1 thread:")
+    rows = []
+    for name, d, obj, (one, together) in parts.batching:
+        model = tlsearch.create_model(obj.cfg.model, obj.input_shape, obj.num_classes)
+        trained = sum(p.numel() for p in model.blocks[d:].parameters())
+        auto = trains_folds_together(obj, probe_params(obj.cfg, d))
+        cells = [f"{one:.2f}", f"{together:.2f}", f"{one / together:.2f}x"]
+        rows.append([name, str(d), str(trained), *cells, "together" if auto else "one by one"])
+    header = ["model", "frozen", "trained block params", "one by one s", "together s", "gain"]
+    print(_table([*header, "auto (no pruner)"], rows))
+
+    print()
+    print("one fine-tuning step (marginal cost) vs the bare forward+backward of the same model on")
+    print("the same batches, 1 thread; the trial mix weighs each depth by its trials:")
+    steps = parts.steps
+    rows = [
+        [str(d), f"{s * 1e3:.3f}", f"{b * 1e3:.3f}", f"{s / b:.2f}"] for d, (s, b) in steps.items()
+    ]
+    # Every trial of the mix takes the same steps (folds x epochs x minibatches).
+    step, bare = (sum(len(trials.at(d)) * steps[d][i] for d in steps) for i in (0, 1))
+    n = len(trials.params)
+    rows.append(
+        ["trial mix", f"{step / n * 1e3:.3f}", f"{bare / n * 1e3:.3f}", f"{step / bare:.2f}"]
+    )
+    print(_table(["frozen", "step ms", "forward+backward ms", "ratio"], rows))
+    print(
+        f"a fine-tuning step against its bare forward+backward: {step / bare:.2f}x over the trial "
+        f"mix (goal: at most {STEP_OVER_BARE_MAX}x); "
+        + verdict({d: s / b for d, (s, b) in steps.items()})
+    )
+
+    print()
+    print(
+        "where one trial's time goes (torch.profiler, 1 thread; the profiler's own overhead lands"
+    )
+    print("in 'python and other', see the unprofiled trials of the same depth):")
+    profiles = parts.profiles
+    kinds = [k for k in next(iter(profiles.values())) if k != "total"]
+    rows = [
+        [
+            kind,
+            *(f"{p[kind]:.3f} s ({100 * p[kind] / p['total']:.0f}%)" for p in profiles.values()),
+        ]
+        for kind in kinds
+    ]
+    rows.append(["total", *(f"{p['total']:.3f} s" for p in profiles.values())])
+    unprofiled = [
+        statistics.median(trials.fast1.seconds[i] for i in trials.at(d)) for d in profiles
+    ]
+    rows.append(["unprofiled (median)", *(f"{t:.3f} s" for t in unprofiled)])
+    print(_table(["", *(f"frozen_blocks={d}" for d in profiles)], rows))
+
+
+def print_arithmetic(base: StudyConfig, trials: Trials, parts: Parts, budget: Budget) -> None:
+    """The FLOPs of one trial of each objective against the rate each runs them at and the peak."""
+    print("arithmetic of one trial (matmul and convolution FLOPs, forward and backward) and the")
+    print("rate each objective runs it at, 1 thread (seconds: the medians above):")
+    rows = []
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for d in trials.depths:
+        naive_flops, fast_flops = parts.work[d]
+        t_naive = statistics.median(trials.naive1.seconds[i] for i in trials.at(d))
+        t_fast = statistics.median(trials.fast1.seconds[i] for i in trials.at(d))
+        for j, v in enumerate((naive_flops, fast_flops, t_naive, t_fast)):
+            sums[j] += v
+        rows.append([str(d), *_rates(naive_flops, fast_flops, t_naive, t_fast)])
+    naive_flops, fast_flops, t_naive, t_fast = sums
+    rows.append(["all", *_rates(naive_flops, fast_flops, t_naive, t_fast)])
+    header = ["frozen", "naive GFLOP", "tlsearch GFLOP", "less work", "naive GFLOP/s"]
+    print(_table([*header, "tlsearch GFLOP/s"], rows))
+    work_ratio = naive_flops / fast_flops
+    rate_ratio = (fast_flops / t_fast) / (naive_flops / t_naive)
+    need = 20 / work_ratio * naive_flops / t_naive
+    # Every step at the cost of its bare forward+backward (PyTorch's kernels, nothing else):
+    # k folds x epochs x minibatches per epoch, one by one.
+    n_train = len(fold_inputs(trials.objective, 0)[2][0])
+    steps_per_trial = base.cv.k * base.finetune.epochs * -(-n_train // base.finetune.batch_size)
+    bare_trial = sum(parts.steps[d][1] * steps_per_trial for d in trials.depths)
+    peak, size = parts.peak, budget.matmul
+    print(
+        f"if every step cost only its bare forward+backward (the table above): "
+        f"{t_naive / bare_trial:.1f}x\n"
+        f"float32 matmul peak of this core ({size}x{size}, 1 thread): {peak / 1e9:.1f} GFLOP/s\n"
+        f"speedup (medians, the trial mix) = less work x faster arithmetic = {work_ratio:.1f} x "
+        f"{rate_ratio:.2f} = {work_ratio * rate_ratio:.1f}x\n"
+        f"20x over the same mix needs tlsearch at {need / 1e9:.0f} GFLOP/s, "
+        f"{100 * need / peak:.0f}% of the matmul peak, on minibatches of 8-32 images; "
+        f"with no time but arithmetic at the peak, the speedup would be "
+        f"{t_naive / (fast_flops / peak):.0f}x"
+    )
+
+
+def _rates(naive_flops: float, fast_flops: float, t_naive: float, t_fast: float) -> list[str]:
+    return [
+        f"{naive_flops / 1e9:.1f}",
+        f"{fast_flops / 1e9:.2f}",
+        f"{naive_flops / fast_flops:.1f}x",
+        f"{naive_flops / t_naive / 1e9:.1f}",
+        f"{fast_flops / t_fast / 1e9:.1f}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "studies" / "digits.toml")
     parser.add_argument("--per-depth", type=int, default=2, help="trials at each frozen depth")
@@ -674,258 +1018,48 @@ def main() -> None:
     parser.add_argument(
         "--only-resnet", action="store_true", help="measure the example ResNet's rows alone"
     )
-    args = parser.parse_args()
+    _smoke.add_arguments(parser)
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base = tlsearch.load_config(args.config)
-    if args.only_resnet:
-        resnet_section(base, args.resnet_task, args.resnet_repeats)
-        return
-    params = trial_params(base, args.per_depth)
-    default_threads = torch.get_num_threads()
-    load0 = os.getloadavg()[0]
+    with _smoke.directory(args) as tmp:
+        if args.smoke:
+            base = tlsearch.config_from_dict(_smoke.study(tmp / "cache"))
+            budget = SMOKE
+        else:
+            base = tlsearch.load_config(args.config)
+            budget = Budget(per_depth=args.per_depth, resnet_repeats=args.resnet_repeats)
+        if args.only_resnet:
+            resnet_section(base, args.resnet_task, budget)
+            return
+        load0 = os.getloadavg()[0]
+        trials = side_by_side(base, tmp, trial_params(base, budget.per_depth))
+        parts = measure_parts(base, trials, budget)
+        load1 = os.getloadavg()[0]
 
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        fast, ctx, objective = tlsearch_variant(base, tmp, "tlsearch", default_threads, params)
-        fast1, _, _ = tlsearch_variant(base, tmp, "tlsearch", 1, params)
-        plain1, _, _ = tlsearch_variant(
-            base, tmp, "plain path", 1, params, cache_frozen=False, fold_batching="off"
+        print()
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"(default threads {trials.fast.threads}); load average {load0:.1f} before, "
+            f"{load1:.1f} after"
         )
-        naive = naive_variant(base, tmp, ctx.task, params, default_threads)
-        naive1 = naive_variant(base, tmp, ctx.task, params, 1)
-        variants = [naive, fast, naive1, fast1, plain1]
-        for i, p in enumerate(params):
-            for v in variants:
-                v.step()
-            print(
-                f"trial {i} (frozen_blocks={p['frozen_blocks']}): "
-                + "  ".join(f"{v.label} {v.seconds[-1]:.2f}s" for v in variants),
-                flush=True,
-            )
-
-        # The finer measurements on one thread: steadier on a shared machine.
-        torch.set_num_threads(1)
-        depths = sorted({p["frozen_blocks"] for p in params})
-        batching = [(base.model.name, d, objective, folds_together(objective, d)) for d in depths]
-        # The same for the MLP (784-256-128-10), whose blocks are matmuls of several sizes.
-        mlp_dict = objective.cfg.to_dict()
-        mlp_dict["model"] = {"name": "mlp", "hidden": [256, 128]}
-        mlp_dict["finetune"]["threads"] = 1
-        mlp_dict["search"]["frozen_blocks"] = {"low": 0, "high": 2, "step": 1}
-        mlp = kfold_objective(tlsearch.prepare(tlsearch.config_from_dict(mlp_dict)))
-        batching += [("mlp", d, mlp, folds_together(mlp, d)) for d in range(3)]
-        steps = {d: step_over_bare(objective, d) for d in depths}
-        # One more trial at two depths, profiled (queued: the same trials as above).
-        profiles = {}
-        model_type = type(
-            tlsearch.create_model(base.model, ctx.task.input_shape, ctx.task.target_classes)
+        print(
+            f"study: {base.data.task}, {base.model.name}, {base.data.shots} shots, {base.cv.k} "
+            f"folds, {base.finetune.epochs} epochs; {len(trials.params)} trials "
+            f"({budget.per_depth} per depth), the same for every row, SQLite storage, no pruner"
         )
-        for d in (0, 2):
-            fast1.study.enqueue_trial(next(q for q in params if q["frozen_blocks"] == d))
-            profiles[d] = breakdown(fast1.run_one, model_type, fast1.storage)
-        # The arithmetic of one trial at each depth, for both objectives (outside any study).
-        naive_objective = NaiveObjective(base, ctx.task)
-        work = {}
-        for d in depths:
-            p = next(q for q in params if q["frozen_blocks"] == d)
-            work[d] = (
-                count_flops(lambda p=p: naive_objective(optuna.trial.FixedTrial(p))),
-                count_flops(lambda p=p: objective(optuna.trial.FixedTrial(p))),
-            )
-        peak = matmul_peak()
-    load1 = os.getloadavg()[0]
+        print()
+        print_trials(trials)
+        print()
+        print_parts(trials, parts)
+        print()
+        print_arithmetic(base, trials, parts, budget)
+        print()
+        resnet_section(base, args.resnet_task, budget)
 
+    fast, naive, fast1, naive1 = trials.fast, trials.naive, trials.fast1, trials.naive1
     print()
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"(default threads {default_threads}); load average {load0:.1f} before, {load1:.1f} after"
-    )
-    print(
-        f"study: {base.data.task}, {base.model.name}, {base.data.shots} shots, {base.cv.k} folds, "
-        f"{base.finetune.epochs} epochs; {len(params)} trials ({args.per_depth} per depth), "
-        "the same for every row, SQLite storage, no pruner"
-    )
-    print()
-    rows = []
-    for v in variants:
-        ref = naive if v.threads == default_threads else naive1
-        rows.append(
-            [
-                v.name,
-                str(v.threads),
-                f"{v.median:.2f}",
-                f"{v.rate:.1f}",
-                f"{ref.median / v.median:.1f}x",
-                f"{v.rate / ref.rate:.1f}x",
-                f"{statistics.fmean(v.values):.3f}",
-            ]
-        )
-    print(
-        _table(
-            [
-                "objective",
-                "threads",
-                "median s/trial",
-                "trials/min",
-                "ratio (median)",
-                "ratio (trials/min)",
-                "mean cv",
-            ],
-            rows,
-        )
-    )
-    print(
-        "(ratios against the naive objective on the same number of threads; mean cv only shows\n"
-        "that both learn: the naive objective pretrains its own source model and seeds fold 0\n"
-        "like it, so its fold-0 head starts as the source model's initial head, a leak tlsearch\n"
-        "avoids)"
-    )
-
-    print()
-    print("seconds per trial at each frozen depth (median over its trials):")
-    rows = []
-    for d in depths:
-        idx = [i for i, p in enumerate(params) if p["frozen_blocks"] == d]
-        med = [statistics.median(v.seconds[i] for i in idx) for v in variants]
-        by = dict(zip(variants, med, strict=True))
-        rows.append(
-            [
-                str(d),
-                *(f"{m:.2f}" for m in med),
-                f"{by[plain1] / by[fast1]:.1f}x",
-                f"{by[naive1] / by[fast1]:.1f}x",
-            ]
-        )
-    print(
-        _table(
-            [
-                "frozen",
-                *(v.label for v in variants),
-                "cache+batching (1t)",
-                "tlsearch vs naive (1t)",
-            ],
-            rows,
-        )
-    )
-
-    print()
-    print("folds trained together (torch.func.vmap) vs one by one; all folds, cache on, 1 thread:")
-    rows = []
-    for name, d, obj, (one, together) in batching:
-        model = tlsearch.create_model(obj.cfg.model, obj.input_shape, obj.num_classes)
-        trained = sum(p.numel() for p in model.blocks[d:].parameters())
-        auto = obj.fold_groups(probe_params(obj.cfg, d))
-        rows.append(
-            [
-                name,
-                str(d),
-                str(trained),
-                f"{one:.2f}",
-                f"{together:.2f}",
-                f"{one / together:.2f}x",
-                "together" if len(auto[0]) > 1 else "one by one",
-            ]
-        )
-    header = ["model", "frozen", "trained block params", "one by one s", "together s", "gain"]
-    print(_table([*header, "auto (no pruner)"], rows))
-
-    print()
-    print("one fine-tuning step (marginal cost) vs the bare forward+backward of the same model on")
-    print("the same batches, 1 thread:")
-    rows = [
-        [str(d), f"{s * 1e3:.3f}", f"{b * 1e3:.3f}", f"{s / b:.2f}"] for d, (s, b) in steps.items()
-    ]
-    print(_table(["frozen", "step ms", "forward+backward ms", "ratio"], rows))
-
-    print()
-    print(
-        "where one trial's time goes (torch.profiler, 1 thread; the profiler's own overhead lands"
-    )
-    print("in 'python and other', see the unprofiled trials of the same depth):")
-    kinds = [k for k in next(iter(profiles.values())) if k != "total"]
-    rows = [
-        [
-            kind,
-            *(
-                f"{prof[kind]:.3f} s ({100 * prof[kind] / prof['total']:.0f}%)"
-                for prof in profiles.values()
-            ),
-        ]
-        for kind in kinds
-    ]
-    rows.append(["total", *(f"{prof['total']:.3f} s" for prof in profiles.values())])
-    unprofiled = [
-        statistics.median(
-            t for t, p in zip(fast1.seconds, params, strict=True) if p["frozen_blocks"] == d
-        )
-        for d in profiles
-    ]
-    rows.append(["unprofiled (median)", *(f"{t:.3f} s" for t in unprofiled)])
-    print(_table(["", *(f"frozen_blocks={d}" for d in profiles)], rows))
-
-    print()
-    print("arithmetic of one trial (matmul and convolution FLOPs, forward and backward) and the")
-    print("rate each objective runs it at, 1 thread (seconds: the medians above):")
-    rows = []
-    sums = [0.0, 0.0, 0.0, 0.0]
-    for d in depths:
-        (naive_flops, fast_flops), idx = (
-            work[d],
-            [i for i, p in enumerate(params) if p["frozen_blocks"] == d],
-        )
-        t_naive = statistics.median(naive1.seconds[i] for i in idx)
-        t_fast = statistics.median(fast1.seconds[i] for i in idx)
-        for j, v in enumerate((naive_flops, fast_flops, t_naive, t_fast)):
-            sums[j] += v
-        rows.append(
-            [
-                str(d),
-                f"{naive_flops / 1e9:.1f}",
-                f"{fast_flops / 1e9:.2f}",
-                f"{naive_flops / fast_flops:.1f}x",
-                f"{naive_flops / t_naive / 1e9:.1f}",
-                f"{fast_flops / t_fast / 1e9:.1f}",
-            ]
-        )
-    naive_flops, fast_flops, t_naive, t_fast = sums
-    rows.append(
-        [
-            "all",
-            f"{naive_flops / 1e9:.1f}",
-            f"{fast_flops / 1e9:.2f}",
-            f"{naive_flops / fast_flops:.1f}x",
-            f"{naive_flops / t_naive / 1e9:.1f}",
-            f"{fast_flops / t_fast / 1e9:.1f}",
-        ]
-    )
-    header = ["frozen", "naive GFLOP", "tlsearch GFLOP", "less work", "naive GFLOP/s"]
-    print(_table([*header, "tlsearch GFLOP/s"], rows))
-    work_ratio = naive_flops / fast_flops
-    rate_ratio = (fast_flops / t_fast) / (naive_flops / t_naive)
-    need = 20 / work_ratio * naive_flops / t_naive
-    # Every step at the cost of its bare forward+backward (PyTorch's kernels, nothing else):
-    # 5 folds x epochs x minibatches per epoch, one by one.
-    n_train = len(objective.folds[0][0])
-    steps_per_trial = base.cv.k * base.finetune.epochs * -(-n_train // base.finetune.batch_size)
-    bare_trial = sum(steps[d][1] * steps_per_trial for d in depths)
-    print(
-        f"if every step cost only its bare forward+backward (the table above): "
-        f"{t_naive / bare_trial:.1f}x\n"
-        f"float32 matmul peak of this core (1024x1024, 1 thread): {peak / 1e9:.1f} GFLOP/s\n"
-        f"speedup (medians, the trial mix) = less work x faster arithmetic = {work_ratio:.1f} x "
-        f"{rate_ratio:.2f} = {work_ratio * rate_ratio:.1f}x\n"
-        f"20x over the same mix needs tlsearch at {need / 1e9:.0f} GFLOP/s, "
-        f"{100 * need / peak:.0f}% of the matmul peak, on minibatches of 8-32 images; "
-        f"with no time but arithmetic at the peak, the speedup would be "
-        f"{t_naive / (fast_flops / peak):.0f}x"
-    )
-
-    print()
-    resnet_section(base, args.resnet_task, args.resnet_repeats)
-
-    print()
-    print(
-        f"speedup on torch's default {default_threads} threads: {fast.rate / naive.rate:.1f}x "
+        f"speedup on torch's default {fast.threads} threads: {fast.rate / naive.rate:.1f}x "
         "(trials/min; swings with other work on the machine, see the trials above)"
     )
     print(f"speedup: {fast1.rate / naive1.rate:.1f}x")
