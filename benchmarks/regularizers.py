@@ -212,7 +212,8 @@ def run(
             a, b = correct[method].mean(0), ref
             p = f"{tlsearch.mcnemar_exact(int((a > b).sum()), int((b > a).sum())):.3f}"
             diff = f"{100 * d:+.1f} pp [{100 * low:+.1f}, {100 * high:+.1f}]"
-        eta = f"{params.bss_eta:g}" if params.bss_eta else "—"
+        bss_eta = params.hyperparameters.get("bss_eta")  # absent: BSS off
+        eta = f"{bss_eta:g}" if bss_eta else "—"
         print(
             f"| {label(method)} | {params.lambda_:g} | {eta} | {cv[method][1]:.3f} "
             f"| **{acc.mean():.3f}** | {', '.join(f'{a:.3f}' for a in acc)} | {diff} | {p} |"

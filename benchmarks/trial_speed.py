@@ -1,9 +1,9 @@
 """How fast is one trial? tlsearch's objective against the textbook way, side by side.
 
-Both run the same trials (the same λ, lr and frozen depth, queued in the same order) with the same
-folds and epochs of the digits study (studies/digits.toml: mnist-noisy, CNN, 5 shots, 5 folds, 60
-epochs), each in a real Optuna study in SQLite, so storage is counted. No pruner: every trial runs
-every fold.
+Both run the same trials (the same λ, lr, frozen depth and backbone learning-rate multiplier,
+queued in the same order) with the same folds and epochs of the digits study (studies/digits.toml:
+mnist-noisy, CNN, 5 shots, 5 folds, 60 epochs), each in a real Optuna study in SQLite, so storage
+is counted. No pruner: every trial runs every fold.
 
 * naive: the textbook objective: the source model pretrained inside every trial, a per-sample
   ``DataLoader`` over a ``TensorDataset``, the penalty summed in a Python loop over parameters.
@@ -15,10 +15,11 @@ Each runs on torch's default thread count (the machine's cores) and on one threa
 all variants alternate (naive trial 1, tlsearch trial 1, ..., naive trial 2, ...), so a machine
 shared with other work slows them alike. Then, on one thread: seconds per trial at each frozen
 depth, folds trained together against one by one, a breakdown of one trial from ``torch.profiler``,
-one fine-tuning step against the bare forward+backward of the same model on the same batches, and
-the arithmetic of one trial of each objective (``torch.utils.flop_counter``) against the rate each
-runs it at and this core's float32 matmul peak: how much of the speedup is work removed, how much
-is faster arithmetic, and how close to the limit that is.
+one fine-tuning step against the bare forward+backward of the same model on the same batches (at
+each depth and over the trial mix; the goal: at most 1.2x), and the arithmetic of one trial of
+each objective (``torch.utils.flop_counter``) against the rate each runs it at and this core's
+float32 matmul peak: how much of the speedup is work removed, how much is faster arithmetic, and
+how close to the limit that is.
 
 Last, a real network brought as a plug-in: the example ResNet of ``examples/tlsearch-resnet``
 (model ``resnet``; that folder is put on ``sys.path`` and the package loaded as ``--plugin
@@ -65,9 +66,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import tlsearch
 from tlsearch import KFoldObjective, StudyConfig, TrialParams
 
-# Not in tlsearch's public API (README, Architecture), needed here: the optimizer fine-tuning runs,
-# whose step the profile labels and whose update is timed alone (see "What this benchmark asks of
-# tlsearch's fine-tuning internals" below).
+# Not in tlsearch's public API (README, Architecture), needed here (see "What this benchmark asks
+# of tlsearch's fine-tuning internals" below): what a trial's folds train (to ask the schedule
+# whether it stacks them), and the optimizer fine-tuning runs, whose step the profile labels and
+# whose update is timed alone.
+from tlsearch.training import Recipe, TrialFolds
 from tlsearch.training.adam import FusedAdam
 
 if TYPE_CHECKING:
@@ -78,7 +81,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The example model plug-in (README, "Bring your own network"), used from its source folder.
 RESNET_PLUGIN = ROOT / "examples" / "tlsearch-resnet"
 # A fine-tuning step may cost this much more than the bare forward+backward of its model (the
-# issue's bound for the ResNet); the ResNet's table says where it is passed, and by what.
+# issues' bound, for the ResNet and the study's trial mix); the tables say where it is passed.
 STEP_OVER_BARE_MAX = 1.2
 
 
@@ -118,8 +121,9 @@ class NaiveObjective:
     def __call__(self, trial: optuna.Trial) -> float:
         cfg, task = self.cfg, self.task
         search = cfg.search
-        lam = trial.suggest_float("lambda", search.lambda_.low, search.lambda_.high, log=True)
-        lr = trial.suggest_float("lr", search.lr.low, search.lr.high, log=True)
+        lam, lr = search.lambda_, search.lr
+        lam = trial.suggest_float("lambda", lam.low, lam.high, log=lam.log)
+        lr = trial.suggest_float("lr", lr.low, lr.high, log=lr.log)
         depths = search.frozen_blocks
         frozen = trial.suggest_int("frozen_blocks", int(depths.low), int(depths.high))
         mult = search.backbone_lr_mult
@@ -599,9 +603,15 @@ def fine_tune_folds(
 
 
 def trains_folds_together(objective: KFoldObjective, params: TrialParams) -> bool:
-    """Whether the objective trains a trial's folds together with ``params`` (fold batching
-    ``auto``, no pruner)."""
-    return len(objective.fold_groups(params)[0]) > 1
+    """Whether the objective's schedule stacks a search trial's first folds with ``params``
+    (fold batching ``auto``)."""
+    recipe = Recipe(
+        objective.pretrained, objective.cfg, params, objective.num_classes, objective.input_shape
+    )
+    _, _, trains, seeds = fold_inputs(objective, params.frozen_blocks)
+    held = [objective.folds[f][1] for f in objective.search_folds]
+    plan = TrialFolds(recipe, list(zip(trains, held, strict=True)), seeds)
+    return len(objective.schedule.groups(params, plan)[0]) > 1
 
 
 def fine_tuning_optimizer(model: torch.nn.Module, params: TrialParams) -> torch.optim.Optimizer:
