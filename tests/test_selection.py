@@ -18,11 +18,12 @@ from optuna.trial import TrialState, create_trial
 from sklearn.model_selection import StratifiedKFold
 
 from tlsearch.config import LEGACY_VALUES, config_from_dict, stored_config
+from tlsearch.confirmation import confirmation_candidates
 from tlsearch.evidence import encode_oof
 from tlsearch.export import best_config, write_export
 from tlsearch.objective import CVMetric, split_seed
 from tlsearch.params import baseline_params
-from tlsearch.selection import ATTR_SELECTED, Pool, confirmation_candidates, select
+from tlsearch.selection import ATTR_SELECTED, Pool, select
 from tlsearch.stats import mean_se
 from tlsearch.status import status_table
 from tlsearch.storage import ATTR_CONFIG

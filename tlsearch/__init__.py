@@ -67,8 +67,8 @@ _API = {
     "Heartbeat": "tlsearch.storage",
     "CVMetric": "tlsearch.objective",
     "select": "tlsearch.selection",
-    "queue_confirmation": "tlsearch.study",
-    "CONFIRM_ATTR": "tlsearch.storage",
+    "queue_confirmation": "tlsearch.confirmation",
+    "CONFIRM_ATTR": "tlsearch.confirmation",
     "paired_difference": "tlsearch.stats",
     "mcnemar_exact": "tlsearch.stats",
     # results
@@ -151,6 +151,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from tlsearch.config import StudyConfig, config_from_dict, load_config
+    from tlsearch.confirmation import CONFIRM_ATTR, queue_confirmation
     from tlsearch.data import Dataset, TransferTask, load_task
     from tlsearch.errors import ConfigError, DivergedError, TlsearchError
     from tlsearch.export import read_export, trials_frame, write_export
@@ -175,7 +176,6 @@ if TYPE_CHECKING:
     from tlsearch.stats import mcnemar_exact, paired_difference
     from tlsearch.status import study_status
     from tlsearch.storage import (
-        CONFIRM_ATTR,
         Heartbeat,
         create_storage,
         load_study_config,
@@ -184,7 +184,6 @@ if TYPE_CHECKING:
     from tlsearch.study import (
         StudyContext,
         prepare,
-        queue_confirmation,
         run_study,
         run_trials,
         setup_study,

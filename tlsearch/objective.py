@@ -6,8 +6,9 @@ stacked, on the frozen-feature cache) and when the trial reports to the pruner i
 
 **Folds.** ``cv.k`` stratified folds, ``cv.repeats`` times, split anew each repeat; every trial
 uses the same folds, and fold f the same seed, so trials differ only in their parameters. The
-confirmation round's trials (:mod:`tlsearch.selection`) use :data:`CONFIRM_REPEATS` further
-repeats: fresh splits of the same images that the search never scored.
+confirmation round's trials (:mod:`tlsearch.confirmation`) use
+:data:`~tlsearch.confirmation.CONFIRM_REPEATS` further repeats: fresh splits of the same images
+that the search never scored.
 
 **The trial's record** (:class:`TrialRecord`): each fold's score, loss and time, its learning
 curve and, for a complete trial, every image's out-of-fold evidence (:mod:`tlsearch.evidence`),
@@ -32,18 +33,17 @@ import torch
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from tlsearch.config import StudyConfig
+from tlsearch.confirmation import CONFIRM_REPEATS, is_confirmation
 from tlsearch.data import Dataset
 from tlsearch.errors import ConfigError, DivergedError
 from tlsearch.evidence import CURVE_ATTR, OOF_ATTR, encode_curve, encode_oof
 from tlsearch.models import create_model
 from tlsearch.params import TrialParams, baseline_enqueue, baseline_params, suggest_params
 from tlsearch.stats import mean_se
-from tlsearch.storage import CONFIRM_ATTR
 from tlsearch.threads import set_threads
 from tlsearch.training import FrozenFeatures, Held, Recipe, Schedule, TrialFolds, to_tensors
 
 __all__ = [
-    "CONFIRM_REPEATS",
     "CVMetric",
     "KFoldObjective",
     "TrialRecord",
@@ -52,9 +52,6 @@ __all__ = [
     "make_folds",
     "split_seed",
 ]
-
-# Fresh repeats of k folds a confirmation trial is scored on (tlsearch.selection).
-CONFIRM_REPEATS = 1
 
 
 def check_folds(cfg: StudyConfig, train: Dataset) -> None:
@@ -144,7 +141,7 @@ class KFoldObjective:
         trial.set_user_attr("resolved_params", params.to_dict())
         # A confirmation trial: the same settings on fresh folds, never pruned, reporting nothing
         # a pruner could compare with the search's trials.
-        fresh = trial.user_attrs.get(CONFIRM_ATTR) is not None
+        fresh = is_confirmation(trial)
         folds = self.fresh_folds if fresh else self.search_folds
         # Baselines are what the search is measured against: they report, and always finish.
         pruner = None if fresh else (trial if baseline is None else _Reporter(trial))
@@ -169,11 +166,11 @@ def make_folds(
     cfg: StudyConfig, train: Dataset, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every fold's training and held-out indices: ``cv.repeats`` repeats of ``cv.k`` folds for
-    the search, then :data:`CONFIRM_REPEATS` for the confirmation round.
+    the search, then :data:`~tlsearch.confirmation.CONFIRM_REPEATS` for the confirmation round.
 
     Repeat 0 splits as ``cv.seed`` alone did before repeats existed; each further repeat splits
     anew (:func:`split_seed`). The confirmation round's trials use the next repeat's folds: fresh
-    splits of the same images, which the search never scored (:mod:`tlsearch.selection`).
+    splits of the same images, which the search never scored (:mod:`tlsearch.confirmation`).
     """
     features = train.x.reshape(len(train), -1)
     folds = []

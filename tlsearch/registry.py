@@ -442,7 +442,9 @@ for _name in ("median", "percentile", "wilcoxon", "successive_halving", "hyperba
     PRUNERS.register(_name, f"tlsearch.samplers:{_name}_pruner")
 
 # What `tlsearch export` takes as a study's answer (select.rule, export --select): see
-# tlsearch.selection for each rule.
+# tlsearch.selection for each rule; the two that read the confirmation round live with it.
 SELECTION_RULES = Registry("selection rule", "select.rule")
-for _name in ("best", "loss", "one_se", "gate", "confirm", "confirm_gate"):
+for _name in ("best", "loss", "one_se", "gate"):
     SELECTION_RULES.register(_name, f"tlsearch.selection:{_name}")
+for _name in ("confirm", "confirm_gate"):
+    SELECTION_RULES.register(_name, f"tlsearch.confirmation:{_name}")

@@ -23,6 +23,9 @@ study's ``select.rule`` is the default):
 - ``confirm_gate``: the confirmation round's winner leaves plain fine-tuning only when its paired
   log-loss advantage on the fresh folds is above 0 at ``select.alpha`` / ``select.confirm``.
 
+The last two live with the round they read, in :mod:`tlsearch.confirmation`; this module holds
+what every rule shares (:class:`Pool`, :func:`ranked`, :func:`references`, the reason's wording).
+
 A rule never changes a trial. The selection made last (rule, trial, reason, evidence, runners-up) is
 stored as the study attribute ``tlsearch_selected``, which ``status`` and ``report`` show; ``final``
 repeats its reason. A rule that needs what an older study lacks (per-image evidence, a confirmation
@@ -46,7 +49,7 @@ from tlsearch.evidence import Paired, decode_oof, paired
 from tlsearch.params import lambda_range, resolve_params
 from tlsearch.registry import SELECTION_RULES
 from tlsearch.stats import mean_se
-from tlsearch.storage import CONFIRM_ATTR
+from tlsearch.storage import CONFIRM_ATTR, is_confirmation
 
 __all__ = [
     "ATTR_SELECTED",
@@ -57,9 +60,14 @@ __all__ = [
     "accuracy",
     "accuracy_se",
     "baseline_of",
-    "confirmation_candidates",
-    "is_confirmation",
+    "describe",
+    "fallback",
+    "gated",
+    "ranked",
+    "reference",
+    "references",
     "resolved_params",
+    "score_text",
     "select",
     "standard_error",
     "stored_selection",
@@ -92,11 +100,6 @@ def accuracy_se(trial: FrozenTrial) -> float | None:
 def baseline_of(trial: FrozenTrial) -> str | None:
     """``plain_finetuning`` or ``scratch`` for a reference trial, else None."""
     return trial.user_attrs.get("baseline")
-
-
-def is_confirmation(trial: FrozenTrial) -> bool:
-    """Whether the trial is one of the confirmation round's (scored on fresh folds)."""
-    return trial.user_attrs.get(CONFIRM_ATTR) is not None
 
 
 def resolved_params(trial: FrozenTrial, cfg: StudyConfig) -> dict[str, Any]:
@@ -167,13 +170,6 @@ def ranked(trials: Sequence[FrozenTrial], metric: str) -> list[FrozenTrial]:
     )
 
 
-def _config_key(trial: FrozenTrial, cfg: StudyConfig) -> tuple:
-    """What makes two trials the same configuration: their resolved parameters (and whether
-    they start from scratch)."""
-    params = resolved_params(trial, cfg)
-    return (baseline_of(trial) == "scratch", *sorted((k, repr(v)) for k, v in params.items()))
-
-
 def references(pool: Pool, cfg: StudyConfig) -> list[FrozenTrial]:
     """The trials the answer may fall back to (``select.reference``): plain fine-tuning, or both
     baselines the study has."""
@@ -189,26 +185,6 @@ def reference(trials: Sequence[FrozenTrial], cfg: StudyConfig) -> FrozenTrial | 
     if not trials:
         return None
     return ranked(trials, "loss")[0] if cfg.select.reference == "baselines" else trials[0]
-
-
-def confirmation_candidates(pool: Pool, cfg: StudyConfig) -> list[FrozenTrial]:
-    """The search trials the confirmation round trains again: the top ``select.confirm`` distinct
-    configurations by ``select.metric``, then the references (:func:`references`: plain
-    fine-tuning, and scratch with ``select.reference = "baselines"``). Empty when
-    ``select.confirm`` is 0."""
-    if cfg.select.confirm <= 0 or not pool.search:
-        return []
-    refs = references(pool, cfg)
-    chosen: list[FrozenTrial] = []
-    seen = {_config_key(t, cfg) for t in refs}
-    for t in ranked(pool.search, cfg.select.metric):
-        key = _config_key(t, cfg)
-        if all(t is not r for r in refs) and key not in seen:
-            seen.add(key)
-            chosen.append(t)
-        if len(chosen) == cfg.select.confirm:
-            break
-    return chosen + refs
 
 
 @dataclass(frozen=True)
@@ -285,14 +261,14 @@ def stored_selection(study: optuna.Study) -> dict[str, Any] | None:
 # --- the rules (registered in tlsearch.registry.SELECTION_RULES) ---------------------------------
 
 
-def _describe(t: FrozenTrial) -> str:
+def describe(t: FrozenTrial) -> str:
     name = baseline_of(t)
     return {"plain_finetuning": "plain fine-tuning", "scratch": "scratch"}.get(
         name or "", f"trial {t.number}"
     )
 
 
-def _score(t: FrozenTrial, metric: str) -> str:
+def score_text(t: FrozenTrial, metric: str) -> str:
     if metric == "loss":
         return f"CV loss {t.user_attrs.get('cv_loss', math.nan):.4f}"
     return f"value {t.value:.4f}"
@@ -301,13 +277,13 @@ def _score(t: FrozenTrial, metric: str) -> str:
 def best(pool: Pool, cfg: StudyConfig) -> Decision:
     t = pool.best()
     return Decision(
-        t, f"best: {_describe(t)} has the highest value ({t.value:.4f}) of {len(pool.search)}"
+        t, f"best: {describe(t)} has the highest value ({t.value:.4f}) of {len(pool.search)}"
     )
 
 
 def loss(pool: Pool, cfg: StudyConfig) -> Decision:
     t = ranked(pool.search, "loss")[0]
-    return Decision(t, f"loss: {_describe(t)} has the lowest {_score(t, 'loss')}")
+    return Decision(t, f"loss: {describe(t)} has the lowest {score_text(t, 'loss')}")
 
 
 def one_se(pool: Pool, cfg: StudyConfig) -> Decision:
@@ -323,7 +299,7 @@ def one_se(pool: Pool, cfg: StudyConfig) -> Decision:
     chosen = min(candidates, key=preference)
     return Decision(
         chosen,
-        f"one_se: {_describe(chosen)} is the most regularized of {len(within)} trial(s) within "
+        f"one_se: {describe(chosen)} is the most regularized of {len(within)} trial(s) within "
         f"one standard error ({se:.4f}) of the best",
     )
 
@@ -345,13 +321,13 @@ def _strength(params: dict[str, Any], cfg: StudyConfig) -> float:
     return (lam - space.low) / (space.high - space.low)
 
 
-def _fallback(pool: Pool, cfg: StudyConfig, why: str) -> Decision:
+def fallback(pool: Pool, cfg: StudyConfig, why: str) -> Decision:
     """Optuna's best trial, with why the rule could not decide: what a study exported before."""
     t = pool.best()
-    return Decision(t, f"{why}; exported Optuna's best trial, {_describe(t)}")
+    return Decision(t, f"{why}; exported Optuna's best trial, {describe(t)}")
 
 
-def _gated(
+def gated(
     top: FrozenTrial, ref: FrozenTrial, compared: Paired, tests: int, cfg: StudyConfig, where: str
 ) -> Decision:
     """``top`` when its advantage over ``ref`` is significant at ``alpha / tests``, else ref."""
@@ -364,83 +340,24 @@ def _gated(
     )
     level = f"{alpha:g}/{tests}" if tests > 1 else f"{alpha:g}"
     if p < alpha / tests:
-        reason = f"left {_describe(ref)} for {_describe(top)}: its {advantage} < {level}"
+        reason = f"left {describe(ref)} for {describe(top)}: its {advantage} < {level}"
         return Decision(top, reason, numbers)
-    reason = f"kept {_describe(ref)}: {_describe(top)}'s {advantage}, not below {level}"
+    reason = f"kept {describe(ref)}: {describe(top)}'s {advantage}, not below {level}"
     return Decision(ref, reason, numbers)
 
 
 def gate(pool: Pool, cfg: StudyConfig) -> Decision:
     ref = reference(references(pool, cfg), cfg)
     if ref is None:
-        return _fallback(pool, cfg, "gate: no plain fine-tuning trial (search.baselines)")
+        return fallback(pool, cfg, "gate: no plain fine-tuning trial (search.baselines)")
     top = ranked(pool.search, cfg.select.metric)[0]
     if top is ref:
-        return Decision(ref, f"kept {_describe(ref)}: it ranks first by {cfg.select.metric}")
+        return Decision(ref, f"kept {describe(ref)}: it ranks first by {cfg.select.metric}")
     ours, theirs = decode_oof(top.user_attrs), decode_oof(ref.user_attrs)
     if ours is None or theirs is None:
-        return _fallback(
+        return fallback(
             pool,
             cfg,
             "gate: these trials have no per-image evidence (made before tlsearch kept it)",
         )
-    return _gated(top, ref, paired(ours, theirs), len(pool.search) - 1, cfg, "in the search")
-
-
-def _round(pool: Pool, cfg: StudyConfig) -> tuple[list[FrozenTrial], list[FrozenTrial]] | str:
-    """The confirmation round's candidates and their runs, or why they are not there."""
-    candidates = confirmation_candidates(pool, cfg)
-    if not candidates:
-        return "this study runs no confirmation round (select.confirm = 0)"
-    finished = [
-        t for t in candidates if t.number in pool.confirmations or t.number in pool.diverged
-    ]
-    if len(finished) < len(candidates):
-        return (
-            f"the confirmation round is not finished ({len(finished)} of {len(candidates)} trials)"
-        )
-    # A candidate whose run diverged on the fresh folds loses the round.
-    kept = [t for t in candidates if t.number in pool.confirmations]
-    if not kept:
-        return "every confirmation trial diverged"
-    return kept, [pool.confirmations[t.number] for t in kept]
-
-
-def confirm(pool: Pool, cfg: StudyConfig) -> Decision:
-    found = _round(pool, cfg)
-    if isinstance(found, str):
-        return _fallback(pool, cfg, f"confirm: {found}")
-    candidates, runs = found
-    metric = cfg.select.metric
-    winner = ranked(runs, metric)[0]
-    chosen = candidates[runs.index(winner)]
-    scores = ", ".join(
-        f"{_describe(c)} {_score(r, metric)}" for c, r in zip(candidates, runs, strict=True)
-    )
-    return Decision(
-        chosen,
-        f"confirm: {_describe(chosen)} ranks first on fresh folds ({scores})",
-        {"runs": {c.number: r.number for c, r in zip(candidates, runs, strict=True)}},
-    )
-
-
-def confirm_gate(pool: Pool, cfg: StudyConfig) -> Decision:
-    found = _round(pool, cfg)
-    if isinstance(found, str):
-        return _fallback(pool, cfg, f"confirm_gate: {found}")
-    candidates, runs = found
-    refs = references(pool, cfg)
-    ref_runs = [r for c, r in zip(candidates, runs, strict=True) if any(c is t for t in refs)]
-    ref_run = reference(ref_runs, cfg)
-    if ref_run is None:
-        return confirm(pool, cfg)
-    ref = candidates[runs.index(ref_run)]
-    winner = ranked(runs, cfg.select.metric)[0]
-    chosen = candidates[runs.index(winner)]
-    if chosen is ref:
-        return Decision(ref, f"kept {_describe(ref)}: it ranks first on fresh folds")
-    ours, theirs = decode_oof(winner.user_attrs), decode_oof(ref_run.user_attrs)
-    if ours is None or theirs is None:
-        return confirm(pool, cfg)
-    tests = len(candidates) - 1
-    return _gated(chosen, ref, paired(ours, theirs), tests, cfg, "on fresh folds")
+    return gated(top, ref, paired(ours, theirs), len(pool.search) - 1, cfg, "in the search")

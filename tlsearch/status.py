@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tlsearch.confirmation import CONFIRM_ATTR, is_confirmation
 from tlsearch.errors import StorageError
 from tlsearch.params import format_params
 from tlsearch.selection import (
@@ -22,11 +23,9 @@ from tlsearch.selection import (
     accuracy,
     accuracy_se,
     baseline_of,
-    is_confirmation,
     stored_selection,
 )
 from tlsearch.storage import (
-    CONFIRM_ATTR,
     create_storage,
     find_study,
     load_study_config,

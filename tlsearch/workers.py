@@ -51,6 +51,7 @@ import torch
 
 from tlsearch._io import sha256_file
 from tlsearch.config import StudyConfig
+from tlsearch.confirmation import queue_confirmation
 from tlsearch.data import TransferTask, load_task
 from tlsearch.device import resolve_device
 from tlsearch.errors import CheckpointError, ConfigError, StorageError
@@ -90,7 +91,6 @@ from tlsearch.study import (
     StudyContext,
     graceful_stop,
     make_objective,
-    queue_confirmation,
     run_trials,
     setup_study,
     stopped,

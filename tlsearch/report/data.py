@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.config import StudyConfig
+from tlsearch.confirmation import is_confirmation
 from tlsearch.dashboard import describe_study
 from tlsearch.errors import TlsearchError
 from tlsearch.evidence import CURVE_ATTR
@@ -27,7 +28,6 @@ from tlsearch.selection import (
     accuracy,
     accuracy_se,
     baseline_of,
-    is_confirmation,
     standard_error,
     stored_selection,
 )

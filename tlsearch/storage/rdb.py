@@ -54,6 +54,7 @@ from tlsearch.errors import ConfigError, StorageError
 
 __all__ = [
     "CONFIRM_ATTR",
+    "is_confirmation",
     "COUNTED_STATES",
     "AlreadyQueued",
     "STORAGE_ERRORS",
@@ -92,9 +93,14 @@ class AlreadyQueued(Exception):
     has one already (queued, running or finished)."""
 
 
-# User attribute of the confirmation round's trials (tlsearch.selection): the number of the search
-# trial each trains again on fresh folds. They sit outside the budget, one per candidate.
+# User attribute of the confirmation round's trials (tlsearch.confirmation): the number of the
+# search trial each trains again on fresh folds. They sit outside the budget, one per candidate.
 CONFIRM_ATTR = "confirm_of"
+
+
+def is_confirmation(trial: FrozenTrial | optuna.Trial) -> bool:
+    """Whether the trial is one of the confirmation round's (scored on fresh folds)."""
+    return trial.user_attrs.get(CONFIRM_ATTR) is not None
 
 
 def _confirmation_ids() -> sqlalchemy.Select:

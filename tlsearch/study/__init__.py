@@ -2,13 +2,7 @@
 (:mod:`~tlsearch.study.loop`), clean stops (:mod:`~tlsearch.study.stop`) and progress output
 (:mod:`~tlsearch.study.progress`)."""
 
-from tlsearch.study.loop import (
-    STORAGE_PATIENCE,
-    queue_confirmation,
-    round_finished,
-    run_study,
-    run_trials,
-)
+from tlsearch.study.loop import STORAGE_PATIENCE, run_study, run_trials
 from tlsearch.study.progress import ProgressPrinter, summary_table
 from tlsearch.study.setup import (
     StudyContext,
@@ -30,8 +24,6 @@ __all__ = [
     "graceful_stop",
     "make_objective",
     "prepare",
-    "queue_confirmation",
-    "round_finished",
     "run_study",
     "run_trials",
     "setup_study",

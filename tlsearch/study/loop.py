@@ -27,15 +27,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsearch.config import StudyConfig
-from tlsearch.selection import Pool, baseline_of, confirmation_candidates
+from tlsearch.confirmation import queue_confirmation, round_finished
 from tlsearch.storage import (
-    BUDGET_STATES,
-    CONFIRM_ATTR,
     STORAGE_ERRORS,
-    AlreadyQueued,
     BudgetExhausted,
     StudyStorage,
-    count_budget,
     describe_error,
     storage_error,
 )
@@ -46,8 +42,6 @@ from tlsearch.threads import thread_scope
 
 __all__ = [
     "STORAGE_PATIENCE",
-    "queue_confirmation",
-    "round_finished",
     "run_study",
     "run_trials",
 ]
@@ -362,45 +356,6 @@ class _Loop:
             return False
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
         return self.storage.get_trial(trial_id).state == TrialState.FAIL
-
-
-def queue_confirmation(study: optuna.Study, cfg: StudyConfig) -> int:
-    """Queue the confirmation round's trials not queued yet; return how many the round has.
-
-    The candidates (:func:`tlsearch.selection.confirmation_candidates`) follow from the finished
-    search alone, so every worker computes the same; each is queued with its parameters and
-    ``confirm_of`` (and ``baseline``, for a baseline's), and the storage refuses a second one.
-    """
-    candidates = confirmation_candidates(Pool.of(study), cfg)
-    queued = {
-        t.user_attrs[CONFIRM_ATTR]
-        for t in study.get_trials(deepcopy=False)
-        if CONFIRM_ATTR in t.user_attrs and t.state != TrialState.FAIL
-    }
-    for t in candidates:
-        if t.number in queued:
-            continue
-        attrs: dict[str, Any] = {CONFIRM_ATTR: t.number}
-        if baseline_of(t) is not None:
-            attrs["baseline"] = baseline_of(t)
-        try:
-            study.enqueue_trial(dict(t.params), user_attrs=attrs, skip_if_exists=False)
-        except AlreadyQueued:
-            continue
-    return len(candidates)
-
-
-def round_finished(study: optuna.Study, cfg: StudyConfig) -> bool:
-    """Whether the study's budget and its confirmation round (if any) are finished."""
-    if cfg.n_trials is None or count_budget(study) < cfg.n_trials:
-        return False
-    wanted = {t.number for t in confirmation_candidates(Pool.of(study), cfg)}
-    done = {
-        t.user_attrs[CONFIRM_ATTR]
-        for t in study.get_trials(deepcopy=False, states=BUDGET_STATES)
-        if CONFIRM_ATTR in t.user_attrs
-    }
-    return wanted <= done
 
 
 def run_study(

@@ -9,9 +9,10 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tlsearch.confirmation import CONFIRM_ATTR, is_confirmation
 from tlsearch.params import format_params
-from tlsearch.selection import Pool, accuracy, accuracy_se, baseline_of, is_confirmation
-from tlsearch.storage import CONFIRM_ATTR, count_budget
+from tlsearch.selection import Pool, accuracy, accuracy_se, baseline_of
+from tlsearch.storage import count_budget
 
 __all__ = ["ProgressPrinter", "describe_value", "summary_table"]
 
