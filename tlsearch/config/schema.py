@@ -133,7 +133,8 @@ class ImageFolderSource(_Section):
 
 
 def _source_kind(value: Any) -> str:
-    keys = value.keys() if isinstance(value, dict) else value.model_fields_set
+    # Not a table (`target = false`): the file branch reports it as one line, naming the field.
+    keys = value.keys() if isinstance(value, dict) else getattr(value, "model_fields_set", ())
     return "folder" if "image_folder" in keys else "file"
 
 
