@@ -369,7 +369,7 @@ def run_final(best_path: str | Path, device: str | None = None, seeds: int = 1) 
     best = read_export(best_path)
     json_path, weights_path = final_paths(best_path)
     _check_writable(json_path.parent)
-    # Shares the cores with other work as a study's trials do (tlsearch.device.ThreadPolicy).
+    # Shares the cores with other work as a study's trials do (tlsearch.threads.ThreadPolicy).
     policy = ThreadPolicy(best.config.finetune.threads)
     with thread_scope(policy):
         policy.apply()
