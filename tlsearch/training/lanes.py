@@ -3,10 +3,11 @@ cores: the mechanics of :mod:`tlsearch.training.schedule`'s side-by-side folds.
 
 A few-label fold is a small model on a small batch: its operations are too short for torch's
 threads to share (a second thread buys little, :mod:`tlsearch.device`), while two folds on a
-thread each train in ~0.6 of the time of one after the other (``benchmarks/trial_speed.py``). So with ``c`` CPU threads allowed (the thread
-policy's count, :mod:`tlsearch.threads`) and ``n`` trainers, ``min(c, n)`` lanes each train a share
-of them with ``c // lanes`` threads of their own; every fold still trains exactly as it would
-alone, on its own model, data and minibatch generator.
+thread each train in ~0.6 of the time of one after the other (``benchmarks/trial_speed.py``).
+So with ``c`` CPU threads allowed (the thread policy's count, :mod:`tlsearch.threads`) and ``n``
+trainers, ``min(c, n)`` lanes each train a share of them with ``c // lanes`` threads of their
+own; every fold still trains exactly as it would alone, on its own model, data and minibatch
+generator.
 
 Lanes run only what is safe to run on threads: CPU models (a GPU keeps its folds in turn, on one
 stream) whose first epoch drew nothing from torch's global random stream
