@@ -39,6 +39,7 @@ _API = {
     "load_plugins": "tlsearch.registry",
     # studies
     "open_study": "tlsearch.storage",
+    "find_study": "tlsearch.storage",
     "load_study_config": "tlsearch.storage",
     "run_study": "tlsearch.study",
     "setup_study": "tlsearch.study",
@@ -108,6 +109,7 @@ __all__ = [
     "evaluate",
     "finetune",
     "finetune_folds",
+    "find_study",
     "load_checkpoint",
     "load_config",
     "load_plugins",
@@ -178,6 +180,7 @@ if TYPE_CHECKING:
     from tlsearch.storage import (
         Heartbeat,
         create_storage,
+        find_study,
         load_study_config,
         open_study,
     )
