@@ -346,7 +346,8 @@ def table(
         print(f"| {label} | {' | '.join(cells)} |")
 
 
-# --smoke: the adaptive policy alone, on the smoke study; no phases.
+# --smoke: the adaptive policy alone, on the smoke study (its pretraining within the search); no
+# phases.
 SMOKE = {
     "policies": ["adaptive"],
     "scenarios": ["alone"],
@@ -396,8 +397,10 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
         f"average {os.getloadavg()[0]:.1f}; pretraining each policy's caches (untimed) ..."
     )
+    # The smoke study's pretraining takes no time worth keeping out of a search's: no warm-up.
+    caches = 0 if args.smoke else 2 if "two" in args.scenarios else 1
     for policy in policies:
-        warm(policy, tmp, 2 if "two" in args.scenarios else 1)
+        warm(policy, tmp, caches)
     print("searches, the `ran for` line (two at once: each one's):")
     rows = searches(policies, args.scenarios, tmp, args)
     more = phases(policies, tmp, args) if len(args.skip) < len(PHASES) else {}

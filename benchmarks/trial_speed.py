@@ -1033,7 +1033,8 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _smoke.directory(args) as tmp:
         if args.smoke:
-            base = tlsearch.config_from_dict(_smoke.study(tmp / "cache"))
+            # One epoch of pretraining: what the source models learn does not matter here.
+            base = tlsearch.config_from_dict(_smoke.study(tmp / "cache", pretrain={"epochs": 1}))
             budget = SMOKE
         else:
             base = tlsearch.load_config(args.config)
