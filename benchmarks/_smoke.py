@@ -32,7 +32,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import tomllib
@@ -168,12 +167,13 @@ def benchmarks() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.py") if not p.name.startswith("_"))
 
 
-def call(module: ModuleType, argv: list[str], out: Path) -> dict[str, Any]:
-    """``module.main(argv)`` as ``python benchmarks/NAME.py ARGV`` would run it, its stdout in
-    ``out`` and its stderr beside it (``.err``); its exit code (``"traceback"`` for an uncaught
-    exception), seconds, and CPU seconds (its processes' too: steadier on a shared machine)."""
+def call(name: str, argv: list[str], out: Path) -> dict[str, Any]:
+    """``main(argv)`` of the benchmark ``name`` as ``python benchmarks/NAME.py ARGV`` would run it,
+    its stdout in ``out`` and its stderr beside it (``.err``); its exit code (``"traceback"`` for
+    an uncaught exception, its import's included), seconds, and CPU seconds (its processes' too:
+    steadier on a shared machine)."""
     saved = sys.argv
-    sys.argv = [str(module.__file__), *argv]
+    sys.argv = [str(HERE / f"{name}.py"), *argv]
     cpu0 = _cpu()
     t0 = time.perf_counter()
     with (
@@ -183,7 +183,7 @@ def call(module: ModuleType, argv: list[str], out: Path) -> dict[str, Any]:
         contextlib.redirect_stderr(stderr),
     ):
         try:
-            code: int | str | None = module.main(argv)
+            code: int | str | None = importlib.import_module(name).main(argv)
         except SystemExit as e:
             code = e.code
             if isinstance(code, str):  # parser.error and SystemExit("message") print to stderr
@@ -218,12 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(HERE))
     results = {}
     for name in names:
-        module = importlib.import_module(name)
+        smoke = ["--smoke", "--smoke-dir", str(args.out / name)]
         results[name] = {
-            "help": call(module, ["--help"], args.out / f"{name}.help"),
-            "smoke": call(
-                module, ["--smoke", "--smoke-dir", str(args.out / name)], args.out / f"{name}.out"
-            ),
+            "help": call(name, ["--help"], args.out / f"{name}.help"),
+            "smoke": call(name, smoke, args.out / f"{name}.out"),
         }
         print(f"{name}: {results[name]['smoke']}", flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -151,7 +151,12 @@ def smoke(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         )
         for out, names in lanes.items()
     ]
-    logs = [proc.communicate(timeout=1200)[0] for proc in procs]
+    try:
+        logs = [proc.communicate(timeout=1200)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()  # none left running if one timed out (a no-op on those that ended)
+            proc.wait()
     after = _outputs()
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     out: dict[str, Path] = {}
