@@ -719,13 +719,14 @@ def lofo(
     space: str,
     rule: str,
 ) -> dict[str, tuple[str, TaskScore]]:
-    """Per task: the variant chosen on the other families, and its scores on the task."""
+    """Per task: the variant chosen on the other families (on its own, in a run of one family:
+    ``--families``), and its scores on the task."""
     out: dict[str, tuple[str, TaskScore]] = {}
     families = [f for f in FAMILIES if any(s.family == f for s in specs)]
     for held in families:
         train = [s for s in specs if s.family not in (held, "default")]
         test = [s for s in specs if s.family == held]
-        label = choose(results, train, space, rule) if train else variant_label(rule, {})
+        label = choose(results, train or test, space, rule)
         for task, ts in score(results, test, space, label).items():
             out[task] = (label, ts)
     return out
