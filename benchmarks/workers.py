@@ -227,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def databases(args: argparse.Namespace, tmp: Path) -> Iterator[dict[str, str]]:
-    """Each backend's URL: a SQLite file in ``tmp``, a temporary PostgreSQL database (dropped on
-    leaving)."""
-    urls = {"sqlite": f"sqlite:///{tmp / 'bench.db'}"}
+    """Each of ``args.backends``' URL: a SQLite file in ``tmp``, a temporary PostgreSQL database
+    (dropped on leaving)."""
+    urls = {"sqlite": f"sqlite:///{tmp / 'bench.db'}"} if "sqlite" in args.backends else {}
     if "postgresql" not in args.backends:
         yield urls
         return
