@@ -75,11 +75,16 @@ def test_benchmark_uses_the_public_api(script: Path) -> None:
 # --- the smoke runs -----------------------------------------------------------------------------
 
 
+# What a study, an export, a figure or a checkpoint would leave at the top level (other files
+# there are others' to edit, perhaps while the runs run).
+RUN_OUTPUTS = (".db", ".db-journal", ".db-wal", ".db-shm", ".json", ".png", ".pt")
+
+
 def _outputs() -> dict[str, tuple[int, int]]:
-    """What a run could overwrite or add in the repository: every file under benchmarks/ (the
-    committed figures, grids and caches) and the files at the top level, by size and mtime."""
+    """What a run could overwrite or add in the repository, by size and mtime: every file under
+    benchmarks/ (the committed figures, grids and caches) and the run outputs at the top level."""
     files = [p for p in BENCH.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    files += [p for p in ROOT.iterdir() if p.is_file()]
+    files += [p for p in ROOT.iterdir() if p.is_file() and p.name.endswith(RUN_OUTPUTS)]
     return {str(p.relative_to(ROOT)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 
 
