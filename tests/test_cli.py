@@ -233,7 +233,9 @@ def test_interrupted_run_resumes_to_exactly_n_trials(tmp_path: Path) -> None:
             "name": "resume",
             "n_trials": n,
             "storage": "sqlite:///study.db",
-            "finetune": {"epochs": 30},
+            # Long enough that the trials after the first are still running when SIGINT comes
+            # (30 epochs: the whole study could end first, 0.7 s, and the signal find no run).
+            "finetune": {"epochs": 80},
         },
     )
     write_toml(tmp_path / "s.toml", study)

@@ -15,7 +15,6 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
-import optuna_dashboard
 
 from tlsearch.config import ParamRange, StudyConfig
 from tlsearch.errors import StorageError, TlsearchError
@@ -162,6 +161,9 @@ def write_study_note(study: optuna.Study, cfg: StudyConfig, task_description: st
 
     An unchanged note is not written again, so resuming a study does not pile up note versions.
     """
+    # Imported here, not with the module: 1.2 s that a worker, which writes no note, never pays.
+    import optuna_dashboard
+
     body = study_note(cfg, task_description)
     if optuna_dashboard.get_note(study) == body:
         return False
@@ -199,6 +201,8 @@ class DashboardServer:
             )
         self.storage = create_storage(storage_url)
         self.storage_label = mask_url(storage_url)
+        import optuna_dashboard  # as in write_study_note: only what serves or notes pays for it
+
         app = optuna_dashboard.wsgi(self.storage)
         try:
             self.httpd = make_server(

@@ -280,7 +280,9 @@ class _Loop:
             # restart near a study's end) is retried like any other.
             state = self.after_budget()
             if state == "wait":
-                time.sleep(self.storage.heartbeat_interval or 1)
+                # At most a second: a worker whose budget is taken sees the last trial end
+                # promptly (a heartbeat's 10 s here kept `run --workers` waiting that long).
+                time.sleep(min(1.0, self.storage.heartbeat_interval or 1))
             if state != "run":
                 return state == "wait"
             self.exhausted = False
