@@ -275,7 +275,8 @@ CASES: dict[str, Case] = {
         study(data={"target": False}),
         RUN,
         2,
-        ERR + "bad.toml: data.target: Input should be a valid dictionary or instance of FileSource",
+        ERR + "bad.toml: data.target: Input should be a valid dictionary or instance of "
+        "FileSource",
     ),
     "type: number as a string": Case(
         study(n_trials="10"), RUN, 2, ERR + "bad.toml: n_trials: Input should be a valid integer"
