@@ -1,12 +1,13 @@
-"""One registry for every extension point: models, regularizers, tasks, samplers, pruners and
-selection rules.
+"""One registry for every extension point: models, regularizers, loss terms, augmentations, tasks,
+samplers, pruners and selection rules.
 
 A registry maps a name to an :class:`Entry`, in the style of timm's ``_registry.py``: register,
 list the names, create by name, and fail loudly (:class:`~tlsearch.errors.ConfigError`, naming the
 choices) on an unknown one. An entry says what a name *is* without importing the code that builds
 it: its options schema (a pydantic model, validated after the study file loads), its block count for
 given options (models), a key adapter for checkpoints saved under another naming (models), the
-hyperparameters it brings to the search (penalties, loss terms: :class:`Hyperparameter`), and its
+hyperparameters it brings to the search (penalties, loss terms, augmentations:
+:class:`Hyperparameter`), and its
 builder as ``"module:attribute"``, imported only by :meth:`Registry.create`. So checking a study file,
 listing names, counting blocks or asking a trial for its parameters never imports torch.
 
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tlsearch.errors import ConfigError
 
 __all__ = [
+    "AUGMENTATIONS",
     "MODELS",
     "PLUGINS_ENV",
     "PRUNERS",
@@ -420,6 +422,30 @@ TERMS.register(
         Hyperparameter("bss_eta", field="regularizer.bss_eta", off=0.0, label="BSS's η"),
     ),
 )
+
+# Augmentations of a minibatch's images (tlsearch.augmentations): each a class built with its
+# declared strength as a keyword (Augmentation.__init__), a searched regularizer beside λ. "none"
+# is no entry: the absence of one. hflip is on only where the task's classes survive a mirror
+# image (data.flip_invariant), so it never joins search.augment = "auto".
+AUGMENTATIONS = Registry("augmentation", "search.augment", group="tlsearch.augmentations")
+for _name, _class, _default, _label in (
+    # the largest shift, as a fraction of the image's side (28 px: 1-4 px; 8 px: 1 px)
+    ("translate", "Translate", {"low": 0.04, "high": 0.15}, "translation"),
+    # rotation up to ±60° × s, scale within 1 ± s/2, shear up to ±30° × s
+    ("affine", "Affine", {"low": 0.05, "high": 0.3}, "affine"),
+    # the share of images given one erased rectangle (4-25 % of their area)
+    ("erase", "Erase", {"low": 0.1, "high": 0.6}, "erasing"),
+    # α of the Beta(α, α) that mixes two images and their labels
+    ("mixup", "Mixup", {"low": 0.05, "high": 1.0, "log": True}, "mixup α"),
+    ("cutmix", "CutMix", {"low": 0.05, "high": 1.0, "log": True}, "cutmix α"),
+    # the share of images mirrored left to right
+    ("hflip", "HorizontalFlip", 0.5, "flip"),
+):
+    AUGMENTATIONS.register(
+        _name,
+        f"tlsearch.augmentations.{_name}:{_class}",
+        hyperparameters=(Hyperparameter(_name, default=_default, off=0.0, label=_label),),
+    )
 
 TASKS = Registry("task", "data.task", group="tlsearch.tasks")
 for _name in (
