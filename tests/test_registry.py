@@ -17,7 +17,15 @@ from tlsearch.config import ModelConfig, config_from_dict
 from tlsearch.errors import ConfigError
 from tlsearch.models import BlockNet, create_model
 from tlsearch.params import SEARCHED
-from tlsearch.registry import MODELS, REGULARIZERS, TERMS, Entry, Hyperparameter, Registry
+from tlsearch.registry import (
+    AUGMENTATIONS,
+    MODELS,
+    REGULARIZERS,
+    TERMS,
+    Entry,
+    Hyperparameter,
+    Registry,
+)
 from tlsearch.regularizers import Regularizer, create_regularizer
 
 ADD_MORE = "a plug-in adds more: install its package, or pass --plugin MODULE"
@@ -263,10 +271,11 @@ def test_every_regularizer_is_created_by_name(name: str) -> None:
     assert (penalty.lambda_, penalty.head_lambda) == (0.3, 0.01)
 
 
-# Every hyperparameter a registered penalty or loss term declares: (registry, entry, declaration).
+# Every hyperparameter a registered penalty, loss term or augmentation declares: (registry, entry,
+# declaration).
 DECLARED = [
     (registry, name, h)
-    for registry in (REGULARIZERS, TERMS)
+    for registry in (REGULARIZERS, TERMS, AUGMENTATIONS)
     for name in registry.names()
     for h in registry.get(name).hyperparameters
 ]
