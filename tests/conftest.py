@@ -39,9 +39,11 @@ TINY: dict[str, Any] = {
         "lambda": {"low": 1e-4, "high": 1.0, "log": True},
         "lr": {"low": 1e-3, "high": 3e-2, "log": True},
         "frozen_blocks": {"low": 0, "high": 2},
-        # Fixed, and no confirmation round: a test counts exactly the trials it asks for; the
-        # defaults' own tests set them (test_selection, test_study).
+        # Fixed, and no confirmation round or augmentation: a test counts exactly the trials and
+        # parameters it asks for; the defaults' own tests set them (test_selection, test_study,
+        # test_augment_search).
         "backbone_lr_mult": 0.1,
+        "augment": "none",
     },
     "cv": {"k": 2},
     "sampler": {"name": "random", "seed": 0},

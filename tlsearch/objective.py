@@ -38,7 +38,13 @@ from tlsearch.data import Dataset
 from tlsearch.errors import ConfigError, DivergedError
 from tlsearch.evidence import CURVE_ATTR, OOF_ATTR, encode_curve, encode_oof
 from tlsearch.models import create_model
-from tlsearch.params import TrialParams, baseline_enqueue, baseline_params, suggest_params
+from tlsearch.params import (
+    TrialParams,
+    augment_choices,
+    baseline_enqueue,
+    baseline_params,
+    suggest_params,
+)
 from tlsearch.stats import mean_se
 from tlsearch.threads import set_threads
 from tlsearch.training import FrozenFeatures, Held, Recipe, Schedule, TrialFolds, to_tensors
@@ -103,6 +109,8 @@ class KFoldObjective:
         self.search_folds = list(range(search))
         self.fresh_folds = list(range(search, len(self.folds)))
         self.metric = CVMetric(cfg.cv.metric, [len(va) for _, va in self.folds[:search]])
+        # The augmentations a trial may train with on these inputs (search.augment).
+        self.augment = augment_choices(cfg, input_shape)
         self._scratch: dict[str, torch.Tensor] | None = None
         features = FrozenFeatures(cfg, self.pretrained, input_shape, num_classes, self.x)
         self.schedule = Schedule(cfg, features, self.y)
@@ -132,8 +140,9 @@ class KFoldObjective:
         """
         baseline = trial.user_attrs.get("baseline")
         if baseline is None:
-            return suggest_params(trial, self.cfg), None
-        suggest_params(trial, self.cfg, only=baseline_enqueue(self.cfg, baseline))
+            return suggest_params(trial, self.cfg, augment=self.augment), None
+        enqueued = baseline_enqueue(self.cfg, baseline, self.augment)
+        suggest_params(trial, self.cfg, only=enqueued, augment=self.augment)
         return baseline_params(self.cfg, baseline), baseline
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -353,15 +362,20 @@ class CVMetric:
         return mean_se(losses if self.name == "loss" else scores)
 
 
-def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
+def enqueue_baselines(
+    study: optuna.Study, cfg: StudyConfig, augment: Sequence[str] = ("none",)
+) -> None:
     """Enqueue the study's reference trials (``search.baselines``) as its first trials.
 
     Each is marked with the user attribute ``baseline`` and enqueued with the searched parameters
-    it has (see :func:`tlsearch.params.baseline_enqueue`); it counts toward the budget like any
-    trial and is scored on the same folds. A budget smaller than the baselines keeps the first.
+    it has (see :func:`tlsearch.params.baseline_enqueue`; ``augment``: the study's augmentation
+    choices, :func:`tlsearch.params.augment_choices`); it counts toward the budget like any trial
+    and is scored on the same folds. A budget smaller than the baselines keeps the first.
     """
     budget = cfg.n_trials if cfg.n_trials is not None else len(cfg.search.baselines)
     for name in cfg.search.baselines[:budget]:
         study.enqueue_trial(
-            baseline_enqueue(cfg, name), user_attrs={"baseline": name}, skip_if_exists=False
+            baseline_enqueue(cfg, name, augment),
+            user_attrs={"baseline": name},
+            skip_if_exists=False,
         )

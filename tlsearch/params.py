@@ -15,13 +15,13 @@ which a trial with it asks for instead of ``lambda`` (TPE never mixes the two ra
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tlsearch.config import ParamRange, StudyConfig
 from tlsearch.errors import ConfigError
-from tlsearch.registry import REGULARIZERS, TERMS, Hyperparameter
+from tlsearch.registry import AUGMENTATIONS, REGULARIZERS, TERMS, Hyperparameter
 
 __all__ = [
     "BASELINES",
@@ -29,6 +29,7 @@ __all__ = [
     "REQUIRED",
     "SEARCHED",
     "TrialParams",
+    "augment_choices",
     "baseline_enqueue",
     "baseline_params",
     "fixed_params",
@@ -65,9 +66,10 @@ class TrialParams:
     """What one trial fine-tunes with; :meth:`to_dict` gives the names files and output use.
 
     ``lambda_`` is the λ the trial's regularizer used (its own λ for a penalty that has one, as
-    DELTA); ``hyperparameters`` the values of the other hyperparameters its penalty and the loss
-    terms declare, by name (BSS's ``bss_eta``): one at its off value is left out (BSS with η = 0
-    is no BSS).
+    DELTA); ``hyperparameters`` the values of the other hyperparameters its penalty, the loss
+    terms and its augmentation declare, by name (BSS's ``bss_eta``, translate's ``translate``):
+    one at its off value is left out (BSS with η = 0 is no BSS); ``augment`` the augmentation
+    its minibatches train with ("none": the images as they are).
     """
 
     lambda_: float
@@ -77,15 +79,17 @@ class TrialParams:
     regularizer: str
     # Out of the hash (a dict has none): TrialParams stay hashable, equal ones alike.
     hyperparameters: Mapping[str, float] = field(default_factory=dict, hash=False)
+    augment: str = "none"
 
     def __post_init__(self) -> None:
-        off = {h.name: h.off for h in _declared(self.regularizer)}
+        off = {h.name: h.off for h in _declared(self.regularizer, self.augment)}
         on = {k: v for k, v in self.hyperparameters.items() if k not in off or v != off[k]}
         object.__setattr__(self, "hyperparameters", on)
 
     def to_dict(self) -> dict[str, Any]:
-        """The names files use; an entry's hyperparameter only when on, so that a trial without it
-        reads as it did before the entry existed."""
+        """The names files use; an entry's hyperparameter, and the augmentation, only when on, so
+        that a trial without it reads as it did before the entry existed."""
+        augment = {} if self.augment == "none" else {"augment": self.augment}
         return {
             "lambda": self.lambda_,
             "lr": self.lr,
@@ -93,6 +97,7 @@ class TrialParams:
             "backbone_lr_mult": self.backbone_lr_mult,
             "regularizer": self.regularizer,
             **self.hyperparameters,
+            **augment,
         }
 
     @classmethod
@@ -103,10 +108,10 @@ class TrialParams:
         if missing:
             raise ConfigError(f"params: missing {', '.join(missing)}")
         try:
-            regularizer = str(d["regularizer"])
+            regularizer, augment = str(d["regularizer"]), str(d.get("augment", "none"))
             own = {
                 h.name: float(d[h.name])
-                for h in _declared(regularizer)
+                for h in _declared(regularizer, augment)
                 if not h.is_lambda and h.name in d
             }
             return cls(
@@ -116,6 +121,7 @@ class TrialParams:
                 backbone_lr_mult=float(d["backbone_lr_mult"]),
                 regularizer=regularizer,
                 hyperparameters=own,
+                augment=augment,
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"params: invalid value: {e}") from None
@@ -151,15 +157,20 @@ def fixed_params(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def suggest_params(
-    trial: Suggester, cfg: StudyConfig, only: Collection[str] | None = None
+    trial: Suggester,
+    cfg: StudyConfig,
+    only: Collection[str] | None = None,
+    augment: Sequence[str] = ("none",),
 ) -> TrialParams:
     """Ask the trial for every searched parameter (or those in ``only``); the others come from
     the config (fixed ones; a parameter left out of ``only`` takes its range's low end, which
     the caller replaces).
 
-    The order: the shared parameters, the penalty's own, each loss term's. A searched regularizer
-    is asked last, as before penalties had hyperparameters of their own, unless one of its choices
-    declares some (DELTA: its λ): then first, since which parameters a trial has depends on it.
+    The order: the shared parameters, the penalty's own, each loss term's, then the augmentation
+    (among ``augment``, :func:`augment_choices`) and its strength. A searched regularizer is asked
+    last of the first four, as before penalties had hyperparameters of their own, unless one of
+    its choices declares some (DELTA: its λ): then first, since which parameters a trial has
+    depends on it. A study without augmentation asks for neither of the last two.
     """
     values = fixed_params(cfg)
 
@@ -188,7 +199,46 @@ def suggest_params(
             )
     if "regularizer" not in values:
         ask_regularizer()
+    values.update(_suggest_augment(trial, cfg, only, augment))
     return _from_values(values)
+
+
+def _suggest_augment(
+    trial: Suggester, cfg: StudyConfig, only: Collection[str] | None, choices: Sequence[str]
+) -> dict[str, Any]:
+    """The trial's augmentation among ``choices`` (asked when there are several) and its declared
+    strength, searched or fixed (``search.<name>``, else the entry's default)."""
+    if len(choices) > 1 and (only is None or "augment" in only):
+        name = trial.suggest_categorical("augment", list(choices))
+    else:
+        name = "none" if "none" in choices and only is not None else choices[0]
+    values: dict[str, Any] = {"augment": name}
+    for h in _declared_by_augmentation(name):
+        space = _value(cfg, h)
+        if not isinstance(space, ParamRange):
+            values[h.name] = float(space)
+        elif only is not None and h.name not in only:
+            values[h.name] = space.low
+        else:
+            values[h.name] = trial.suggest_float(
+                h.name, space.low, space.high, log=space.log, step=space.step
+            )
+    return values
+
+
+def augment_choices(cfg: StudyConfig, input_shape: Sequence[int]) -> list[str]:
+    """The augmentations a trial of ``cfg`` may train with on inputs of ``input_shape``
+    (``search.augment``; "auto": :data:`~tlsearch.config.schema.AUTO_AUGMENT` on images, none on
+    flat features). Raises :class:`ConfigError` for an augmentation named for flat features."""
+    images = len(input_shape) == 3 and min(input_shape[1:]) > 1
+    choices = cfg.search.augment_names(images)
+    if not images and choices != ["none"]:
+        named = ", ".join(c for c in choices if c != "none")
+        raise ConfigError(
+            f"search.augment: {named} transform images (channels, height, width); this data's "
+            f"inputs have shape {tuple(input_shape)}"
+        )
+    return choices
 
 
 def baseline_params(cfg: StudyConfig, name: str) -> TrialParams:
@@ -198,10 +248,13 @@ def baseline_params(cfg: StudyConfig, name: str) -> TrialParams:
     return TrialParams.from_dict({**PLAIN_FINETUNING, "regularizer": regularizer})
 
 
-def baseline_enqueue(cfg: StudyConfig, name: str) -> dict[str, Any]:
+def baseline_enqueue(
+    cfg: StudyConfig, name: str, augment: Sequence[str] = ("none",)
+) -> dict[str, Any]:
     """The searched parameters a baseline trial is enqueued with: those of its settings the search
-    space holds, so the sampler learns the point where the baseline really is. Nothing for
-    ``scratch``, which is not a point of the pretrained space."""
+    space holds (no augmentation, among ``augment``'s choices when several), so the sampler learns
+    the point where the baseline really is. Nothing for ``scratch``, which is not a point of the
+    pretrained space."""
     if name == "scratch":
         return {}
     values = baseline_params(cfg, name).to_dict()
@@ -213,6 +266,8 @@ def baseline_enqueue(cfg: StudyConfig, name: str) -> dict[str, Any]:
             out[user] = value
     if not isinstance(cfg.regularizer.name, str):
         out["regularizer"] = values["regularizer"]
+    if len(augment) > 1 and "none" in augment:
+        out["augment"] = "none"
     return out
 
 
@@ -254,9 +309,22 @@ def _declared_by_terms() -> list[Hyperparameter]:
     return [h for name in TERMS.names() for h in TERMS.get(name).hyperparameters]
 
 
-def _declared(regularizer: str | None) -> list[Hyperparameter]:
-    """A trial's hyperparameters beyond the shared ones: its penalty's own, then each term's."""
-    return [*_declared_by_penalty(regularizer), *_declared_by_terms()]
+def _declared_by_augmentation(augment: str) -> tuple[Hyperparameter, ...]:
+    """What the augmentation ``augment`` declares (its strength); nothing for "none" or one not
+    registered in this process."""
+    if augment == "none" or augment not in AUGMENTATIONS:
+        return ()
+    return AUGMENTATIONS.get(augment).hyperparameters
+
+
+def _declared(regularizer: str | None, augment: str = "none") -> list[Hyperparameter]:
+    """A trial's hyperparameters beyond the shared ones: its penalty's own, each term's, then its
+    augmentation's."""
+    return [
+        *_declared_by_penalty(regularizer),
+        *_declared_by_terms(),
+        *_declared_by_augmentation(augment),
+    ]
 
 
 def _parameters(

@@ -7,9 +7,9 @@ choices) on an unknown one. An entry says what a name *is* without importing the
 it: its options schema (a pydantic model, validated after the study file loads), its block count for
 given options (models), a key adapter for checkpoints saved under another naming (models), the
 hyperparameters it brings to the search (penalties, loss terms, augmentations:
-:class:`Hyperparameter`), and its
-builder as ``"module:attribute"``, imported only by :meth:`Registry.create`. So checking a study file,
-listing names, counting blocks or asking a trial for its parameters never imports torch.
+:class:`Hyperparameter`), and its builder as ``"module:attribute"``, imported only by
+:meth:`Registry.create`. So checking a study file, listing names, counting blocks or asking a
+trial for its parameters never imports torch.
 
 Where code comes from — one rule: the built-in entries below, installed distributions' entry points
 (groups ``tlsearch.models``, ``tlsearch.regularizers``, ``tlsearch.tasks``), and modules the user
@@ -68,7 +68,7 @@ PLUGINS_ENV = "TLSEARCH_PLUGINS"
 class Hyperparameter:
     """A hyperparameter an entry brings to the search: searched or fixed like ``lr``, under its own
     name, in a trial that trains with the entry (a penalty: when the trial's regularizer is it; a
-    loss term: in every trial).
+    loss term: in every trial; an augmentation: when the trial's augmentation is it).
 
     Attributes:
         name: its name in a trial's parameters, exports and reports (``"bss_eta"``); no other
@@ -119,9 +119,10 @@ class Entry:
             ``frozen_blocks`` may reach), computed without building the model.
         key_adapter: for models, ``"module:attribute"`` or a function mapping a checkpoint's state
             dict saved under another naming to the model's own parameter names.
-        hyperparameters: for penalties and loss terms, the hyperparameters it brings to the search,
-            in the order a trial asks for them (see :class:`Hyperparameter`). A penalty receives
-            each one, but an ``is_lambda`` one, as a keyword argument of its class.
+        hyperparameters: for penalties, loss terms and augmentations, the hyperparameters it
+            brings to the search, in the order a trial asks for them (see
+            :class:`Hyperparameter`). A penalty or an augmentation receives each one, but an
+            ``is_lambda`` one, as a keyword argument of its class.
         origin: who registered it: "tlsearch", a distribution ("name version"), or a
             ``--plugin`` module ("plug-in FILE"); filled in while a plug-in's code runs.
     """

@@ -29,6 +29,7 @@ from tlsearch.config.schema import (
 )
 from tlsearch.errors import ConfigError
 from tlsearch.registry import (
+    AUGMENTATIONS,
     MODELS,
     PRUNERS,
     REGULARIZERS,
@@ -129,10 +130,11 @@ def _unknown_names(data: Any, source: str) -> list[str]:
 
 
 def _declared_in_search() -> dict[str, Hyperparameter]:
-    """The hyperparameters registered penalties and loss terms declare as ``search.<name>``."""
+    """The hyperparameters registered penalties, loss terms and augmentations declare as
+    ``search.<name>``."""
     return {
         h.name: h
-        for registry in (REGULARIZERS, TERMS)
+        for registry in (REGULARIZERS, TERMS, AUGMENTATIONS)
         for name in registry.names()
         for h in registry.get(name).hyperparameters
         if h.field is None
@@ -152,7 +154,8 @@ def _own_hyperparameters(cfg: StudyConfig) -> tuple[StudyConfig, list[str]]:
     extra = cfg.search.model_extra or {}
     problems = _unknown_search_keys(extra)
     chosen = [REGULARIZERS.get(n) for n in cfg.regularizer.names if n in REGULARIZERS]
-    entries = [*chosen, *(TERMS.get(n) for n in TERMS.names())]
+    augments = [AUGMENTATIONS.get(n) for n in cfg.search.augment_names() if n in AUGMENTATIONS]
+    entries = [*chosen, *(TERMS.get(n) for n in TERMS.names()), *augments]
     seen: dict[str, tuple[str, Hyperparameter]] = {}
     filled: dict[str, Any] = {}
     for entry in entries:
@@ -169,7 +172,48 @@ def _own_hyperparameters(cfg: StudyConfig) -> tuple[StudyConfig, list[str]]:
             if value is not None and h.minimum is not None and low < h.minimum:
                 problems.append(f"search.{h.name}: must be >= {h.minimum:g}, got {low}")
     search = cfg.search.model_copy(update=filled)
-    return cfg.model_copy(update={"search": search}), problems
+    return _unused_strengths_dropped(cfg.model_copy(update={"search": search})), problems
+
+
+def _unused_strengths_dropped(cfg: StudyConfig) -> StudyConfig:
+    """``cfg`` without the strengths of augmentations it does not search: they change nothing
+    its trials do, so they leave its hash alone (a study resumed without augmentation, whose
+    file's "auto" would fill them in, keeps the hash it was made with)."""
+    chosen = set(cfg.search.augment_names())
+    unused = {
+        h.name
+        for name in AUGMENTATIONS.names()
+        if name not in chosen
+        for h in AUGMENTATIONS.get(name).hyperparameters
+    }
+    extra = cfg.search.model_extra or {}
+    if not unused & set(extra):
+        return cfg
+    kept = {k: v for k, v in extra.items() if k not in unused}
+    search = cfg.search.model_construct(
+        _fields_set=cfg.search.model_fields_set - unused,
+        **{n: getattr(cfg.search, n) for n in type(cfg.search).model_fields},
+        **kept,
+    )
+    return cfg.model_copy(update={"search": search})
+
+
+def _augment_problems(cfg: StudyConfig) -> list[str]:
+    """An augmentation no registry entry holds, or a flip where the task's classes do not
+    survive one."""
+    problems = []
+    for name in cfg.search.augment_names():
+        if name != "none" and name not in AUGMENTATIONS:
+            try:
+                AUGMENTATIONS.get(name)
+            except ConfigError as e:
+                problems.append(str(e))
+    if "hflip" in cfg.search.augment_names() and not cfg.data.flip_invariant:
+        problems.append(
+            "search.augment: 'hflip' mirrors images, but data.flip_invariant is false (set it "
+            "where a mirrored image keeps its class)"
+        )
+    return problems
 
 
 def _param(value: Any, field: str, entry: str) -> Any:
@@ -215,6 +259,7 @@ def check_names(cfg: StudyConfig, source: str = "config") -> StudyConfig:
                 f"search.frozen_blocks: {int(top)} exceeds the {n_blocks} blocks of model "
                 f"'{cfg.model.name}'"
             )
+    problems += _augment_problems(cfg)
     cfg, own = _own_hyperparameters(cfg)
     problems += own
     if problems:
@@ -341,4 +386,4 @@ def adopt_stored(cfg: StudyConfig, stored: dict[str, Any] | None) -> StudyConfig
         value = StudyConfig.model_validate({section: {alias: old}})
         table = table.model_copy(update={field: getattr(getattr(value, section), field)})
         cfg = cfg.model_copy(update={section: table})
-    return cfg
+    return _unused_strengths_dropped(cfg)

@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "AUTO_AUGMENT",
     "CVConfig",
     "DataConfig",
     "FileSource",
@@ -203,6 +204,9 @@ class DataConfig(_Section):
     shots: int | None = Field(None, ge=0)
     # Which images form the source/target/test splits and the target noise: one seed, one task.
     seed: int = 0
+    # Whether the target's classes survive a mirror image (left to right): only then may the
+    # search flip images (search.augment = [..., "hflip"]). Digits do not.
+    flip_invariant: bool = False
 
     @model_validator(mode="after")
     def _one_kind(self) -> DataConfig:
@@ -364,6 +368,11 @@ class RegularizerConfig(_Section):
         return value
 
 
+# What search.augment = "auto" searches on images besides "none": the standard few-shot
+# augmentations (hflip is left out: most classes do not survive a mirror image).
+AUTO_AUGMENT = ("translate", "affine", "erase", "mixup", "cutmix")
+
+
 class SearchSpace(_Section):
     """The searched parameters, named as the dashboard and the export show them.
 
@@ -398,6 +407,20 @@ class SearchSpace(_Section):
     # the study's answer is never below it unnoticed) and "scratch" (no transfer: the same
     # settings from a random init, L2 toward zero), so CV itself says when transfer does not pay.
     baselines: list[Literal["plain_finetuning", "scratch"]] = ["plain_finetuning", "scratch"]
+    # The augmentation a trial trains its minibatches with, searched beside λ (each declares its
+    # strength, search.<name> overrides its range: tlsearch.registry.AUGMENTATIONS): "auto" is
+    # "none", translate, affine, erase, mixup and cutmix on image inputs (channels, height, width)
+    # and "none" on flat features; "none" turns augmentation off; a list names the choices
+    # ("hflip" only with data.flip_invariant). "none" among the choices keeps plain
+    # fine-tuning's neighbourhood in the space.
+    augment: Literal["auto", "none"] | list[str] = "auto"
+
+    def augment_names(self, images: bool = True) -> list[str]:
+        """The augmentations a trial may train with ("none" among them where it may train without
+        any), for image inputs or (``images=False``) flat features, which take none."""
+        if self.augment == "none" or (self.augment == "auto" and not images):
+            return ["none"]
+        return ["none", *AUTO_AUGMENT] if self.augment == "auto" else list(self.augment)
 
     @field_validator("lambda_", "delta_lambda", "lr", "backbone_lr_mult")
     @classmethod
@@ -410,6 +433,15 @@ class SearchSpace(_Section):
         low = _low(value)
         if low <= 0:
             raise ValueError(f"must be > 0, got {low}")
+        return value
+
+    @field_validator("augment")
+    @classmethod
+    def _some_augment(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError('must name at least one choice ("none" for no augmentation)')
+        if isinstance(value, list) and len(set(value)) < len(value):
+            raise ValueError(f"names a choice twice: {value}")
         return value
 
     @field_validator("frozen_blocks")
@@ -650,6 +682,9 @@ LEGACY_VALUES: dict[str, Any] = {
     # resumed (select.rule is not here: an old study exports with today's rule, which says in
     # one line what the study lacks).
     "select.confirm": 0,
+    # Added with the augmentation issue: a study made before it trains without augmentation.
+    "search.augment": "none",
+    "data.flip_invariant": False,
 }
 
 

@@ -108,6 +108,8 @@ class Start:
         first_block: that block's index in ``model.blocks``.
         seeds: each fold's seed.
         stacked: whether the model holds several folds' parameters.
+        reference: where the minibatches are augmented (new images, not rows of ``x``), the
+            model's block outputs at its start (a frozen copy) on any inputs; None otherwise.
     """
 
     model: BlockNet
@@ -118,19 +120,24 @@ class Start:
     first_block: int
     seeds: Sequence[int]
     stacked: bool
+    reference: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
 
 
 class DataTerm:
     """A term of the training loss computed from a batch's block outputs (the training loop's one
-    interface for them: it names none). ``batch_term(outputs, rows)`` is added to each step's
-    loss: ``outputs`` are the blocks' outputs on the batch (the last one the head's input),
+    interface for them: it names none). ``batch_term(outputs, rows, inputs)`` is added to each
+    step's loss: ``outputs`` are the blocks' outputs on the batch (the last one the head's input),
     ``rows`` indexes the batch's samples in the fold's training set, as a training-set tensor of
-    the fold (stacked: of each fold) is indexed. One value, or one per fold when stacked."""
+    the fold (stacked: of each fold) is indexed. Where the batch is augmented its images are new:
+    ``rows`` is None and ``inputs`` holds them (:attr:`Start.reference` runs the model at its
+    start on them). One value, or one per fold when stacked."""
 
     def prepare(self, start: Start) -> None:
         """Once per fold, before it trains (nothing by default)."""
 
-    def batch_term(self, outputs: Sequence[torch.Tensor], rows: Any) -> torch.Tensor:
+    def batch_term(
+        self, outputs: Sequence[torch.Tensor], rows: Any, inputs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 

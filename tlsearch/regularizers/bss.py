@@ -48,7 +48,9 @@ class BSS(nn.Module, DataTerm):
         eta = params.hyperparameters.get("bss_eta", 0.0)
         return cls(eta, settings.bss_k) if eta > 0 else None
 
-    def batch_term(self, outputs: Sequence[torch.Tensor], rows: Any) -> torch.Tensor:
+    def batch_term(
+        self, outputs: Sequence[torch.Tensor], rows: Any, inputs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self(outputs[-1])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

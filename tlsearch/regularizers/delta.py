@@ -54,6 +54,8 @@ class Delta(Regularizer, DataTerm):
     # The pretrained blocks' outputs on the fold's training set, from the first trained block on.
     refs: list[torch.Tensor] | None = None
     first_trained = 0
+    # The pretrained model's block outputs on any inputs, where minibatches are augmented.
+    reference: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
 
     def forward(self) -> torch.Tensor:
         return self.scale * self.head_lambda / 2 * sq_distance(self.head, None, self.stacked)
@@ -75,11 +77,21 @@ class Delta(Regularizer, DataTerm):
                 )
         model.train(was_training)
         self.first_trained = start.first_trained
+        self.reference = start.reference
 
-    def batch_term(self, outputs: Sequence[torch.Tensor], rows: Any) -> torch.Tensor:
+    def batch_term(
+        self, outputs: Sequence[torch.Tensor], rows: Any, inputs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The data term on a batch: against the pretrained maps of its rows, or, for augmented
+        images (``inputs``), the pretrained model's maps of those very images."""
         assert self.refs is not None, "prepare() runs before the first batch"
         maps = outputs[self.first_trained :]
-        return self.data_penalty(maps, [r[rows] for r in self.refs])
+        if inputs is None:
+            return self.data_penalty(maps, [r[rows] for r in self.refs])
+        assert self.reference is not None, "augmented batches come with a reference model"
+        with torch.no_grad():
+            refs = self.reference(inputs)[self.first_trained :]
+        return self.data_penalty(maps, refs)
 
     def data_penalty(
         self, maps: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]

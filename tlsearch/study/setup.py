@@ -25,6 +25,7 @@ from tlsearch.device import resolve_device
 from tlsearch.errors import ConfigError
 from tlsearch.hosts import HostWorkers
 from tlsearch.objective import KFoldObjective, check_folds, enqueue_baselines
+from tlsearch.params import augment_choices
 from tlsearch.pretrain import (
     Checkpoint,
     ensure_pretrained,
@@ -90,6 +91,7 @@ def prepare(cfg: StudyConfig, device: str | None = None) -> StudyContext:
     dev = resolve_device(device or cfg.finetune.device)
     task = load_task(cfg.data, cache_dir=study_cache_dir(cfg))
     check_folds(cfg, task.target_train)
+    augment_choices(cfg, task.input_shape)  # augmentation named for flat features: before any work
     user_sha = None
     if cfg.pretrain.checkpoint is not None:
         checkpoint, user_sha = user_checkpoint(cfg, task)
@@ -202,7 +204,7 @@ def setup_study(
     )
     storage.enable_heartbeat(beat)
     if existing is None and not study.trials:
-        enqueue_baselines(study, cfg)
+        enqueue_baselines(study, cfg, augment_choices(cfg, ctx.task.input_shape))
     _record(study, storage, ctx, beat)
     where = storage_location(cfg.storage)
     if existing is None:

@@ -6,7 +6,7 @@ trial's parameters:
 
 1. where the folds start: on the frozen-feature cache (``finetune.cache_frozen``: the output of
    the frozen blocks, computed once per process and depth), or on the images (from a random init
-   nothing is frozen-and-cached);
+   nothing is frozen-and-cached, and an augmented image must run through the frozen blocks too);
 2. which folds train stacked, as one model (``finetune.fold_batching``, :meth:`Schedule.groups`);
 3. the order and the pruner's step axis (``pruner.steps``): ``"folds"``, one group after the other
    to the end, the trial reporting after each fold (:meth:`Schedule._in_turn`); ``"epochs"``, all
@@ -122,7 +122,9 @@ class Schedule:
     def run(self, trial: TrialFolds, watch: Watch) -> list[BlockNet]:
         """Train the trial's folds, telling ``watch`` as results come; each fold's model."""
         params = trial.recipe.params
-        start = params.frozen_blocks if self.cfg.finetune.cache_frozen and trial.cached else 0
+        # An augmented image enters block 0: its frozen blocks' output is not the cache's.
+        cached = self.cfg.finetune.cache_frozen and trial.cached and params.augment == "none"
+        start = params.frozen_blocks if cached else 0
         run = _Run(trial, self.features.at(start), self.y, start, watch)
         groups = self.groups(params, trial)
         return self._side_by_side(run, groups) if self.by_epoch else self._in_turn(run, groups)

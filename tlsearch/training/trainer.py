@@ -15,9 +15,12 @@ steps, numbered as in the code:
 5. the optimizer groups: the head at ``lr``, the unfrozen blocks at ``lr × backbone_lr_mult``,
    after ``head_warmup_epochs`` of the head alone;
 6. one epoch (:meth:`Trainer.epoch`, which a caller advances): minibatches from the fold's own
-   generator; the loss = the mean cross-entropy + the data terms (+ the penalty, unless its
-   gradient has a closed form); backward; the penalty's closed-form gradient added to ``.grad``;
-   the optimizer step; the divergence check;
+   generator, augmented (``search.augment``: :mod:`tlsearch.augmentations`, each fold's draws
+   from a generator of its own; an augmented image enters block 0, so such a trial does not start
+   on the cache); the loss = the mean cross-entropy (against mixed labels where the augmentation
+   mixes them) + the data terms (+ the penalty, unless its gradient has a closed form); backward;
+   the penalty's closed-form gradient added to ``.grad``; the optimizer step; the divergence
+   check;
 7. evaluation at a curve point (:meth:`Trainer.held_out`): the held-out images' losses and
    correctness (:mod:`tlsearch.training.evaluate`).
 
@@ -35,9 +38,10 @@ costs far less than a per-sample ``DataLoader``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -46,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tlsearch.augmentations import Augmentation, create_augmentation
 from tlsearch.config import StudyConfig
 from tlsearch.errors import DivergedError
 from tlsearch.models import (
@@ -147,7 +152,13 @@ class Trainer:
             )
             self._fold_rows = torch.arange(len(job.x), device=job.x.device)[:, None]
         # 3) the inputs, job.x, enter block job.start (forward): the images, or the output of
-        # the first frozen blocks (FrozenFeatures)
+        # the first frozen blocks (FrozenFeatures); augmented minibatches (None: the images as
+        # they are, step 6) enter block 0, each fold's drawn from a generator of its own
+        self.augmentation = _augmentation(job.recipe)
+        assert self.augmentation is None or job.start == 0, "augmented images enter block 0"
+        self.augment_generators = [
+            torch.Generator().manual_seed(_seed(seed, "augment")) for seed in job.seeds
+        ]
         # 4) the loss: the penalty (λ enters here) and the data terms, prepared
         self.penalty = self._penalty()
         self.terms = self._data_terms()
@@ -256,6 +267,7 @@ class Trainer:
             params.frozen_blocks,
             job.seeds,
             job.stacked,
+            reference=None if self.augmentation is None else _frozen_outputs(self),
         )
         for term in terms:
             term.prepare(start)
@@ -336,16 +348,38 @@ class Trainer:
             rows = idx[0].to(x.device)
         else:
             rows = (self._fold_rows, torch.stack(idx).to(x.device))
-        yb = y[rows]
-        logits, outputs = self.forward(x[rows], maps=bool(self.terms))
+        xb, yb = x[rows], y[rows]
+        if self.augmentation is not None:
+            xb, yb = self._augmented(xb, yb)
+        logits, outputs = self.forward(xb, maps=bool(self.terms))
         if self.job.stacked:
-            ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
-            value = ce.view(yb.shape).mean(1)
+            target = yb.flatten(0, 1) if yb.is_floating_point() else yb.flatten()
+            ce = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
+            value = ce.view(logits.shape[:2]).mean(1)
         else:
             value = F.cross_entropy(logits, yb)
         for term in self.terms:
-            value = value + term.batch_term(outputs, rows)
+            if self.augmentation is None:
+                value = value + term.batch_term(outputs, rows)
+            else:
+                value = value + term.batch_term(outputs, None, inputs=xb)
         return value
+
+    def _augmented(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """6) The minibatch augmented, each fold's images from its own generator; its targets
+        mixed (soft) where the augmentation mixes labels."""
+        aug, recipe = self.augmentation, self.job.recipe
+        assert aug is not None
+        if aug.mixes_labels:
+            yb = F.one_hot(yb, recipe.num_classes).to(xb.dtype)
+        if not self.job.stacked:
+            images = xb.reshape(len(xb), *recipe.input_shape)
+            return aug(images, yb, self.augment_generators[0])
+        folds = [
+            aug(xf.reshape(len(xf), *recipe.input_shape), yf, g)
+            for xf, yf, g in zip(xb, yb, self.augment_generators, strict=True)
+        ]
+        return torch.stack([x for x, _ in folds]), torch.stack([y for _, y in folds])
 
 
 class FrozenFeatures:
@@ -463,7 +497,30 @@ def _narrow_strided_1x1(model: torch.nn.Module) -> bool:
     )
 
 
+def _augmentation(recipe: Recipe) -> Augmentation | None:
+    """The trial's augmentation, built with its strength; None without one."""
+    params = recipe.params
+    if params.augment == "none":
+        return None
+    return create_augmentation(params.augment, params.hyperparameters)
+
+
+def _frozen_outputs(trainer: Trainer) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """The block outputs of a frozen copy of ``trainer``'s model as it starts, on any inputs
+    (each fold's own, stacked): what a data term compares augmented images' maps with."""
+    model = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+    if trainer.job.stacked:
+        run = per_fold(model, partial(block_outputs, start=0))
+        return lambda xb: run(xb)[1]
+    return lambda xb: block_outputs(model, xb)[1]
+
+
 def _finetune_seed(seed: int) -> int:
     """The global seed of a fine-tuning run: ``seed`` hashed, far from the small pretraining seeds."""
-    digest = hashlib.sha256(f"tlsearch.finetune:{seed}".encode()).digest()
+    return _seed(seed, "finetune")
+
+
+def _seed(seed: int, what: str) -> int:
+    """A seed for ``what`` of the run seeded ``seed``: the two hashed together."""
+    digest = hashlib.sha256(f"tlsearch.{what}:{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
