@@ -332,6 +332,20 @@ CASES: dict[str, Case] = {
         ERR + "bad.toml: sampler.name: unknown sampler 'hyperopt' "
         "(choose from cmaes, gp, qmc, random, tpe" + PLUG_IN,
     ),
+    "augmentation: a mirror image where classes do not survive one": Case(
+        study(search={"augment": ["none", "hflip"]}),
+        RUN,
+        2,
+        ERR + "bad.toml: search.augment: 'hflip' mirrors images, but data.flip_invariant is "
+        "false (set it where a mirrored image keeps its class)",
+    ),
+    "augmentation: images asked of flat features": Case(
+        files(search={"augment": ["none", "translate"]}),
+        RUN,
+        2,
+        ERR + "search.augment: translate transform images (channels, height, width); this "
+        "data's inputs have shape (64,)",
+    ),
     "unknown pruner": Case(
         study(pruner={"name": "bohb"}),
         RUN,

@@ -165,3 +165,33 @@ def test_export_and_status_read_it(legacy: Path) -> None:
     assert "trials: 2 complete, 0 pruned, 0 fail, 0 running, 0 waiting" in out
     assert "budget: 2 of 2 trials done" in out
     assert "best: trial 1, cv 0.1100" in out
+
+
+# tests/fixtures/v0_3: a study made by tlsearch 0.3 (00f26ce), before augmentation was searched
+# (its study file leaves search.augment unset, which today means "auto").
+BEFORE_AUGMENTATION = Path(__file__).parent / "fixtures" / "v0_3"
+
+
+def test_a_study_made_before_augmentation_resumes_without_it(tmp_path: Path) -> None:
+    d = Path(shutil.copytree(BEFORE_AUGMENTATION, tmp_path / "v0_3"))
+    url = f"sqlite:///{d / 'study.db'}"
+    before = optuna.load_study(study_name="before-augmentation", storage=url)
+    old = [_as_recorded(t) for t in before.get_trials(deepcopy=False)]
+    old_hash = before.user_attrs[ATTR_HASH]
+
+    result = _run("run", "study.toml", "--n-trials", "5", cwd=d)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+    after = optuna.load_study(study_name="before-augmentation", storage=url)
+    trials = after.get_trials(deepcopy=False)
+    assert [_as_recorded(t) for t in trials[:3]] == old, "finished trials untouched"
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    # Its space as it was: no augmentation asked, no augmented reference trial enqueued.
+    assert all("augment" not in t.params for t in trials)
+    assert all(t.user_attrs.get("baseline") != "plain_augmented" for t in trials)
+    assert set(trials[3].params) == set(old[2]["params"])
+    assert after.user_attrs[ATTR_HASH] == old_hash
+    stored = after.user_attrs[ATTR_CONFIG]
+    assert stored["search"]["augment"] == "none"
+    assert stored["search"]["baselines"] == ["plain_finetuning", "scratch"]

@@ -95,14 +95,17 @@ def _regularizer_line(cfg: StudyConfig) -> str:
 
 def _space_line(cfg: StudyConfig) -> str:
     s = cfg.search
-    return "; ".join(
-        [
-            f"λ {_fmt_range(s.lambda_)}",
-            f"lr {_fmt_range(s.lr)}",
-            f"frozen_blocks {_fmt_range(s.frozen_blocks, integer=True)}",
-            f"backbone_lr_mult {_fmt_range(s.backbone_lr_mult)}",
-        ]
-    )
+    parts = [
+        f"λ {_fmt_range(s.lambda_)}",
+        f"lr {_fmt_range(s.lr)}",
+        f"frozen_blocks {_fmt_range(s.frozen_blocks, integer=True)}",
+        f"backbone_lr_mult {_fmt_range(s.backbone_lr_mult)}",
+    ]
+    # Only where the study may augment: a study made before keeps its note as it was.
+    if s.augment != "none":
+        choices = "auto (on images)" if s.augment == "auto" else ", ".join(s.augment)
+        parts.append(f"augment {choices}")
+    return "; ".join(parts)
 
 
 def _cv_line(cfg: StudyConfig) -> str:

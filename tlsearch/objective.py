@@ -39,6 +39,7 @@ from tlsearch.errors import ConfigError, DivergedError
 from tlsearch.evidence import CURVE_ATTR, OOF_ATTR, encode_curve, encode_oof
 from tlsearch.models import create_model
 from tlsearch.params import (
+    STANDARD_AUGMENT,
     TrialParams,
     augment_choices,
     baseline_enqueue,
@@ -372,8 +373,14 @@ def enqueue_baselines(
     choices, :func:`tlsearch.params.augment_choices`); it counts toward the budget like any trial
     and is scored on the same folds. A budget smaller than the baselines keeps the first.
     """
-    budget = cfg.n_trials if cfg.n_trials is not None else len(cfg.search.baselines)
-    for name in cfg.search.baselines[:budget]:
+    # The standard augmentation's reference only where the study may augment images so.
+    names = [
+        name
+        for name in cfg.search.baselines
+        if name != "plain_augmented" or STANDARD_AUGMENT["augment"] in augment
+    ]
+    budget = cfg.n_trials if cfg.n_trials is not None else len(names)
+    for name in names[:budget]:
         study.enqueue_trial(
             baseline_enqueue(cfg, name, augment),
             user_attrs={"baseline": name},

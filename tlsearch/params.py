@@ -25,11 +25,14 @@ from tlsearch.registry import AUGMENTATIONS, REGULARIZERS, TERMS, Hyperparameter
 
 __all__ = [
     "BASELINES",
+    "REFERENCE_TRIALS",
+    "STANDARD_AUGMENT",
     "PLAIN_FINETUNING",
     "REQUIRED",
     "SEARCHED",
     "TrialParams",
     "augment_choices",
+    "augment_strength",
     "baseline_enqueue",
     "baseline_params",
     "fixed_params",
@@ -59,6 +62,12 @@ PLAIN_FINETUNING = {"lambda": 0.01, "lr": 1e-3, "frozen_blocks": 0, "backbone_lr
 # pretrained model, and the same settings from a random init (nothing to pull toward but zero, so
 # L2) — ``tlsearch final``'s two baselines. Both train with every entry's own hyperparameter off.
 BASELINES = ("plain_finetuning", "scratch")
+# Plain fine-tuning with the standard augmentation: its settings, each minibatch's images shifted
+# by up to a tenth of their side (28 px: 3 px; 8 px: 1 px). A study's third reference trial where
+# it augments images, trained again in the confirmation round beside plain fine-tuning; `final`'s
+# baselines stay the two above.
+STANDARD_AUGMENT = {"augment": "translate", "translate": 0.1}
+REFERENCE_TRIALS = (*BASELINES, "plain_augmented")
 
 
 @dataclass(frozen=True)
@@ -242,19 +251,21 @@ def augment_choices(cfg: StudyConfig, input_shape: Sequence[int]) -> list[str]:
 
 
 def baseline_params(cfg: StudyConfig, name: str) -> TrialParams:
-    """Exactly what the baseline ``name`` (one of :data:`BASELINES`) fine-tunes with."""
-    assert name in BASELINES, name
-    regularizer = cfg.regularizer.names[0] if name == "plain_finetuning" else "l2"
-    return TrialParams.from_dict({**PLAIN_FINETUNING, "regularizer": regularizer})
+    """Exactly what the reference trial ``name`` (one of :data:`REFERENCE_TRIALS`) fine-tunes
+    with."""
+    assert name in REFERENCE_TRIALS, name
+    regularizer = "l2" if name == "scratch" else cfg.regularizer.names[0]
+    augment = STANDARD_AUGMENT if name == "plain_augmented" else {}
+    return TrialParams.from_dict({**PLAIN_FINETUNING, "regularizer": regularizer, **augment})
 
 
 def baseline_enqueue(
     cfg: StudyConfig, name: str, augment: Sequence[str] = ("none",)
 ) -> dict[str, Any]:
-    """The searched parameters a baseline trial is enqueued with: those of its settings the search
-    space holds (no augmentation, among ``augment``'s choices when several), so the sampler learns
-    the point where the baseline really is. Nothing for ``scratch``, which is not a point of the
-    pretrained space."""
+    """The searched parameters a reference trial is enqueued with: those of its settings the
+    search space holds (its augmentation among ``augment``'s choices), so the sampler learns the
+    point where it really is. Nothing for ``scratch``, which is not a point of the pretrained
+    space."""
     if name == "scratch":
         return {}
     values = baseline_params(cfg, name).to_dict()
@@ -266,14 +277,25 @@ def baseline_enqueue(
             out[user] = value
     if not isinstance(cfg.regularizer.name, str):
         out["regularizer"] = values["regularizer"]
-    if len(augment) > 1 and "none" in augment:
-        out["augment"] = "none"
+    chosen = values.get("augment", "none")
+    if len(augment) > 1 and chosen in augment:
+        out["augment"] = chosen
+    for h in _declared_by_augmentation(chosen):
+        space = _value(cfg, h)
+        if isinstance(space, ParamRange) and space.low <= values[h.name] <= space.high:
+            out[h.name] = values[h.name]
     return out
 
 
 def resolve_params(cfg: StudyConfig, params: Mapping[str, Any]) -> TrialParams:
     """A trial's ``params`` plus the fixed values: everything needed to fine-tune again."""
     return _from_values({**fixed_params(cfg), **params})
+
+
+def augment_strength(augment: str) -> Hyperparameter | None:
+    """The strength the augmentation ``augment`` declares (translate's ``translate``), or None
+    for "none" or one not registered in this process."""
+    return next(iter(_declared_by_augmentation(augment)), None)
 
 
 def own_lambda(regularizer: str | None) -> Hyperparameter | None:

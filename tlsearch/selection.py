@@ -98,7 +98,8 @@ def accuracy_se(trial: FrozenTrial) -> float | None:
 
 
 def baseline_of(trial: FrozenTrial) -> str | None:
-    """``plain_finetuning`` or ``scratch`` for a reference trial, else None."""
+    """``plain_finetuning``, ``scratch`` or ``plain_augmented`` for a reference trial, else
+    None."""
     return trial.user_attrs.get("baseline")
 
 
@@ -172,16 +173,21 @@ def ranked(trials: Sequence[FrozenTrial], metric: str) -> list[FrozenTrial]:
 
 def references(pool: Pool, cfg: StudyConfig) -> list[FrozenTrial]:
     """The trials the answer may fall back to (``select.reference``): plain fine-tuning, or both
-    baselines the study has."""
+    baselines the study has; then plain fine-tuning with the standard augmentation where the
+    study has it (the confirmation round trains it again too; the gates fall back to the
+    first)."""
     names = ["plain_finetuning"]
     if cfg.select.reference == "baselines":
         names.append("scratch")
+    names.append("plain_augmented")
     return [t for t in map(pool.baseline, names) if t is not None]
 
 
 def reference(trials: Sequence[FrozenTrial], cfg: StudyConfig) -> FrozenTrial | None:
     """Of ``trials`` (the references, or their confirmation runs), the one the answer falls back
-    to: the first, or with ``select.reference = "baselines"`` the one with the lowest CV loss."""
+    to: the first, or with ``select.reference = "baselines"`` the one with the lowest CV loss;
+    never the augmented reference, which is a candidate, not a fallback."""
+    trials = [t for t in trials if baseline_of(t) != "plain_augmented"]
     if not trials:
         return None
     return ranked(trials, "loss")[0] if cfg.select.reference == "baselines" else trials[0]
@@ -263,9 +269,11 @@ def stored_selection(study: optuna.Study) -> dict[str, Any] | None:
 
 def describe(t: FrozenTrial) -> str:
     name = baseline_of(t)
-    return {"plain_finetuning": "plain fine-tuning", "scratch": "scratch"}.get(
-        name or "", f"trial {t.number}"
-    )
+    return {
+        "plain_finetuning": "plain fine-tuning",
+        "scratch": "scratch",
+        "plain_augmented": "plain fine-tuning + translate",
+    }.get(name or "", f"trial {t.number}")
 
 
 def score_text(t: FrozenTrial, metric: str) -> str:

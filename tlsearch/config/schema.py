@@ -406,7 +406,14 @@ class SearchSpace(_Section):
     # other: "plain_finetuning" (exactly final's baseline: tlsearch.params.PLAIN_FINETUNING, so
     # the study's answer is never below it unnoticed) and "scratch" (no transfer: the same
     # settings from a random init, L2 toward zero), so CV itself says when transfer does not pay.
-    baselines: list[Literal["plain_finetuning", "scratch"]] = ["plain_finetuning", "scratch"]
+    # "plain_augmented" (plain fine-tuning with the standard augmentation,
+    # tlsearch.params.STANDARD_AUGMENT: enqueued where the study may augment images so, and
+    # trained again in the confirmation round beside plain fine-tuning).
+    baselines: list[Literal["plain_finetuning", "scratch", "plain_augmented"]] = [
+        "plain_finetuning",
+        "scratch",
+        "plain_augmented",
+    ]
     # The augmentation a trial trains its minibatches with, searched beside λ (each declares its
     # strength, search.<name> overrides its range: tlsearch.registry.AUGMENTATIONS): "auto" is
     # "none", translate, affine, erase, mixup and cutmix on image inputs (channels, height, width)
@@ -692,6 +699,8 @@ LEGACY_VALUES: dict[str, Any] = {
 # its stored config writes it). Resuming such a study from a file that does not set the field
 # goes on with the old value, so the study keeps its search space and its hash.
 CHANGED_DEFAULTS: dict[str, Any] = {
+    # The standard augmentation's reference trial since the augmentation issue.
+    "search.baselines": ["plain_finetuning", "scratch"],
     # Searched from 0.1 to 1 since the do-no-harm issue.
     "search.backbone_lr_mult": 0.1,
     # Successive halving on epochs since the half-compute issue.

@@ -7,6 +7,8 @@
 - ``history``: the optimization history, every trial's value and the best so far;
 - ``importances``: parameter importances from :func:`optuna.importance.get_param_importances`;
 - ``frozen_depth`` (saved as ``frozen_blocks.png``): CV accuracy against the number of frozen blocks;
+- ``augmentation``: CV accuracy by augmentation, each trial placed in its augmentation's column by
+  its strength (low to high, left to right);
 - ``lr_vs_lambda``: the learning rate against λ, coloured by CV accuracy;
 - ``learning_curves``: each fold's held-out loss by epoch for a few trials, the folds end to end,
   pruned trials marked where they stopped;
@@ -29,7 +31,7 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
 from tlsearch.export import FINAL_MODELS
-from tlsearch.params import own_lambda
+from tlsearch.params import augment_strength, own_lambda
 from tlsearch.registry import Hyperparameter
 from tlsearch.report.data import Curve, Importances, Point
 
@@ -304,6 +306,38 @@ def frozen_depth(points: list[Point]) -> Figure:
     ax.set_ylabel("CV accuracy")
     # Beside the axes, so the legend never covers a point.
     _legend_beside(ax)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def augmentation(points: list[Point]) -> Figure:
+    """CV accuracy of the completed trials by augmentation ("none" first), each placed within its
+    augmentation's column by its strength, with the mean of each column."""
+    fig, ax = _figure()
+    ax.set_title("Cross-validated accuracy by augmentation and strength")
+    pts = [p for p in points if not p.pruned]
+    if not pts:
+        _empty(ax, "no completed trial yet")
+        return fig
+    names = sorted({p.params.get("augment", "none") for p in pts}, key=lambda n: (n != "none", n))
+    ticks = []
+    for i, name in enumerate(names):
+        group = [p for p in pts if p.params.get("augment", "none") == name]
+        h = augment_strength(name)
+        strengths = [float(p.params.get(h.name, 0.0)) if h else 0.0 for p in group]
+        low, high = min(strengths), max(strengths)
+        for p, s in zip(group, strengths, strict=True):
+            x = i if high <= low else i - 0.35 + 0.7 * (s - low) / (high - low)
+            ax.scatter(x, p.value, s=16, color="C0", alpha=0.7)
+        mean = statistics.fmean(p.value for p in group)
+        ax.scatter(i, mean, marker="_", s=900, color="C3", linewidths=2)
+        span = f"\n{low:.3g}–{high:.3g}" if high > low else ""
+        label = h.label or h.name if h else name
+        ticks.append(f"{name if name == 'none' else label}{span}\n({len(group)} trials)")
+    ax.set_xticks(range(len(names)), ticks)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_xlabel("augmentation (within a column: its strength, low to high)")
+    ax.set_ylabel("CV accuracy")
     ax.grid(alpha=0.3, axis="y")
     return fig
 

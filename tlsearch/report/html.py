@@ -135,7 +135,24 @@ def _figures(
             "accuracy; grey crosses are pruned trials.",
         ),
     ]
-    return shown + _test_figure(final)
+    return shown + _augmentation_figure(points) + _test_figure(final)
+
+
+def _augmentation_figure(points: list[data.Point]) -> list[Shown]:
+    """CV accuracy by augmentation and strength, where some trial trained with one."""
+    if all(p.params.get("augment", "none") == "none" for p in points):
+        return []
+    return [
+        (
+            "augmentation",
+            "CV accuracy by augmentation",
+            lambda: figures.augmentation(points),
+            "Completed trials by the augmentation their minibatches trained with, each within "
+            "its column by its strength (the range the trials reached below the name), and the "
+            "mean of each column (red). Pruned trials are not shown: their means cover only "
+            "their first epochs, where an augmented trial learns more slowly.",
+        )
+    ]
 
 
 def _lambda_curves(points: list[data.Point], best: FrozenTrial | None, folds: int) -> list[Shown]:
