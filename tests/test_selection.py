@@ -141,7 +141,7 @@ def test_baselines_are_the_first_trials_of_a_new_study(tiny) -> None:
 def test_defaults_and_what_a_study_stored_before_them_means() -> None:
     cfg = config_from_dict({})
     assert cfg.cv.metric == "accuracy_then_loss" and cfg.cv.repeats == 1
-    assert cfg.search.baselines == ["plain_finetuning", "scratch"]
+    assert cfg.search.baselines == ["plain_finetuning", "scratch", "plain_augmented"]
     # A config stored before the fields existed ran as 0.1 did: accuracy, no baselines.
     old = stored_config({"name": "x"}, "study 'x'")
     assert (old.cv.metric, old.cv.repeats, old.search.baselines) == ("accuracy", 1, [])
