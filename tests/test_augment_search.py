@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from conftest import TINY, merge
 
 from tlsearch.augmentations import create_augmentation
-from tlsearch.config import StudyConfig, config_from_dict
+from tlsearch.config import ParamRange, StudyConfig, config_from_dict
+from tlsearch.config.schema import AUTO_AUGMENT
 from tlsearch.errors import ConfigError
 from tlsearch.models import create_model
 from tlsearch.objective import KFoldObjective
@@ -26,6 +27,7 @@ from tlsearch.params import (
     suggest_params,
 )
 from tlsearch.pretrain import load_checkpoint
+from tlsearch.registry import AUGMENTATIONS
 from tlsearch.study import prepare
 from tlsearch.training import Lanes, trainer
 
@@ -66,6 +68,16 @@ def test_auto_searches_augmentation_on_images_and_none_on_flat_features() -> Non
         augment_choices(named, (64,))
 
 
+def test_auto_records_each_strength_it_searches_and_none_drops_them() -> None:
+    searched = config_from_dict({"search": {"augment": "auto"}})
+    for name in AUTO_AUGMENT:
+        declared = AUGMENTATIONS.get(name).hyperparameters[0].default
+        assert searched.search.model_extra[name] == ParamRange.model_validate(declared)
+    off = config_from_dict({"search": {"augment": "none"}})
+    assert off.search.model_extra == {}
+    assert off.search_hash() == config_from_dict({}).search_hash()  # "none" is the default
+
+
 def test_a_trial_asks_for_its_augmentation_then_its_strength_last() -> None:
     cfg = config_from_dict({"search": {"augment": ["none", "translate", "mixup"]}})
     trial = optuna.trial.FixedTrial(
@@ -82,7 +94,7 @@ def test_a_trial_asks_for_its_augmentation_then_its_strength_last() -> None:
 
 
 def test_the_augmented_reference_is_plain_finetuning_with_the_standard_augmentation() -> None:
-    cfg = config_from_dict({})
+    cfg = config_from_dict({"search": {"augment": "auto"}})
     choices = augment_choices(cfg, (1, 28, 28))
     ref = baseline_params(cfg, "plain_augmented")
     plain = baseline_params(cfg, "plain_finetuning")

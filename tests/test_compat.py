@@ -167,8 +167,8 @@ def test_export_and_status_read_it(legacy: Path) -> None:
     assert "best: trial 1, cv 0.1100" in out
 
 
-# tests/fixtures/v0_3: a study made by tlsearch 0.3 (00f26ce), before augmentation was searched
-# (its study file leaves search.augment unset, which today means "auto").
+# tests/fixtures/v0_3: a study made by tlsearch 0.3 (00f26ce), before augmentation was searched:
+# its stored config has no search.augment, and its baselines are the two of then.
 BEFORE_AUGMENTATION = Path(__file__).parent / "fixtures" / "v0_3"
 
 
