@@ -91,8 +91,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     """Per task and seed group: selected − plain fine-tuning off and on (pp), the exports'
     augmentations, and the search's seconds."""
     lines = [
-        f"{'task':16s} {'seeds':9s} {'off: sel−plain':>15s} {'on: sel−plain':>14s} "
-        f"{'on chose':24s} {'search s off/on':>16s}"
+        f"{'task':16s}  {'seeds':9s}  {'off: sel−plain':>14s}  {'on: sel−plain':>13s}  "
+        f"{'on chose':24s}  {'search s off/on':>15s}"
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
         for group, seeds in (("choosing", CHOOSING_SEEDS), ("held-out", None)):
@@ -105,8 +105,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             s_off = statistics.fmean(r["seconds"] for r in mine if r["variant"] == "off")
             s_on = statistics.fmean(r["seconds"] for r in mine if r["variant"] == "on")
             lines.append(
-                f"{task:16s} {group:9s} {off:+14.1f}  {on:+13.1f}  {','.join(chose):24s} "
-                f"{s_off:7.1f} / {s_on:5.1f}"
+                f"{task:16s}  {group:9s}  {off:+14.1f}  {on:+13.1f}  {','.join(chose):24s}  "
+                f"{f'{s_off:.1f}/{s_on:.1f}':>15s}"
             )
     return lines
 

@@ -154,7 +154,8 @@ def replay(grid: Grid, sampler_seed: int, name: str, budget: int) -> dict[str, A
         sampler=tlsearch.make_sampler(cfg),
         pruner=_pruner(kind, rungs, full),
     )
-    for b in cfg.search.baselines[:budget]:
+    # The grids hold the two baselines of a study without augmentation (as it enqueues them).
+    for b in [b for b in cfg.search.baselines if b in grid.baselines][:budget]:
         study.enqueue_trial(grid.baseline_enqueue(b, True), user_attrs={"baseline": b})
     spent = [0]
     objective = _objective(grid, cfg, name, spent)

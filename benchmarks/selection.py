@@ -588,7 +588,8 @@ def replay(grid: Grid, sampler_seed: int, budget: int, space: str) -> dict[str, 
         sampler=tlsearch.make_sampler(cfg),
         pruner=tlsearch.make_pruner(cfg),
     )
-    for name in cfg.search.baselines[:budget]:
+    # The grids hold the two baselines of a study without augmentation (as it enqueues them).
+    for name in [b for b in cfg.search.baselines if b in grid.baselines][:budget]:
         study.enqueue_trial(grid.baseline_enqueue(name, searched), user_attrs={"baseline": name})
     objective = _objective(grid, cfg, searched)
     study.optimize(objective, n_trials=budget)

@@ -122,7 +122,13 @@ def _selected(session: pytest.Session) -> list[str]:
 
 
 # Rough seconds of each smoke run, to share them between the two processes (others: 0.5).
-WEIGHTS = {"workers": 4.0, "busy_host": 2.0, "trial_speed": 2.0, "cli_start": 1.0}
+WEIGHTS = {
+    "workers": 4.0,
+    "busy_host": 2.0,
+    "trial_speed": 2.0,
+    "cli_start": 1.0,
+    "augmentation": 1.0,
+}
 
 
 def _lanes(names: list[str], n: int = 2) -> list[list[str]]:
@@ -265,6 +271,19 @@ def check_trial_speed(text: str, _: Path) -> None:
     assert re.search(rf"^speedup: {NUMBER}x$", text.splitlines()[-1]), text[-300:]
 
 
+def check_augmentation(text: str, _: Path) -> None:
+    for variant in ("off", "on"):
+        assert re.search(
+            rf"^digits-noisy seed 0 sampler 0 {variant}: selected ({NUMBER}), plain ({NUMBER}) "
+            rf"\((none|translate|affine|erase|mixup|cutmix)\), {NUMBER} s$",
+            text,
+            re.M,
+        ), text
+    rows = _rows(text, "task ")
+    assert [r[:2] for r in rows] == [["digits-noisy", "choosing"]], rows
+    assert all(_number(cell) > 0 for cell in rows[0][-1].split("/")), rows
+
+
 def check_transfer_pays(text: str, _: Path) -> None:
     seed = re.search(
         rf"^seed 0: scratch ({NUMBER})  plain fine-tuning ({NUMBER})  tuned ({NUMBER})", text, re.M
@@ -341,6 +360,7 @@ def check_fidelity(text: str, out: Path) -> None:
 
 
 CHECKS: dict[str, Callable[[str, Path], None]] = {
+    "augmentation": check_augmentation,
     "busy_host": check_busy_host,
     "cli_start": check_cli_start,
     "fidelity": check_fidelity,

@@ -419,7 +419,10 @@ def test_delta_attention_off_keeps_the_search_hash() -> None:
     """Added off: a study created before it existed keeps its hash; on, it is another search."""
     # tlsearch 0.2's defaults (the multiplier fixed at 0.1, the median pruner): the hash it stored.
     before = StudyConfig.model_validate(
-        {"search": {"backbone_lr_mult": 0.1, "augment": "none"}, "pruner": {"name": "median"}}
+        {
+            "search": {"backbone_lr_mult": 0.1, "baselines": ["plain_finetuning", "scratch"]},
+            "pruner": {"name": "median"},
+        }
     )
     assert before.search_hash() == "2:63f479719eaa7cbd"
     on = config_from_dict(merge(TINY, {"regularizer": {"delta_attention": True}}))
