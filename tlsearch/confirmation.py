@@ -8,8 +8,9 @@ scores alone (``docs/selection.md``, "Do no harm"):
 1. **Candidates** (:func:`confirmation_candidates`): the top ``select.confirm`` distinct
    configurations of the search by ``select.metric``, then the references
    (:func:`tlsearch.selection.references`: plain fine-tuning, and scratch with
-   ``select.reference = "baselines"``). They follow from the finished search alone, so every
-   worker computes the same.
+   ``select.reference = "baselines"``), then plain fine-tuning with the standard augmentation
+   where the study has it (a candidate, never a fallback). They follow from the finished search
+   alone, so every worker computes the same.
 2. **Queued** (:func:`queue_confirmation`): each candidate's trial is enqueued with its
    parameters and the user attribute ``confirm_of`` (:data:`CONFIRM_ATTR`, the candidate's
    number), by whichever worker finishes the budget first (``tlsearch.study.loop``); the storage
@@ -71,11 +72,13 @@ CONFIRM_REPEATS = 1
 
 def confirmation_candidates(pool: Pool, cfg: StudyConfig) -> list[FrozenTrial]:
     """The search trials the confirmation round trains again: the top ``select.confirm`` distinct
-    configurations by ``select.metric``, then the references. Empty when ``select.confirm`` is 0.
+    configurations by ``select.metric``, then the references, then the augmented reference trial
+    (``plain_augmented``) where the study has one. Empty when ``select.confirm`` is 0.
     """
     if cfg.select.confirm <= 0 or not pool.search:
         return []
-    refs = references(pool, cfg)
+    augmented = pool.baseline("plain_augmented")
+    refs = references(pool, cfg) + ([augmented] if augmented is not None else [])
     chosen: list[FrozenTrial] = []
     seen = {_config_key(t, cfg) for t in refs}
     for t in ranked(pool.search, cfg.select.metric):

@@ -173,21 +173,16 @@ def ranked(trials: Sequence[FrozenTrial], metric: str) -> list[FrozenTrial]:
 
 def references(pool: Pool, cfg: StudyConfig) -> list[FrozenTrial]:
     """The trials the answer may fall back to (``select.reference``): plain fine-tuning, or both
-    baselines the study has; then plain fine-tuning with the standard augmentation where the
-    study has it (the confirmation round trains it again too; the gates fall back to the
-    first)."""
+    baselines the study has."""
     names = ["plain_finetuning"]
     if cfg.select.reference == "baselines":
         names.append("scratch")
-    names.append("plain_augmented")
     return [t for t in map(pool.baseline, names) if t is not None]
 
 
 def reference(trials: Sequence[FrozenTrial], cfg: StudyConfig) -> FrozenTrial | None:
     """Of ``trials`` (the references, or their confirmation runs), the one the answer falls back
-    to: the first, or with ``select.reference = "baselines"`` the one with the lowest CV loss;
-    never the augmented reference, which is a candidate, not a fallback."""
-    trials = [t for t in trials if baseline_of(t) != "plain_augmented"]
+    to: the first, or with ``select.reference = "baselines"`` the one with the lowest CV loss."""
     if not trials:
         return None
     return ranked(trials, "loss")[0] if cfg.select.reference == "baselines" else trials[0]

@@ -157,7 +157,8 @@ class Trainer:
         self.augmentation = _augmentation(job.recipe)
         assert self.augmentation is None or job.start == 0, "augmented images enter block 0"
         self.augment_generators = [
-            torch.Generator().manual_seed(_seed(seed, "augment")) for seed in job.seeds
+            torch.Generator().manual_seed(_seed(seed, "augment"))
+            for seed in (job.seeds if self.augmentation is not None else ())
         ]
         # 4) the loss: the penalty (λ enters here) and the data terms, prepared
         self.penalty = self._penalty()
